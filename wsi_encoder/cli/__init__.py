@@ -1,0 +1,97 @@
+"""The ``wsienc`` command line: a thin click layer over the library.
+
+Library errors (:class:`~wsi_encoder.errors.WsiEncoderError`) become one line on stderr and a
+non-zero exit; any other exception does too, with the traceback only under ``-v``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from wsi_encoder import __version__
+from wsi_encoder.errors import WsiEncoderError
+
+logger = logging.getLogger("wsi_encoder")
+
+#: Subcommands: name -> "module:function", imported only when used, so ``wsienc --help`` is fast.
+COMMANDS: dict[str, str] = {
+    "info": "wsi_encoder.cli.info:info",
+    "demo": "wsi_encoder.cli.demo:demo",
+    "tile": "wsi_encoder.cli.tile:tile",
+    "tasks": "wsi_encoder.cli.train:tasks",
+    "train-encoder": "wsi_encoder.cli.train:train_encoder",
+    "encode": "wsi_encoder.cli.encode:encode",
+    "classify": "wsi_encoder.cli.classify:classify",
+    "lomo": "wsi_encoder.cli.lomo:lomo",
+    "signatures": "wsi_encoder.cli.signatures:signatures",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use and whose errors are one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = __import__(module_name, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        command: click.Command = getattr(module, attr)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except WsiEncoderError as exc:
+            logger.debug("error", exc_info=True)
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:
+            if logger.isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(f"{type(exc).__name__}: {exc} (run with -v for the traceback)") from exc
+
+
+def setup_logging(verbosity: int) -> None:
+    """Configure the ``wsi_encoder`` logger for the CLI: WARNING, INFO with -v... (-q: errors only)."""
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if verbosity < 0:
+        level = logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("wsi_encoder")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsienc")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug with tracebacks).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """wsienc: whole-slide images -> patch stores -> embedding grids -> slide-level models."""
+    verbosity = -1 if quiet else verbose
+    setup_logging(verbosity)
+    ctx.ensure_object(dict)
+    ctx.obj["verbosity"] = verbosity

@@ -1,0 +1,62 @@
+"""``wsienc info``: what a slide says about itself."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from wsi_encoder.cli.common import echo_err, slide_backend_option, slide_mpp_option
+from wsi_encoder.errors import WsiEncoderError
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@click.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per slide (null when unknown).")
+@slide_backend_option
+@slide_mpp_option
+def info(slides: tuple[Path, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
+    """Print the properties of each SLIDE: size, levels, downsamples, µm/px, objective, vendor."""
+    from wsi_encoder.io.slides import open_slide
+
+    failed = 0
+    for path in slides:
+        try:
+            with open_slide(path, backend, slide_mpp) as reader:
+                reader.validate()
+                record = reader.info()
+        except WsiEncoderError as exc:
+            echo_err(f"error: {exc}")
+            failed += 1
+            continue
+        if as_json:
+            click.echo(json.dumps(record.to_dict()))
+            continue
+        rows = [
+            ("path", record.path),
+            ("backend", record.backend),
+            ("vendor", _fmt(record.vendor)),
+            ("size (level 0)", f"{record.width} x {record.height} px"),
+            ("mpp (x, y)", f"{_fmt(record.mpp_x)}, {_fmt(record.mpp_y)} µm/px"),
+            ("objective power", _fmt(record.objective_power)),
+            ("levels", str(record.level_count)),
+        ]
+        for i, ((w, h), ds) in enumerate(zip(record.level_dimensions, record.level_downsamples, strict=True)):
+            mpp = "" if record.mpp_x is None else f"  {record.mpp_x * ds:.4g} µm/px"
+            rows.append((f"  level {i}", f"{w} x {h} px  downsample {ds:.4g}{mpp}"))
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            click.echo(f"{key:<{width}}  {value}")
+        click.echo("")
+    if failed:
+        sys.exit(1)

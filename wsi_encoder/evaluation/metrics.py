@@ -1,0 +1,144 @@
+"""Classification metrics (scikit-learn based): AUC, F1, balanced accuracy, Brier, ECE, bootstrap CIs.
+
+Binary problems take the probability of the positive class ``prob`` of shape ``(n,)``; multi-class
+problems take ``prob`` of shape ``(n, k)`` and report macro AUC (one-vs-rest) and macro F1. A metric
+that is undefined on the data (AUC with one class present) is ``nan``, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+FloatArray = npt.NDArray[np.floating]
+METRIC_NAMES = ("auc", "f1", "balanced_accuracy", "accuracy", "brier", "ece")
+
+
+def expected_calibration_error(y_true: npt.ArrayLike, prob: npt.ArrayLike, n_bins: int = 10) -> float:
+    """ECE with ``n_bins`` equal-width confidence bins.
+
+    Binary (``prob`` 1-D, P(class 1)): compares the predicted probability with the observed frequency
+    of class 1 in each bin. Multi-class (``prob`` 2-D): top-label ECE (confidence vs accuracy).
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if y.size == 0:
+        return float("nan")
+    if p.ndim == 1:
+        conf, hit = p, (y == 1).astype(float)
+    else:
+        conf, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(hit[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def brier_score(y_true: npt.ArrayLike, prob: npt.ArrayLike) -> float:
+    """Brier score: mean squared error of the probabilities (summed over classes when multi-class)."""
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if y.size == 0:
+        return float("nan")
+    if p.ndim == 1:
+        return float(np.mean((p - (y == 1)) ** 2))
+    onehot = np.eye(p.shape[1])[y]
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def classification_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+    """AUC, F1, balanced accuracy, accuracy, Brier and ECE of probabilistic predictions.
+
+    ``y_true`` holds integer class indices. Binary: ``prob`` is P(class 1) and predictions are
+    ``prob >= threshold``. Multi-class: ``prob`` is ``(n, k)``, predictions the arg-max, AUC and F1 macro.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=float)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
+    if p.ndim == 1:
+        pred = (p >= threshold).astype(int)
+        auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+        f1 = float(f1_score(y, pred, zero_division=0)) if y.size else float("nan")
+    else:
+        pred = p.argmax(axis=1)
+        present = np.unique(y)
+        if len(present) == p.shape[1]:
+            auc = float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+        elif len(present) >= 2:
+            # Macro one-vs-rest over the classes present (sklearn refuses absent classes).
+            auc = float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
+        else:
+            auc = float("nan")
+        f1 = float(f1_score(y, pred, average="macro", zero_division=0)) if y.size else float("nan")
+    if y.size == 0:
+        return dict.fromkeys(METRIC_NAMES, float("nan"))
+    return {
+        "auc": auc,
+        "f1": f1,
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float(np.mean(pred == y)),
+        "accuracy": float(np.mean(pred == y)),
+        "brier": brier_score(y, p),
+        "ece": expected_calibration_error(y, p),
+    }
+
+
+def bootstrap_ci(
+    y_true: npt.ArrayLike,
+    prob: npt.ArrayLike,
+    metric: Callable[[npt.NDArray[np.int_], FloatArray], float],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: npt.ArrayLike | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(low, high)`` of ``metric(y, prob)`` at level ``1 - alpha``.
+
+    With ``groups`` (e.g. patient ids) whole groups are resampled. Resamples where the metric is
+    undefined are dropped; ``(nan, nan)`` when none is defined.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        units = [np.array([i]) for i in range(len(y))]
+    else:
+        g = np.asarray(groups)
+        units = [np.flatnonzero(g == u) for u in np.unique(g)]
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(units), len(units))
+        idx = np.concatenate([units[i] for i in pick])
+        value = metric(y[idx], p[idx])
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return (float("nan"), float("nan"))
+    return (float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2)))
+
+
+def reliability_curve(y_true: npt.ArrayLike, prob: npt.ArrayLike, n_bins: int = 10) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int_]]:
+    """Per-bin mean confidence, observed frequency and count (empty bins are nan / 0), for reliability plots."""
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if p.ndim == 1:
+        conf, hit = p, (y == 1).astype(float)
+    else:
+        conf, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    mean_conf = np.full(n_bins, np.nan)
+    freq = np.full(n_bins, np.nan)
+    count = np.zeros(n_bins, dtype=int)
+    for b in range(n_bins):
+        sel = bins == b
+        count[b] = int(sel.sum())
+        if count[b]:
+            mean_conf[b] = conf[sel].mean()
+            freq[b] = hit[sel].mean()
+    return mean_conf, freq, count
