@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -406,7 +407,10 @@ class OpenSlideReader(SlideReader):
         try:
             rgba = np.asarray(self._slide.read_region(location_l0, level, size))
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)})") from exc
+            raise SlideReadError(
+                f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)}); "
+                "the file may be truncated or corrupt"
+            ) from exc
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
         if alpha.min() == 255:
@@ -428,20 +432,13 @@ class TiffSlideReader(SlideReader):
         import tiffslide
 
         try:
-            self._slide = tiffslide.TiffSlide(str(self.path))
-            series = self._slide.ts_tifffile.series[self._slide.properties.get("tiffslide.series-index") or 0]
+            with warnings.catch_warnings():
+                # tiffslide warns that its NDPI metadata parsing is partial; mpp/objective are still read.
+                warnings.filterwarnings("ignore", message=".*metadata parsing only partially implemented.*")
+                self._slide = tiffslide.TiffSlide(str(self.path))
+                self._props = dict(self._slide.properties)
         except Exception as exc:
             raise SlideReadError(f"{self.path}: not a readable slide ({_reason(exc)})") from exc
-        axes = series.axes
-        dtype = np.dtype(series.dtype)
-        samples = series.shape[axes.index("S")] if "S" in axes else 1
-        channels = series.shape[axes.index("C")] if "C" in axes else 1
-        if dtype != np.uint8 or samples not in (1, 3, 4) or channels > 1:
-            self._slide.close()
-            raise SlideReadError(
-                f"{self.path}: {max(samples, channels)}-channel {dtype} image (axes {axes}) is multi-channel "
-                "fluorescence or raw data; only 8-bit RGB/greyscale slides are supported, export an RGB rendering first"
-            )
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -453,10 +450,10 @@ class TiffSlideReader(SlideReader):
 
     @property
     def properties(self) -> dict[str, Any]:
-        return dict(self._slide.properties)
+        return dict(self._props)
 
     def _metadata_mpp(self) -> tuple[float, float] | None:
-        props = self._slide.properties
+        props = self._props
         if props.get("tiffslide.vendor") is not None:
             mx, my = _valid_mpp(props.get("tiffslide.mpp-x")), _valid_mpp(props.get("tiffslide.mpp-y"))
             if mx is not None and my is not None:
@@ -475,17 +472,20 @@ class TiffSlideReader(SlideReader):
         return (mx, my) if mx is not None and my is not None else None
 
     def _vendor(self) -> str | None:
-        return self._slide.properties.get("tiffslide.vendor") or "generic-tiff"
+        return self._props.get("tiffslide.vendor") or "generic-tiff"
 
     def _objective_power(self) -> float | None:
-        value = self._slide.properties.get("tiffslide.objective-power")
+        value = self._props.get("tiffslide.objective-power")
         return float(value) if value is not None else None
 
     def _read(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
         try:
             arr = self._slide.read_region(location_l0, level, size, as_array=True)
         except Exception as exc:
-            raise SlideReadError(f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)})") from exc
+            raise SlideReadError(
+                f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)}); "
+                "the file may be truncated or corrupt"
+            ) from exc
         arr = np.asarray(arr)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
@@ -496,6 +496,25 @@ class TiffSlideReader(SlideReader):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _check_pixel_format(path: Path) -> None:
+    """Refuse TIFF-based files whose pixels are not 8-bit RGB/greyscale (e.g. multi-channel fluorescence)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, shape, dtype = series.axes, series.shape, np.dtype(series.dtype)
+    except Exception:  # not a TIFF (MRXS, ...) or unparsable: the backends decide
+        return
+    samples = shape[axes.index("S")] if "S" in axes else 1
+    channels = shape[axes.index("C")] if "C" in axes else 1
+    if dtype != np.uint8 or samples not in (1, 3, 4) or channels > 1:
+        raise SlideReadError(
+            f"{path}: {max(samples, channels)}-channel {dtype} image (axes {axes}) looks like multi-channel "
+            "fluorescence or raw data; only 8-bit RGB/greyscale slides are supported, export an RGB rendering first"
+        )
 
 
 _READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
@@ -520,6 +539,7 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
         raise SlideReadError(f"{path}: empty file, not a slide")
     if backend not in ("auto", *BACKENDS):
         raise InvalidParameterError(f"unknown slide backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    _check_pixel_format(path)
     order = list(BACKENDS) if backend == "auto" else [backend]
     first: SlideReadError | None = None
     for name in order:
