@@ -1,0 +1,242 @@
+"""Encoder checkpoints: write atomically, load back as a ready-to-use ``nn.Module``.
+
+A checkpoint directory written by ``wsienc train-encoder --out DIR`` holds::
+
+    DIR/model.safetensors   encoder weights (keys ``encoder.*``) and task heads (``heads.<task>.*``)
+    DIR/config.json         encoder config (architecture, embed dim, normalisation, input µm/px),
+                            tasks and classes, per-task validation metrics, versions, weights SHA-256
+    DIR/train_state.pt      optimiser/scaler state and position, for ``--resume`` (tensors only)
+
+``config.json`` is written last and records the SHA-256 of ``model.safetensors``, so a reader never
+pairs a config with weights from another step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.models.encoders import (
+    Encoder,
+    EncoderConfig,
+    create_encoder,
+    file_sha256,
+    list_encoders,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "train_state.pt"
+CHECKPOINT_FORMAT = "wsi_encoder.encoder_checkpoint"
+ENCODER_PREFIX = "encoder."
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    train_state: Mapping[str, Any] | None = None,
+) -> str:
+    """Write weights, optional resume state, then the config (last), each atomically.
+
+    Parameters
+    ----------
+    out_dir : path
+        Checkpoint directory (created).
+    state_dict : mapping
+        Model tensors; encoder tensors under ``encoder.``.
+    config : mapping
+        JSON-serialisable config; must contain ``encoder`` (an :meth:`EncoderConfig.to_dict`).
+        ``format`` and ``weights_sha256`` are filled in.
+    train_state : mapping, optional
+        Tensors/plain values for resuming (saved with ``torch.save``, read with ``weights_only=True``).
+
+    Returns
+    -------
+    str
+        SHA-256 of the weights file.
+    """
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write_bytes(out / WEIGHTS_NAME, save(tensors))
+    sha = file_sha256(out / WEIGHTS_NAME)
+    if train_state is not None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=out)
+        os.close(fd)
+        try:
+            torch.save(dict(train_state), tmp)
+            os.replace(tmp, out / STATE_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    cfg = {"format": CHECKPOINT_FORMAT, "format_version": 1, **config, "weights_sha256": sha}
+    atomic_write_json(out / CONFIG_NAME, cfg)
+    return sha
+
+
+def read_checkpoint_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``DIR/config.json`` of a train-encoder checkpoint."""
+    d = Path(ckpt_dir)
+    cfg_path = d / CONFIG_NAME
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(d)!r} does not exist")
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{str(d)!r} is not an encoder checkpoint: no {CONFIG_NAME} (write one with wsienc train-encoder)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(cfg_path)!r}: {exc}") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT or "encoder" not in cfg:
+        raise CheckpointError(f"{str(cfg_path)!r} is not a wsi_encoder encoder checkpoint config")
+    return cfg
+
+
+def read_train_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The resume state saved beside a checkpoint, or ``None`` when there is none."""
+    p = Path(ckpt_dir) / STATE_NAME
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated/corrupt file
+        raise CheckpointError(f"cannot read resume state {str(p)!r}: {exc}") from exc
+
+
+def read_model_state(ckpt_dir: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of ``DIR/model.safetensors``, checked against the config's SHA-256."""
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir)
+    cfg = read_checkpoint_config(d) if cfg is None else cfg
+    w = d / WEIGHTS_NAME
+    if not w.is_file():
+        raise CheckpointError(f"checkpoint {str(d)!r} has no {WEIGHTS_NAME}")
+    sha = file_sha256(w)
+    if cfg.get("weights_sha256") and cfg["weights_sha256"] != sha:
+        raise CheckpointError(
+            f"{str(w)!r} does not match {CONFIG_NAME} (SHA-256 differs): the checkpoint was modified or "
+            "partly written; re-run wsienc train-encoder with --resume"
+        )
+    try:
+        return load_file(str(w), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {str(w)!r}: {exc}") from exc
+
+
+def load_encoder(ckpt_dir: str | Path) -> Encoder:
+    """Load the encoder of a ``wsienc train-encoder`` checkpoint.
+
+    Parameters
+    ----------
+    ckpt_dir : path
+        Directory with ``config.json`` and ``model.safetensors``.
+
+    Returns
+    -------
+    Encoder
+        In eval mode, on the CPU. It maps a float ``(B, 3, H, W)`` tensor in [0, 1] (tiles at
+        ``.config.input_mpp`` µm/px) to embeddings ``(B, D)``, applying its own normalisation.
+        ``.config`` (:class:`EncoderConfig`), ``.embedding_dim`` and ``.weights_sha256`` identify it;
+        ``.checkpoint_config`` holds the whole ``config.json`` (tasks, classes, metrics).
+    """
+    cfg = read_checkpoint_config(ckpt_dir)
+    try:
+        enc_cfg = EncoderConfig.from_dict(cfg["encoder"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"bad encoder section in {str(Path(ckpt_dir) / CONFIG_NAME)!r}: {exc}") from exc
+    if enc_cfg.name not in list_encoders():
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r} uses encoder {enc_cfg.name!r}, which is not registered here"
+        )
+    encoder = create_encoder(
+        enc_cfg.name, embed_dim=enc_cfg.embed_dim, input_size=enc_cfg.input_size, input_mpp=enc_cfg.input_mpp
+    )
+    if encoder.config != enc_cfg:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r} config {enc_cfg} does not match the registered encoder {encoder.config}"
+        )
+    state = read_model_state(ckpt_dir, cfg)
+    enc_state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    try:
+        encoder.load_state_dict(enc_state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"weights in {str(ckpt_dir)!r} do not fit {enc_cfg.name!r}: {first}") from exc
+    encoder.weights_sha256 = cfg["weights_sha256"]
+    encoder.checkpoint_config = cfg
+    encoder.eval()
+    return encoder
+
+
+def resolve_encoder(spec: str | Path, weights: str | Path | None = None) -> Encoder:
+    """An encoder from a checkpoint directory or a registered name, in eval mode.
+
+    Parameters
+    ----------
+    spec : str or path
+        A ``wsienc train-encoder`` output directory, or a registered encoder name (``nic``, ``resnet18``...).
+    weights : path, optional
+        A local state-dict file for a registered name (not allowed with a checkpoint directory).
+        Without it the encoder is a fixed-seed random initialisation and a warning is logged.
+
+    Returns
+    -------
+    Encoder
+        With ``.config``, ``.embedding_dim`` and ``.weights_sha256``.
+    """
+    p = Path(spec)
+    if p.is_dir():
+        if weights is not None:
+            raise InvalidParameterError(
+                f"--weights {str(weights)!r} cannot be combined with the checkpoint directory {str(p)!r}"
+            )
+        return load_encoder(p)
+    name = str(spec)
+    if name not in list_encoders():
+        raise InvalidParameterError(
+            f"encoder {name!r} is neither a checkpoint directory nor a registered encoder; "
+            f"known encoders: {', '.join(list_encoders())}"
+        )
+    encoder = create_encoder(name, weights=weights)
+    if weights is None:
+        log.warning(
+            "encoder %r has no weights: using a fixed-seed random initialisation (untrained); "
+            "pass a checkpoint from `wsienc train-encoder` or --weights FILE",
+            name,
+        )
+    encoder.eval()
+    return encoder

@@ -1,0 +1,551 @@
+"""The multitask training loop: task-balanced batches, per-task heads and losses, checkpoints, resume.
+
+:func:`train_multitask` takes prepared tasks (data + patient-disjoint split + loss weight) and writes
+a checkpoint directory (see :mod:`wsi_encoder.models.checkpoint`) at every epoch end, every
+``checkpoint_every`` steps and at the end, plus ``augmentations.png`` (what the encoder is shown) and
+``training_curves.png`` (per-task loss and validation metrics per epoch). Run again with the same arguments, it resumes from the
+last checkpoint and reaches the same weights as an uninterrupted run (the data order and the
+augmentation are functions of ``(seed, step)``; optimiser state is saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from wsi_encoder import __version__
+from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.evaluation.metrics import classification_metrics
+from wsi_encoder.models.checkpoint import (
+    CONFIG_NAME,
+    read_checkpoint_config,
+    read_model_state,
+    read_train_state,
+    save_checkpoint,
+)
+from wsi_encoder.models.encoders import create_encoder
+from wsi_encoder.models.heads import MultiTaskModel
+from wsi_encoder.tasks.data import TaskData
+from wsi_encoder.training.augment import AugmentConfig
+from wsi_encoder.training.plots import plot_augmentations, plot_training_curves
+from wsi_encoder.training.task_sampling import (
+    MultiTaskImages,
+    PlanBatchSampler,
+    TaskBalancedPlan,
+    collate,
+    worker_init,
+)
+from wsi_encoder.training.task_splits import Split
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS_PNG = "augmentations.png"
+CURVES_PNG = "training_curves.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a train-encoder run (units in the names: px, µm/px, MB).
+
+    ``max_steps`` (when set) overrides ``epochs``; an epoch is ``steps_per_epoch`` steps, by default
+    enough batches to show every training image once on average.
+    """
+
+    backbone: str = "nic"
+    embed_dim: int = 128
+    input_size: int | None = None
+    input_mpp: float | None = None
+    epochs: int = 10
+    max_steps: int | None = None
+    steps_per_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    val_max_images: int | None = None
+    workers: int | None = None
+    device: str | None = None
+    amp: bool | None = None
+    weights: str | None = None
+    cache_mb: int = 1024
+    checkpoint_every: int = 500
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidParameterError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InvalidParameterError(f"max_steps must be at least 1, got {self.max_steps!r}")
+        if not self.lr > 0:
+            raise InvalidParameterError(f"lr must be positive, got {self.lr!r}")
+        if self.workers is not None and self.workers < 0:
+            raise InvalidParameterError(f"workers must be >= 0, got {self.workers!r}")
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: ``workers``, or by default one per spare CPU core (at most 4)."""
+        if self.workers is not None:
+            return self.workers
+        return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class PreparedTask:
+    """One task instance ready for training."""
+
+    name: str
+    task: str
+    paths: list[str]
+    options: dict[str, str]
+    weight: float
+    data: TaskData
+    split: Split
+
+    @property
+    def train(self) -> TaskData:
+        return self.data.subset(self.split.train)
+
+    @property
+    def val(self) -> TaskData:
+        return self.data.subset(self.split.val)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress after one optimisation step (``task_losses`` are running means over the epoch)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    lr: float
+    loss: float
+    task_losses: dict[str, float]
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class EpochInfo:
+    """Validation after an epoch: ``metrics[task]`` has loss, n and the task's metrics."""
+
+    epoch: int
+    step: int
+    train_losses: dict[str, float]
+    metrics: dict[str, dict[str, float | None]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the checkpoint went and how the run ended."""
+
+    out_dir: Path
+    step: int
+    total_steps: int
+    metrics: dict[str, dict[str, float | None]]
+    history: list[dict[str, Any]]
+    resumed_from: int
+    already_complete: bool
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import torchvision
+
+    return {
+        "wsi_encoder": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf → None, numpy scalars → Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _signature(tasks: Sequence[PreparedTask], cfg: TrainConfig, input_size: int, input_mpp: float) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (epochs / max steps may change)."""
+    return _clean(
+        {
+            "backbone": cfg.backbone,
+            "embed_dim": cfg.embed_dim,
+            "input_size": input_size,
+            "input_mpp": input_mpp,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+            "weights": cfg.weights,
+            "augment": dataclasses.asdict(cfg.augment),
+            "tasks": [
+                {
+                    "name": t.name,
+                    "task": t.task,
+                    "paths": t.paths,
+                    "options": t.options,
+                    "weight": t.weight,
+                    "classes": list(t.data.classes),
+                    "n_train": len(t.split.train),
+                    "n_val": len(t.split.val),
+                }
+                for t in tasks
+            ],
+        }
+    )
+
+
+def _preload(tasks: Sequence[PreparedTask], budget_mb: int, workers: int) -> None:
+    budget = int(budget_mb) * 2**20
+    for t in sorted(tasks, key=lambda t: len(t.data)):
+        if budget <= 0:
+            break
+        if t.data.preload(budget, workers=max(1, workers)):
+            first = t.data.source.read(0)
+            budget -= first.nbytes * len(t.data)
+            log.info("task %s: %d images decoded into memory", t.name, len(t.data))
+
+
+def evaluate(
+    model: MultiTaskModel,
+    tasks: Sequence[TaskData],
+    names: Sequence[str],
+    *,
+    input_size: int,
+    input_mpp: float,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    amp: bool = False,
+) -> dict[str, dict[str, float | None]]:
+    """Validation loss and classification metrics of each task on its centred, un-augmented views.
+
+    Returns
+    -------
+    dict
+        ``{task name: {"n", "loss", "accuracy", "balanced_accuracy", "auc", "f1", "brier", "ece"}}``
+        for tasks with validation images.
+    """
+    keys = [(t, i) for t, data in enumerate(tasks) for i in range(len(data))]
+    if not keys:
+        return {}
+    dataset = MultiTaskImages(tasks, input_size, input_mpp)
+    batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init
+    )
+    probs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    ys: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for images, task_ids, labels in loader:
+            x = images.to(device).float().div_(255)
+            with torch.autocast(device.type, enabled=amp):
+                out = model(x, task_ids.to(device))
+            for name, logits in out["logits"].items():
+                pos = out["index"][name].cpu()
+                probs[name].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                ys[name].append(labels[pos].numpy())
+    model.train(was_training)
+    result: dict[str, dict[str, float | None]] = {}
+    for name in names:
+        if not probs[name]:
+            continue
+        p = np.concatenate(probs[name])
+        y = np.concatenate(ys[name])
+        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+        with warnings.catch_warnings():
+            # sklearn warns when a class is predicted but absent from a small validation set.
+            warnings.simplefilter("ignore", UserWarning)
+            metrics = classification_metrics(y, p[:, 1] if p.shape[1] == 2 else p)
+        result[name] = _clean({"n": len(y), "loss": loss, **metrics})
+    return result
+
+
+def _choose_device(cfg: TrainConfig) -> torch.device:
+    if not cfg.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise InvalidParameterError(f"unknown device {cfg.device!r}; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"device {cfg.device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def train_multitask(
+    tasks: Sequence[PreparedTask],
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = True,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: Callable[[EpochInfo], None] | None = None,
+) -> TrainResult:
+    """Train a shared encoder with one head per task and write the checkpoint to ``out_dir``.
+
+    Parameters
+    ----------
+    tasks : sequence of PreparedTask
+        Task instances with distinct names, each with training images.
+    out_dir : path
+        Checkpoint directory; an existing checkpoint of the same run is resumed.
+    config : TrainConfig
+    resume : bool
+        False starts afresh even when ``out_dir`` holds a checkpoint (it is overwritten).
+    on_step, on_epoch : callable, optional
+        Progress callbacks.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    InvalidParameterError
+        Duplicate task names, a task without training images, or ``out_dir`` holding a checkpoint of
+        a different run.
+    """
+    names = [t.name for t in tasks]
+    if not tasks:
+        raise InvalidParameterError("no task given: pass at least one --task NAME=PATH")
+    if len(set(names)) != len(names):
+        raise InvalidParameterError(f"task names must be distinct, got {names} (use name=ALIAS)")
+    for t in tasks:
+        if len(t.split.train) == 0:
+            raise InvalidParameterError(f"task {t.name!r} has no training images after the validation split")
+    out = Path(out_dir)
+    device = _choose_device(config)
+    amp = bool(config.amp if config.amp is not None else device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(config.seed)
+
+    kw: dict[str, Any] = {}
+    if config.input_size is not None:
+        kw["input_size"] = config.input_size
+    if config.input_mpp is not None:
+        kw["input_mpp"] = config.input_mpp
+    encoder = create_encoder(
+        config.backbone, weights=config.weights, embed_dim=config.embed_dim, seed=config.seed, **kw
+    )
+    enc_cfg = encoder.config
+    model = MultiTaskModel(encoder, {t.name: len(t.data.classes) for t in tasks}, seed=config.seed)
+    signature = _signature(tasks, config, enc_cfg.input_size, enc_cfg.input_mpp)
+
+    n_train = [len(t.split.train) for t in tasks]
+    steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(sum(n_train) / config.batch_size))
+    total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None else min(100, total // 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    start, history = 0, []
+    if resume and (out / CONFIG_NAME).is_file():
+        previous = read_checkpoint_config(out)
+        old_sig = previous.get("training", {}).get("signature", {})
+        if old_sig != signature:
+            differ = sorted(k for k in set(old_sig) | set(signature) if old_sig.get(k) != signature.get(k))
+            raise InvalidParameterError(
+                f"{str(out)!r} holds a checkpoint of a different run (differs in: {', '.join(differ)}); "
+                "choose another --out, or pass --overwrite to start afresh"
+            )
+        state = read_model_state(out, previous)
+        model.load_state_dict(state, strict=True)
+        train_state = read_train_state(out)
+        if train_state is not None:
+            optimizer.load_state_dict(train_state["optimizer"])
+            scaler.load_state_dict(train_state["scaler"])
+        start = int(previous.get("step", 0))
+        history = list(previous.get("history", []))
+        log.info("resuming %s at step %d of %d", out, start, total)
+        if start >= total:
+            return TrainResult(out, start, total, previous.get("validation", {}), history, start, True)
+    model.to(device)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", config.lr)
+
+    _preload(tasks, config.cache_mb, config.num_workers)
+    train_sets = [t.train for t in tasks]
+    val_sets = [t.val for t in tasks]
+    if config.val_max_images is not None:
+        val_sets = [
+            v.subset(np.sort(np.random.default_rng(config.seed).permutation(len(v))[: config.val_max_images]))
+            for v in val_sets
+        ]
+    weights = {t.name: t.weight for t in tasks}
+    if config.plots and start == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_augmentations(
+            out / AUGMENTATIONS_PNG,
+            train_sets,
+            names,
+            input_size=enc_cfg.input_size,
+            input_mpp=enc_cfg.input_mpp,
+            augment=config.augment,
+            seed=config.seed,
+        )
+    plan = TaskBalancedPlan(tuple(n_train), config.batch_size, config.seed)
+    loader = DataLoader(
+        MultiTaskImages(train_sets, enc_cfg.input_size, enc_cfg.input_mpp, config.augment),
+        batch_sampler=PlanBatchSampler(plan, start, total),
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        worker_init_fn=worker_init,
+        pin_memory=device.type == "cuda",
+    )
+
+    def checkpoint(step: int, metrics: dict[str, Any], complete: bool) -> None:
+        cfg = {
+            "encoder": enc_cfg.to_dict(),
+            "architecture": config.backbone,
+            "embed_dim": enc_cfg.num_features,
+            "input_size": enc_cfg.input_size,
+            "input_mpp": enc_cfg.input_mpp,
+            "normalisation": {"input_range": [0.0, 1.0], "mean": list(enc_cfg.mean), "std": list(enc_cfg.std)},
+            "tasks": [
+                {
+                    "name": t.name,
+                    "task": t.task,
+                    "paths": t.paths,
+                    "options": t.options,
+                    "kind": "binary" if len(t.data.classes) == 2 else "multiclass",
+                    "classes": list(t.data.classes),
+                    "loss_weight": t.weight,
+                    "n_train": len(t.split.train),
+                    "n_val": len(t.split.val),
+                    "n_groups": len(set(t.data.groups.tolist())),
+                    "split": t.split.method,
+                    "class_counts": t.data.class_counts(),
+                }
+                for t in tasks
+            ],
+            "validation": metrics,
+            "history": history,
+            "step": step,
+            "total_steps": total,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch": step / steps_per_epoch,
+            "complete": complete,
+            "training": {
+                "signature": signature,
+                "config": _clean(dataclasses.asdict(config)),
+                "device": str(device),
+                "amp": amp,
+            },
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}
+        save_checkpoint(out, model.state_dict(), _clean(cfg), train_state)
+
+    model.train()
+    metrics: dict[str, Any] = history[-1]["validation"] if history else {}
+    sums = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    t0, seen = time.perf_counter(), 0
+    step = start
+    for images, task_ids, labels in loader:
+        lr = _lr_at(step, total, warmup, config.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = images.to(device, non_blocking=True).float().div_(255)
+        with torch.autocast(device.type, enabled=amp):
+            out_ = model(x, task_ids.to(device), labels.to(device), weights)
+        loss = out_["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        for name, value in out_["losses"].items():
+            sums[name] += float(value.detach())
+            counts[name] += 1
+        seen += len(images)
+        step += 1
+        if on_step is not None:
+            elapsed = time.perf_counter() - t0
+            on_step(
+                StepInfo(
+                    step,
+                    total,
+                    math.ceil(step / steps_per_epoch),
+                    lr,
+                    float(loss.detach()),
+                    {n: sums[n] / counts[n] for n in names if counts[n]},
+                    seen / elapsed if elapsed > 0 else float("nan"),
+                )
+            )
+        epoch_end = step % steps_per_epoch == 0 or step == total
+        if epoch_end:
+            metrics = evaluate(
+                model,
+                val_sets,
+                names,
+                input_size=enc_cfg.input_size,
+                input_mpp=enc_cfg.input_mpp,
+                batch_size=config.batch_size,
+                device=device,
+                workers=min(config.num_workers, 1),
+                amp=amp,
+            )
+            train_losses = {n: sums[n] / counts[n] for n in names if counts[n]}
+            epoch = math.ceil(step / steps_per_epoch)
+            history.append(_clean({"epoch": epoch, "step": step, "train_loss": train_losses, "validation": metrics}))
+            for name in names:
+                m = metrics.get(name, {})
+                log.info(
+                    "epoch %d step %d task %s: train loss %.4f val %s",
+                    epoch,
+                    step,
+                    name,
+                    train_losses.get(name, float("nan")),
+                    {k: m.get(k) for k in ("loss", "accuracy", "auc", "f1")} if m else "n/a",
+                )
+            if config.plots:
+                out.mkdir(parents=True, exist_ok=True)
+                plot_training_curves(out / CURVES_PNG, history, names)
+            if on_epoch is not None:
+                on_epoch(EpochInfo(epoch, step, train_losses, metrics))
+            sums = dict.fromkeys(names, 0.0)
+            counts = dict.fromkeys(names, 0)
+        if epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            checkpoint(step, metrics, complete=step == total)
+    return TrainResult(out, step, total, metrics, history, start, False)
