@@ -82,6 +82,10 @@ def setup_logging(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # Third-party libraries log per-page/per-tile noise (tifffile: an ERROR per page of a truncated file);
+    # our own one-line errors say what matters, so theirs show only at -vv.
+    for name in ("tifffile", "tiffslide"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -275,7 +275,8 @@ class SlideReader(ABC):
             return self._read((int(location_l0[0]), int(location_l0[1])), level, (width, height))
         out = np.full((height, width, 3), 255, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
-            loc = (round(x0 * ds), round(y0 * ds))
+            # ceil: a fractional downsample must not start the read one level pixel early.
+            loc = (math.ceil(x0 * ds), math.ceil(y0 * ds))
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read(loc, level, (x1 - x0, y1 - y0))
         return out
 

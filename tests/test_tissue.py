@@ -1,0 +1,123 @@
+"""Tissue detection: generated slides with known tissue and pen marks, real slides and patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from PIL import Image
+from skimage.transform import resize
+
+from wsi_encoder.io.slides import open_slide
+from wsi_encoder.synthetic import SlideLayout, read_synthetic_spec
+from wsi_encoder.synthetic.textures import OD_EOSIN, OD_HAEMATOXYLIN
+from wsi_encoder.tissue import (
+    TISSUE_METHOD,
+    TISSUE_METHOD_DARKFIELD,
+    detect_tissue,
+    ink_mask,
+    tile_tissue_fractions,
+)
+
+
+def _thumb(path: Path, size: int = 1024) -> tuple[np.ndarray, float]:
+    with open_slide(path) as reader:
+        thumb = reader.get_thumbnail(size)
+        mpp = reader.require_mpp() * reader.dimensions[0] / thumb.shape[1]
+    return thumb, mpp
+
+
+def _stain_rgb(c_h: float, c_e: float) -> np.ndarray:
+    od = c_h * OD_HAEMATOXYLIN + c_e * OD_EOSIN
+    return np.clip(255 * 10 ** (-od), 0, 255).astype(np.uint8)
+
+
+def test_generated_slide_tissue_matches_ground_truth_and_drops_pen(synthetic_slide: Path) -> None:
+    thumb, mpp = _thumb(synthetic_slide)
+    result = detect_tissue(thumb, mpp)
+    layout = SlideLayout(read_synthetic_spec(synthetic_slide))
+    truth = resize(layout.tissue, thumb.shape[:2], order=1) > 0.5
+    pen = resize(layout.pen, thumb.shape[:2], order=1) > 0.3
+    assert pen.sum() > 100  # the fixture does carry a pen stroke
+    iou = (truth & result.mask).sum() / (truth | result.mask).sum()
+    assert iou > 0.9
+    assert (pen & result.mask).sum() == 0
+    assert result.ink[pen].mean() > 0.9
+    assert result.method == TISSUE_METHOD
+
+
+def test_blue_green_black_ink_and_black_border_are_not_tissue() -> None:
+    rng = np.random.default_rng(0)
+    image = np.full((300, 400, 3), 242, dtype=np.uint8)
+    image += rng.integers(0, 6, image.shape, dtype=np.uint8)
+    yy, xx = np.mgrid[0:300, 0:400]
+    tissue = (yy - 150) ** 2 / 80**2 + (xx - 200) ** 2 / 110**2 < 1
+    image[tissue] = _stain_rgb(0.6, 0.5)
+    image[40:52, 20:380] = (35, 70, 170)  # blue marker
+    image[250:262, 20:380] = (30, 130, 60)  # green marker
+    image[120:180, 340:352] = (25, 25, 30)  # black marker
+    image[:, :12] = 5  # black scanner border
+    result = detect_tissue(image, thumbnail_mpp=8.0)
+    assert result.mask[tissue & (xx < 330)].mean() > 0.95
+    for rows, cols in ((slice(40, 52), slice(20, 380)), (slice(250, 262), slice(20, 380)), (slice(120, 180), slice(340, 352))):
+        assert not result.mask[rows, cols].any()
+    assert not result.mask[:, :12].any()
+
+
+@pytest.mark.parametrize("c_h", [0.2, 0.6, 1.2, 2.0])
+@pytest.mark.parametrize("c_e", [0.0, 0.3, 0.9])
+def test_haematoxylin_and_eosin_colours_are_never_ink(c_h: float, c_e: float) -> None:
+    colour = _stain_rgb(c_h, c_e).astype(np.float32)[None, None, :] / 255
+    assert not ink_mask(colour).any()
+
+
+def test_white_glass_has_no_tissue() -> None:
+    rng = np.random.default_rng(1)
+    glass = (240 + rng.integers(0, 8, (256, 256, 3))).astype(np.uint8)
+    assert detect_tissue(glass).fraction < 0.01
+
+
+def test_real_slide_tissue_is_kept_and_background_dropped(cmu_svs: Path) -> None:
+    thumb, mpp = _thumb(cmu_svs)
+    result = detect_tissue(thumb, mpp)
+    assert 0.2 < result.fraction < 0.6
+    h, w = result.mask.shape
+    assert not result.mask[: h // 10, : w // 5].any()  # glass in the top-left corner
+    assert result.mask[int(0.8 * h) : int(0.9 * h), int(0.35 * w) : int(0.55 * w)].mean() > 0.9  # the dermis
+
+
+def test_real_patches_seen_at_thumbnail_scale() -> None:
+    def thumb(name: str) -> np.ndarray:  # 512 px level-0 crops shrunk 8x, as a slide thumbnail sees them
+        image = Image.open(shared_path("patches", "histolab", name)).convert("RGB")
+        return np.asarray(image.resize((64, 64), Image.Resampling.LANCZOS))
+
+    assert detect_tissue(thumb("no-tissue.png")).fraction < 0.05
+    assert detect_tissue(thumb("almost-white-2.png")).fraction < 0.1
+    assert detect_tissue(thumb("tissue-level0-4302-10273-4814-10785.png")).fraction > 0.8
+
+
+def test_fluorescence_slide_is_segmented_as_darkfield(ndpi_slide: Path) -> None:
+    thumb, mpp = _thumb(ndpi_slide, 512)
+    result = detect_tissue(thumb, mpp)
+    assert result.method == TISSUE_METHOD_DARKFIELD
+    assert 0.5 < result.fraction < 0.95
+    assert not result.mask[-5:, :].all()
+
+
+def test_tile_fractions_are_exact_area_means() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[:, :5] = True
+    boxes = np.array(
+        [
+            [0, 0, 5, 5],  # all tissue
+            [5, 0, 10, 10],  # none
+            [2.5, 0, 7.5, 10],  # half
+            [4.5, 3, 5.5, 4],  # half, sub-pixel edges
+            [-5, 0, 5, 10],  # half outside the mask: outside counts as no tissue
+            [3, 3, 3, 3],  # empty box
+        ]
+    )
+    np.testing.assert_allclose(tile_tissue_fractions(mask, boxes), [1, 0, 0.5, 0.5, 0.5, 0], atol=1e-6)
+    assert tile_tissue_fractions(mask, np.zeros((0, 4))).shape == (0,)

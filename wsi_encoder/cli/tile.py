@@ -1,0 +1,154 @@
+"""``wsienc tile``: slides -> a zarr patch store (tissue detection, tile grid at a target µm/px, dask)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_encoder.cli.common import echo_err, slide_mpp_option
+
+
+@click.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The patch store to write (a .zarr directory); resumed if it exists.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True, help="Target resolution of the tiles in µm/px (0.5 ≈ 20x, 0.25 ≈ 40x).")
+@click.option("--tile-size", type=click.IntRange(8, 8192), default=224, show_default=True, help="Tile edge in pixels at the target resolution.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels at the target resolution [default: the tile size].")
+@click.option("--mpp-tolerance", type=click.FloatRange(0, 0.5, max_open=True), default=0.05, show_default=True, help="A pyramid level within this relative distance of --mpp is read as it is, without resampling.")
+@slide_mpp_option
+@click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
+@click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default="jpeg", show_default=True, help="jpeg: lossy, near the slide's size; zstd: lossless.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality of the stored tiles.")
+@click.option("--coords-only", is_flag=True, help="Store coordinates, grid, tissue, thumbnail and mask, but no pixels.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel workers on this machine [default: number of CPUs].")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="threads|processes|tcp://HOST:PORT",
+    help="threads (default): dask's local threaded scheduler; processes: a local cluster of --workers processes; "
+    "tcp://HOST:PORT: a running dask.distributed scheduler (see docs/tile.md, 'Cluster runs').",
+)
+@click.option("--overwrite", is_flag=True, help="Re-tile slides that are already complete in the store.")
+@click.option("--qc-dir", type=click.Path(path_type=Path), default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "openslide", "tiffslide"]),
+    default="auto",
+    show_default=True,
+    help="Slide reader. auto: direct tile decoding via tiffslide for SVS, generic TIFF and NDPI (same pixels as "
+    "OpenSlide, faster), OpenSlide for the other formats.",
+)
+def tile(
+    slides: tuple[Path, ...],
+    out: Path,
+    mpp: float,
+    tile_size: int,
+    stride: int | None,
+    mpp_tolerance: float,
+    slide_mpp: float | None,
+    tissue_threshold: float,
+    codec: str,
+    jpeg_quality: int,
+    coords_only: bool,
+    workers: int | None,
+    scheduler: str | None,
+    overwrite: bool,
+    qc_dir: Path | None,
+    backend: str,
+) -> None:
+    """Cut SLIDES (files or folders of slides) into tiles at --mpp and store them in --out.
+
+    Finds tissue on a thumbnail, lays a grid of --tile-size tiles at --mpp µm/px, keeps the tiles
+    with enough tissue and writes them (or only their coordinates) to a zarr patch store, one group
+    per slide. Interrupted runs resume; slides already complete are skipped. Exits with status 1
+    when any slide failed (each failure is listed and recorded in the store).
+
+    \b
+    Example:
+      wsienc tile slides/ --out cohort.zarr --mpp 0.5 --tile-size 224 --qc-dir qc/
+    """
+    from wsi_encoder.pipelines.tile_cohort import tile_cohort
+    from wsi_encoder.tiling import TileSpec
+
+    spec = TileSpec(target_mpp=mpp, tile_size=tile_size, stride=stride, tolerance=mpp_tolerance)
+    ctx = click.get_current_context()
+    verbosity = int((ctx.find_root().obj or {}).get("verbosity", 0))
+    quiet = verbosity < 0
+    if verbosity < 2:  # a truncated TIFF makes tifffile log per page; the per-slide failure line says it once
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    bar = _Progress(disabled=quiet)
+    try:
+        report = tile_cohort(
+            slides,
+            out,
+            spec,
+            tissue_threshold=tissue_threshold,
+            codec=codec,
+            jpeg_quality=jpeg_quality,
+            coords_only=coords_only,
+            backend=backend,
+            slide_mpp=slide_mpp,
+            overwrite=overwrite,
+            qc_dir=qc_dir,
+            workers=workers,
+            scheduler=scheduler,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    for outcome in report.failed:
+        reason = outcome.reason or "unknown error"
+        echo_err(f"failed: {reason}" if outcome.source in reason else f"failed: {outcome.source}: {reason}")
+    parts = [f"{len(report.ok)} slide(s) tiled"]
+    if report.skipped:
+        parts.append(f"{len(report.skipped)} already complete")
+    if report.failed:
+        parts.append(f"{len(report.failed)} failed")
+    what = "coordinates of " if coords_only else ""
+    click.echo(f"{', '.join(parts)}; {what}{report.n_tiles} tiles in {report.store}")
+    if qc_dir is not None:
+        click.echo(f"QC pictures in {qc_dir}")
+    if report.failed:
+        sys.exit(1)
+
+
+class _Progress:
+    """A tqdm bar over tiles whose total grows as slides are planned; slide counts in the postfix."""
+
+    def __init__(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.bar: Any = None
+        self.slides = 0
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+
+    def _ensure(self) -> Any:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="tile", desc="tiling", file=sys.stderr, disable=self.disabled, dynamic_ncols=True)
+        return self.bar
+
+    def update(self, event: Any) -> None:
+        bar = self._ensure()
+        if event.kind == "slides":
+            self.slides = event.count
+        elif event.kind == "tiles_planned":
+            bar.total += event.count
+            bar.refresh()
+        elif event.kind == "tiles":
+            bar.update(event.count)
+        elif event.kind == "slide" and event.outcome is not None:
+            self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
+        done = sum(self.counts.values())
+        bar.set_postfix_str(
+            f"slides {done}/{self.slides} (ok {self.counts['ok']}, skipped {self.counts['skipped']}, failed {self.counts['failed']})",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,421 @@
+"""The patch store: one zarr v3 group per slide with its tiles, coordinates, grid and tissue.
+
+Layout (the contract other commands read; see ``docs/tile.md``)::
+
+    patches.zarr/                      attrs: kind="patch_store", format, slides={id: {status, reason, source}}
+      <slide_id>/                      attrs: source, backend, ..., target_mpp, actual_mpp, complete
+        tiles        (N, T, T, 3) uint8   chunks of `chunk_tiles` neighbouring tiles (absent when coords-only)
+        coords       (N, 2) int64         level-0 top-left (x, y)
+        grid         (N, 2) int32         (row, col) in the slide's tile grid
+        tissue       (N,)   float32       tissue fraction of each tile
+        thumbnail    (h, w, 3) uint8      the picture the tissue mask was computed on
+        tissue_mask  (h, w) bool
+        chunks_done  (n_chunks,) bool     which chunks of `tiles` are written (resume bookkeeping)
+
+Tiles are ordered block by block (square blocks of ``block_size`` x ``block_size`` grid cells in
+raster order, raster order inside a block), so every chunk of ``tiles`` holds neighbouring tiles;
+use ``grid`` for positions. With ``codec="jpeg"`` each chunk holds one JPEG per tile
+(:mod:`wsi_encoder.io.jpeg_codec`); with ``codec="zstd"`` the chunks are shards of single-tile,
+zstd-compressed inner chunks (lossless).
+
+Writers hold :class:`StoreLock` (a ``<store>.lock`` file beside the store) so two runs cannot write
+one store at once. :func:`open_patch_store` gives the read API (:class:`PatchStore`,
+:class:`PatchSlide`) used by ``wsienc encode`` and the training tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
+
+from wsi_encoder.errors import StoreError
+from wsi_encoder.io.jpeg_codec import JpegTileCodec
+
+logger = logging.getLogger(__name__)
+
+PATCH_STORE_KIND = "patch_store"
+STORE_FORMAT = 1
+CODECS: tuple[str, ...] = ("jpeg", "zstd")
+_ZSTD_LEVEL = 3
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+# ---- locking -----------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreLock:
+    """An exclusive writer lock on a store: the file ``<store>.lock`` beside it.
+
+    The file records the holder's pid, host and start time. A lock left by a process that died
+    (kill -9, power loss) on this host is taken over; a live holder, or one on another host, makes
+    :meth:`acquire` raise :class:`~wsi_encoder.errors.StoreError` naming it and the file to delete.
+    """
+
+    def __init__(self, store_path: str | Path) -> None:
+        store = Path(store_path)
+        self.path = store.with_name(store.name + ".lock")
+        self._held = False
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`~wsi_encoder.errors.StoreError`."""
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("host") == record["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                    logger.warning("taking over the lock %s left by dead process %s", self.path, holder.get("pid"))
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder else "unknown"
+                raise StoreError(
+                    f"{self.path.with_suffix('')}: another wsienc run is writing this store ({who}); wait for it to "
+                    f"finish, or if no such run is alive, delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+            self._held = True
+            return
+        raise StoreError(f"{self.path}: could not take the store lock; delete it if no wsienc run is writing the store")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def release(self) -> None:
+        """Drop the lock (only if this process holds it)."""
+        if self._held:
+            holder = self._holder()
+            if holder is None or holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def create_patch_store(path: str | Path) -> zarr.Group:
+    """Open the patch store at ``path`` for writing, creating it when missing.
+
+    Raises
+    ------
+    StoreError
+        ``path`` exists but is not a patch store (another zarr store, or a plain file/folder).
+    """
+    path = Path(path)
+    empty_dir = path.is_dir() and not any(path.iterdir())
+    if path.exists() and not (path / "zarr.json").exists() and not empty_dir:
+        raise StoreError(f"{path}: exists and is not a zarr store; choose another --out")
+    try:
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot open as a zarr v3 group ({exc}); choose another --out") from exc
+    kind = root.attrs.get("kind")
+    if kind is None:
+        root.attrs.update({"kind": PATCH_STORE_KIND, "format": STORE_FORMAT, "slides": {}})
+    elif kind != PATCH_STORE_KIND:
+        raise StoreError(f"{path}: is a {kind!r} store, not a patch store; choose another --out")
+    _remove_partial_files(path, recursive=False)
+    return root
+
+
+def _remove_partial_files(directory: Path, recursive: bool) -> None:
+    """Delete temporary files a killed zarr write left behind (``*.partial``)."""
+    pattern = "**/*.partial" if recursive else "*.partial"
+    for leftover in directory.glob(pattern):
+        leftover.unlink(missing_ok=True)
+
+
+def update_slide_status(root: zarr.Group, updates: Mapping[str, Mapping[str, Any]]) -> None:
+    """Merge per-slide status records (``{"status", "reason", "source"}``) into the root attrs."""
+    if not updates:
+        return
+    slides = dict(root.attrs.get("slides") or {})
+    for slide_id, record in updates.items():
+        slides[slide_id] = {"status": record["status"], "reason": record.get("reason"), "source": record.get("source")}
+    root.attrs.update({"slides": dict(sorted(slides.items()))})
+
+
+def store_directory(root: zarr.Group) -> Path:
+    """The directory of a group in a local (or shared-file-system) store."""
+    store = root.store
+    if not isinstance(store, LocalStore):
+        raise StoreError(f"patch stores live on a file system; {type(store).__name__} is not supported")
+    return Path(store.root) / root.path
+
+
+def delete_slide_group(root: zarr.Group, slide_id: str) -> None:
+    """Remove a slide's group directory (tiles and all, and any half-deleted leftovers)."""
+    directory = store_directory(root) / slide_id
+    if directory.exists():
+        shutil.rmtree(directory)
+
+
+def create_slide_group(
+    root: zarr.Group,
+    slide_id: str,
+    attrs: Mapping[str, Any],
+    *,
+    coords: npt.NDArray[np.int64],
+    grid: npt.NDArray[np.int32],
+    tissue: npt.NDArray[np.float32],
+    thumbnail: npt.NDArray[np.uint8],
+    tissue_mask: npt.NDArray[np.bool_],
+    tile_size: int,
+    chunk_tiles: int,
+    codec: str | None,
+    jpeg_quality: int,
+) -> zarr.Group:
+    """(Re)create a slide's group with its small arrays and an empty ``tiles`` array.
+
+    ``attrs`` must hold the tiling parameters; ``complete`` is set False and ``planned`` True once
+    every array exists, so a reader of a half-written group can tell.
+    """
+    delete_slide_group(root, slide_id)
+    n = len(coords)
+    group = root.create_group(slide_id, attributes={**attrs, "complete": False, "planned": False})
+    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(n, 1), 2))
+    group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(max(n, 1), 2))
+    group.create_array("tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n), chunks=(max(n, 1),))
+    group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8))
+    group.create_array("tissue_mask", data=np.ascontiguousarray(tissue_mask, dtype=bool))
+    if codec is not None:
+        n_chunks = -(-n // chunk_tiles)
+        shape = (n, tile_size, tile_size, 3)
+        chunk = (chunk_tiles, tile_size, tile_size, 3)
+        names = ("tile", "y", "x", "channel")
+        if codec == "jpeg":
+            group.create_array(
+                "tiles", shape=shape, dtype=np.uint8, chunks=chunk, serializer=JpegTileCodec(quality=jpeg_quality),
+                compressors=None, fill_value=0, dimension_names=names,
+            )
+        elif codec == "zstd":
+            group.create_array(
+                "tiles", shape=shape, dtype=np.uint8, shards=chunk, chunks=(1, tile_size, tile_size, 3),
+                compressors=ZstdCodec(level=_ZSTD_LEVEL), fill_value=0, dimension_names=names,
+            )
+        else:
+            raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
+        group.create_array("chunks_done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False, compressors=None)
+    group.attrs.update({"planned": True})
+    return group
+
+
+def open_slide_arrays_for_writing(store_path: str | Path, slide_id: str) -> tuple[zarr.Array, zarr.Array]:
+    """The ``tiles`` and ``chunks_done`` arrays of a slide, opened for writing whole chunks."""
+    base = Path(store_path) / slide_id
+    try:
+        tiles = zarr.open_array(str(base / "tiles"), mode="r+", zarr_format=3)
+        done = zarr.open_array(str(base / "chunks_done"), mode="r+", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{base}: cannot open the tile arrays for writing ({exc})") from exc
+    return tiles.with_config(_WRITE_CONFIG), done.with_config(_WRITE_CONFIG)
+
+
+def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
+    """Set ``complete = True`` on a slide whose every chunk is written (checked)."""
+    group = root[slide_id]
+    if not isinstance(group, zarr.Group):
+        raise StoreError(f"{slide_id}: not a slide group")
+    if "chunks_done" in group:
+        done = np.asarray(group["chunks_done"][:])
+        if not done.all():
+            missing = int((~done).sum())
+            raise StoreError(f"{slide_id}: {missing} chunk(s) of tiles are not written yet")
+    group.attrs.update({"complete": True})
+
+
+def clean_slide_leftovers(store_path: str | Path, slide_id: str) -> None:
+    """Remove temporary files a killed run left inside a slide's group (before resuming it)."""
+    directory = Path(store_path) / slide_id
+    if directory.exists():
+        _remove_partial_files(directory, recursive=True)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+class PatchSlide:
+    """One slide of a patch store (read-only view; arrays are loaded on first use).
+
+    ``tiles`` is the zarr array (index it: ``slide.tiles[i]``, ``slide.tiles[a:b]``) or None in
+    coords-only stores; ``coords``, ``grid``, ``tissue``, ``thumbnail`` and ``tissue_mask`` are numpy
+    arrays; ``attrs`` is the group's attribute dict (see the module docstring).
+    """
+
+    def __init__(self, group: zarr.Group, slide_id: str) -> None:
+        self.group = group
+        self.slide_id = slide_id
+
+    def __repr__(self) -> str:
+        return f"PatchSlide({self.slide_id!r}, n_tiles={self.n_tiles}, complete={self.complete})"
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """The slide's attributes."""
+        return dict(self.group.attrs.asdict())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every tile was written."""
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles N."""
+        return int(self.group["coords"].shape[0])
+
+    @property
+    def tile_size(self) -> int:
+        """Tile edge T in pixels (at ``actual_mpp``)."""
+        return int(self.attrs["tile_size"])
+
+    @property
+    def tiles(self) -> zarr.Array | None:
+        """``(N, T, T, 3)`` uint8 zarr array, or None when the store holds coordinates only."""
+        if "tiles" not in self.group:
+            return None
+        array = self.group["tiles"]
+        assert isinstance(array, zarr.Array)
+        return array
+
+    def _array(self, name: str) -> npt.NDArray[Any]:
+        return np.asarray(self.group[name][...])
+
+    @cached_property
+    def coords(self) -> npt.NDArray[np.int64]:
+        """``(N, 2)`` level-0 top-left (x, y) of every tile."""
+        return self._array("coords").reshape(-1, 2).astype(np.int64, copy=False)
+
+    @cached_property
+    def grid(self) -> npt.NDArray[np.int32]:
+        """``(N, 2)`` (row, col) of every tile in the slide's grid."""
+        return self._array("grid").reshape(-1, 2).astype(np.int32, copy=False)
+
+    @cached_property
+    def tissue(self) -> npt.NDArray[np.float32]:
+        """``(N,)`` tissue fraction of every tile."""
+        return self._array("tissue").astype(np.float32, copy=False)
+
+    @cached_property
+    def thumbnail(self) -> npt.NDArray[np.uint8]:
+        """``(h, w, 3)`` thumbnail of the whole slide."""
+        return self._array("thumbnail")
+
+    @cached_property
+    def tissue_mask(self) -> npt.NDArray[np.bool_]:
+        """``(h, w)`` tissue mask at the thumbnail's resolution."""
+        return self._array("tissue_mask").astype(bool, copy=False)
+
+    def tile_batches(self, batch_size: int | None = None) -> Iterator[tuple[int, int, npt.NDArray[np.uint8]]]:
+        """Yield ``(start, stop, tiles[start:stop])`` over all tiles.
+
+        The default batch is one chunk of the ``tiles`` array (the fastest read).
+        """
+        tiles = self.tiles
+        if tiles is None:
+            raise StoreError(f"{self.slide_id}: the store holds coordinates only (tiled with --coords-only)")
+        step = int(batch_size or tiles.chunks[0])
+        if tiles.shards is not None:
+            step = int(batch_size or tiles.shards[0])
+        for start in range(0, self.n_tiles, step):
+            stop = min(start + step, self.n_tiles)
+            yield start, stop, np.asarray(tiles[start:stop])
+
+
+class PatchStore:
+    """A patch store opened for reading: ``store[slide_id]`` gives a :class:`PatchSlide`."""
+
+    def __init__(self, path: str | Path, root: zarr.Group) -> None:
+        self.path = Path(path)
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"PatchStore({str(self.path)!r}, slides={len(self)})"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes (``kind``, ``format``, ``slides``)."""
+        return dict(self.root.attrs.asdict())
+
+    @property
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per-slide status record: ``{slide_id: {"status": "ok"|"failed", "reason", "source"}}``."""
+        return dict(self.root.attrs.get("slides") or {})
+
+    @cached_property
+    def slide_ids(self) -> list[str]:
+        """Ids of the slide groups present (complete or not), sorted."""
+        return sorted(name for name, _ in self.root.groups())
+
+    def complete_slide_ids(self) -> list[str]:
+        """Ids of the slides whose tiling finished."""
+        return [sid for sid in self.slide_ids if self[sid].complete]
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self.slide_ids
+
+    def __iter__(self) -> Iterator[PatchSlide]:
+        for slide_id in self.slide_ids:
+            yield self[slide_id]
+
+    def __getitem__(self, slide_id: str) -> PatchSlide:
+        if slide_id not in self.slide_ids:
+            raise KeyError(f"{self.path}: no slide {slide_id!r} (slides: {', '.join(self.slide_ids[:10]) or 'none'})")
+        group = self.root[slide_id]
+        assert isinstance(group, zarr.Group)
+        return PatchSlide(group, slide_id)
+
+
+def open_patch_store(path: str | Path) -> PatchStore:
+    """Open a patch store written by ``wsienc tile`` for reading.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is missing or not a patch store.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path}: no patch store here (run `wsienc tile ... --out {path}` first)")
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot open as a zarr v3 group ({exc})") from exc
+    kind = root.attrs.get("kind")
+    if kind != PATCH_STORE_KIND:
+        raise StoreError(f"{path}: is not a patch store (kind={kind!r}); expected the output of `wsienc tile`")
+    return PatchStore(path, root)

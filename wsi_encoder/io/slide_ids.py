@@ -1,0 +1,148 @@
+"""Slide ids from file names, and the expansion of command-line inputs into slide files.
+
+A slide id names the slide's group in a store, so it must be a safe zarr node name and unique in
+the cohort: ``TCGA-A1-A0SB-01Z-00-DX1.svs`` -> ``TCGA-A1-A0SB-01Z-00-DX1``; characters outside
+``[A-Za-z0-9._-]`` become ``_``. Two files mapping to the same id (also when they differ only in
+case, which clashes on case-insensitive file systems) are an error that names both.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_encoder.errors import InvalidParameterError, SlideNotFoundError
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes scanned for in directories (OpenSlide's formats and plain TIFF).
+SLIDE_SUFFIXES: tuple[str, ...] = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+)
+_COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_ID_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """A slide file and its id in the cohort."""
+
+    slide_id: str
+    path: Path
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """The slide id of a file: its name without the slide suffix, made safe as a zarr group name."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in (*_COMPOUND_SUFFIXES, *SLIDE_SUFFIXES):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem or name
+    safe = _UNSAFE.sub("_", name).lstrip(".").rstrip("._")
+    if safe.startswith("__"):  # zarr reserves names starting with "__"
+        safe = "s" + safe
+    return (safe or "slide")[:_MAX_ID_LENGTH]
+
+
+def is_slide_file(path: Path) -> bool:
+    """Whether a directory scan should pick up ``path`` (a known slide suffix, not hidden)."""
+    lower = path.name.lower()
+    return path.is_file() and not path.name.startswith(".") and lower.endswith(SLIDE_SUFFIXES)
+
+
+def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Path] = ()) -> list[Path]:
+    """Expand files and directories into a list of slide files.
+
+    Files are taken as given (any suffix); directories are searched recursively for files with a
+    :data:`SLIDE_SUFFIXES` suffix, in sorted order, skipping hidden entries, zarr stores and the
+    ``exclude`` paths (e.g. the output store). A file listed twice is kept once.
+
+    Raises
+    ------
+    SlideNotFoundError
+        An input does not exist.
+    InvalidParameterError
+        No slide was found at all.
+    """
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            found.append(resolved)
+
+    inputs = list(inputs)
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise SlideNotFoundError(f"{path}: no such file or directory")
+        if path.is_dir():
+            if path.suffix.lower() == ".zarr":
+                raise InvalidParameterError(f"{path}: is a zarr store, not a slide file or a folder of slides")
+            before = len(found)
+            for child in sorted(_walk(path, excluded)):
+                add(child)
+            if len(found) == before:
+                logger.warning("no slide files (%s) in directory %s", ", ".join(SLIDE_SUFFIXES), path)
+        else:
+            add(path)
+    if not found:
+        raise InvalidParameterError(
+            f"no slides found in {', '.join(str(i) for i in inputs)} (looked for {', '.join(SLIDE_SUFFIXES)})"
+        )
+    return found
+
+
+def _walk(root: Path, excluded: set[Path]) -> Iterable[Path]:
+    for child in root.iterdir():
+        if child.name.startswith(".") or child.resolve() in excluded:
+            continue
+        if child.is_dir():
+            if child.suffix.lower() != ".zarr":
+                yield from _walk(child, excluded)
+        elif is_slide_file(child):
+            yield child
+
+
+def assign_slide_ids(paths: Sequence[str | Path]) -> list[SlideEntry]:
+    """Give every slide its id; refuse clashes, naming both files.
+
+    Raises
+    ------
+    InvalidParameterError
+        Two files would get the same id (compared case-insensitively).
+    """
+    entries: list[SlideEntry] = []
+    owners: dict[str, Path] = {}
+    for item in paths:
+        path = Path(item)
+        slide_id = slide_id_from_path(path)
+        key = slide_id.lower()
+        if key in owners:
+            raise InvalidParameterError(
+                f"slide id {slide_id!r} would be used by both {owners[key]} and {path}; "
+                "slide ids come from file names, so rename one of them (or tile them into different stores)"
+            )
+        owners[key] = path
+        entries.append(SlideEntry(slide_id=slide_id, path=path))
+    return entries

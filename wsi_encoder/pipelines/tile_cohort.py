@@ -1,0 +1,632 @@
+"""The ``wsienc tile`` job: slides -> a zarr patch store, as dask tasks over blocks of neighbouring tiles.
+
+For each batch of slides two kinds of task run on the dask workers (see
+:mod:`wsi_encoder.pipelines.cluster`):
+
+1. :func:`plan_slide` -- open the slide, compute its thumbnail, tissue mask and tile grid, keep the
+   tiles with enough tissue, and (re)create the slide's group in the store with coordinates, grid,
+   tissue fractions, thumbnail and mask; or, for an interrupted slide, find which chunks are missing.
+2. :func:`tile_chunk` -- one per missing chunk of ``chunk_tiles`` neighbouring tiles: read one region
+   per block the chunk covers (never one read per tile), resample when the level does not match the
+   target, cut the tiles and write the chunk straight into the store, then mark it done.
+
+The client only sends paths and parameters and receives small records: workers open the slides and
+the store themselves, and memory per task is bounded by the chunk size whatever the slide size. When
+the last chunk of a slide is in, the client sets the slide's ``complete`` flag, records its status
+in the store's root attributes and draws its QC picture. A slide that fails (unreadable, corrupt, no
+µm/px) is recorded as failed with its reason and the others go on. The store is locked for the
+duration of the run; a re-run skips complete slides, resumes partial ones chunk by chunk, and
+retries failed ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_encoder import __version__
+from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideReadError, StoreError
+from wsi_encoder.io.patch_store import (
+    CODECS,
+    PatchSlide,
+    StoreLock,
+    clean_slide_leftovers,
+    create_patch_store,
+    create_slide_group,
+    mark_slide_complete,
+    open_slide_arrays_for_writing,
+    update_slide_status,
+)
+from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
+from wsi_encoder.io.slides import get_reader
+from wsi_encoder.io.tiff_regions import open_tiling_reader
+from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner
+from wsi_encoder.qc import save_tile_qc
+from wsi_encoder.tiling import (
+    ReadPart,
+    SlideGrid,
+    TileSpec,
+    block_size_for,
+    chunk_parts,
+    chunk_tiles_for,
+    plan_grid,
+    read_thumbnail,
+    read_tiles,
+    select_tiles,
+    thumbnail_side,
+)
+from wsi_encoder.tissue import detect_tissue
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TISSUE_THRESHOLD = 0.25
+#: Slides planned per round (their chunks then run together); bounds what the client holds.
+_SLIDES_PER_ROUND = 32
+_STATUS_FLUSH_S = 5.0
+#: Attributes that must match for a stored slide to count as done (or be resumed) by this run.
+_PARAM_KEYS = (
+    "source",
+    "target_mpp",
+    "tile_size",
+    "stride",
+    "mpp_tolerance",
+    "tissue_threshold",
+    "codec",
+    "jpeg_quality",
+    "coords_only",
+    "slide_mpp_override",
+    "thumbnail_size",
+)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Everything a worker needs besides the slide (small, picklable)."""
+
+    store: str
+    spec: TileSpec
+    tissue_threshold: float
+    codec: str | None
+    jpeg_quality: int
+    backend: str
+    slide_mpp: float | None
+    thumbnail_size: int | None
+    overwrite: bool
+    chunk_tiles: int | None = None
+
+    def params(self, source: str) -> dict[str, Any]:
+        """The attributes identifying how a slide is tiled (compared on resume)."""
+        return {
+            "source": source,
+            "target_mpp": float(self.spec.target_mpp),
+            "tile_size": int(self.spec.tile_size),
+            "stride": int(self.spec.stride_px),
+            "mpp_tolerance": float(self.spec.tolerance),
+            "tissue_threshold": float(self.tissue_threshold),
+            "codec": self.codec,
+            "jpeg_quality": int(self.jpeg_quality) if self.codec == "jpeg" else None,
+            "coords_only": self.codec is None,
+            "slide_mpp_override": None if self.slide_mpp is None else float(self.slide_mpp),
+            "thumbnail_size": self.thumbnail_size,
+        }
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan_slide` reports back: the slide's layout and the chunks still to write."""
+
+    slide_id: str
+    source: str
+    error: str | None = None
+    backend: str = ""
+    grid: SlideGrid | None = None
+    rowcol: npt.NDArray[np.int32] | None = None
+    chunk_tiles: int = 1
+    block_size: int = 1
+    todo: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk of one slide: tiles ``[start, stop)`` read as ``parts``."""
+
+    config: TileConfig
+    slide_id: str
+    source: str
+    backend: str
+    grid: SlideGrid
+    index: int
+    parts: tuple[ReadPart, ...]
+    rowcol: npt.NDArray[np.int32]
+    run_id: str
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """How one slide ended: ``ok``, ``failed`` (with the reason) or ``skipped`` (already complete)."""
+
+    slide_id: str
+    source: str
+    status: str
+    reason: str | None = None
+    n_tiles: int = 0
+
+
+@dataclass
+class TileReport:
+    """The result of :func:`tile_cohort`."""
+
+    store: Path
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    runner: str = ""
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        """Slides that failed."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def ok(self) -> list[SlideOutcome]:
+        """Slides tiled by this run."""
+        return [o for o in self.outcomes if o.status == "ok"]
+
+    @property
+    def skipped(self) -> list[SlideOutcome]:
+        """Slides already complete in the store."""
+        return [o for o in self.outcomes if o.status == "skipped"]
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles of the slides tiled or skipped."""
+        return sum(o.n_tiles for o in self.outcomes if o.status != "failed")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported to the ``progress`` callback: ``kind`` is ``slides``, ``tiles_planned``, ``tiles`` or ``slide``."""
+
+    kind: str
+    count: int = 0
+    outcome: SlideOutcome | None = None
+
+
+# ---- worker side -----------------------------------------------------------------------------
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+def _slide_attrs(config: TileConfig, reader: Any, grid: SlideGrid, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **config.params(str(reader.path)),
+        "backend": reader.backend,
+        "vendor": reader.vendor,
+        "width": grid.width_l0,
+        "height": grid.height_l0,
+        "slide_mpp": grid.slide_mpp,
+        "objective_power": reader.objective_power,
+        "actual_mpp": grid.actual_mpp,
+        "tile_size_l0": grid.tile_size_l0,
+        "stride_l0": grid.stride_l0,
+        "level": grid.level,
+        "level_mpp": grid.level_mpp,
+        "level_downsample": grid.level_downsample,
+        "resampled": grid.resampled,
+        "grid_shape": [grid.rows, grid.cols],
+        "wsi_encoder_version": __version__,
+        **extra,
+    }
+
+
+def _matches(attrs: dict[str, Any], params: dict[str, Any]) -> bool:
+    return all(attrs.get(key) == value for key, value in params.items())
+
+
+def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
+    """Worker task: plan one slide (or find what is left of an interrupted one)."""
+    import zarr
+
+    config, entry = item
+    source = str(entry.path)
+    try:
+        reader = open_tiling_reader(entry.path, config.backend, config.slide_mpp)
+        try:
+            reader.validate()
+            grid = plan_grid(reader, config.spec)
+            try:
+                root = zarr.open_group(config.store, mode="r+", zarr_format=3)
+            except FileNotFoundError as exc:
+                raise StoreError(
+                    f"{config.store}: the patch store is not visible on this dask worker; on a cluster --out "
+                    "must be on a file system every worker mounts at the same path"
+                ) from exc
+            params = config.params(source)
+            existing = root.get(entry.slide_id)
+            if (
+                not config.overwrite
+                and isinstance(existing, zarr.Group)
+                and existing.attrs.get("planned")
+                and _matches(dict(existing.attrs), params)
+                and existing.attrs.get("backend") == reader.backend
+            ):
+                return _resume(config, entry, reader.backend, grid, existing)
+            return _fresh_plan(config, entry, reader, grid, root)
+        finally:
+            reader.close()
+    except (SlideReadError, MissingMppError, InvalidParameterError, StoreError, OSError) as exc:
+        return PlanResult(entry.slide_id, source, error=_reason(exc))
+    except Exception as exc:
+        logger.debug("planning %s failed", source, exc_info=True)
+        return PlanResult(entry.slide_id, source, error=f"{type(exc).__name__}: {_reason(exc)}")
+
+
+def _resume(config: TileConfig, entry: SlideEntry, backend: str, grid: SlideGrid, group: Any) -> PlanResult:
+    clean_slide_leftovers(config.store, entry.slide_id)
+    rowcol = np.asarray(group["grid"][...], dtype=np.int32).reshape(-1, 2)
+    todo: tuple[int, ...] = ()
+    if "chunks_done" in group:
+        done = np.asarray(group["chunks_done"][...], dtype=bool)
+        todo = tuple(int(i) for i in np.flatnonzero(~done))
+    logger.info("%s: resuming, %d chunk(s) left", entry.slide_id, len(todo))
+    return PlanResult(
+        entry.slide_id,
+        str(entry.path),
+        backend=backend,
+        grid=grid,
+        rowcol=rowcol,
+        chunk_tiles=int(group.attrs["chunk_tiles"]),
+        block_size=int(group.attrs["block_size"]),
+        todo=todo,
+    )
+
+
+def _fresh_plan(config: TileConfig, entry: SlideEntry, reader: Any, grid: SlideGrid, root: Any) -> PlanResult:
+    side = config.thumbnail_size or thumbnail_side(grid)
+    thumbnail = read_thumbnail(reader, side)
+    downsample = (grid.width_l0 / thumbnail.shape[1], grid.height_l0 / thumbnail.shape[0])
+    tissue_mask = detect_tissue(thumbnail, grid.slide_mpp * (downsample[0] + downsample[1]) / 2)
+    chunk_tiles = config.chunk_tiles or chunk_tiles_for(config.spec.tile_size)
+    block_size = block_size_for(grid, chunk_tiles)
+    rowcol, tissue = select_tiles(grid, tissue_mask.mask, config.tissue_threshold, block_size)
+    extra = {
+        "tissue_method": tissue_mask.method,
+        "tissue_mask_threshold": tissue_mask.threshold,
+        "tissue_area_fraction": tissue_mask.fraction,
+        "thumbnail_downsample": [float(downsample[0]), float(downsample[1])],
+        "n_tiles": len(rowcol),
+        "chunk_tiles": chunk_tiles,
+        "block_size": block_size,
+    }
+    create_slide_group(
+        root,
+        entry.slide_id,
+        _slide_attrs(config, reader, grid, extra),
+        coords=grid.coords_l0(rowcol),
+        grid=rowcol,
+        tissue=tissue,
+        thumbnail=thumbnail,
+        tissue_mask=tissue_mask.mask,
+        tile_size=config.spec.tile_size,
+        chunk_tiles=chunk_tiles,
+        codec=config.codec,
+        jpeg_quality=config.jpeg_quality,
+    )
+    n_chunks = -(-len(rowcol) // chunk_tiles) if config.codec is not None else 0
+    logger.info(
+        "%s: level %d (%.4g µm/px, scale %.4g), grid %dx%d, %d tiles kept, %d chunk(s)",
+        entry.slide_id, grid.level, grid.level_mpp, grid.scale, grid.rows, grid.cols, len(rowcol), n_chunks,
+    )
+    return PlanResult(
+        entry.slide_id,
+        str(entry.path),
+        backend=reader.backend,
+        grid=grid,
+        rowcol=rowcol,
+        chunk_tiles=chunk_tiles,
+        block_size=block_size,
+        todo=tuple(range(n_chunks)),
+    )
+
+
+_ARRAYS: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
+_ARRAYS_LOCK = threading.Lock()
+
+
+def _arrays(store: str, slide_id: str, run_id: str) -> tuple[Any, Any]:
+    key = (store, slide_id, run_id)
+    with _ARRAYS_LOCK:
+        if key in _ARRAYS:
+            _ARRAYS.move_to_end(key)
+            return _ARRAYS[key]
+    arrays = open_slide_arrays_for_writing(store, slide_id)
+    with _ARRAYS_LOCK:
+        _ARRAYS[key] = arrays
+        while len(_ARRAYS) > 16:
+            _ARRAYS.popitem(last=False)
+    return arrays
+
+
+def tile_chunk(job: ChunkJob) -> tuple[str, int, int, str | None]:
+    """Worker task: read, cut and write one chunk of tiles; returns ``(slide_id, index, n, error)``."""
+    try:
+        reader = get_reader(job.source, job.backend, job.config.slide_mpp)
+        tiles = read_tiles(reader, job.grid, job.rowcol, list(job.parts))
+        start, stop = job.parts[0].start, job.parts[-1].stop
+        tiles_array, done = _arrays(job.config.store, job.slide_id, job.run_id)
+        tiles_array[start:stop] = tiles
+        done[job.index] = True
+        return (job.slide_id, job.index, stop - start, None)
+    except Exception as exc:
+        logger.debug("chunk %d of %s failed", job.index, job.slide_id, exc_info=True)
+        return (job.slide_id, job.index, 0, _reason(exc))
+
+
+# ---- client side -----------------------------------------------------------------------------
+@dataclass
+class _SlideState:
+    plan: PlanResult
+    remaining: int
+    errors: list[str] = field(default_factory=list)
+
+
+class _StatusBook:
+    """Per-slide status records, flushed to the store's root attrs every few seconds and at the end."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.last = time.monotonic()
+
+    def record(self, outcome: SlideOutcome) -> None:
+        status = "failed" if outcome.status == "failed" else "ok"
+        self.pending[outcome.slide_id] = {"status": status, "reason": outcome.reason, "source": outcome.source}
+        if time.monotonic() - self.last > _STATUS_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        update_slide_status(self.root, self.pending)
+        self.pending = {}
+        self.last = time.monotonic()
+
+
+def _check_existing(root: Any, entries: Sequence[SlideEntry], config: TileConfig) -> tuple[list[SlideEntry], list[SlideOutcome]]:
+    """Split slides into to-do and already complete; refuse complete slides tiled differently."""
+    todo: list[SlideEntry] = []
+    skipped: list[SlideOutcome] = []
+    conflicts: list[str] = []
+    for entry in entries:
+        group = root.get(entry.slide_id)
+        attrs = dict(group.attrs) if group is not None else {}
+        if config.overwrite or not attrs.get("complete"):
+            todo.append(entry)
+            continue
+        params = config.params(str(entry.path))
+        # A finished slide is kept whatever --slide-mpp says now, unless it says a different mpp.
+        params.pop("slide_mpp_override")
+        diffs = [f"{k}={attrs.get(k)!r} (now {v!r})" for k, v in params.items() if attrs.get(k) != v]
+        if config.slide_mpp is not None and not np.isclose(attrs.get("slide_mpp", -1.0), config.slide_mpp, rtol=1e-6):
+            diffs.append(f"slide_mpp={attrs.get('slide_mpp')!r} (now --slide-mpp {config.slide_mpp!r})")
+        if not diffs:
+            skipped.append(SlideOutcome(entry.slide_id, str(entry.path), "skipped", n_tiles=int(attrs.get("n_tiles", 0))))
+            continue
+        conflicts.append(f"{entry.slide_id}: {', '.join(diffs)}")
+    if conflicts:
+        raise InvalidParameterError(
+            f"{config.store} already holds these slides tiled differently: {'; '.join(conflicts[:5])}"
+            f"{' ...' if len(conflicts) > 5 else ''}; pass --overwrite to re-tile them, or write to another --out"
+        )
+    return todo, skipped
+
+
+def tile_cohort(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    spec: TileSpec | None = None,
+    *,
+    tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD,
+    codec: str = "jpeg",
+    jpeg_quality: int = 90,
+    coords_only: bool = False,
+    backend: str = "auto",
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    qc_dir: str | Path | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any = None,
+    thumbnail_size: int | None = None,
+    chunk_tiles: int | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> TileReport:
+    """Tile slides into the patch store ``out`` (created or resumed).
+
+    Parameters
+    ----------
+    inputs
+        Slide files and/or directories searched recursively for slides.
+    out
+        The patch store (a ``.zarr`` directory).
+    spec
+        Target µm/px, tile size, stride and mpp tolerance (default: 0.5 µm/px, 224 px, no overlap).
+    tissue_threshold
+        Keep tiles whose tissue fraction is at least this (0 keeps every tile).
+    codec
+        ``"jpeg"`` (lossy, near the source's size) or ``"zstd"`` (lossless).
+    jpeg_quality
+        JPEG quality 1-100.
+    coords_only
+        Store coordinates, grid, tissue, thumbnail and mask, but no pixels.
+    backend
+        Slide reader: ``auto``, ``openslide`` or ``tiffslide``.
+    slide_mpp
+        Level-0 µm/px for slides without (or with wrong) metadata.
+    overwrite
+        Re-tile slides that are already complete in the store.
+    qc_dir
+        Write one QC PNG per slide here.
+    workers, scheduler, client
+        Where the dask tasks run (:func:`wsi_encoder.pipelines.cluster.get_runner`).
+    thumbnail_size
+        Longer side (px) of the thumbnail the tissue mask is computed on; default: 8 px per tile
+        edge, 4-16 µm/px, between 768 and 2048 px (:func:`wsi_encoder.tiling.thumbnail_side`).
+    chunk_tiles
+        Tiles per chunk of the ``tiles`` array (one unit of work); default about 9.6 MB of pixels
+        (64 tiles of 224 px).
+    progress
+        Called with :class:`ProgressEvent` records (for progress bars).
+
+    Returns
+    -------
+    TileReport
+        Per-slide outcomes; failed slides are recorded in the store too.
+    """
+    spec = spec or TileSpec()
+    if codec not in CODECS:
+        raise InvalidParameterError(f"--codec {codec!r}: choose one of {', '.join(CODECS)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise InvalidParameterError(f"--jpeg-quality {jpeg_quality!r} must be in 1..100")
+    if not 0 <= tissue_threshold <= 1:
+        raise InvalidParameterError(f"--tissue-threshold {tissue_threshold!r} must be a fraction in [0, 1]")
+    if thumbnail_size is not None and thumbnail_size < 64:
+        raise InvalidParameterError(f"thumbnail size {thumbnail_size!r} must be at least 64 px")
+    if chunk_tiles is not None and chunk_tiles < 1:
+        raise InvalidParameterError(f"chunk_tiles {chunk_tiles!r} must be at least 1")
+    out = Path(out).expanduser().resolve()
+    entries = assign_slide_ids(expand_slide_inputs(inputs, exclude=[out]))
+    config = TileConfig(
+        store=str(out),
+        spec=spec,
+        tissue_threshold=float(tissue_threshold),
+        codec=None if coords_only else codec,
+        jpeg_quality=int(jpeg_quality),
+        backend=backend,
+        slide_mpp=slide_mpp,
+        thumbnail_size=thumbnail_size,
+        overwrite=overwrite,
+        chunk_tiles=chunk_tiles,
+    )
+    notify = progress or (lambda event: None)
+    report = TileReport(store=out)
+    with StoreLock(out):
+        root = create_patch_store(out)
+        todo, skipped = _check_existing(root, entries, config)
+        notify(ProgressEvent("slides", len(entries)))
+        book = _StatusBook(root)
+        for outcome in skipped:
+            report.outcomes.append(outcome)
+            book.record(outcome)
+            notify(ProgressEvent("slide", outcome=outcome))
+        runner = get_runner(workers, scheduler, client)
+        report.runner = runner.describe()
+        logger.info("tiling %d slide(s) (%d already complete) on %s", len(todo), len(skipped), report.runner)
+        try:
+            for first in range(0, len(todo), _SLIDES_PER_ROUND):
+                batch = todo[first : first + _SLIDES_PER_ROUND]
+                _run_round(runner, root, config, batch, book, report, notify, qc_dir)
+        finally:
+            book.flush()
+            runner.close()
+    return report
+
+
+def _run_round(
+    runner: TaskRunner,
+    root: Any,
+    config: TileConfig,
+    batch: Sequence[SlideEntry],
+    book: _StatusBook,
+    report: TileReport,
+    notify: Callable[[ProgressEvent], None],
+    qc_dir: str | Path | None,
+) -> None:
+    run_id = uuid.uuid4().hex
+    states: dict[str, _SlideState] = {}
+    jobs: list[ChunkJob] = []
+
+    def finish(state: _SlideState) -> None:
+        plan = state.plan
+        if state.errors:
+            outcome = SlideOutcome(plan.slide_id, plan.source, "failed", reason=state.errors[0])
+        else:
+            try:
+                mark_slide_complete(root, plan.slide_id)
+                n = 0 if plan.rowcol is None else len(plan.rowcol)
+                outcome = SlideOutcome(plan.slide_id, plan.source, "ok", n_tiles=n)
+            except StoreError as exc:
+                outcome = SlideOutcome(plan.slide_id, plan.source, "failed", reason=_reason(exc))
+        if outcome.status == "ok" and qc_dir is not None:
+            _write_qc(root, plan.slide_id, qc_dir)
+        if outcome.status == "failed":
+            logger.info("%s failed: %s", outcome.source, outcome.reason)
+        report.outcomes.append(outcome)
+        book.record(outcome)
+        notify(ProgressEvent("slide", outcome=outcome))
+
+    items = [(config, entry) for entry in batch]
+    for index, plan in runner.map_unordered(plan_slide, items, name="plan"):
+        if isinstance(plan, TaskFailure):  # the task raised past its guard, or its worker died
+            plan = PlanResult(batch[index].slide_id, str(batch[index].path), error=plan.error)
+        state = _SlideState(plan=plan, remaining=len(plan.todo))
+        if plan.error is not None:
+            state.errors.append(plan.error)
+            finish(state)
+            continue
+        assert plan.grid is not None and plan.rowcol is not None
+        n = len(plan.rowcol)
+        notify(ProgressEvent("tiles_planned", n))
+        done_tiles = n - sum(min(plan.chunk_tiles, n - i * plan.chunk_tiles) for i in plan.todo)
+        if config.codec is None:
+            done_tiles = n
+        if done_tiles:
+            notify(ProgressEvent("tiles", done_tiles))
+        if not plan.todo:
+            finish(state)
+            continue
+        states[plan.slide_id] = state
+        for chunk in plan.todo:
+            start, stop = chunk * plan.chunk_tiles, min((chunk + 1) * plan.chunk_tiles, n)
+            parts = chunk_parts(plan.rowcol, start, stop, plan.block_size, config.spec)
+            jobs.append(
+                ChunkJob(
+                    config=config,
+                    slide_id=plan.slide_id,
+                    source=plan.source,
+                    backend=plan.backend,
+                    grid=plan.grid,
+                    index=chunk,
+                    parts=tuple(parts),
+                    rowcol=np.ascontiguousarray(plan.rowcol[start:stop]),
+                    run_id=run_id,
+                )
+            )
+    for i, result in runner.map_unordered(tile_chunk, jobs, name="tile"):
+        job = jobs[i]
+        state = states[job.slide_id]
+        if isinstance(result, TaskFailure):
+            state.errors.append(result.error)
+        else:
+            _, _, n, error = result
+            if error is not None:
+                state.errors.append(error)
+            elif n:
+                notify(ProgressEvent("tiles", n))
+        state.remaining -= 1
+        if state.remaining == 0:
+            finish(state)
+
+
+def _write_qc(root: Any, slide_id: str, qc_dir: str | Path) -> None:
+    try:
+        save_tile_qc(PatchSlide(root[slide_id], slide_id), Path(qc_dir) / f"{slide_id}.png")
+    except Exception as exc:  # a QC picture must never fail the run
+        logger.warning("%s: could not write the QC picture (%s)", slide_id, _reason(exc))
