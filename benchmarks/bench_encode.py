@@ -1,0 +1,147 @@
+"""Benchmark ``wsienc encode``: tiles/s of the whole pipeline vs the bare model forward, and compression.
+
+Both run in this process, on the same tiles, with the same batch size and device:
+
+* baseline: ``model(x)`` under ``torch.inference_mode`` on float tensors already in memory;
+* encode: :func:`wsi_encoder.pipelines.encode_store.encode_store` on a patch store holding those
+  tiles (JPEG-coded like ``wsienc tile`` writes by default, or zstd), including tile decoding,
+  resampling checks, writing features, assembling the grid and marking slides complete.
+
+The ratio encode / baseline is the pipeline's efficiency (target ≥ 0.85 on the CPU). Each side is
+timed ``--repeats`` times, interleaved, and the best run of each is kept (the machine is shared).
+The compression factor is the bytes of the stored pixels over the bytes of the embeddings.
+
+Run: ``.venv/bin/python benchmarks/bench_encode.py [--encoder nic] [--tiles 512] [--batch-size 64]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from wsi_encoder.compression import load_encoder_cached, resolve_device
+from wsi_encoder.io.slides import open_slide
+from wsi_encoder.pipelines.encode_store import encode_store
+from wsi_encoder.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def make_store(folder: Path, n_tiles: int, tile: int, codec: str) -> Path:
+    """A one-slide patch store of ``n_tiles`` real-looking tiles (a synthetic H&E slide, read at level 0)."""
+    cols = 16
+    rows = -(-n_tiles // cols)
+    spec = SyntheticSlideSpec(width=cols * tile, height=rows * tile, mpp=0.5, seed=5, pieces=4)
+    slide = write_synthetic_slide(folder / "bench.tif", spec)
+    with open_slide(slide) as reader:
+        tiles = np.stack(
+            [reader.read_region(((i % cols) * tile, (i // cols) * tile), 0, (tile, tile)) for i in range(n_tiles)]
+        )
+        thumb = reader.get_thumbnail(256)
+    grid = np.stack([np.arange(n_tiles) // cols, np.arange(n_tiles) % cols], axis=1).astype(np.int32)
+    root = zarr.open_group(str(folder / "patches.zarr"), mode="w")
+    group = root.create_group("bench")
+    if codec == "jpeg":
+        from wsi_encoder.io.jpeg_codec import JpegTileCodec
+
+        group.create_array("tiles", data=tiles, chunks=(64, tile, tile, 3), serializer=JpegTileCodec(quality=90), compressors=None)
+    else:
+        group.create_array("tiles", data=tiles, chunks=(64, tile, tile, 3))
+    group.create_array("coords", data=grid[:, ::-1].astype(np.int64) * tile)
+    group.create_array("grid", data=grid)
+    group.create_array("thumbnail", data=thumb)
+    group.attrs.update(
+        {
+            "source": str(slide), "backend": "tiffslide", "width": spec.width, "height": spec.height, "slide_mpp": 0.5,
+            "target_mpp": 0.5, "actual_mpp": 0.5, "tile_size": tile, "stride": tile, "tile_size_l0": float(tile),
+            "stride_l0": float(tile), "level": 0, "resampled": False, "grid_shape": [rows, cols], "codec": codec,
+            "coords_only": False, "complete": True,
+        }
+    )  # fmt: skip
+    root.attrs.update({"kind": "patch_store", "slides": {"bench": {"status": "ok", "reason": None, "source": str(slide)}}})
+    return folder / "patches.zarr"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="nic")
+    parser.add_argument("--tiles", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--codec", choices=["jpeg", "zstd"], default="jpeg")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, identity = load_encoder_cached(args.encoder, None, args.device)
+    device = resolve_device(args.device)
+    tile = identity.input_size
+    work = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    try:
+        store = make_store(work, args.tiles, tile, args.codec)
+        pixels = np.asarray(zarr.open_group(str(store / "bench"), mode="r")["tiles"][:])
+        batches = [
+            torch.from_numpy(pixels[i : i + args.batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
+            for i in range(0, args.tiles, args.batch_size)
+        ]
+        with torch.inference_mode():
+            model(batches[0])  # warm-up
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for x in batches:
+                    model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        def pipeline(k: int) -> float:
+            out = work / f"emb{k}.zarr"
+            t0 = time.perf_counter()
+            result = encode_store(store, args.encoder, out, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+            elapsed = time.perf_counter() - t0
+            if result.failed:
+                raise SystemExit(f"encode failed: {result.failed}")
+            return elapsed
+
+        base_times, enc_times = [], []
+        for k in range(args.repeats):
+            base_times.append(bare())
+            enc_times.append(pipeline(k))
+        base_rate = args.tiles / min(base_times)
+        enc_rate = args.tiles / min(enc_times)
+
+        features_bytes = _dir_bytes(work / "emb0.zarr" / "bench" / "features")
+        grid_bytes = _dir_bytes(work / "emb0.zarr" / "bench" / "grid")
+        raw_pixels = pixels.nbytes
+        stored_pixels = _dir_bytes(store / "bench" / "tiles")
+        raw_features = args.tiles * identity.embedding_dim * np.dtype(args.dtype).itemsize
+
+        print(f"encoder {args.encoder} ({identity.embedding_dim}-d, {tile} px), {args.tiles} tiles, batch {args.batch_size}, "
+              f"device {device}, torch threads {torch.get_num_threads()}, tiles stored as {args.codec}")  # fmt: skip
+        print(f"bare forward (in-memory tensors): {base_rate:9.1f} tiles/s   runs {', '.join(f'{t:.2f}' for t in base_times)} s")
+        print(f"wsienc encode (store → store):    {enc_rate:9.1f} tiles/s   runs {', '.join(f'{t:.2f}' for t in enc_times)} s")
+        print(f"ratio encode / bare forward:      {enc_rate / base_rate:9.3f}   (target >= 0.85 on CPU)")
+        print(f"compression, raw pixels / raw {args.dtype} features:   {raw_pixels / raw_features:8.1f}x "
+              f"({raw_pixels / 1e6:.1f} MB -> {raw_features / 1e6:.3f} MB)")  # fmt: skip
+        print(f"compression, stored tiles ({args.codec}) / stored features: {stored_pixels / features_bytes:8.1f}x "
+              f"({stored_pixels / 1e6:.2f} MB -> {features_bytes / 1e6:.3f} MB; grid on disk {grid_bytes / 1e6:.3f} MB)")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

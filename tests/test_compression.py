@@ -1,0 +1,188 @@
+"""The science of `wsienc encode`: grid assembly, resampling plans, batched inference with prefetching."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsi_encoder import compression as nic
+from wsi_encoder.errors import InvalidParameterError, StoreError
+
+
+def _cells(rng: np.random.Generator, n: int, shape: tuple[int, int]) -> np.ndarray:
+    flat = rng.choice(shape[0] * shape[1], size=n, replace=False)
+    return np.stack([flat // shape[1], flat % shape[1]], axis=1).astype(np.int32)
+
+
+def test_grid_holds_every_tile_at_its_cell_and_zeros_elsewhere() -> None:
+    rng = np.random.default_rng(0)
+    shape = (7, 11)
+    rowcol = _cells(rng, 30, shape)
+    features = rng.normal(size=(30, 5)).astype(np.float32)
+    grid, mask = nic.assemble_grid(features, rowcol, shape)
+    assert grid.shape == (5, 7, 11)
+    for i, (r, c) in enumerate(rowcol):
+        np.testing.assert_array_equal(grid[:, r, c], features[i])
+    expected = np.zeros(shape, dtype=bool)
+    expected[rowcol[:, 0], rowcol[:, 1]] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert not grid[:, ~mask].any()
+
+
+def test_grid_bands_equal_the_whole_grid() -> None:
+    rng = np.random.default_rng(1)
+    shape = (13, 6)
+    rowcol = _cells(rng, 40, shape)
+    features = rng.normal(size=(40, 3)).astype(np.float32)
+    whole, whole_mask = nic.assemble_grid(features, rowcol, shape)
+    grid = np.full_like(whole, np.nan)
+    mask = np.zeros(shape, dtype=bool)
+    for row0, band, band_mask in nic.grid_bands(rowcol, shape, lambda idx: features[idx], band_rows=4):
+        grid[:, row0 : row0 + band.shape[1]] = band
+        mask[row0 : row0 + band.shape[1]] = band_mask
+    np.testing.assert_array_equal(grid, whole)
+    np.testing.assert_array_equal(mask, whole_mask)
+
+
+def test_empty_slide_gives_an_empty_grid() -> None:
+    grid, mask = nic.assemble_grid(np.zeros((0, 4), np.float32), np.zeros((0, 2), np.int32), (3, 2))
+    assert grid.shape == (4, 3, 2) and not grid.any() and not mask.any()
+
+
+@pytest.mark.parametrize("rowcol", [[[0, 0], [0, 0]], [[0, 0], [3, 0]], [[0, -1], [1, 1]]])
+def test_bad_grid_positions_are_refused(rowcol: list[list[int]]) -> None:
+    with pytest.raises(StoreError):
+        nic.assemble_grid(np.ones((2, 2), np.float32), np.asarray(rowcol), (3, 3))
+
+
+def test_resample_plan_matching_tiles_are_used_as_they_are() -> None:
+    plan = nic.plan_resample(128, 0.5, 128, 0.5)
+    assert not plan.resample and plan.out_size == 128 and plan.describe() is None
+    assert nic.plan_resample(128, 0.503, 128, 0.5).describe() is None  # scanner noise within tolerance
+
+
+def test_resample_plan_other_mpp_goes_to_the_encoder_resolution() -> None:
+    plan = nic.plan_resample(256, 0.25, 128, 0.5)
+    assert plan.resample and plan.out_size == 128 and plan.out_mpp == pytest.approx(0.5)
+    message = plan.describe()
+    assert message is not None
+    assert "256 px at 0.25 µm/px" in message and "128 px at 0.5 µm/px" in message
+
+
+def test_resample_plan_other_field_of_view_keeps_the_tile() -> None:
+    plan = nic.plan_resample(256, 0.5, 224, 0.5)
+    assert not plan.resample and plan.out_size == 256
+    message = plan.describe()
+    assert message is not None and "256 px at 0.5 µm/px" in message and "224 px" in message
+    assert "--tile-size 224" in message
+    plan = nic.plan_resample(512, 0.25, 224, 0.5)
+    assert plan.resample and plan.out_size == 256 and plan.out_mpp == pytest.approx(0.5)
+
+
+def test_tiles_to_tensor_scales_and_resizes() -> None:
+    tiles = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    tiles[0, ..., 0] = 255
+    x = nic.tiles_to_tensor(tiles, torch.device("cpu"), 8)
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
+    assert float(x[0, 0].min()) == 1.0 and float(x[0, 1].max()) == 0.0 and float(x[1].max()) == 0.0
+    y = nic.tiles_to_tensor(tiles, torch.device("cpu"), 4)
+    assert y.shape == (2, 3, 4, 4)
+    assert torch.allclose(y[0, 0], torch.ones(4, 4))
+
+
+def test_prefetch_keeps_order_and_raises_at_the_failing_item() -> None:
+    assert list(nic.prefetch(range(7), depth=3)) == list(range(7))
+    producer_threads: set[str] = set()
+
+    def items():
+        for i in range(3):
+            producer_threads.add(threading.current_thread().name)
+            yield i
+        raise OSError("disk gone")
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="disk gone"):
+        got.extend(nic.prefetch(items()))
+    assert got == [0, 1, 2]
+    assert threading.current_thread().name not in producer_threads
+
+
+def test_iter_blocks_aligns_reads_to_the_block_grid() -> None:
+    calls = []
+
+    def read(a: int, b: int) -> np.ndarray:
+        calls.append((a, b))
+        return np.zeros((b - a, 1, 1, 3), np.uint8)
+
+    list(nic.iter_blocks(read, 5, 27, 8))
+    assert calls == [(5, 8), (8, 16), (16, 24), (24, 27)]
+
+
+@pytest.fixture(scope="module")
+def nic_model() -> tuple[torch.nn.Module, nic.EncoderIdentity]:
+    return nic.load_encoder_cached("nic", None, "cpu")
+
+
+def test_encoder_is_loaded_once_per_process(nic_model: tuple[torch.nn.Module, nic.EncoderIdentity]) -> None:
+    loads = nic.encoder_loads()
+    again, identity = nic.load_encoder_cached("nic", None, "cpu")
+    assert again is nic_model[0] and nic.encoder_loads() == loads
+    assert identity.name == "nic" and identity.embedding_dim == 128 and identity.weights_sha256
+    assert identity.input_size == 128 and identity.input_mpp == 0.5
+
+
+def test_encode_tiles_equals_a_direct_forward_pass(nic_model: tuple[torch.nn.Module, nic.EncoderIdentity]) -> None:
+    model, identity = nic_model
+    rng = np.random.default_rng(2)
+    tiles = rng.integers(0, 256, (21, 128, 128, 3), dtype=np.uint8)
+    seen = []
+    got = nic.encode_tiles(
+        model,
+        nic.iter_blocks(lambda a, b: tiles[a:b], 0, 21, 8),
+        n_tiles=21,
+        embedding_dim=identity.embedding_dim,
+        batch_size=5,
+        out_size=128,
+        device=torch.device("cpu"),
+        progress=seen.append,
+    )
+    with torch.inference_mode():
+        direct = model(torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0).numpy()
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5)
+    assert sum(seen) == 21 and max(seen) <= 5
+
+
+def test_encode_tiles_resamples_to_the_planned_size(nic_model: tuple[torch.nn.Module, nic.EncoderIdentity]) -> None:
+    model, identity = nic_model
+    tiles = np.random.default_rng(3).integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
+    got = nic.encode_tiles(
+        model, [tiles], n_tiles=4, embedding_dim=identity.embedding_dim, batch_size=4, out_size=128, device=torch.device("cpu")
+    )
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(128, 128), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    with torch.inference_mode():
+        direct = model(x).numpy()
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_tiles_checks_the_tile_count(nic_model: tuple[torch.nn.Module, nic.EncoderIdentity]) -> None:
+    model, _ = nic_model
+    tiles = np.zeros((3, 128, 128, 3), np.uint8)
+    with pytest.raises(StoreError, match="expected 5"):
+        nic.encode_tiles(model, [tiles], n_tiles=5, embedding_dim=128, batch_size=2, out_size=128, device=torch.device("cpu"))
+    with pytest.raises(InvalidParameterError):
+        nic.encode_tiles(model, [tiles], n_tiles=3, embedding_dim=128, batch_size=0, out_size=128, device=torch.device("cpu"))
+
+
+def test_device_names() -> None:
+    assert nic.resolve_device("cpu").type == "cpu"
+    assert nic.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InvalidParameterError):
+        nic.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="CUDA is not available"):
+            nic.resolve_device("cuda")

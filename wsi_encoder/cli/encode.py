@@ -1,0 +1,116 @@
+"""``wsienc encode``: compress every slide of a patch store into an embedding grid."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_encoder.cli.common import echo_err
+
+
+class _Progress:
+    """A tqdm bar on stderr created at the first report (the total is known only then)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, n: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tile", desc="encoding", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.command()
+@click.argument("patch_store", type=click.Path(path_type=Path))
+@click.option("--encoder", required=True, help="A `wsienc train-encoder` checkpoint folder or a registered encoder name (nic, resnet18, ...).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights (.safetensors/.pt state dict) for a registered encoder name.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Embedding store to write (zarr v3; resumed when it exists).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage type of features and grid.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
+@click.option("--chunk-tiles", type=click.IntRange(min=1), default=1024, show_default=True, help="Tiles per task (and per stored chunk).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel tasks: threads here (default 1, torch uses every core), or worker processes with --scheduler processes.")
+@click.option("--scheduler", default=None, metavar="threads|processes|tcp://HOST:PORT", help="Where tasks run: this process (threads, default), a local dask cluster of --workers processes, or a running dask scheduler.")
+@click.option("--h5-dir", type=click.Path(path_type=Path), default=None, help="Also write <slide_id>.h5 (features, coords; CLAM/TRIDENT layout) here.")
+@click.option("--preview-dir", type=click.Path(path_type=Path), default=None, help="Also write a PNG per slide: PCA-RGB grid beside the thumbnail.")
+@click.option("--overwrite", is_flag=True, help="Re-encode slides that are already complete.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:i].")
+@click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
+@click.pass_context
+def encode(
+    ctx: click.Context,
+    patch_store: Path,
+    encoder: str,
+    weights: Path | None,
+    out: Path,
+    dtype: str,
+    batch_size: int,
+    chunk_tiles: int,
+    workers: int | None,
+    scheduler: str | None,
+    h5_dir: Path | None,
+    preview_dir: Path | None,
+    overwrite: bool,
+    device: str,
+    slide_ids: tuple[str, ...],
+) -> None:
+    """Encode every tile of PATCH_STORE and lay the embeddings out as each slide's grid (C x R x Q).
+
+    Finished slides are skipped (unless --overwrite) and interrupted ones resume where they stopped.
+    A slide that fails is reported and skipped; the exit status is 1 when any failed.
+
+    Example:
+
+    \b
+      wsienc encode patches.zarr --encoder nic --out embeddings.zarr --h5-dir h5/ --preview-dir previews/
+    """
+    from wsi_encoder.pipelines.encode_store import encode_store
+
+    quiet = (ctx.find_root().obj or {}).get("verbosity", 0) < 0
+    bar = _Progress(enabled=not quiet)
+    try:
+        result = encode_store(
+            patch_store,
+            encoder,
+            out,
+            weights=weights,
+            dtype=dtype,
+            batch_size=batch_size,
+            chunk_tiles=chunk_tiles,
+            workers=workers,
+            scheduler=scheduler,
+            h5_dir=h5_dir,
+            preview_dir=preview_dir,
+            overwrite=overwrite,
+            device=device,
+            slides=list(slide_ids) or None,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    for slide in result.slides.values():
+        if slide.status == "failed":
+            echo_err(f"error: slide {slide.slide_id}: {slide.reason}")
+        elif slide.status == "skipped":
+            echo_err(f"skipped: slide {slide.slide_id}: {slide.reason}")
+    click.echo(
+        f"{out}: {result.count('ok')} slides encoded, {result.count('done')} already complete, "
+        f"{len(result.failed)} failed, {result.count('skipped')} skipped"
+    )
+    if h5_dir is not None and result.h5_files:
+        click.echo(f"h5 features: {h5_dir}/<slide_id>.h5 ({len(result.h5_files)} files)")
+    if preview_dir is not None and result.previews:
+        click.echo(f"previews: {preview_dir}/<slide_id>.png ({len(result.previews)} files)")
+    if result.failed:
+        sys.exit(1)

@@ -1,0 +1,431 @@
+"""Neural image compression: run a patch encoder over a slide's tiles and lay the embeddings out as a grid.
+
+A slide cut into a grid of tiles (stride S, ``R × Q`` grid cells) becomes, after every tile goes
+through an encoder E with C outputs, a ``(C, R, Q)`` array: the embedding of the tile at grid cell
+``(row, col)`` sits at ``grid[:, row, col]`` and cells without tissue stay zero (Tellez et al.,
+"Neural Image Compression for Gigapixel Histopathology Image Analysis", TPAMI 2019). Slide-level
+models then train on these small grids instead of gigapixels.
+
+This module is the science part: encoder loading (cached once per process, so a dask worker loads
+its model once), the resampling of tiles to the encoder's µm/px, batched inference with the next
+batch decoded while the current one runs, and grid assembly. Reading and writing stores is left to
+:mod:`wsi_encoder.io.embedding_store` and :mod:`wsi_encoder.pipelines.encode_store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from wsi_encoder.errors import InvalidParameterError, StoreError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TileBatch = npt.NDArray[np.uint8]
+#: Relative difference of µm/px below which tiles are used at their resolution as they are.
+MPP_TOLERANCE = 0.05
+
+
+# ---- devices and encoders ---------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``device`` = ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:i]``.
+
+    Raises
+    ------
+    InvalidParameterError
+        CUDA was asked for but is not available, or the name is unknown.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidParameterError(f"--device {device!r}: CUDA is not available here; use --device cpu or auto")
+        return torch.device(device)
+    raise InvalidParameterError(f"unknown device {device!r}; choose auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What identifies an encoder in an embedding store (``attrs["encoder"]``).
+
+    Attributes
+    ----------
+    name
+        Registered architecture name (``nic``, ``resnet18`` ...).
+    spec
+        What the user passed: a checkpoint directory or a registered name.
+    config
+        The encoder's config as a JSON-serialisable dict (input size, input µm/px, normalisation ...).
+    weights_sha256
+        SHA-256 of the weights file, or of the seeded initial state for an untrained encoder.
+    embedding_dim
+        Embedding size C.
+    input_size
+        Tile side in px the encoder was built for.
+    input_mpp
+        µm/px the encoder expects its tiles at.
+    """
+
+    name: str
+    spec: str
+    config: dict[str, Any]
+    weights_sha256: str | None
+    embedding_dim: int
+    input_size: int
+    input_mpp: float
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The ``encoder`` attribute of an embedding store slide group."""
+        return {"name": self.name, "spec": self.spec, "config": self.config, "weights_sha256": self.weights_sha256}
+
+
+_MODELS: dict[tuple[str, str | None, str], tuple[torch.nn.Module, EncoderIdentity]] = {}
+_MODELS_LOCK = threading.Lock()
+_LOADS: list[tuple[str, str | None, str]] = []
+
+
+def load_encoder_cached(
+    spec: str, weights: str | None = None, device: str = "auto"
+) -> tuple[torch.nn.Module, EncoderIdentity]:
+    """Load an encoder once per process and return it (eval mode, on ``device``) with its identity.
+
+    Parameters
+    ----------
+    spec
+        A ``wsienc train-encoder`` checkpoint directory or a registered encoder name.
+    weights
+        Local weights file for a registered name (None: fixed-seed initialisation, with a warning).
+    device
+        ``auto``, ``cpu`` or ``cuda[:i]``.
+
+    Notes
+    -----
+    The cache is keyed by ``(spec, weights, device)`` and shared by the threads of a process, so
+    every dask worker process loads each encoder once, however many tasks it runs.
+    """
+    from wsi_encoder.models.checkpoint import resolve_encoder
+
+    dev = resolve_device(device)
+    key = (str(spec), None if weights is None else str(weights), str(dev))
+    with _MODELS_LOCK:
+        cached = _MODELS.get(key)
+        if cached is not None:
+            return cached
+        module = resolve_encoder(spec, weights)
+        module.eval().to(dev)
+        config = module.config
+        identity = EncoderIdentity(
+            name=str(config.name),
+            spec=str(spec),
+            config=config.to_dict(),
+            weights_sha256=module.weights_sha256,
+            embedding_dim=int(module.embedding_dim),
+            input_size=int(config.input_size),
+            input_mpp=float(config.input_mpp),
+        )
+        _MODELS[key] = (module, identity)
+        _LOADS.append(key)
+        logger.info("loaded encoder %s (%s) on %s", identity.name, spec, dev)
+        return module, identity
+
+
+def encoder_loads() -> int:
+    """How many times this process has built an encoder (the cache's misses)."""
+    return len(_LOADS)
+
+
+# ---- resampling ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """How stored tiles are brought to the encoder's resolution.
+
+    Tiles keep their field of view (their grid cell) and are resampled to the encoder's µm/px:
+    ``out_size = round(tile_size * tile_mpp / input_mpp)``. ``out_size`` equals the encoder's
+    ``input_size`` when the tile covers the same µm as the encoder's input.
+
+    Attributes
+    ----------
+    tile_size, tile_mpp
+        Stored tiles: side in px and µm/px.
+    out_size, out_mpp
+        What the encoder receives: side in px and µm/px.
+    input_size, input_mpp
+        What the encoder was built for.
+    """
+
+    tile_size: int
+    tile_mpp: float
+    out_size: int
+    out_mpp: float
+    input_size: int
+    input_mpp: float
+
+    @property
+    def resample(self) -> bool:
+        """Whether tiles are resized before the encoder."""
+        return self.out_size != self.tile_size
+
+    def describe(self) -> str | None:
+        """A warning stating the stored and expected size/µm/px, or None when tiles fit as they are."""
+        if not self.resample and self.out_size == self.input_size:
+            return None
+        stored = f"{self.tile_size} px at {self.tile_mpp:.4g} µm/px ({self.tile_size * self.tile_mpp:.4g} µm)"
+        expected = f"{self.input_size} px at {self.input_mpp:.4g} µm/px ({self.input_size * self.input_mpp:.4g} µm)"
+        text = f"tiles are {stored} but the encoder expects {expected}"
+        if self.resample:
+            text += f"; resampling every tile to {self.out_size} px at {self.out_mpp:.4g} µm/px"
+        else:
+            text += "; tiles are used at their resolution"
+        if self.out_size != self.input_size:
+            text += (
+                " (the tile keeps its field of view, so the encoder sees "
+                f"{self.out_size} px instead of {self.input_size}; re-tile with --tile-size "
+                f"{round(self.input_size * self.input_mpp / self.tile_mpp)} at this µm/px to match exactly)"
+            )
+        return text
+
+
+def plan_resample(tile_size: int, tile_mpp: float | None, input_size: int, input_mpp: float) -> ResamplePlan:
+    """Decide how ``tile_size`` px tiles at ``tile_mpp`` µm/px are fed to an encoder.
+
+    Parameters
+    ----------
+    tile_size
+        Stored tile side (px).
+    tile_mpp
+        µm/px of the stored pixels (None: unknown, the tiles are taken to be at ``input_mpp``).
+    input_size, input_mpp
+        The encoder's expected tile side (px) and µm/px.
+    """
+    if tile_size < 1:
+        raise InvalidParameterError(f"tile size {tile_size!r} must be positive")
+    mpp = input_mpp if tile_mpp is None else float(tile_mpp)
+    if abs(mpp / input_mpp - 1.0) <= MPP_TOLERANCE:
+        out_size, out_mpp = tile_size, mpp
+    else:
+        out_size = max(1, round(tile_size * mpp / input_mpp))
+        out_mpp = tile_size * mpp / out_size
+    if abs(out_size * out_mpp / (input_size * input_mpp) - 1.0) <= MPP_TOLERANCE:
+        out_size = input_size
+        out_mpp = tile_size * mpp / out_size
+    return ResamplePlan(tile_size, mpp, out_size, out_mpp, input_size, input_mpp)
+
+
+def tiles_to_tensor(tiles: TileBatch, device: torch.device, out_size: int) -> torch.Tensor:
+    """uint8 ``(B, T, T, 3)`` tiles → float ``(B, 3, S, S)`` in [0, 1] on ``device``, S = ``out_size``.
+
+    Resizing (when ``S != T``) is bilinear with antialiasing, done on ``device`` after the (4× smaller)
+    uint8 transfer.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(tiles))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != out_size or x.shape[-2] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    return x
+
+
+# ---- batched inference --------------------------------------------------------------------------
+
+_END = object()
+
+
+def prefetch(iterable: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``iterable`` with up to ``depth`` items produced ahead in a background thread.
+
+    Used to decode the next tiles (zarr/JPEG decoding and slide reads release the GIL) while the
+    encoder runs on the current ones. Exceptions of the producer are raised at the item's turn.
+    """
+    it = iter(iterable)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsienc-prefetch") as pool:
+        pending = deque(pool.submit(next, it, _END) for _ in range(max(1, depth)))
+        while pending:
+            item = pending.popleft().result()
+            if item is _END:
+                break
+            pending.append(pool.submit(next, it, _END))
+            yield item  # type: ignore[misc]
+
+
+def iter_blocks(read: Callable[[int, int], TileBatch], start: int, stop: int, block: int) -> Iterator[TileBatch]:
+    """Read ``[start, stop)`` through ``read(a, b)`` in blocks of ``block`` tiles aligned to multiples of ``block``."""
+    a = start
+    while a < stop:
+        b = min(stop, (a // block + 1) * block)
+        tiles = read(a, b)
+        if tiles.shape[0] != b - a:
+            raise StoreError(f"tile reader returned {tiles.shape[0]} tiles for range [{a}, {b})")
+        yield tiles
+        a = b
+
+
+def encode_tiles(
+    model: torch.nn.Module,
+    blocks: Iterable[TileBatch],
+    *,
+    n_tiles: int,
+    embedding_dim: int,
+    batch_size: int,
+    out_size: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Embed tiles with ``model``; the next batch is decoded and converted in a background thread.
+
+    Parameters
+    ----------
+    model
+        Maps float ``(B, 3, S, S)`` in [0, 1] to ``(B, C)`` (the encoder normalises itself).
+    blocks
+        uint8 ``(b, T, T, 3)`` tile blocks, in order, ``n_tiles`` tiles in all (read lazily).
+    n_tiles, embedding_dim
+        Expected total tiles N and embedding size C.
+    batch_size
+        Tiles per forward pass.
+    out_size
+        Side in px the tiles are resized to (see :func:`plan_resample`).
+    device
+        Where the model lives.
+    progress
+        Called with the number of tiles of each finished batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, C)`` float32 features in the order of the tiles.
+    """
+    if batch_size < 1:
+        raise InvalidParameterError(f"batch size {batch_size!r} must be at least 1")
+    out = np.empty((n_tiles, embedding_dim), dtype=np.float32)
+
+    def batches() -> Iterator[torch.Tensor]:
+        # Runs in the prefetch thread: decode the next block and turn it into model input there.
+        for block in blocks:
+            for a in range(0, block.shape[0], batch_size):
+                yield tiles_to_tensor(block[a : a + batch_size], device, out_size)
+
+    pos = 0
+    with torch.inference_mode():
+        for x in prefetch(batches()):
+            feats = model(x)
+            if feats.ndim != 2 or feats.shape[1] != embedding_dim:
+                raise StoreError(f"encoder returned shape {tuple(feats.shape)}, expected (batch, {embedding_dim})")
+            b = pos + x.shape[0]
+            if b > n_tiles:
+                raise StoreError(f"more tiles than the {n_tiles} expected")
+            out[pos:b] = feats.float().cpu().numpy()
+            pos = b
+            if progress is not None:
+                progress(x.shape[0])
+    if pos != n_tiles:
+        raise StoreError(f"read {pos} tiles, expected {n_tiles}")
+    return out
+
+
+# ---- the NIC grid ---------------------------------------------------------------------------------
+
+
+def check_rowcol(rowcol: npt.NDArray[np.integer[Any]], grid_shape: tuple[int, int]) -> None:
+    """Check that grid positions are inside ``grid_shape`` and unique.
+
+    Raises
+    ------
+    StoreError
+        A position is outside the grid or two tiles share a cell.
+    """
+    rowcol = np.asarray(rowcol).reshape(-1, 2)
+    rows, cols = grid_shape
+    if rowcol.size and (rowcol.min() < 0 or rowcol[:, 0].max() >= rows or rowcol[:, 1].max() >= cols):
+        raise StoreError(f"tile grid positions fall outside the grid shape {list(grid_shape)}")
+    flat = rowcol[:, 0].astype(np.int64) * cols + rowcol[:, 1]
+    if np.unique(flat).size != flat.size:
+        raise StoreError("two tiles share one grid cell; the patch store's grid positions are not unique")
+
+
+def assemble_grid(
+    features: npt.NDArray[np.floating[Any]],
+    rowcol: npt.NDArray[np.integer[Any]],
+    grid_shape: tuple[int, int],
+    *,
+    row_offset: int = 0,
+    dtype: npt.DTypeLike = np.float32,
+) -> tuple[npt.NDArray[np.floating[Any]], npt.NDArray[np.bool_]]:
+    """Place tile embeddings at their grid cells: the NIC grid.
+
+    Parameters
+    ----------
+    features
+        ``(N, C)`` embeddings.
+    rowcol
+        ``(N, 2)`` ``(row, col)`` of each tile; rows are relative to ``row_offset``.
+    grid_shape
+        ``(R, Q)`` of the (partial) grid to build.
+    row_offset
+        Grid row of the first row of the output (to build a grid band by band).
+    dtype
+        dtype of the grid.
+
+    Returns
+    -------
+    grid, mask
+        ``(C, R, Q)`` with ``grid[:, row_i, col_i] == features[i]`` and zeros elsewhere, and the
+        ``(R, Q)`` boolean mask of cells holding a tile.
+    """
+    features = np.asarray(features)
+    rowcol = np.asarray(rowcol).reshape(-1, 2)
+    if features.ndim != 2 or features.shape[0] != rowcol.shape[0]:
+        raise StoreError(f"features {features.shape} and grid positions {rowcol.shape} do not align")
+    rows, cols = grid_shape
+    local = rowcol.astype(np.int64) - np.array([row_offset, 0])
+    check_rowcol(local, grid_shape)
+    grid = np.zeros((features.shape[1], rows, cols), dtype=dtype)
+    mask = np.zeros((rows, cols), dtype=bool)
+    grid[:, local[:, 0], local[:, 1]] = features.T
+    mask[local[:, 0], local[:, 1]] = True
+    return grid, mask
+
+
+def grid_bands(
+    rowcol: npt.NDArray[np.integer[Any]],
+    grid_shape: tuple[int, int],
+    read_features: Callable[[npt.NDArray[np.intp]], npt.NDArray[np.floating[Any]]],
+    *,
+    band_rows: int,
+    dtype: npt.DTypeLike = np.float32,
+) -> Iterator[tuple[int, npt.NDArray[np.floating[Any]], npt.NDArray[np.bool_]]]:
+    """Build the grid band by band (``band_rows`` grid rows at a time), so memory stays bounded.
+
+    ``read_features(index)`` returns the ``(len(index), C)`` features of the given tile indices
+    (sorted ascending). Yields ``(row0, grid_band (C, h, Q), mask_band (h, Q))``.
+    """
+    rowcol = np.asarray(rowcol).reshape(-1, 2)
+    rows, cols = grid_shape
+    check_rowcol(rowcol, grid_shape)
+    order = np.argsort(rowcol[:, 0], kind="stable")
+    sorted_rows = rowcol[order, 0]
+    for row0 in range(0, rows, max(1, band_rows)):
+        row1 = min(rows, row0 + band_rows)
+        lo, hi = np.searchsorted(sorted_rows, [row0, row1])
+        index = np.sort(order[lo:hi])
+        feats = read_features(index)
+        band, band_mask = assemble_grid(feats, rowcol[index], (row1 - row0, cols), row_offset=row0, dtype=dtype)
+        yield row0, band, band_mask
