@@ -1,0 +1,154 @@
+"""``wsienc classify``: slide-level classifiers on an embedding store (``train`` and ``predict``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_encoder.cli.common import echo_err
+
+MODELS = ("gridcnn", "abmil", "linear")
+_SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. --param crop=64)", param_hint="--param")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def _fmt(value: Any) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
+
+
+@click.group()
+def classify() -> None:
+    """Slide-level classifiers on embedding grids: cross-validated training and prediction."""
+
+
+@classify.command()
+@click.argument("embeddings", type=click.Path(path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+              help="CSV with slide_id,label[,patient_id][,split] (split: train or test).")
+@click.option("--model", type=click.Choice(MODELS), required=True, help="Slide classifier.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Patient-grouped CV folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, initialisation and batches.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Maximum epochs (gridcnn, abmil; early stopping on the inner validation split).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Model setting, repeatable (e.g. --param crop=64 --param lr=0.001); see docs/classify.md.")
+@click.option("--positive-class", default=None, help="For two classes: the label reported as positive.")
+@click.option("--allow-missing", is_flag=True, help="Skip (with a warning) slides only in the CSV or only in the store.")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
+              help="Share of each training fold's patients used for early stopping / model selection.")
+@click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples (of patients) for the 95% intervals.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
+def train(
+    embeddings: Path,
+    labels_csv: Path,
+    model: str,
+    out_dir: Path,
+    folds: int,
+    seed: int,
+    epochs: int | None,
+    params: tuple[str, ...],
+    positive_class: str | None,
+    allow_missing: bool,
+    val_fraction: float,
+    n_boot: int,
+    device: str,
+    threads: int | None,
+) -> None:
+    """Cross-validate a slide classifier on EMBEDDINGS (an embedding store) and refit it on all slides.
+
+    Writes OUT/metrics.json, OUT/predictions.csv (out-of-fold), OUT/roc.png, OUT/calibration.png and
+    the final model (OUT/model.safetensors + OUT/model.json) for `wsienc classify predict`.
+    """
+    from wsi_encoder.pipelines.classify import train_classifier
+
+    def on_fold(result: Any) -> None:
+        note = " (resumed)" if result.resumed else ""
+        epoch = f", best epoch {result.fit.best_epoch}" if result.fit.best_epoch else ""
+        chosen = f", C={result.fit.selected['C']:g}" if result.fit.selected and "C" in result.fit.selected else ""
+        echo_err(
+            f"fold {result.fold + 1}/{folds}: {len(result.test_index)} test slides, "
+            f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
+        )
+
+    result = train_classifier(
+        embeddings, labels_csv, model, out_dir, folds, seed, epochs=epochs, params=_parse_params(params),
+        allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
+        n_boot=n_boot, threads=threads, on_fold=on_fold,
+    )
+    m = result.metrics
+    labels = m["labels"]
+    click.echo(
+        f"{model}: {m['n_slides']} slides, {m['n_patients']} patients, classes {', '.join(labels['classes'])}"
+        + (f" (positive: {labels['positive_class']})" if labels["positive_class"] else "")
+    )
+    if not labels["patient_id_given"]:
+        click.echo("note: no patient_id column; each slide was treated as its own patient")
+    click.echo(f"{'metric':<18} {'mean ± sd (folds)':>18}   {'pooled [95% CI]':>24}")
+    for name in _SHOWN:
+        low, high = m["pooled_ci95"][name]
+        sd = m["sd"][name]
+        click.echo(
+            f"{name:<18} {_fmt(m['mean'][name]):>9} ± {_fmt(sd).strip():<6}   "
+            f"{_fmt(m['pooled'][name])} [{_fmt(low).strip()}, {_fmt(high).strip()}]"
+        )
+    if m.get("test"):
+        t = m["test"]["metrics"]
+        click.echo(f"held-out test split ({m['test']['n_slides']} slides): " + ", ".join(f"{k} {_fmt(t[k])}" for k in _SHOWN))
+    for key, path in result.files.items():
+        click.echo(f"{key:<12} {path}")
+
+
+@classify.command()
+@click.argument("embeddings", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="The --out folder of `wsienc classify train`.")
+@click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV to write.")
+@click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
+              help="Write one heatmap PNG (over the thumbnail) and .npy per slide here.")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), default=None,
+              help="Optional labels CSV: adds a label column and prints metrics.")
+@click.option("--allow-encoder-mismatch", is_flag=True,
+              help="Predict even if the store was encoded by another encoder than the training store.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
+def predict(
+    embeddings: Path,
+    model_dir: Path,
+    out_csv: Path,
+    heatmap_dir: Path | None,
+    labels_csv: Path | None,
+    allow_encoder_mismatch: bool,
+    device: str,
+    threads: int | None,
+) -> None:
+    """Predict every slide of EMBEDDINGS with a trained model; optionally draw per-slide heatmaps."""
+    from wsi_encoder.pipelines.classify import predict as run_predict
+
+    result = run_predict(
+        embeddings, model_dir, out_csv, heatmap_dir, labels_csv=labels_csv, device=device,
+        allow_encoder_mismatch=allow_encoder_mismatch, threads=threads,
+    )
+    for slide_id, reason in result.skipped.items():
+        echo_err(f"skipped {slide_id}: {reason}")
+    click.echo(f"predicted {len(result.rows)} slides -> {result.out_csv}")
+    if result.heatmaps:
+        click.echo(f"heatmaps    {len(result.heatmaps)} PNG in {heatmap_dir}")
+    if result.metrics:
+        click.echo(json.dumps(result.metrics, indent=None))

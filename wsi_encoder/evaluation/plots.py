@@ -1,0 +1,180 @@
+"""Pictures of a slide classifier: reliability diagram, ROC curves, heatmaps over slide thumbnails.
+
+All figures are drawn with matplotlib's Agg backend (no display needed) and written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import numpy.typing as npt
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from wsi_encoder.evaluation.metrics import expected_calibration_error, reliability_curve
+from wsi_encoder.io.embedding_reader import SlideGeometry
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` as PNG (temp file then rename) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask applies
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_reliability(
+    y_true: npt.ArrayLike, prob: npt.ArrayLike, path: str | Path, *, title: str = "", n_bins: int = 10
+) -> Path:
+    """Reliability diagram: observed frequency vs predicted probability per bin, with bin counts below.
+
+    Binary ``prob`` (1-D, P(positive)): frequency of the positive class. Multi-class ``(n, k)``:
+    top-label confidence vs accuracy.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    conf, freq, count = reliability_curve(y, p, n_bins)
+    ece = expected_calibration_error(y, p, n_bins)
+    edges = np.linspace(0, 1, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
+    ok = count > 0
+    ax.bar(centers[ok], freq[ok], width=1 / n_bins * 0.9, color="#9ecae1", edgecolor="#3182bd", label="observed")
+    ax.plot(conf[ok], freq[ok], "o", color="#08519c", ms=5, label="(mean prediction, observed) per bin")
+    binary = p.ndim == 1
+    ax.set_ylabel("observed frequency of positive class" if binary else "accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}\nreliability (ECE {ece:.3f}, n={len(y)})".strip())
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    axc.bar(centers, count, width=1 / n_bins * 0.9, color="0.6")
+    axc.set_xlabel("predicted probability of positive class" if binary else "confidence (top class)")
+    axc.set_ylabel("slides")
+    return save_figure(fig, path)
+
+
+def plot_roc(
+    y_true: npt.ArrayLike,
+    prob: npt.ArrayLike,
+    path: str | Path,
+    *,
+    classes: Sequence[str] = ("0", "1"),
+    fold_of: npt.ArrayLike | None = None,
+    title: str = "",
+) -> Path:
+    """ROC curve(s) of pooled out-of-fold predictions.
+
+    Binary: the pooled curve, and each fold's curve faintly when ``fold_of`` is given. Multi-class:
+    one-vs-rest curves per class with the macro AUC in the title.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1)
+    if p.ndim == 1:
+        if fold_of is not None:
+            folds = np.asarray(fold_of)
+            for i, f in enumerate(np.unique(folds[folds >= 0])):
+                sel = folds == f
+                if len(np.unique(y[sel])) == 2:
+                    fpr, tpr, _ = roc_curve(y[sel], p[sel])
+                    ax.plot(fpr, tpr, color="0.7", lw=1, label="folds" if i == 0 else None)
+        fpr, tpr, _ = roc_curve(y, p)
+        auc = roc_auc_score(y, p)
+        ax.plot(fpr, tpr, color="#cb181d", lw=2, label=f"pooled out-of-fold (AUC {auc:.3f})")
+        heading = f"ROC, positive class {classes[1]!r}"
+    else:
+        aucs = []
+        cmap = plt.get_cmap("tab10")
+        for c, name in enumerate(classes):
+            hit = (y == c).astype(int)
+            if 0 < hit.sum() < len(hit):
+                fpr, tpr, _ = roc_curve(hit, p[:, c])
+                aucs.append(roc_auc_score(hit, p[:, c]))
+                ax.plot(fpr, tpr, color=cmap(c % 10), lw=1.6, label=f"{name} vs rest (AUC {aucs[-1]:.3f})")
+        heading = f"ROC one-vs-rest, macro AUC {np.mean(aucs):.3f}" if aucs else "ROC"
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(f"{title}\n{heading}".strip())
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    return save_figure(fig, path)
+
+
+def plot_heatmap(
+    thumbnail: npt.NDArray[np.uint8] | None,
+    heat: npt.NDArray[np.floating],
+    path: str | Path,
+    *,
+    geometry: SlideGeometry | None = None,
+    title: str = "",
+    label: str = "",
+    signed: bool = False,
+    alpha: float = 0.55,
+) -> Path:
+    """The thumbnail beside the thumbnail overlaid with the ``(R, Q)`` grid map ``heat`` (NaN = no tissue).
+
+    ``geometry`` places the grid on the thumbnail (grid origin, step and slide size in level-0 pixels);
+    without it the map is stretched over the whole thumbnail. ``signed`` uses a diverging colour map
+    centred on 0 (for logit contributions), else a sequential one.
+    """
+    heat = np.asarray(heat, dtype=float)
+    rows, cols = heat.shape
+    masked = np.ma.masked_invalid(heat)
+    if signed:
+        bound = float(np.nanmax(np.abs(heat))) if np.isfinite(heat).any() else 1.0
+        norm: dict[str, Any] = {"cmap": "RdBu_r", "vmin": -bound or -1, "vmax": bound or 1}
+    else:
+        finite = heat[np.isfinite(heat)]
+        norm = {"cmap": "inferno", "vmin": float(finite.min()) if finite.size else 0, "vmax": float(finite.max()) if finite.size else 1}
+    panels = 2 if thumbnail is not None else 1
+    if thumbnail is not None:
+        h, w = thumbnail.shape[:2]
+        if geometry is not None:
+            sx, sy = w / geometry.size_l0[0], h / geometry.size_l0[1]
+            x0, y0 = geometry.origin_l0[0] * sx, geometry.origin_l0[1] * sy
+            extent = (x0, x0 + cols * geometry.stride_l0 * sx, y0 + rows * geometry.stride_l0 * sy, y0)
+        else:
+            extent = (0, w, h, 0)
+        aspect = h / max(w, 1)
+    else:
+        extent, aspect = (0, cols, rows, 0), rows / max(cols, 1)
+    fig, axes = plt.subplots(
+        1, panels, figsize=(4.2 * panels + 0.8, min(max(2.0, 4.2 * aspect), 8.0) + 0.7), squeeze=False,
+        layout="constrained",
+    )
+    axes = axes[0]
+    if thumbnail is not None:
+        axes[0].imshow(thumbnail)
+        axes[0].set_title("thumbnail", fontsize=9)
+        axes[1].imshow(thumbnail)
+        image = axes[1].imshow(masked, extent=extent, interpolation="nearest", alpha=alpha, **norm)
+        axes[1].set_xlim(0, thumbnail.shape[1])
+        axes[1].set_ylim(thumbnail.shape[0], 0)
+    else:
+        image = axes[0].imshow(masked, extent=extent, interpolation="nearest", **norm)
+    axes[-1].set_title(label, fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes[-1], shrink=0.9, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
