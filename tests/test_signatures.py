@@ -1,0 +1,169 @@
+"""Sparse signatures: Jaccard, recovery of known informative dimensions, pure noise, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _signatures_fixtures import patient_embeddings
+
+from wsi_encoder.errors import DatasetError, InvalidParameterError
+from wsi_encoder.evaluation.signatures import (
+    SignatureRecord,
+    SignatureSpec,
+    arm_jaccards,
+    evaluate_fold,
+    inner_splits,
+    jaccard,
+    jaccard_matrix,
+    lambda_max,
+    mean_off_diagonal,
+    select_signature,
+    standardise,
+)
+
+TRUTH = (3, 10, 17, 24, 31)
+
+
+def _data(seed: int, *, informative=TRUTH, dim: int = 40, n_patients: int = 50, effect: float = 0.6):
+    rng = np.random.default_rng(seed)
+    return patient_embeddings(rng, n_patients, 4, dim, informative, effect)
+
+
+# ----------------------------------------------------------------------------- Jaccard
+
+
+def test_jaccard_edge_cases() -> None:
+    assert jaccard([1, 2, 3], [3, 2, 1]) == 1.0
+    assert jaccard([1, 2], [3, 4]) == 0.0
+    assert jaccard([], []) == 1.0
+    assert jaccard([], [5]) == 0.0
+    assert jaccard([1, 2, 3], [2, 3, 4, 5]) == pytest.approx(2 / 5)
+    assert jaccard(np.array([1, 1, 2]), (2, 1)) == 1.0  # sets: duplicates do not count
+
+
+def test_jaccard_matrix_and_mean_off_diagonal() -> None:
+    m = jaccard_matrix([[0, 1], [0, 1], [2], []])
+    assert m.shape == (4, 4)
+    np.testing.assert_array_equal(np.diag(m), 1.0)
+    np.testing.assert_array_equal(m, m.T)
+    assert m[0, 1] == 1.0 and m[0, 2] == 0.0 and m[2, 3] == 0.0
+    # off-diagonal: pairs (0,1)=1, (0,2)=0, (0,3)=0, (1,2)=0, (1,3)=0, (2,3)=0 -> 1/6
+    assert mean_off_diagonal(m) == pytest.approx(1 / 6)
+    assert np.isnan(mean_off_diagonal(np.ones((1, 1))))
+    with pytest.raises(InvalidParameterError, match="square"):
+        mean_off_diagonal(np.ones((2, 3)))
+
+
+def test_arm_jaccards_groups_by_arm_in_order() -> None:
+    def rec(arm: str, fold: str, idx: tuple[int, ...]) -> SignatureRecord:
+        nan = float("nan")
+        metrics = dict.fromkeys(("auc", "f1", "brier", "ece", "balanced_accuracy", "accuracy"), nan)
+        return SignatureRecord(arm, fold, idx, idx, 0.1, 1.0, metrics, metrics, nan, nan, 10, 5, 4, 2, 8)
+
+    out = arm_jaccards([rec("a", "40X", (1, 2)), rec("b", "40X", ()), rec("a", "100X", (2, 3)), rec("b", "100X", ())])
+    assert [j.arm for j in out] == ["a", "b"]
+    assert out[0].folds == ("40X", "100X")
+    assert out[0].pairs() == [("40X", "100X", pytest.approx(1 / 3))]
+    assert out[1].mean_off_diagonal == 1.0  # both empty
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_lambda_max_is_where_the_l1_path_starts() -> None:
+    x, y, _ = _data(0)
+    (xs,) = standardise(x)
+    lmax = lambda_max(xs, y)
+    # Largest |correlation| term: exactly at lambda_max nothing is selected, just below one dimension is.
+    assert lmax == pytest.approx(np.abs(xs.T @ (y - y.mean())).max() / len(y))
+    from wsi_encoder.evaluation.signatures import _l1_support
+
+    assert _l1_support(xs, y, lmax * 1.01, SignatureSpec())[0].size == 0
+    assert _l1_support(xs, y, lmax * 0.9, SignatureSpec())[0].size >= 1
+
+
+def test_inner_splits_never_split_a_patient() -> None:
+    _, y, g = _data(1)
+    splits = inner_splits(y, g, 5, seed=0)
+    assert len(splits) == 5
+    for tr, va in splits:
+        assert not set(g[tr]) & set(g[va])
+        assert set(y[tr]) == {0, 1}
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_signature_recovers_the_informative_dimensions(repeats: int) -> None:
+    # --relaxed --one-se: the setting documented for recovering the informative set.
+    for seed in (0, 1, 2):
+        x, y, g = _data(seed)
+        sel = select_signature(x, y, g, SignatureSpec(relaxed=True, one_se=True, inner_repeats=repeats, seed=seed))
+        assert jaccard(sel.indices, TRUTH) >= 0.8, (seed, sel.indices)
+
+
+def test_plain_lasso_keeps_every_informative_dimension_and_one_se_is_sparser() -> None:
+    x, y, g = _data(2)
+    plain = select_signature(x, y, g, SignatureSpec())
+    assert set(TRUTH) <= set(plain.indices)
+    assert plain.indices == plain.lasso_indices
+    assert len(plain.cv_loss) == len(plain.lambdas) == 12
+    one_se = select_signature(x, y, g, SignatureSpec(one_se=True))
+    assert one_se.lam >= plain.lam
+    assert one_se.size <= plain.size
+
+
+def test_stability_frequencies_are_recorded() -> None:
+    x, y, g = _data(3)
+    sel = select_signature(x, y, g, SignatureSpec(relaxed=True, stability=10, stability_threshold=0.7))
+    assert sel.frequencies is not None and sel.frequencies.shape == (40,)
+    assert set(sel.indices) == set(np.flatnonzero(sel.frequencies >= 0.7))
+    noise = np.delete(sel.frequencies, list(TRUTH))
+    assert sel.frequencies[list(TRUTH)].min() > noise.max()
+
+
+def test_signature_is_stable_across_folds_of_the_same_signal() -> None:
+    spec = SignatureSpec(relaxed=True, one_se=True)
+    sigs = [select_signature(*_data(seed), spec).indices for seed in range(4)]
+    assert mean_off_diagonal(jaccard_matrix(sigs)) >= 0.8
+
+
+def test_pure_noise_gives_a_small_signature_and_chance_auc() -> None:
+    aucs = []
+    for seed in range(3):
+        x, y, g = _data(seed, informative=())
+        xt, yt, gt = _data(seed + 50, informative=())
+        ev = evaluate_fold(x, y, g, xt, yt, SignatureSpec(seed=seed), groups_test=gt)
+        assert ev.selection.size <= 3, ev.selection.indices
+        aucs.append(ev.metrics_signature["auc"])
+        assert 0.3 <= ev.metrics_full["auc"] <= 0.7
+    assert abs(np.mean(aucs) - 0.5) <= 0.1
+
+
+def test_evaluate_fold_metrics_on_signal() -> None:
+    x, y, g = _data(4)
+    xt, yt, gt = _data(5)
+    ev = evaluate_fold(x, y, g, xt, yt, SignatureSpec(relaxed=True, one_se=True), groups_test=gt)
+    assert ev.metrics_signature["auc"] > 0.9 and ev.metrics_full["auc"] > 0.85
+    assert 0 <= ev.metrics_signature["brier"] < 0.15
+    assert 0 <= ev.metrics_signature["ece"] <= 1
+    assert (ev.n_train, ev.n_test, ev.n_train_groups, ev.n_test_groups, ev.n_dims) == (200, 200, 50, 50, 40)
+    rec = SignatureRecord.from_evaluation("arm", "40X", ev, auc_network=0.7)
+    again = SignatureRecord.from_json(rec.to_json())
+    assert again == rec
+    assert list(rec.row())[:9] == ["arm", "fold", "size", "auc_full", "auc_signature", "f1_full", "f1_signature",
+                                   "brier_full", "brier_signature"]
+
+
+def test_evaluate_fold_rejects_bad_inputs() -> None:
+    x, y, g = _data(6)
+    with pytest.raises(DatasetError, match="classes"):
+        evaluate_fold(x, np.zeros_like(y), g, x, y)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(DatasetError, match="NaN"):
+        evaluate_fold(bad, y, g, x, y)
+    with pytest.raises(DatasetError, match="same D"):
+        evaluate_fold(x, y, g, x[:, :5], y)
+    with pytest.raises(DatasetError, match="patient"):
+        evaluate_fold(x, y, np.where(y == 1, "p1", "p0"), x, y)  # one patient per class: no grouped inner CV
+    with pytest.raises(InvalidParameterError, match="stability-threshold"):
+        SignatureSpec(stability_threshold=1.5).validate()

@@ -1,0 +1,196 @@
+"""``wsienc signatures`` end to end on generated LOMO folders and embedding stores, and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _signatures_fixtures import write_embedding_store, write_lomo_folder
+from click.testing import CliRunner
+from PIL import Image
+
+from wsi_encoder.cli import main
+from wsi_encoder.evaluation.signatures import SIGNATURE_COLUMNS, jaccard
+
+CONTRACT = ["arm", "fold", "size", "auc_full", "auc_signature", "f1_full", "f1_signature", "brier_full", "brier_signature"]
+GRL_DIMS = (1, 5, 9, 13, 17)
+
+
+def _baseline_dims(arm: str, m: int) -> tuple[int, ...]:
+    """The baseline arm's informative dimensions move between folds; the GRL arm's stay put."""
+    if arm == "grl":
+        return GRL_DIMS
+    start = {40: 0, 100: 5, 200: 10, 400: 15}[m]
+    return tuple(range(start, start + 5))
+
+
+def _invoke(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def lomo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sig_lomo")
+    src = write_lomo_folder(root / "lomo", informative=_baseline_dims)
+    code, out, err = _invoke("signatures", src, "--out", root / "out", "--relaxed", "--one-se")
+    assert code == 0, err
+    assert "grl: signature sizes 40X" in out
+    return root / "out"
+
+
+def test_lomo_outputs_follow_the_contract(lomo_run: Path) -> None:
+    rows = _rows(lomo_run / "signatures.csv")
+    assert list(rows[0])[:9] == CONTRACT
+    assert list(rows[0]) == list(SIGNATURE_COLUMNS)
+    assert [(r["arm"], r["fold"]) for r in rows] == [(a, f"{m}X") for a in ("baseline", "grl") for m in (40, 100, 200, 400)]
+    jac = _rows(lomo_run / "jaccard.csv")
+    assert list(jac[0]) == ["arm", "fold_a", "fold_b", "jaccard"]
+    assert len(jac) == 12  # 6 pairs per arm
+    data = json.loads((lomo_run / "signatures.json").read_text())
+    for r in rows:
+        fold = data["arms"][r["arm"]]["folds"][r["fold"]]
+        assert len(fold["indices"]) == int(r["size"]) == fold["size"]
+        assert all(0 <= i < 48 for i in fold["indices"])
+    for name in ("jaccard_baseline.png", "jaccard_grl.png", "size_vs_auc.png"):
+        with Image.open(lomo_run / name) as im:
+            assert im.format == "PNG" and min(im.size) > 200
+    assert not list((lomo_run).glob(".*.tmp"))
+
+
+def test_lomo_signatures_recover_the_truth_and_their_reproducibility(lomo_run: Path) -> None:
+    data = json.loads((lomo_run / "signatures.json").read_text())
+    for m in (40, 100, 200, 400):
+        assert jaccard(data["arms"]["grl"]["folds"][f"{m}X"]["indices"], GRL_DIMS) >= 0.8
+        assert jaccard(data["arms"]["baseline"]["folds"][f"{m}X"]["indices"], _baseline_dims("baseline", m)) >= 0.8
+    assert data["arms"]["grl"]["jaccard"]["mean_off_diagonal"] >= 0.8
+    assert data["arms"]["baseline"]["jaccard"]["mean_off_diagonal"] <= 0.2  # disjoint truths per fold
+    pairs = {(r["arm"], r["fold_a"], r["fold_b"]): float(r["jaccard"]) for r in _rows(lomo_run / "jaccard.csv")}
+    assert pairs[("grl", "100X", "200X")] >= 0.6  # each fold may be off by one dimension
+    assert pairs[("baseline", "100X", "200X")] <= 0.2
+    rows = _rows(lomo_run / "signatures.csv")
+    for r in rows:
+        assert float(r["auc_signature"]) > 0.8
+        assert float(r["auc_network"]) > 0.5  # the generated prob_test follows the signal
+
+
+def test_lomo_report_states_the_shared_initialisation(lomo_run: Path) -> None:
+    report = (lomo_run / "report.md").read_text()
+    assert "same initial weights" in report and "shared_init: true" in report
+    assert "Warning" not in report
+    assert "![Jaccard heatmap of grl](jaccard_grl.png)" in report
+    assert "100X-held-out vs 200X-held-out" in report
+
+
+def test_report_warns_without_shared_init(tmp_path: Path) -> None:
+    src = write_lomo_folder(tmp_path / "lomo", arms=("baseline",), held_out=(100, 200), shared_init=None, n_train_patients=20)
+    code, _, err = _invoke("signatures", src, "--out", tmp_path / "out", "--one-se")
+    assert code == 0, err
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**Warning:**" in report and "shared_init: true" in report
+    assert "shared_init" in err  # also logged
+
+
+def test_stability_selection_and_resume(tmp_path: Path) -> None:
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100), n_train_patients=24)
+    out = tmp_path / "out"
+    code, _, err = _invoke("signatures", src, "--out", out, "--stability", "6", "--relaxed")
+    assert code == 0, err
+    fold = json.loads((out / "signatures.json").read_text())["arms"]["grl"]["folds"]["40X"]
+    freq = {int(k): v for k, v in fold["stability_frequencies"].items()}
+    assert set(fold["indices"]) == {k for k, v in freq.items() if v >= 0.6}
+    assert json.loads((out / "signatures.json").read_text())["settings"]["stability"] == 6
+
+    # A finished fold is reused when inputs and settings are unchanged (mark the cache to see it)...
+    partial = out / ".partial" / "grl__40X.json"
+    cached = json.loads(partial.read_text())
+    cached["record"]["auc_lasso"] = 0.123
+    partial.write_text(json.dumps(cached))
+    assert _invoke("signatures", src, "--out", out, "--stability", "6", "--relaxed")[0] == 0
+    assert _rows(out / "signatures.csv")[0]["auc_lasso"] == "0.123"
+    # ...and recomputed when a setting changes.
+    assert _invoke("signatures", src, "--out", out, "--stability", "6", "--relaxed", "--seed", "1")[0] == 0
+    assert _rows(out / "signatures.csv")[0]["auc_lasso"] != "0.123"
+
+
+def test_embedding_store_input(tmp_path: Path) -> None:
+    store, labels = write_embedding_store(tmp_path, incomplete=("s000_1",))
+    out = tmp_path / "out"
+    code, _, err = _invoke(
+        "signatures", store, "--labels", labels, "--folds", "3", "--out", out, "--relaxed", "--one-se", "--allow-missing"
+    )
+    assert code == 0, err
+    assert "s000_1" in err  # the incomplete slide is reported and skipped
+    rows = _rows(out / "signatures.csv")
+    assert [(r["arm"], r["fold"]) for r in rows] == [("embeddings", f"fold{k}") for k in (1, 2, 3)]
+    assert sum(int(r["n_test"]) for r in rows) == 95  # 96 slides minus the incomplete one, each tested once
+    data = json.loads((out / "signatures.json").read_text())
+    assert data["kind"] == "store" and data["classes"] == ["normal", "lesion"]
+    for fold in data["arms"]["embeddings"]["folds"].values():
+        assert jaccard(fold["indices"], (2, 7, 11, 15, 18)) >= 0.8
+    assert all(float(r["auc_signature"]) > 0.8 for r in rows)
+    assert np.isnan(float(rows[0]["auc_network"]))
+    report = (out / "report.md").read_text()
+    assert "same frozen encoder" in report
+    assert (out / "jaccard_embeddings.png").is_file()
+
+
+def _single_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1
+    # (a non-terminal progress bar prints its label once; it is not an error line)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and ln.strip() != "signatures"]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("Error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # missing folder
+    _single_line_error(*_invoke("signatures", tmp_path / "nope", "--out", out)[::2], "nope", "no such folder")
+    # a folder that is neither a LOMO output nor a store
+    (tmp_path / "empty").mkdir()
+    _single_line_error(*_invoke("signatures", tmp_path / "empty", "--out", out)[::2], "empty", "wsienc lomo")
+    # a LOMO folder without embeddings
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"arms": ["grl"], "held_out": [40], "shared_init": True}))
+    _single_line_error(*_invoke("signatures", bare, "--out", out)[::2], "bare", "heldout_<m>.npz")
+    # an npz without the expected arrays
+    broken = tmp_path / "broken"
+    (broken / "embeddings" / "grl").mkdir(parents=True)
+    (broken / "config.json").write_text(json.dumps({"arms": ["grl"], "held_out": [40], "shared_init": True}))
+    np.savez(broken / "embeddings" / "grl" / "heldout_40.npz", X_train=np.zeros((3, 2)))
+    _single_line_error(*_invoke("signatures", broken, "--out", out)[::2], "heldout_40.npz", "lacks")
+    # single class
+    single = write_lomo_folder(tmp_path / "single", arms=("grl",), held_out=(40,), single_class=True, n_train_patients=8)
+    _single_line_error(*_invoke("signatures", single, "--out", out)[::2], "grl/40X", "classes [0]")
+
+
+def test_bad_store_inputs_give_one_clear_line(tmp_path: Path) -> None:
+    store, labels = write_embedding_store(tmp_path, n_patients=8)
+    out = tmp_path / "out"
+    _single_line_error(*_invoke("signatures", store, "--out", out)[::2], "--labels")
+    # labels that do not match the store
+    text = labels.read_text().splitlines()
+    mismatch = tmp_path / "mismatch.csv"
+    mismatch.write_text("\n".join([*text, "ghost_slide,lesion,patient999"]) + "\n")
+    _single_line_error(*_invoke("signatures", store, "--labels", mismatch, "--out", out)[::2], "ghost_slide", "--allow-missing")
+    # a single class
+    single = tmp_path / "single.csv"
+    single.write_text("\n".join([text[0], *[",".join([*r.split(",")[:1], "lesion", r.split(",")[2]]) for r in text[1:]]]) + "\n")
+    _single_line_error(*_invoke("signatures", store, "--labels", single, "--out", out)[::2], "single.csv")
+    # more folds than patients
+    _single_line_error(*_invoke("signatures", store, "--labels", labels, "--folds", "9", "--out", out)[::2], "--folds 9")
+    # --labels on a LOMO folder
+    lomo = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40,), n_train_patients=8)
+    _single_line_error(*_invoke("signatures", lomo, "--labels", labels, "--out", out)[::2], "--labels")

@@ -1,0 +1,570 @@
+"""The ``wsienc signatures`` job: sparse signatures of every arm × fold, their Jaccard, the report.
+
+Two kinds of input:
+
+* a ``wsienc lomo`` output folder: ``config.json`` plus ``embeddings/<arm>/heldout_<m>.npz`` (arrays
+  ``X_train, y_train, patient_train, ..., X_test, y_test, patient_test, ..., prob_test``); each file
+  is one fold (named ``<m>X``), each arm folder one arm;
+* an embedding store (zarr v3, ``<slide_id>/features (N, C)``, attrs ``complete``) plus a labels CSV
+  (``slide_id,label[,patient_id]``): a slide's vector is the mean of its tile features, and
+  ``n_folds`` patient-grouped, class-stratified folds (``StratifiedGroupKFold``) make the folds of a
+  single arm named after the store.
+
+Finished folds are cached in ``DIR/.partial/`` with a fingerprint of their inputs and settings, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from sklearn.model_selection import StratifiedGroupKFold
+
+from wsi_encoder import __version__
+from wsi_encoder.errors import DatasetError, InvalidParameterError, StoreError, WsiEncoderError
+from wsi_encoder.evaluation.metrics import classification_metrics
+from wsi_encoder.evaluation.signature_report import ReportContext, write_report
+from wsi_encoder.evaluation.signatures import (
+    JACCARD_COLUMNS,
+    SIGNATURE_COLUMNS,
+    SignatureRecord,
+    SignatureSpec,
+    arm_jaccards,
+    evaluate_fold,
+)
+from wsi_encoder.io.labels import read_labels
+
+logger = logging.getLogger(__name__)
+
+LOMO_KEYS = ("X_train", "y_train", "patient_train", "X_test", "y_test", "patient_test")
+_HELDOUT_RE = re.compile(r"^heldout_(\d+)\.npz$")
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """The arrays of one fold: training and test embeddings, labels in {0, 1}, patient ids."""
+
+    x_train: npt.NDArray[np.floating[Any]]
+    y_train: npt.NDArray[np.int64]
+    patient_train: npt.NDArray[np.str_]
+    x_test: npt.NDArray[np.floating[Any]]
+    y_test: npt.NDArray[np.int64]
+    patient_test: npt.NDArray[np.str_]
+    prob_test: npt.NDArray[np.floating[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One arm × fold to evaluate: how to load it and a fingerprint of its input."""
+
+    arm: str
+    fold: str
+    load: Callable[[], FoldData] = field(compare=False)
+    input_id: str = ""
+
+
+@dataclass(frozen=True)
+class SignatureInputs:
+    """What a source holds: its jobs, and what the report must say about the feature basis."""
+
+    kind: str
+    source: Path
+    jobs: tuple[FoldJob, ...]
+    classes: tuple[str, ...]
+    basis_note: str
+    warnings: tuple[str, ...] = ()
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SignatureRun:
+    """Result of :func:`run_signatures`: the records, the files written and the folds that failed."""
+
+    out_dir: Path
+    records: tuple[SignatureRecord, ...]
+    failed: Mapping[str, str]
+    files: tuple[Path, ...]
+    warnings: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- LOMO folders
+
+
+def _fold_sort_key(name: str) -> tuple[int, str]:
+    digits = re.sub(r"\D", "", name)
+    return (int(digits) if digits else 1 << 30, name)
+
+
+def _read_lomo_npz(path: Path) -> FoldData:
+    """Load and check one ``heldout_<m>.npz`` (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read the embeddings file ({exc})") from exc
+    missing = [k for k in LOMO_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(f"{path}: lacks array(s) {', '.join(missing)} (expected the `wsienc lomo` embeddings layout)")
+    for side in ("train", "test"):
+        x, y, g = arrays[f"X_{side}"], arrays[f"y_{side}"], arrays[f"patient_{side}"]
+        if x.ndim != 2 or y.shape != (len(x),) or g.shape != (len(x),):
+            raise DatasetError(
+                f"{path}: X_{side} {x.shape}, y_{side} {y.shape}, patient_{side} {g.shape} do not line up as (n, D), (n,), (n,)"
+            )
+        if len(x) == 0:
+            raise DatasetError(f"{path}: X_{side} is empty")
+        if not np.isin(y, (0, 1)).all():
+            raise DatasetError(f"{path}: y_{side} holds {np.unique(y).tolist()}; expected class indices 0 and 1")
+    if arrays["X_train"].shape[1] != arrays["X_test"].shape[1]:
+        raise DatasetError(f"{path}: X_train has {arrays['X_train'].shape[1]} dims, X_test {arrays['X_test'].shape[1]}")
+    prob = arrays.get("prob_test")
+    if prob is not None:
+        prob = np.asarray(prob, dtype=np.float64)
+        prob = prob[:, -1] if prob.ndim == 2 else prob
+        if prob.shape != (len(arrays["X_test"]),):
+            prob = None
+    return FoldData(
+        x_train=arrays["X_train"],
+        y_train=arrays["y_train"].astype(np.int64),
+        patient_train=arrays["patient_train"].astype(str),
+        x_test=arrays["X_test"],
+        y_test=arrays["y_test"].astype(np.int64),
+        patient_test=arrays["patient_test"].astype(str),
+        prob_test=prob,
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _lomo_jobs(folder: Path, config: Mapping[str, Any], prefix: str = "") -> tuple[list[FoldJob], list[str]]:
+    """Fold jobs of one LOMO folder (arms in config order, then any other arm folder found)."""
+    emb_root = folder / "embeddings"
+    listed_arms = [str(a) for a in config.get("arms", [])]
+    found_arms = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
+    held_out = [int(m) for m in config.get("held_out", [])]
+    jobs: list[FoldJob] = []
+    notes: list[str] = []
+    for arm in listed_arms + [a for a in found_arms if a not in listed_arms]:
+        arm_dir = emb_root / arm
+        files = {int(m.group(1)): p for p in (arm_dir.iterdir() if arm_dir.is_dir() else []) if (m := _HELDOUT_RE.match(p.name))}
+        for m in held_out:
+            if m not in files:
+                notes.append(f"arm {arm!r}: {arm_dir / f'heldout_{m}.npz'} is missing; that fold is left out")
+        for m in [m for m in held_out if m in files] + sorted(m for m in files if m not in held_out):
+            path = files[m]
+            stat = path.stat()
+            input_id = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            jobs.append(FoldJob(arm, f"{prefix}{m}X", lambda p=path: _read_lomo_npz(p), input_id))
+    for m, reason in dict(config.get("skipped_held_out") or {}).items():
+        notes.append(f"{folder}: `wsienc lomo` did not run the {m}X-held-out fold ({reason})")
+    return jobs, notes
+
+
+def load_lomo_inputs(src: str | Path) -> SignatureInputs:
+    """The folds of a ``wsienc lomo`` output folder (``config.json`` + ``embeddings/<arm>/heldout_<m>.npz``).
+
+    A run with patient folds (``config.json`` lists ``fold_dirs``) contributes the folds of every
+    patient-fold folder, named ``<fold_dir>/<m>X``.
+    """
+    src = Path(src)
+    config = _read_config(src)
+    config_path = src / "config.json"
+    warnings: list[str] = []
+    sub_dirs = [src / str(d) for d in config.get("fold_dirs", [])] if not (src / "embeddings").is_dir() else []
+    jobs: list[FoldJob] = []
+    inits: set[str] = set()
+    shared = config.get("shared_init") is True
+    if sub_dirs:
+        for sub in sub_dirs:
+            sub_config = _read_config(sub)
+            sub_jobs, notes = _lomo_jobs(sub, sub_config, prefix=f"{sub.name}/")
+            jobs += sub_jobs
+            warnings += notes
+            shared = shared and sub_config.get("shared_init") is True
+            inits.add(str(sub_config.get("init_sha256")))
+    else:
+        jobs, warnings = _lomo_jobs(src, config)
+    if not jobs:
+        raise DatasetError(
+            f"{src}: no embeddings/<arm>/heldout_<m>.npz files; run `wsienc lomo` (it saves them) or pass an "
+            "embedding store with --labels"
+        )
+    classes = tuple(str(c) for c in config.get("classes", ("class0", "class1")))
+    if len(classes) != 2:
+        raise DatasetError(f"{config_path}: classes {list(classes)!r}; signatures need exactly two classes")
+    if shared:
+        details = [f"backbone `{config['backbone']}`" if "backbone" in config else "", f"seed {config['seed']}" if "seed" in config else ""]
+        if config.get("init_sha256"):
+            details.append(f"initial weights sha256 `{str(config['init_sha256'])[:12]}…`")
+        basis = (
+            "Each fold's encoder was trained separately (on that fold's training magnifications), but every "
+            "fold started from the same initial weights (`config.json`: `shared_init: true`"
+            + "".join(f", {d}" for d in details if d)
+            + "). Dimension *i* is therefore the same initial unit in every fold, and the cross-fold Jaccard "
+            "measures how much of a signature survives each fold's training. This is the only reason the "
+            "dimensions are comparable across folds: hidden units of separately trained networks can be "
+            "permuted freely, so without a shared start the overlap of raw indices would mean nothing."
+        )
+        if len(inits) > 1:
+            warnings.insert(0, f"{src}: the patient folds started from {len(inits)} different initial weights; "
+                            "Jaccard between folds of different patient folds compares unaligned dimensions")
+    else:
+        basis = (
+            "Each fold's encoder was trained separately. Dimensions are comparable across folds only when every "
+            "fold starts from the same initial weights; hidden units of separately trained networks can be "
+            "permuted freely, so overlap of raw indices between such folds means nothing."
+        )
+        warnings.insert(
+            0,
+            f"{config_path if config else src}: "
+            + ("no config.json" if not config else "config.json does not record `shared_init: true`")
+            + "; the folds' encoders may not share their initial weights, so the cross-fold Jaccard of raw "
+            "dimension indices may be meaningless (near 0 by permutation symmetry alone)",
+        )
+    return SignatureInputs("lomo", src, tuple(jobs), classes, basis, tuple(warnings), config)
+
+
+# ----------------------------------------------------------------------------- embedding stores
+
+
+def _slide_mean(features: Any, block_rows: int) -> npt.NDArray[np.float64]:
+    n = features.shape[0]
+    total = np.zeros(features.shape[1], dtype=np.float64)
+    for start in range(0, n, block_rows):
+        total += np.asarray(features[start : start + block_rows], dtype=np.float64).sum(axis=0)
+    return total / n
+
+
+def read_slide_vectors(store: str | Path) -> tuple[list[str], npt.NDArray[np.float64], dict[str, str], set[str]]:
+    """Mean tile feature of every usable slide of an embedding store, read with plain zarr.
+
+    Returns ``(slide_ids, X (n, C), skipped {slide_id: reason}, encoder identities)``. Slides whose
+    root status is ``failed``, whose ``complete`` attr is false, or that hold no tiles or non-finite
+    features are skipped with a reason.
+    """
+    store = Path(store)
+    try:
+        root = zarr.open_group(str(store), mode="r")
+    except Exception as exc:
+        raise StoreError(f"{store}: not a readable zarr group ({exc})") from exc
+    kind = root.attrs.get("kind")
+    if kind not in (None, "embedding_store"):
+        raise StoreError(f"{store}: is a {kind!r}, not an embedding store; run `wsienc encode` on it first")
+    status = dict(root.attrs.get("slides", {}) or {})
+    ids: list[str] = []
+    vectors: list[npt.NDArray[np.float64]] = []
+    skipped: dict[str, str] = {}
+    encoders: set[str] = set()
+    for name in sorted(root.group_keys()):
+        group = root[name]
+        info = status.get(name) or {}
+        if isinstance(info, dict) and info.get("status") == "failed":
+            skipped[name] = f"failed when encoded: {info.get('reason')}"
+            continue
+        if "features" not in group.array_keys():
+            skipped[name] = "no features array"
+            continue
+        if group.attrs.get("complete") is False:
+            skipped[name] = "incomplete (complete: false); rerun `wsienc encode` to finish it"
+            continue
+        features = group["features"]
+        if features.ndim != 2 or features.shape[0] == 0:
+            skipped[name] = f"features of shape {features.shape} hold no tiles"
+            continue
+        mean = _slide_mean(features, max(int(features.chunks[0]), 4096))
+        if not np.isfinite(mean).all():
+            skipped[name] = "features contain NaN or infinite values"
+            continue
+        encoder = group.attrs.get("encoder")
+        if isinstance(encoder, dict):
+            encoders.add(json.dumps({k: encoder.get(k) for k in ("name", "weights_sha256")}, sort_keys=True))
+        ids.append(name)
+        vectors.append(mean)
+    if not ids:
+        detail = f" ({len(skipped)} skipped: {next(iter(skipped.items()))})" if skipped else ""
+        raise StoreError(f"{store}: no usable slide groups with a features array{detail}")
+    dims = {len(v) for v in vectors}
+    if len(dims) > 1:
+        raise StoreError(f"{store}: slides have different feature sizes {sorted(dims)}; one encoder per store is expected")
+    for sid, reason in skipped.items():
+        logger.warning("%s: slide %s skipped: %s", store, sid, reason)
+    return ids, np.stack(vectors), skipped, encoders
+
+
+def load_store_inputs(
+    store: str | Path,
+    labels: str | Path,
+    n_folds: int = 5,
+    *,
+    seed: int = 0,
+    positive_class: str | None = None,
+    allow_missing: bool = False,
+) -> SignatureInputs:
+    """Folds of an embedding store: slide vectors (mean of tile features), patient-grouped stratified folds."""
+    store = Path(store)
+    if n_folds < 2:
+        raise InvalidParameterError(f"--folds must be >= 2, got {n_folds!r}")
+    ids, x_all, skipped, encoders = read_slide_vectors(store)
+    table = read_labels(
+        labels, ids, store_name=str(store), allow_missing=allow_missing, positive_class=positive_class, store_skipped=skipped
+    )
+    if table.n_classes != 2:
+        raise DatasetError(f"{labels}: {table.n_classes} classes {list(table.classes)}; signatures need exactly two")
+    if "test" in table.splits:
+        logger.info("%s: %d slide(s) of the test split are left out", labels, table.splits.count("test"))
+        table = table.select("train")
+    row = {sid: i for i, sid in enumerate(ids)}
+    x = x_all[[row[s] for s in table.slide_ids]]
+    y = table.y
+    patients = np.array(table.patient_ids, dtype=str)
+    n_patients = len(np.unique(patients))
+    if n_folds > n_patients:
+        raise InvalidParameterError(f"--folds {n_folds} is more than the {n_patients} patients of {labels}")
+    if len(np.unique(y)) < 2:
+        raise DatasetError(f"{labels}: every slide has label {table.classes[int(y[0])]!r}; signatures need two classes")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    arm = store.name.removesuffix(".zarr") or "embeddings"
+    data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes() + y.tobytes()).hexdigest()[:16]
+    jobs = []
+    for k, (tr, te) in enumerate(splitter.split(x, y, patients), start=1):
+        fold_data = FoldData(x[tr], y[tr], patients[tr], x[te], y[te], patients[te])
+        members = hashlib.sha256(",".join(map(str, te)).encode()).hexdigest()[:12]
+        jobs.append(FoldJob(arm, f"fold{k}", lambda d=fold_data: d, f"{store.resolve()}:{data_hash}:{n_folds}:{seed}:{members}"))
+    warnings = []
+    if len(encoders) > 1:
+        warnings.append(
+            f"{store}: slides were encoded by {len(encoders)} different encoders ({', '.join(sorted(encoders))}); "
+            "their dimensions are not comparable, so signatures and Jaccard values are meaningless"
+        )
+    basis = (
+        "All folds use the same frozen encoder (the one that wrote the embedding store), so dimension *i* is "
+        "the same feature in every fold; the cross-fold Jaccard measures only how stable the selection is "
+        "when the patients change. (Comparing signatures of *separately trained* encoders is meaningful only "
+        "when they start from the same initial weights.)"
+    )
+    config = {"store": str(store), "labels": str(labels), "folds": n_folds, "classes": list(table.classes),
+              "n_slides": len(y), "n_patients": n_patients}
+    return SignatureInputs("store", store, tuple(jobs), table.classes, basis, tuple(warnings), config)
+
+
+def load_inputs(
+    src: str | Path,
+    labels: str | Path | None = None,
+    n_folds: int | None = None,
+    *,
+    seed: int = 0,
+    positive_class: str | None = None,
+    allow_missing: bool = False,
+) -> SignatureInputs:
+    """Recognise ``src`` (LOMO folder or embedding store) and list its folds."""
+    src = Path(src)
+    if not src.exists():
+        raise StoreError(f"{src}: no such folder (expected a `wsienc lomo` output folder or an embedding store)")
+    is_zarr = (src / "zarr.json").is_file()
+    if is_zarr:
+        if labels is None:
+            raise InvalidParameterError(f"{src} is an embedding store: pass --labels CSV (slide_id,label,patient_id)")
+        return load_store_inputs(
+            src, labels, 5 if n_folds is None else n_folds, seed=seed, positive_class=positive_class, allow_missing=allow_missing
+        )
+    if labels is not None or n_folds is not None:
+        raise InvalidParameterError(f"--labels/--folds apply to embedding stores; {src} is not a zarr store")
+    if not src.is_dir() or not ((src / "config.json").is_file() or (src / "embeddings").is_dir()):
+        raise StoreError(
+            f"{src}: neither a `wsienc lomo` output folder (config.json, embeddings/) nor a zarr embedding store"
+        )
+    return load_lomo_inputs(src)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_fmt(v) for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def _partial_path(out_dir: Path, job: FoldJob) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{job.arm}__{job.fold}")
+    return out_dir / ".partial" / f"{safe}.json"
+
+
+def _fingerprint(job: FoldJob, spec: SignatureSpec) -> str:
+    text = json.dumps({"input": job.input_id, "spec": spec.to_dict(), "arm": job.arm, "fold": job.fold}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _evaluate_job(job: FoldJob, spec: SignatureSpec) -> SignatureRecord:
+    data = job.load()
+    ev = evaluate_fold(data.x_train, data.y_train, data.patient_train, data.x_test, data.y_test, spec, groups_test=data.patient_test)
+    where = f"{job.arm} / {job.fold}"
+    if len(np.unique(data.y_test)) < 2:
+        logger.warning("%s: the test set holds one class only (%d images); AUC is undefined there", where, len(data.y_test))
+    if ev.selection.at_path_end:
+        logger.warning(
+            "%s: the chosen L1 penalty is the smallest on the path (lambda_max x %.3g); a longer path might "
+            "select more dimensions", where, spec.lambda_ratio,
+        )
+    auc_network = float("nan")
+    if data.prob_test is not None:
+        auc_network = classification_metrics(data.y_test, data.prob_test)["auc"]
+    return SignatureRecord.from_evaluation(job.arm, job.fold, ev, auc_network)
+
+
+def run_signatures(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    labels: str | Path | None = None,
+    n_folds: int | None = None,
+    spec: SignatureSpec | None = None,
+    positive_class: str | None = None,
+    allow_missing: bool = False,
+    iterate: Callable[[Sequence[FoldJob]], Iterable[FoldJob]] = iter,
+) -> SignatureRun:
+    """Signatures of every arm × fold of ``src``; writes the CSVs, JSON, PNGs and ``report.md`` in ``out_dir``.
+
+    Parameters
+    ----------
+    src
+        A ``wsienc lomo`` output folder, or an embedding store (then ``labels`` is required).
+    out_dir
+        Output folder (created). Finished folds are cached in ``out_dir/.partial`` and reused.
+    labels, n_folds
+        Labels CSV and number of patient-grouped folds (default 5) for an embedding store.
+    spec
+        Selection settings (its ``seed`` also seeds the store folds).
+    positive_class, allow_missing
+        For store input: the class taken as positive, and whether to skip slides missing from either side.
+    iterate
+        Wraps the list of fold jobs (the CLI passes a progress bar).
+
+    Raises
+    ------
+    WsiEncoderError
+        On unusable input, or when no fold at all could be evaluated (a failing fold is otherwise
+        reported in the log, the report and ``signatures.json``, and skipped).
+    """
+    spec = (spec or SignatureSpec()).validate()
+    out = Path(out_dir)
+    inputs = load_inputs(src, labels, n_folds, seed=spec.seed, positive_class=positive_class, allow_missing=allow_missing)
+    for message in inputs.warnings:
+        logger.warning("%s", message)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[SignatureRecord] = []
+    failed: dict[str, str] = {}
+    for job in iterate(list(inputs.jobs)):
+        partial = _partial_path(out, job)
+        fingerprint = _fingerprint(job, spec)
+        if partial.is_file():
+            try:
+                cached = json.loads(partial.read_text())
+                if cached.get("fingerprint") == fingerprint:
+                    records.append(SignatureRecord.from_json(cached["record"]))
+                    logger.info("%s / %s: reusing the finished fold in %s", job.arm, job.fold, partial)
+                    continue
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.info("%s: unreadable cache, recomputing", partial)
+        try:
+            record = _evaluate_job(job, spec)
+        except WsiEncoderError as exc:
+            failed[f"{job.arm}/{job.fold}"] = str(exc)
+            logger.info("%s / %s skipped: %s", job.arm, job.fold, exc)
+            continue
+        records.append(record)
+        _atomic_write(partial, json.dumps({"fingerprint": fingerprint, "record": record.to_json()}))
+        logger.info("%s / %s: signature of %d dims", job.arm, job.fold, record.size)
+    if not records:
+        first = next(iter(failed.items()))
+        raise DatasetError(f"no fold could be evaluated; {first[0]}: {first[1]}")
+    return _write_outputs(out, inputs, records, failed, spec)
+
+
+def _write_outputs(
+    out: Path, inputs: SignatureInputs, records: list[SignatureRecord], failed: dict[str, str], spec: SignatureSpec
+) -> SignatureRun:
+    jaccards = arm_jaccards(records)
+    files = [out / "signatures.csv", out / "jaccard.csv", out / "signatures.json"]
+    _atomic_write(files[0], _csv(SIGNATURE_COLUMNS, [list(r.row().values()) for r in records]))
+    _atomic_write(files[1], _csv(JACCARD_COLUMNS, [[j.arm, a, b, v] for j in jaccards for a, b, v in j.pairs()]))
+    payload = {
+        "source": str(inputs.source.resolve()),
+        "kind": inputs.kind,
+        "classes": list(inputs.classes),
+        "settings": spec.to_dict(),
+        "wsi_encoder_version": __version__,
+        "basis": inputs.basis_note,
+        "warnings": list(inputs.warnings),
+        "failed": failed,
+        "input_config": dict(inputs.config),
+        "arms": {
+            j.arm: {
+                "folds": {r.fold: r.to_json() for r in records if r.arm == j.arm},
+                "jaccard": {
+                    "folds": list(j.folds),
+                    "matrix": j.matrix.round(6).tolist(),
+                    "mean_off_diagonal": None if math.isnan(j.mean_off_diagonal) else j.mean_off_diagonal,
+                },
+            }
+            for j in jaccards
+        },
+    }
+    _atomic_write(files[2], json.dumps(payload, indent=1))
+    context = ReportContext(
+        source=str(inputs.source),
+        kind=inputs.kind,
+        classes=inputs.classes,
+        basis_note=inputs.basis_note,
+        warnings=inputs.warnings,
+        failed=dict(failed),
+        settings=spec.to_dict(),
+    )
+    files += write_report(out, records, jaccards, context)
+    return SignatureRun(out, tuple(records), failed, tuple(files), inputs.warnings)
