@@ -121,15 +121,18 @@ class SlideReader(ABC):
             raise InvalidParameterError(f"slide mpp override {mpp!r} is not a resolution in µm/px")
 
     # ---- backend hooks -------------------------------------------------------------------------
-    @property
-    @abstractmethod
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        """``(width, height)`` of every level, level 0 first."""
+    #: The backend's slide object (openslide.OpenSlide / tiffslide.TiffSlide, same level API).
+    _slide: Any
 
     @property
-    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """``(width, height)`` of every level, level 0 first."""
+        return tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+
+    @property
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample factor of every level relative to level 0."""
+        return tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
     @abstractmethod
@@ -357,21 +360,12 @@ class OpenSlideReader(SlideReader):
         super().__init__(path, mpp)
         import openslide
 
-        self._lock = threading.Lock()
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideReadError(f"{self.path}: not a format OpenSlide can read") from exc
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({_reason(exc)})") from exc
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -440,14 +434,6 @@ class TiffSlideReader(SlideReader):
                 self._props = dict(self._slide.properties)
         except Exception as exc:
             raise SlideReadError(f"{self.path}: not a readable slide ({_reason(exc)})") from exc
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
     def properties(self) -> dict[str, Any]:
