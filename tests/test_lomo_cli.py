@@ -1,0 +1,87 @@
+"""``wsienc lomo``: options and one-line errors (no training)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests._lomo_fixtures import write_breakhis_tree
+from wsi_encoder.cli import main
+from wsi_encoder.errors import DatasetError
+from wsi_encoder.pipelines.lomo import LomoConfig, collect_images, resolve_device
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_breakhis_tree(
+        tmp_path_factory.mktemp("tiny"), n_benign=2, n_malignant=2, per_magnification=1
+    )
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["lomo", *args])
+    return result.exit_code, result.output
+
+
+def test_help_lists_the_protocol_options() -> None:
+    code, out = _run("--help")
+    assert code == 0
+    for option in (
+        "--arms",
+        "--backbone",
+        "--image-size",
+        "--epochs",
+        "--seed",
+        "--test-fraction",
+        "--patient-folds",
+        "--strict-patients",
+        "--gan-ratio",
+        "--gan-epochs",
+        "--grl-weight",
+        "--max-images-per-split",
+    ):
+        assert option in out
+
+
+def test_folder_without_breakhis_images_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, out = _run(str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert code == 1
+    assert "no BreaKHis images found" in out and len(out.strip().splitlines()) == 1
+
+
+def test_bad_option_combinations(tiny_tree: Path, tmp_path: Path) -> None:
+    code, out = _run(
+        str(tiny_tree), "--out", str(tmp_path / "o"), "--test-fraction", "0.3", "--patient-folds", "2"
+    )
+    assert code == 2 and "either --test-fraction or --patient-folds" in out
+    code, out = _run(str(tiny_tree), "--out", str(tmp_path / "o"), "--arms", "baseline,dann")
+    assert code == 2 and "baseline,gan,grl" in out
+
+
+def test_library_errors_name_the_problem(tiny_tree: Path, tmp_path: Path) -> None:
+    base = [str(tiny_tree), "--image-size", "64", "--epochs", "1"]
+    code, out = _run(*base, "--out", str(tmp_path / "a"), "--patient-folds", "3")
+    assert code == 1 and "smallest class has 2 patient(s)" in out
+    code, out = _run(*base, "--out", str(tmp_path / "b"), "--backbone", "no-such-net")
+    assert code == 1 and "unknown encoder 'no-such-net'" in out
+
+
+def test_duplicate_file_names_across_folders_are_refused(tiny_tree: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_tree, copy)
+    with pytest.raises(DatasetError, match="also used by"):
+        collect_images([tiny_tree, copy])
+    assert len(collect_images([tiny_tree, tiny_tree / "histology_slides"])) == 16  # same files twice: fine
+
+
+def test_config_validation_and_device() -> None:
+    with pytest.raises(ValueError, match="gan-ratio"):
+        LomoConfig(gan_ratio=-1)
+    with pytest.raises(ValueError, match="epochs"):
+        LomoConfig(epochs=0)
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")

@@ -1,0 +1,64 @@
+"""The whole chain on the real BreaKHis images: ``wsienc lomo`` (quick settings) -> ``wsienc signatures``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wsi_encoder.cli import main
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_lomo_then_signatures_on_real_breakhis(breakhis_dirs: list[Path], tmp_path: Path) -> None:
+    lomo_dir = tmp_path / "lomo"
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "lomo", *map(str, breakhis_dirs), "--out", str(lomo_dir), "--arms", "baseline,grl", "--backbone", "nic",
+            "--image-size", "64", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((lomo_dir / "config.json").read_text())
+    assert config["shared_init"] is True and config["held_out"]
+
+    out = tmp_path / "sig"
+    result = runner.invoke(main, ["signatures", str(lomo_dir), "--out", str(out), "--stability", "4"])
+    assert result.exit_code == 0, result.output
+    assert "baseline: signature sizes" in result.stdout
+
+    rows = _rows(out / "signatures.csv")
+    expected = [(arm, f"{m}X") for arm in config["arms"] for m in config["held_out"]]
+    assert [(r["arm"], r["fold"]) for r in rows] == expected
+    dim = int(config["embedding_dim"])
+    data = json.loads((out / "signatures.json").read_text())
+    for r in rows:
+        fold = data["arms"][r["arm"]]["folds"][r["fold"]]
+        assert len(fold["indices"]) == int(r["size"]) and all(0 <= i < dim for i in fold["indices"])
+        for key in ("brier_full", "brier_signature"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    # The arm's own predictions (prob_test) give the same AUC as lomo's results.csv.
+    lomo_auc = {(r["arm"], f"{r['held_out']}X"): float(r["auc"]) for r in _rows(lomo_dir / "results.csv")}
+    for r in rows:
+        mine, theirs = float(r["auc_network"]), lomo_auc[(r["arm"], r["fold"])]
+        assert (math.isnan(mine) and math.isnan(theirs)) or mine == pytest.approx(theirs, abs=1e-5)
+    n_folds = len(config["held_out"])
+    assert len(_rows(out / "jaccard.csv")) == len(config["arms"]) * n_folds * (n_folds - 1) // 2
+    report = (out / "report.md").read_text()
+    assert "same initial weights" in report and "shared_init: true" in report
+    assert "did not run the 40X-held-out fold" in report or "40" in str(config["held_out"])
+    for arm in config["arms"]:
+        assert (out / f"jaccard_{arm}.png").stat().st_size > 5000
+    assert (out / "size_vs_auc.png").stat().st_size > 5000

@@ -1,0 +1,184 @@
+"""Train DCGANs (Radford et al. 2016 recipe) and sample synthetic images from them.
+
+The recipe: Adam with lr 2e-4 and β1 = 0.5, mini-batches of 128, the non-saturating generator loss,
+real images scaled to [-1, 1]. Training images get random flips and 90° rotations (which leave the
+class and scale unchanged) so that small classes do not collapse at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.models.dcgan import IMAGE_SIZE, Discriminator, Generator
+from wsi_encoder.training.lomo_data import augment, to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DcganSpec:
+    """DCGAN training settings (defaults: Radford et al. 2016).
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the training images.
+    batch_size : int
+        Mini-batch size (capped at the number of images).
+    lr : float
+        Adam learning rate of both networks.
+    beta1 : float
+        Adam β1.
+    nz : int
+        Size of the latent vector.
+    width : int
+        Base number of filters (64 in the paper); smaller is faster and weaker.
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 2e-4
+    beta1: float = 0.5
+    nz: int = 100
+    width: int = 64
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.width < 1 or self.nz < 1 or self.lr <= 0:
+            raise InvalidParameterError(
+                f"bad DCGAN settings {self!r}: epochs, batch, width, nz and lr must be positive"
+            )
+
+
+def train_dcgan(
+    images: npt.NDArray[np.uint8],
+    spec: DcganSpec,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> Generator:
+    """Train one DCGAN on ``images`` and return its generator (eval mode, on the CPU).
+
+    Parameters
+    ----------
+    images
+        ``(N, 64, 64, 3)`` uint8 training images (N ≥ 1).
+    spec
+        Training settings.
+    seed
+        Seed of the initialisation, batch order, augmentation and noise.
+    device
+        Torch device to train on.
+    on_epoch
+        Called as ``on_epoch(epoch, epochs, {"loss_d": ..., "loss_g": ...})`` after each epoch.
+    """
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(images) == 0:
+        raise InvalidParameterError(
+            f"DCGAN training images must be (N >= 1, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) uint8, got {images.shape}"
+        )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = Generator(spec.nz, spec.width).to(device)
+        disc = Discriminator(spec.width).to(device)
+    cpu_rng = torch.Generator().manual_seed(seed)
+    dev_rng = torch.Generator(device=device).manual_seed(seed + 1)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
+    bce = nn.BCEWithLogitsLoss()
+    n = len(images)
+    batch = min(spec.batch_size, n)
+    steps = math.ceil(n / batch)
+    gen.train()
+    disc.train()
+    for epoch in range(spec.epochs):
+        order = torch.randperm(n, generator=cpu_rng).numpy()
+        sums = {"loss_d": 0.0, "loss_g": 0.0}
+        for s in range(steps):
+            idx = np.sort(order[s * batch : (s + 1) * batch])
+            real = augment(to_tensor(images[idx], device), cpu_rng) * 2.0 - 1.0
+            b = real.shape[0]
+            z = torch.randn(b, spec.nz, device=device, generator=dev_rng)
+            fake = gen(z)
+            ones = torch.ones(b, device=device)
+            zeros = torch.zeros(b, device=device)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d = bce(disc(real), ones) + bce(disc(fake.detach()), zeros)
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g = bce(disc(fake), ones)
+            loss_g.backward()
+            opt_g.step()
+            sums["loss_d"] += float(loss_d.detach())
+            sums["loss_g"] += float(loss_g.detach())
+        stats = {k: v / steps for k, v in sums.items()}
+        logger.debug("DCGAN epoch %d/%d: %s", epoch + 1, spec.epochs, stats)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, spec.epochs, stats)
+    return gen.cpu().eval()
+
+
+@torch.no_grad()
+def generate(
+    generator: Generator, n: int, *, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256
+) -> npt.NDArray[np.uint8]:
+    """``n`` images ``(n, 64, 64, 3)`` uint8 from a trained generator (seeded noise, eval mode)."""
+    device = torch.device(device)
+    generator = generator.to(device).eval()
+    rng = torch.Generator(device=device).manual_seed(seed)
+    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn(b, generator.nz, device=device, generator=rng)
+        img = (generator(z).clamp(-1, 1) + 1.0) * 127.5
+        out[start : start + b] = img.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    generator.cpu()
+    return out
+
+
+def save_generator(path: str | Path, generator: Generator, metadata: dict[str, Any]) -> None:
+    """Write the generator's weights as safetensors (atomically) with its settings in the metadata."""
+    import json
+
+    from safetensors.torch import save
+
+    from wsi_encoder.models.checkpoint import atomic_write_bytes
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    meta = {"nz": str(generator.nz), "width": str(generator.width), "info": json.dumps(metadata)}
+    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+
+
+def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any]]:
+    """Read a generator written by :func:`save_generator`; returns it (eval mode) and its metadata."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        gen = Generator(int(meta["nz"]), int(meta["width"]))
+        gen.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # any decoding failure (SafetensorError, missing keys, shapes) is a bad file
+        raise CheckpointError(f"{path}: not a DCGAN generator file ({exc}); delete it to retrain") from exc
+    return gen.eval(), json.loads(meta.get("info", "{}"))
+
+
+def spec_dict(spec: DcganSpec) -> dict[str, Any]:
+    """The spec as a JSON-serialisable dict."""
+    return asdict(spec)
