@@ -19,6 +19,11 @@ _LAZY = {
     "list_encoders": "wsi_encoder.models.encoders",
     "tile_cohort": "wsi_encoder.pipelines.tile_cohort",
     "encode_store": "wsi_encoder.pipelines.encode_store",
+    "train_encoder": "wsi_encoder.pipelines.train_encoder",
+    "train_classifier": "wsi_encoder.pipelines.classify",
+    "predict": "wsi_encoder.pipelines.classify",
+    "run_lomo": "wsi_encoder.pipelines.lomo",
+    "run_demo": "wsi_encoder.pipelines.demo",
 }
 
 __all__ = ["__version__", *_LAZY]
