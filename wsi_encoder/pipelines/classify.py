@@ -3,7 +3,7 @@
 Two calls do the whole job::
 
     result = train_classifier("embeddings.zarr", "labels.csv", "abmil", "runs/abmil", folds=5, seed=0)
-    print(result.metrics["pooled"]["auc"])
+    pooled_auc = result.metrics["pooled"]["auc"]
     predict("new_embeddings.zarr", "runs/abmil", "runs/new_predictions.csv", heatmap_dir="runs/heatmaps")
 
 ``train_classifier`` writes into ``out_dir``: ``metrics.json``, ``predictions.csv`` (out-of-fold),

@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_encoder.evaluation import lomo_report
 from wsi_encoder.evaluation.lomo_outputs import (
+    RESULTS_COLUMNS,
     atomic_write_text,
     csv_text,
     fold_metrics,
@@ -82,23 +83,7 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
             if (p / "metrics.json").is_file() and (out / "embeddings" / arm / f"{p.name}.npz").is_file()
         ):
             metrics = json.loads((out / "runs" / arm / f"heldout_{m}" / "metrics.json").read_text())
-            results.append(
-                {
-                    k: metrics[k]
-                    for k in (
-                        "arm",
-                        "held_out",
-                        "auc",
-                        "f1",
-                        "balanced_accuracy",
-                        "brier",
-                        "ece",
-                        "n_test_images",
-                        "n_test_patients",
-                        "patient_auc",
-                    )
-                }
-            )
+            results.append({k: metrics[k] for k in RESULTS_COLUMNS})
             extra[(arm, m)] = metrics
             emb = load_fold_embeddings(out / "embeddings" / arm / f"heldout_{m}.npz")
             predictions.setdefault(arm, {})[m] = (emb["y_test"], emb["prob_test"])
