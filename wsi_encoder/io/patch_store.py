@@ -410,7 +410,7 @@ def open_patch_store(path: str | Path) -> PatchStore:
     """
     path = Path(path)
     if not (path / "zarr.json").exists():
-        raise StoreError(f"{path}: no patch store here (run `wsienc tile ... --out {path}` first)")
+        raise StoreError(f"{path}: no such patch store (run `wsienc tile ... --out {path}` first)")
     try:
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
     except Exception as exc:

@@ -43,6 +43,7 @@ from wsi_encoder.compression import (
 from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderError
 from wsi_encoder.io import embedding_store as es
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
+from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import get_reader, resize_rgb
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
 
@@ -122,27 +123,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, WsiEncoderError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-def open_patch_store(path: str | Path) -> zarr.Group:
-    """Open a patch store read-only and check its kind.
-
-    Raises
-    ------
-    StoreError
-        Missing, not a zarr group, or not a patch store.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: no such patch store (write one with `wsienc tile SLIDES --out {path}`)")
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except Exception as exc:
-        raise StoreError(f"{path}: not a readable zarr v3 group ({exc})") from exc
-    kind = root.attrs.get("kind")
-    if kind != "patch_store":
-        raise StoreError(f"{path}: not a patch store (root attribute kind={kind!r}); pass the output of `wsienc tile`")
-    return root
 
 
 class _StoreTiles:
@@ -522,7 +502,7 @@ def encode_store(
     if workers is not None and workers < 1:
         raise InvalidParameterError(f"--workers {workers!r} must be at least 1")
     resolve_device(device)
-    patch_root = open_patch_store(patch_store)
+    patch_root = open_patch_store(patch_store).root
     _, identity = load_encoder_cached(str(encoder), None if weights is None else str(weights), "cpu")
     root = es.open_embedding_root(out, create=True)
     local = client is None and scheduler in (None, "", "threads", "synchronous")
