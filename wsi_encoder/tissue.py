@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 BoolArray = npt.NDArray[np.bool_]
 
 #: Name recorded in stores for this detector (bump when results change).
-TISSUE_METHOD = "skimage-otsu-saturation-v1"
+TISSUE_METHOD = "skimage-otsu-saturation-v2"
 #: Name recorded when a thumbnail was segmented as a dark-field (fluorescence) image.
 TISSUE_METHOD_DARKFIELD = "skimage-otsu-darkfield-v1"
 
@@ -44,6 +44,10 @@ _BLUE_HUE = (165.0, 235.0)
 _GREEN_HUE = (75.0, 165.0)
 _DARKFIELD_MEDIAN_V = 0.25
 _SATURATION_RANGE = (0.04, 0.08)
+#: Glass: bright (channel max above this) and unsaturated; below this share of glass pixels there is none.
+_GLASS_MIN_V = 0.85
+_GLASS_MAX_SAT = 0.1
+_MIN_GLASS_FRACTION = 0.01
 _SIZE_KEYWORD = "max_size" if "max_size" in inspect.signature(morphology.remove_small_objects).parameters else "min_size"
 
 
@@ -152,8 +156,13 @@ def detect_tissue(
     ink = morphology.dilation(ink, morphology.disk(2))
     saturation = filters.gaussian(sat, sigma=1.0, preserve_range=True)
     candidates = saturation[~ink]
+    glass = float(np.mean((value > _GLASS_MIN_V) & (sat < _GLASS_MAX_SAT)))
     if candidates.size < 16 or float(np.ptp(candidates)) < 1e-3:
         threshold = _SATURATION_RANGE[1]
+    elif glass < _MIN_GLASS_FRACTION:
+        # No glass in view (a field of tissue: a crop, a TMA core, a BreaKHis image): Otsu would split
+        # the tissue itself in two, so everything more saturated than glass counts.
+        threshold = _SATURATION_RANGE[0]
     else:
         threshold = float(np.clip(filters.threshold_otsu(candidates), *_SATURATION_RANGE))
     mask = (saturation > threshold) & ~ink
