@@ -154,17 +154,19 @@ def save_fold_embeddings(path: str | Path, arrays: Mapping[str, npt.ArrayLike]) 
     return path
 
 
-def load_fold_embeddings(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a fold's embeddings ``.npz`` (no pickles); raises :class:`DatasetError` when keys are missing."""
+def load_fold_embeddings(path: str | Path, required: Sequence[str] = EMBEDDING_KEYS) -> dict[str, np.ndarray]:
+    """Read a fold's embeddings ``.npz`` (no pickles); raises :class:`DatasetError` when a ``required`` key is missing."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot read the embeddings file ({exc})") from exc
-    missing = [k for k in EMBEDDING_KEYS if k not in arrays]
+    missing = [k for k in required if k not in arrays]
     if missing:
-        raise DatasetError(f"{path}: embeddings file lacks {missing}")
+        raise DatasetError(
+            f"{path}: lacks array(s) {', '.join(missing)} (expected the `wsienc lomo` embeddings layout)"
+        )
     return arrays
 
 

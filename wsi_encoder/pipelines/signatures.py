@@ -37,6 +37,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from wsi_encoder import __version__
 from wsi_encoder.errors import DatasetError, InvalidParameterError, StoreError, WsiEncoderError
+from wsi_encoder.evaluation.lomo_outputs import load_fold_embeddings
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.signature_report import ReportContext, write_report
 from wsi_encoder.evaluation.signatures import (
@@ -112,14 +113,7 @@ def _fold_sort_key(name: str) -> tuple[int, str]:
 
 def _read_lomo_npz(path: Path) -> FoldData:
     """Load and check one ``heldout_<m>.npz`` (no pickles)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read the embeddings file ({exc})") from exc
-    missing = [k for k in LOMO_KEYS if k not in arrays]
-    if missing:
-        raise DatasetError(f"{path}: lacks array(s) {', '.join(missing)} (expected the `wsienc lomo` embeddings layout)")
+    arrays = load_fold_embeddings(path, required=LOMO_KEYS)
     for side in ("train", "test"):
         x, y, g = arrays[f"X_{side}"], arrays[f"y_{side}"], arrays[f"patient_{side}"]
         if x.ndim != 2 or y.shape != (len(x),) or g.shape != (len(x),):
