@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tile": "wsi_encoder.cli.tile:tile",
     "tasks": "wsi_encoder.cli.train:tasks",
     "train-encoder": "wsi_encoder.cli.train:train_encoder",
+    "encoders": "wsi_encoder.cli.encoders:encoders",
     "encode": "wsi_encoder.cli.encode:encode",
     "classify": "wsi_encoder.cli.classify:classify",
     "lomo": "wsi_encoder.cli.lomo:lomo",

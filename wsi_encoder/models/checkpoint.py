@@ -182,8 +182,15 @@ def load_encoder(ckpt_dir: str | Path) -> Encoder:
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} uses encoder {enc_cfg.name!r}, which is not registered here"
         )
+    backbone = cfg.get("backbone") or {}
+    partial = backbone.get("stored") == "trainable"
     encoder = create_encoder(
-        enc_cfg.name, embed_dim=enc_cfg.embed_dim, input_size=enc_cfg.input_size, input_mpp=enc_cfg.input_mpp
+        enc_cfg.name,
+        weights=_backbone_file(ckpt_dir, backbone) if partial else None,
+        embed_dim=enc_cfg.embed_dim,
+        input_size=enc_cfg.input_size,
+        input_mpp=enc_cfg.input_mpp,
+        require_weights=False,
     )
     if encoder.config != enc_cfg:
         raise CheckpointError(
@@ -192,14 +199,61 @@ def load_encoder(ckpt_dir: str | Path) -> Encoder:
     state = read_model_state(ckpt_dir, cfg)
     enc_state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     try:
-        encoder.load_state_dict(enc_state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"weights in {str(ckpt_dir)!r} do not fit {enc_cfg.name!r}: {first}") from exc
+        load_model_state(encoder, enc_state, partial=partial)
+    except CheckpointError as exc:
+        raise CheckpointError(f"weights in {str(ckpt_dir)!r} do not fit {enc_cfg.name!r}: {exc}") from exc
     encoder.weights_sha256 = cfg["weights_sha256"]
     encoder.checkpoint_config = cfg
     encoder.eval()
     return encoder
+
+
+def _backbone_file(ckpt_dir: str | Path, backbone: Mapping[str, Any]) -> str:
+    """The pretrained backbone file a partial checkpoint was trained on, checked by its SHA-256.
+
+    It is looked for where training read it, then under ``$WSIENC_WEIGHTS_DIR``.
+    """
+    from wsi_encoder.models.encoders import find_in_weights_dir, get_spec
+
+    name = str(backbone.get("name"))
+    want = str(backbone.get("weights_sha256"))
+    path = backbone.get("weights")
+    candidates = [Path(path)] if path else []
+    spec = get_spec(name)
+    found = find_in_weights_dir(name, spec.weights_file)
+    if found is not None:
+        candidates.append(found)
+    for c in candidates:
+        if c.is_file() and file_sha256(c) == want:
+            return str(c)
+    raise CheckpointError(
+        f"checkpoint {str(ckpt_dir)!r} stores only the layers it trained on top of the {name!r} weights "
+        f"{path!r} (sha256 {want[:12]}); that file is missing or changed: put it back (or under "
+        f"$WSIENC_WEIGHTS_DIR/{name}/) to use this checkpoint"
+    )
+
+
+def load_model_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
+    """Load a checkpoint's tensors into ``module``: strictly, or (``partial``) the trained subset.
+
+    A partial checkpoint (frozen pretrained backbone) holds only the tensors training changed; every
+    key it has must exist in ``module`` with the same shape, the rest keep the backbone's weights.
+
+    Raises
+    ------
+    CheckpointError
+        Unexpected or missing keys, or shapes that differ.
+    """
+    own = module.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [] if partial else [k for k in own if k not in state]
+    clashes = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+    if unexpected or missing or clashes:
+        raise CheckpointError(
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
+            f"{len(clashes)} shape mismatches {clashes[:3]}"
+        )
+    module.load_state_dict(dict(state), strict=not partial)
 
 
 def resolve_encoder(spec: str | Path, weights: str | Path | None = None) -> Encoder:
@@ -232,7 +286,7 @@ def resolve_encoder(spec: str | Path, weights: str | Path | None = None) -> Enco
             f"known encoders: {', '.join(list_encoders())}"
         )
     encoder = create_encoder(name, weights=weights)
-    if weights is None:
+    if encoder.weights_path is None:
         log.warning(
             "encoder %r has no weights: using a fixed-seed random initialisation (untrained); "
             "pass a checkpoint from `wsienc train-encoder` or --weights FILE",

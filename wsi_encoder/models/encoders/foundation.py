@@ -1,0 +1,516 @@
+"""Public pathology foundation tile encoders, built with timm from their published architectures.
+
+Nothing is downloaded: each entry builds the architecture exactly as its model card / official code
+configures it (the source is cited above each entry) and loads the user's local weight file strictly
+after the documented key remapping (see :mod:`wsi_encoder.models.encoders.weights`). Every entry
+needs its weights (``requires_weights``): a foundation model is never silently randomly initialised.
+
+ViTs are built with ``dynamic_img_size=True`` (as TRIDENT does) so that inputs of another multiple
+of the patch size interpolate the position embedding; ``wsienc encode`` feeds every tile at the
+entry's ``input_size`` anyway.
+
+Hugging Face ``transformers`` checkpoints (Phikon, Phikon-v2, Hibou-B) are loaded into the
+equivalent timm ViT after remapping the HF key layout; ``transformers`` is not needed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_encoder.models.encoders.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderConfig,
+    check_embed_dim,
+    register_encoder,
+)
+from wsi_encoder.models.encoders.weights import (
+    hf_dinov2_to_timm,
+    hf_vit_to_timm,
+    swin_v0_to_timm,
+    timm_layout,
+)
+
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+KAIKO_MEAN = (0.5, 0.5, 0.5)
+KAIKO_STD = (0.5, 0.5, 0.5)
+
+_TIMM_FILE = "timm state dict (pytorch_model.bin or model.safetensors), keys as saved by timm; loaded as they are"
+
+
+class TimmViTEncoder(Encoder):
+    """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``) or the
+    class token concatenated with the mean of the patch tokens (``pool="cls+mean"``, Virchow), both
+    taken after the final norm, with an optional linear embedding on top."""
+
+    def __init__(self, config: EncoderConfig, trunk: nn.Module, *, pool: str, trunk_features: int) -> None:
+        super().__init__(config)
+        self.trunk = trunk
+        self.pool = pool
+        self.embed = nn.Linear(trunk_features, config.embed_dim) if config.embed_dim is not None else nn.Identity()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)
+        cls = tokens[:, 0]
+        if self.pool == "cls+mean":
+            patches = tokens[:, int(self.trunk.num_prefix_tokens) :]
+            cls = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+        return self.embed(cls)
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        t = self.trunk
+        stem = nn.ModuleList([m for m in (t.patch_embed,) if m is not None])
+        blocks = list(t.blocks)
+        blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm])  # the last block carries the final norm
+        return [stem, *blocks]
+
+
+class SwinEncoder(Encoder):
+    """A timm Swin trunk, average-pooled after the final norm, with an optional linear embedding."""
+
+    def __init__(self, config: EncoderConfig, trunk: nn.Module, *, trunk_features: int) -> None:
+        super().__init__(config)
+        self.trunk = trunk
+        self.embed = nn.Linear(trunk_features, config.embed_dim) if config.embed_dim is not None else nn.Identity()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.trunk(x))
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        t = self.trunk
+        blocks: list[nn.Module] = [t.patch_embed]
+        for stage in t.layers:
+            blocks.append(stage.downsample)
+            blocks.extend(stage.blocks)
+        blocks[-1] = nn.ModuleList([blocks[-1], t.norm])
+        return blocks
+
+
+def _vit(
+    name: str,
+    arch: str,
+    *,
+    out_dim: int | None,
+    input_size: int,
+    input_mpp: float,
+    native_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    features: int,
+    pool: str = "cls",
+    **timm_kwargs: Any,
+) -> Encoder:
+    """Build ``arch`` with timm (no pretrained download) and wrap it.
+
+    The position embedding is always built for the published ``native_size`` (so the official file
+    loads strictly); other ``input_size`` values are served by ``dynamic_img_size`` interpolation.
+    """
+    import timm
+
+    check_embed_dim(out_dim)
+    trunk = timm.create_model(
+        arch, pretrained=False, num_classes=0, img_size=native_size, dynamic_img_size=True, **timm_kwargs
+    )
+    cfg = EncoderConfig(name, int(input_size), float(input_mpp), mean, std, features if out_dim is None else out_dim, out_dim)
+    return TimmViTEncoder(cfg, trunk, pool=pool, trunk_features=features)
+
+
+def _swiglu() -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+# ---- UNI / UNI2-h (Mahmood lab) ---------------------------------------------------------------------
+# Model card https://huggingface.co/MahmoodLab/UNI and TRIDENT UNIInferenceEncoder:
+# timm "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+# dynamic_img_size=True; ImageNet mean/std; embedding = class token (1,024). Tiles 224 px at 20x (0.5 µm/px).
+@register_encoder(
+    "uni",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/MahmoodLab/UNI (gated)",
+    license="CC-BY-NC-ND-4.0, gated: academic non-commercial research use only",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=16,
+)
+def _uni(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """UNI (Chen et al., Nat. Med. 2024): ViT-L/16 DINOv2, 1,024-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("uni", "vit_large_patch16_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1024, patch_size=16, init_values=1e-5)
+
+
+# Model card https://huggingface.co/MahmoodLab/UNI2-h and TRIDENT UNIv2InferenceEncoder:
+# timm "vit_giant_patch14_224", img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5,
+# embed_dim=1536, mlp_ratio=2.66667*2, num_classes=0, no_embed_class=True, mlp_layer=SwiGLUPacked,
+# act_layer=SiLU, reg_tokens=8, dynamic_img_size=True; ImageNet mean/std; class token (1,536).
+@register_encoder(
+    "uni2-h",
+    embed_dim=1536,
+    input_size=224,
+    mpp=0.5,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/MahmoodLab/UNI2-h (gated)",
+    license="CC-BY-NC-ND-4.0, gated: academic non-commercial research use only",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _uni2h(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """UNI2-h: ViT-H/14 (24 blocks, 1,536 wide, SwiGLU, 8 registers), 1,536-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("uni2-h", "vit_giant_patch14_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1536, patch_size=14, depth=24,
+                num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2, no_embed_class=True,
+                reg_tokens=8, **_swiglu())
+
+
+# ---- Virchow / Virchow2 (Paige) -----------------------------------------------------------------------
+# Model card https://huggingface.co/paige-ai/Virchow (config.json) and TRIDENT VirchowInferenceEncoder:
+# timm "vit_huge_patch14_224", img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375,
+# global_pool="", dynamic_img_size=True, mlp_layer=SwiGLUPacked, act_layer=SiLU; ImageNet mean/std;
+# embedding = concat(class token, mean of the 256 patch tokens) = 2,560. Trained at 20x (0.5 µm/px).
+@register_encoder(
+    "virchow",
+    embed_dim=2560,
+    input_size=224,
+    mpp=0.5,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/paige-ai/Virchow (gated)",
+    license="Apache-2.0, gated (accept Paige's access conditions on the card)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _virchow(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Virchow (Vorontsov et al., Nat. Med. 2024): ViT-H/14 SwiGLU, class token ++ mean patch token = 2,560-d."""
+    return _vit("virchow", "vit_huge_patch14_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=2560, pool="cls+mean",
+                init_values=1e-5, mlp_ratio=5.3375, global_pool="", **_swiglu())
+
+
+# Model card https://huggingface.co/paige-ai/Virchow2 and TRIDENT Virchow2InferenceEncoder: as Virchow with
+# reg_tokens=4; embedding = concat(class token, mean of the patch tokens after the 4 registers) = 2,560.
+# Trained on mixed magnifications (5x-40x); 20x (0.5 µm/px) is its reference scale.
+@register_encoder(
+    "virchow2",
+    embed_dim=2560,
+    input_size=224,
+    mpp=0.5,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/paige-ai/Virchow2 (gated)",
+    license="CC-BY-NC-ND-4.0, gated: non-commercial research use only",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _virchow2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Virchow2 (Zimmermann et al. 2024): ViT-H/14 SwiGLU, 4 registers, class ++ mean patch token = 2,560-d."""
+    return _vit("virchow2", "vit_huge_patch14_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=2560, pool="cls+mean",
+                init_values=1e-5, mlp_ratio=5.3375, global_pool="", reg_tokens=4, **_swiglu())
+
+
+# ---- H-optimus-0 / H-optimus-1 (Bioptimus) -------------------------------------------------------------
+# Model cards https://huggingface.co/bioptimus/H-optimus-0 and .../H-optimus-1 (timm config.json) and TRIDENT
+# HOptimus{0,1}InferenceEncoder: timm "vit_giant_patch14_reg4_dinov2" (ViT-g/14: 40 blocks, 1,536 wide,
+# SwiGLU, 4 registers, no_embed_class), img_size=224, init_values=1e-5, num_classes=0, global_pool="token";
+# mean (0.707223, 0.578729, 0.703617), std (0.211883, 0.230117, 0.177517); class token (1,536); 0.5 µm/px.
+def _hoptimus(name: str, embed_dim: int | None, input_size: int, input_mpp: float) -> Encoder:
+    return _vit(name, "vit_giant_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, features=1536,
+                init_values=1e-5, global_pool="token")
+
+
+@register_encoder(
+    "h-optimus-0",
+    embed_dim=1536,
+    input_size=224,
+    mpp=0.5,
+    mean=HOPTIMUS_MEAN,
+    std=HOPTIMUS_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/bioptimus/H-optimus-0",
+    license="Apache-2.0",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """H-optimus-0 (Bioptimus 2024): ViT-g/14 with 4 registers, 1.1 B parameters, 1,536-d class token."""
+    return _hoptimus("h-optimus-0", embed_dim, input_size, input_mpp)
+
+
+@register_encoder(
+    "h-optimus-1",
+    embed_dim=1536,
+    input_size=224,
+    mpp=0.5,
+    mean=HOPTIMUS_MEAN,
+    std=HOPTIMUS_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/bioptimus/H-optimus-1 (gated)",
+    license="gated; Bioptimus licence terms on the card (non-commercial use)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _hoptimus1(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """H-optimus-1 (Bioptimus 2025): ViT-g/14 with 4 registers (as H-optimus-0), 1,536-d class token."""
+    return _hoptimus("h-optimus-1", embed_dim, input_size, input_mpp)
+
+
+# ---- Prov-GigaPath tile encoder (Microsoft / Providence) ----------------------------------------------
+# Model card https://huggingface.co/prov-gigapath/prov-gigapath (timm config.json) and TRIDENT
+# GigaPathInferenceEncoder: timm "vit_giant_patch14_dinov2" with img_size=224, patch_size=16, embed_dim=1536,
+# depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0; ImageNet mean/std; class
+# token (1,536). Tiles 256 px at 20x resized/cropped to 224 (0.5 µm/px).
+@register_encoder(
+    "prov-gigapath",
+    embed_dim=1536,
+    input_size=224,
+    mpp=0.5,
+    weights_format=_TIMM_FILE,
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/prov-gigapath/prov-gigapath (gated)",
+    license="Apache-2.0, gated (research use; see the card's conditions)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=16,
+)
+def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Prov-GigaPath tile encoder (Xu et al., Nature 2024): ViT-g/16 DINOv2, 1.1 B parameters, 1,536-d."""
+    return _vit("prov-gigapath", "vit_giant_patch14_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1536,
+                patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334)
+
+
+# ---- Phikon / Phikon-v2 (Owkin) ------------------------------------------------------------------------
+# Model card https://huggingface.co/owkin/phikon (config.json: ViTModel, hidden 768, 12 layers, 12 heads,
+# patch 16, image 224, qkv_bias, layer_norm_eps 1e-12, gelu) and TRIDENT PhikonInferenceEncoder
+# (ViTModel add_pooling_layer=False, last_hidden_state[:, 0]); ImageNet mean/std; 20x (0.5 µm/px).
+@register_encoder(
+    "phikon",
+    embed_dim=768,
+    input_size=224,
+    mpp=0.5,
+    weights_format="Hugging Face transformers ViTModel (pytorch_model.bin / model.safetensors); HF ViT keys remapped to timm, pooler.* dropped",
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/owkin/phikon",
+    license="Owkin non-commercial licence (see the card)",
+    requires_weights=True,
+    remap=hf_vit_to_timm,
+    lazy_init=True,
+    min_input_size=16,
+)
+def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Phikon (Filiot et al. 2023): ViT-B/16 iBOT on TCGA, 768-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("phikon", "vit_base_patch16_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=768,
+                norm_layer=partial(nn.LayerNorm, eps=1e-12))
+
+
+# Model card https://huggingface.co/owkin/phikon-v2 (config.json: Dinov2Model, hidden 1024, 24 layers, 16
+# heads, patch 16, image 224, layerscale 1e-5, layer_norm_eps 1e-6, mlp_ratio 4, no registers) and TRIDENT
+# Phikonv2InferenceEncoder (last_hidden_state[:, 0]); ImageNet mean/std; 20x (0.5 µm/px).
+@register_encoder(
+    "phikon-v2",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    weights_format="Hugging Face transformers Dinov2Model (model.safetensors); HF DINOv2 keys remapped to timm, mask_token dropped",
+    weights_file="model.safetensors",
+    source="https://huggingface.co/owkin/phikon-v2",
+    license="Owkin non-commercial licence (see the card)",
+    requires_weights=True,
+    remap=hf_dinov2_to_timm,
+    lazy_init=True,
+    min_input_size=16,
+)
+def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Phikon-v2 (Filiot et al. 2024): ViT-L/16 DINOv2 on PANCAN-XL, 1,024-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("phikon-v2", "vit_large_patch16_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1024,
+                init_values=1e-5)
+
+
+# ---- Hibou-B (HistAI) ----------------------------------------------------------------------------------
+# Model card https://huggingface.co/histai/hibou-b (custom DINOv2-with-registers transformers code: hidden
+# 768, 12 layers, 12 heads, patch 14, image 224, 4 register tokens, layerscale, layer_norm_eps 1e-6) and
+# TRIDENT HibouLInferenceEncoder (pooler_output = class token after the final layernorm);
+# mean (0.7068, 0.5755, 0.722), std (0.195, 0.2316, 0.1816); 0.5 µm/px.
+@register_encoder(
+    "hibou-b",
+    embed_dim=768,
+    input_size=224,
+    mpp=0.5,
+    mean=HIBOU_MEAN,
+    std=HIBOU_STD,
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors); HF keys remapped to timm, class-token position folded into cls_token",
+    weights_file="model.safetensors",
+    source="https://huggingface.co/histai/hibou-b",
+    license="Apache-2.0",
+    requires_weights=True,
+    remap=hf_dinov2_to_timm,
+    lazy_init=True,
+    min_input_size=14,
+)
+def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Hibou-B (Nechaev et al. 2024): ViT-B/14 DINOv2 with 4 registers, 768-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("hibou-b", "vit_base_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=HIBOU_MEAN, std=HIBOU_STD, features=768,
+                init_values=1e-5)
+
+
+# ---- Lunit DINO ViT-S/8 ---------------------------------------------------------------------------------
+# Kang et al., CVPR 2023 "Benchmarking self-supervised learning on diverse pathology datasets"; timm port
+# https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino (config.json: vit_small_patch8_224,
+# num_classes 0, mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, 0.20723464)) and
+# TRIDENT LunitS8InferenceEncoder; class token (384). Trained on 20x and 40x tiles; 0.5 µm/px here.
+@register_encoder(
+    "lunit-vits8",
+    embed_dim=384,
+    input_size=224,
+    mpp=0.5,
+    mean=LUNIT_MEAN,
+    std=LUNIT_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="model.safetensors",
+    source="https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino (original: github.com/lunit-io/benchmark-ssl)",
+    license="Lunit's terms (non-commercial research use; see the card)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=8,
+)
+def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Lunit DINO ViT-S/8 (Kang et al., CVPR 2023): 384-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("lunit-vits8", "vit_small_patch8_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=LUNIT_MEAN, std=LUNIT_STD, features=384)
+
+
+# ---- kaiko.ai ViT-B/8 -------------------------------------------------------------------------------------
+# Aben et al. 2024 "Towards large-scale training of pathology foundation models" (kaiko-ai/towards_large_pathology_fms);
+# timm port https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms and TRIDENT
+# KaikoB8InferenceEncoder: timm "vit_base_patch8_224", num_classes=0, img_size=224, dynamic_img_size=True;
+# mean = std = (0.5, 0.5, 0.5); class token (768). Trained on several magnifications; 0.5 µm/px here.
+@register_encoder(
+    "kaiko-vitb8",
+    embed_dim=768,
+    input_size=224,
+    mpp=0.5,
+    mean=KAIKO_MEAN,
+    std=KAIKO_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="model.safetensors",
+    source="https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms (kaiko-ai/towards_large_pathology_fms)",
+    license="see the card / kaiko-ai/towards_large_pathology_fms (research use)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    min_input_size=8,
+)
+def _kaiko_b8(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """kaiko.ai ViT-B/8 DINO (Aben et al. 2024): 768-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("kaiko-vitb8", "vit_base_patch8_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=KAIKO_MEAN, std=KAIKO_STD, features=768)
+
+
+# ---- CTransPath -------------------------------------------------------------------------------------------
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding: two 3×3 stride-2 conv-BN-ReLU and a 1×1 conv to ``embed_dim``.
+
+    TransPath ``ctran.py`` / TRIDENT ``model_zoo/ctranspath/ctran.py``: channels ``embed_dim/8`` then
+    ``embed_dim/4``, no bias in the 3×3 convs, then an optional norm. Written for timm 1.x Swin, which
+    calls the patch embedding with ``output_fmt="NHWC"``: the output is ``(B, H/4, W/4, C)``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        norm_layer: Any = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if patch != (4, 4) or embed_dim % 8:
+            raise ValueError("ConvStem needs patch_size 4 and embed_dim divisible by 8")
+        self.img_size = size
+        self.patch_size = patch
+        self.grid_size = (size[0] // 4, size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        stem: list[nn.Module] = []
+        c_in, c_out = in_chans, embed_dim // 8
+        for _i in range(2):
+            stem += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in, c_out = c_out, c_out * 2
+        stem.append(nn.Conv2d(c_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*stem)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // 4, img_size[1] // 4
+
+
+# Wang et al., Med. Image Anal. 2022 (TransPath / CTransPath), github.com/Xiyue-Wang/TransPath ctran.py and TRIDENT
+# CTransPathInferenceEncoder: swin_tiny_patch4_window7_224 (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7)
+# with embed_layer=ConvStem, head removed; ImageNet mean/std; average-pooled 768 features. Weights: TransPath's
+# ctranspath.pth (= MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth), {"model": state_dict} in the
+# timm 0.5.4 Swin layout. Pretrained on 1,024-px TCGA/PAIP regions at 20x resized to 224 (~1 µm/px, as CHIEF uses it at 10x).
+@register_encoder(
+    "ctranspath",
+    embed_dim=768,
+    input_size=224,
+    mpp=1.0,
+    weights_format="TransPath torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, relative_position_index/attn_mask/head dropped",
+    weights_file="ctranspath.pth",
+    source="https://github.com/Xiyue-Wang/TransPath (Google Drive link in its README); also huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath (gated)",
+    license="GPL-3.0 (TransPath repository); weights for research use",
+    requires_weights=True,
+    remap=swin_v0_to_timm,
+    min_input_size=32,
+)
+def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
+    """CTransPath (Wang et al., MedIA 2022): Swin-T with a convolutional stem, 768-d, 224 px @ 1 µm/px."""
+    import timm
+
+    check_embed_dim(embed_dim)
+    trunk = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=ConvStem, img_size=224,
+        strict_img_size=False,
+    )
+    cfg = EncoderConfig("ctranspath", int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
+                        768 if embed_dim is None else embed_dim, embed_dim)
+    return SwinEncoder(cfg, trunk, trunk_features=768)

@@ -1,0 +1,276 @@
+"""Local weight files: finding them, reading them safely, hashing them, and the key remappings.
+
+Weights are never downloaded. A file is read as ``.safetensors`` (preferred) or, for ``.bin`` /
+``.pth`` / ``.pt``, only through ``torch.load(weights_only=True)`` (no pickled code runs). A folder
+(an unpacked Hugging Face snapshot) is accepted and its ``model.safetensors`` or
+``pytorch_model.bin`` read. ``$WSIENC_WEIGHTS_DIR`` lets a site keep files under conventional names:
+``$WSIENC_WEIGHTS_DIR/<name>.safetensors`` (or ``.bin``/``.pth``/``.pt``) or
+``$WSIENC_WEIGHTS_DIR/<name>/<official file name>`` (e.g. ``uni/pytorch_model.bin``).
+
+Remappings (official layout → the module's timm/torchvision layout) are plain functions on the
+state dict; each registry entry names the one it uses and ``docs/encoders.md`` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_encoder.errors import CheckpointError
+
+#: Environment variable naming a folder of weight files under conventional names.
+WEIGHTS_DIR_ENV = "WSIENC_WEIGHTS_DIR"
+_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_file_in(path: Path) -> Path:
+    """The weight file a path designates: the file itself, or a snapshot folder's model file."""
+    if path.is_dir():
+        for name in _SNAPSHOT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"weights folder {str(path)!r} holds neither {' nor '.join(_SNAPSHOT_FILES)}; pass the weights file itself"
+        )
+    return path
+
+
+def find_in_weights_dir(name: str, official_file: str | None) -> Path | None:
+    """The conventional file for encoder ``name`` under ``$WSIENC_WEIGHTS_DIR``, or None."""
+    root = os.environ.get(WEIGHTS_DIR_ENV)
+    if not root:
+        return None
+    base = Path(root).expanduser()
+    candidates = [base / f"{name}{suffix}" for suffix in _SUFFIXES]
+    folder = base / name
+    if official_file:
+        candidates.append(folder / official_file)
+    candidates += [folder / f for f in _SNAPSHOT_FILES]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a local state dict: ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
+
+    A folder is read through its ``model.safetensors`` / ``pytorch_model.bin``. A dict holding the
+    weights under ``state_dict`` or ``model`` (common training checkpoints) is unwrapped.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable, or not a dict of tensors (one line naming the file).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"weights file {str(p)!r} does not exist; pass a local .safetensors or .pt file")
+    p = weights_file_in(p)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p), device="cpu")
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any decoding failure is a malformed file for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read weights file {str(p)!r}: {first}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {str(p)!r} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def strip_prefix(state: dict[str, torch.Tensor], *prefixes: str) -> dict[str, torch.Tensor]:
+    """Remove the first of ``prefixes`` that every key starts with (``module.``, ``backbone.`` ...)."""
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str, assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with one line naming missing/unexpected keys and shape clashes.
+
+    Raises
+    ------
+    CheckpointError
+        Keys or shapes do not match.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    clashes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or clashes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
+            )
+        if clashes:
+            parts.append(f"{len(clashes)} shape mismatches ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''})")
+        raise CheckpointError(f"{what}: {'; '.join(parts)}")
+    if assign:  # tensors become the module's own: keep float32 whatever the file stored
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+# ---- remappings: official layout -> module layout ---------------------------------------------------
+
+
+def torchvision_resnet_trunk(depth_layers: int) -> Any:
+    """torchvision ResNet (``conv1 bn1 layer1..4 fc``) → a trunk keeping ``layer1..depth_layers``.
+
+    ``layer{k}.*`` for ``k > depth_layers`` and ``fc.*`` are dropped (the truncated network has no
+    use for them); a ``module.`` prefix is stripped.
+    """
+
+    def remap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = strip_prefix(state, "module.")
+        drop = (*tuple(f"layer{k}." for k in range(depth_layers + 1, 5)), "fc.")
+        return {k: v for k, v in state.items() if not k.startswith(drop)}
+
+    return remap
+
+
+def timm_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm checkpoint: loaded as it is (a ``module.`` / ``model.`` wrapper prefix is stripped)."""
+    return strip_prefix(state, "module.", "model.")
+
+
+def _hf_attention(out: dict[str, torch.Tensor], state: dict[str, torch.Tensor], src: str, dst: str) -> None:
+    for kind in ("weight", "bias"):
+        parts = [state.pop(f"{src}.attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
+        out[f"{dst}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+
+
+def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``ViTModel`` (e.g. owkin/phikon) → timm ``VisionTransformer``.
+
+    ``embeddings.cls_token``/``position_embeddings``/``patch_embeddings.projection`` → ``cls_token``/
+    ``pos_embed``/``patch_embed.proj``; per layer ``layernorm_before/after`` → ``norm1/norm2``,
+    ``attention.attention.{query,key,value}`` concatenated (q, k, v) → ``attn.qkv``,
+    ``attention.output.dense`` → ``attn.proj``, ``intermediate.dense``/``output.dense`` →
+    ``mlp.fc1``/``mlp.fc2``; ``layernorm`` → ``norm``. ``pooler.*`` is dropped (the embedding is the
+    class token of the last hidden state, as TRIDENT uses Phikon); a ``vit.`` prefix is stripped.
+    """
+    state = strip_prefix(dict(state), "vit.")
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    out: dict[str, torch.Tensor] = {}
+    out["cls_token"] = state.pop("embeddings.cls_token")
+    out["pos_embed"] = state.pop("embeddings.position_embeddings")
+    out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
+    out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layer.{i}", f"blocks.{i}"
+        _hf_attention(out, state, src, dst)
+        for kind in ("weight", "bias"):
+            out[f"{dst}.norm1.{kind}"] = state.pop(f"{src}.layernorm_before.{kind}")
+            out[f"{dst}.norm2.{kind}"] = state.pop(f"{src}.layernorm_after.{kind}")
+            out[f"{dst}.attn.proj.{kind}"] = state.pop(f"{src}.attention.output.dense.{kind}")
+            out[f"{dst}.mlp.fc1.{kind}"] = state.pop(f"{src}.intermediate.dense.{kind}")
+            out[f"{dst}.mlp.fc2.{kind}"] = state.pop(f"{src}.output.dense.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"norm.{kind}"] = state.pop(f"layernorm.{kind}")
+    out.update(state)  # anything left over is reported as unexpected by the strict load
+    return out
+
+
+def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``Dinov2Model`` (owkin/phikon-v2; histai/hibou-b with registers) → timm ViT.
+
+    As :func:`hf_vit_to_timm` for embeddings and attention, with per layer ``norm1``/``norm2`` kept,
+    ``mlp.fc1``/``mlp.fc2`` kept, ``layer_scale{1,2}.lambda1`` → ``ls{1,2}.gamma``; ``layernorm`` →
+    ``norm``; ``embeddings.mask_token`` (masked-image pretraining only) is dropped. With registers
+    (``embeddings.register_tokens`` → ``reg_token``) the timm model has no position embedding for the
+    class token (``no_embed_class``), so the class token's position embedding is added into
+    ``cls_token`` and removed from ``pos_embed`` — the same conversion timm applies to DINOv2-reg
+    checkpoints; the forward pass is unchanged.
+    """
+    state = strip_prefix(dict(state), "dinov2.", "model.")
+    state.pop("embeddings.mask_token", None)
+    out: dict[str, torch.Tensor] = {}
+    cls = state.pop("embeddings.cls_token")
+    pos = state.pop("embeddings.position_embeddings")
+    if "embeddings.register_tokens" in state:
+        out["reg_token"] = state.pop("embeddings.register_tokens")
+        out["cls_token"] = cls + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    else:
+        out["cls_token"] = cls
+        out["pos_embed"] = pos
+    out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
+    out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layer.{i}", f"blocks.{i}"
+        _hf_attention(out, state, src, dst)
+        for kind in ("weight", "bias"):
+            out[f"{dst}.norm1.{kind}"] = state.pop(f"{src}.norm1.{kind}")
+            out[f"{dst}.norm2.{kind}"] = state.pop(f"{src}.norm2.{kind}")
+            out[f"{dst}.attn.proj.{kind}"] = state.pop(f"{src}.attention.output.dense.{kind}")
+            out[f"{dst}.mlp.fc1.{kind}"] = state.pop(f"{src}.mlp.fc1.{kind}")
+            out[f"{dst}.mlp.fc2.{kind}"] = state.pop(f"{src}.mlp.fc2.{kind}")
+        out[f"{dst}.ls1.gamma"] = state.pop(f"{src}.layer_scale1.lambda1")
+        out[f"{dst}.ls2.gamma"] = state.pop(f"{src}.layer_scale2.lambda1")
+    for kind in ("weight", "bias"):
+        out[f"norm.{kind}"] = state.pop(f"layernorm.{kind}")
+    out.update(state)
+    return out
+
+
+def swin_v0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CTransPath's checkpoint (TransPath's ``timm==0.5.4`` Swin, ``{"model": state_dict}``) → timm 1.x Swin.
+
+    Old Swin stages end with their ``downsample`` (``layers.i.downsample``), timm 1.x stages begin
+    with it: ``layers.i.downsample`` → ``layers.(i+1).downsample``. ``relative_position_index`` and
+    ``attn_mask`` (recomputed buffers) and ``head.*`` (the unused classifier) are dropped — the same
+    filtering TRIDENT and timm's own ``checkpoint_filter_fn`` apply.
+    """
+    state = strip_prefix(dict(state), "module.")
+    old = any(re.match(r"layers\.0\.downsample\.", k) for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if "relative_position_index" in k or "attn_mask" in k or k.startswith("head."):
+            continue
+        if old:
+            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+        out[k] = v
+    return out
