@@ -68,19 +68,21 @@ def test_resample_plan_matching_tiles_are_used_as_they_are() -> None:
 def test_resample_plan_other_mpp_goes_to_the_encoder_resolution() -> None:
     plan = nic.plan_resample(256, 0.25, 128, 0.5)
     assert plan.resample and plan.out_size == 128 and plan.out_mpp == pytest.approx(0.5)
-    message = plan.describe()
+    assert plan.describe() is None  # the same field of view: resized to exactly the encoder's resolution
+    message = nic.plan_resample(256, 0.5, 128, 0.5).describe()
     assert message is not None
-    assert "256 px at 0.25 µm/px" in message and "128 px at 0.5 µm/px" in message
+    assert "256 px at 0.5 µm/px" in message and "128 px at 0.5 µm/px" in message
 
 
-def test_resample_plan_other_field_of_view_keeps_the_tile() -> None:
-    plan = nic.plan_resample(256, 0.5, 224, 0.5)
-    assert not plan.resample and plan.out_size == 256
+def test_resample_plan_resizes_to_the_input_size_and_warns_on_mpp() -> None:
+    plan = nic.plan_resample(256, 0.5, 224, 0.5)  # CLAM's 256-px tiles: resized to 224, seen at 0.571 µm/px
+    assert plan.resample and plan.out_size == 224 and plan.out_mpp == pytest.approx(256 * 0.5 / 224)
     message = plan.describe()
     assert message is not None and "256 px at 0.5 µm/px" in message and "224 px" in message
-    assert "--tile-size 224" in message
-    plan = nic.plan_resample(512, 0.25, 224, 0.5)
-    assert plan.resample and plan.out_size == 256 and plan.out_mpp == pytest.approx(0.5)
+    assert "--tile-size 224" in message and "0.5714" in message
+    plan = nic.plan_resample(448, 0.25, 224, 0.5)  # same field of view: exact
+    assert plan.resample and plan.out_size == 224 and plan.describe() is None
+    assert nic.plan_resample(256, 0.5, 224, 0.5, tolerance=0.2).describe() is None  # within the tile spec's tolerance
 
 
 def test_tiles_to_tensor_scales_and_resizes() -> None:

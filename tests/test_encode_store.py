@@ -199,12 +199,12 @@ def test_another_encoder_on_the_same_store_is_refused(encoded: tuple[Path, Path,
 def test_resampled_tiles_warn_with_both_resolutions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = random_patch_store(tmp_path / "p.zarr", 6, (3, 4), tile_size=256)
     group = zarr.open_group(str(store / "rand"), mode="r+")
-    group.attrs.update({"actual_mpp": 0.25, "target_mpp": 0.25})
+    group.attrs.update({"actual_mpp": 0.5, "target_mpp": 0.5})
     with caplog.at_level(logging.WARNING, logger="wsi_encoder"):
         encode_store(store, "nic", tmp_path / "emb.zarr", dtype="float32")
-    assert any("256 px at 0.25 µm/px" in r.getMessage() and "128 px at 0.5 µm/px" in r.getMessage() for r in caplog.records)
+    assert any("256 px at 0.5 µm/px" in r.getMessage() and "128 px at 0.5 µm/px" in r.getMessage() for r in caplog.records)
     emb = read_slide(tmp_path / "emb.zarr", "rand")
-    assert emb.attrs["encoder_input"] == {"size": 128, "mpp": 0.5, "resampled": True}
+    assert emb.attrs["encoder_input"] == {"size": 128, "mpp": 1.0, "resampled": True}
     assert emb.features.shape == (6, 128)
 
 

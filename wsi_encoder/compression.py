@@ -95,53 +95,68 @@ class EncoderIdentity:
 
 
 _MODELS: dict[tuple[str, str | None, str], tuple[torch.nn.Module, EncoderIdentity]] = {}
+_RUNNERS: dict[tuple[str, str | None, str, str, bool], Any] = {}
 _MODELS_LOCK = threading.Lock()
 _LOADS: list[tuple[str, str | None, str]] = []
 
 
 def load_encoder_cached(
-    spec: str, weights: str | None = None, device: str = "auto"
-) -> tuple[torch.nn.Module, EncoderIdentity]:
-    """Load an encoder once per process and return it (eval mode, on ``device``) with its identity.
+    spec: str, weights: str | None = None, device: str = "auto", *, precision: str = "fp32", compile: bool = False
+) -> tuple[Any, EncoderIdentity]:
+    """Load an encoder once per process and return it ready for inference, with its identity.
 
     Parameters
     ----------
     spec
         A ``wsienc train-encoder`` checkpoint directory or a registered encoder name.
     weights
-        Local weights file for a registered name (None: fixed-seed initialisation, with a warning).
+        Local weights file for a registered name (default: ``$WSIENC_WEIGHTS_DIR``; an untrained
+        built-in gets a fixed-seed initialisation, with a warning; a pretrained one is refused).
     device
         ``auto``, ``cpu`` or ``cuda[:i]``.
+    precision, compile
+        See :class:`wsi_encoder.models.inference.InferenceModel`.
+
+    Returns
+    -------
+    model, identity
+        ``model(x)`` (an :class:`~wsi_encoder.models.inference.InferenceModel`) maps float
+        ``(B, 3, S, S)`` in [0, 1] on ``device`` to float32 ``(B, C)``.
 
     Notes
     -----
-    The cache is keyed by ``(spec, weights, device)`` and shared by the threads of a process, so
+    The module is cached by ``(spec, weights, device)`` and shared by the threads of a process, so
     every dask worker process loads each encoder once, however many tasks it runs.
     """
     from wsi_encoder.models.checkpoint import resolve_encoder
+    from wsi_encoder.models.inference import InferenceModel
 
     dev = resolve_device(device)
     key = (str(spec), None if weights is None else str(weights), str(dev))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
-        if cached is not None:
-            return cached
-        module = resolve_encoder(spec, weights)
-        module.eval().to(dev)
-        config = module.config
-        identity = EncoderIdentity(
-            name=str(config.name),
-            spec=str(spec),
-            config=config.to_dict(),
-            weights_sha256=module.weights_sha256,
-            embedding_dim=int(module.embedding_dim),
-            input_size=int(config.input_size),
-            input_mpp=float(config.input_mpp),
-        )
-        _MODELS[key] = (module, identity)
-        _LOADS.append(key)
-        logger.info("loaded encoder %s (%s) on %s", identity.name, spec, dev)
-        return module, identity
+        if cached is None:
+            module = resolve_encoder(spec, weights)
+            module.eval().to(dev)
+            config = module.config
+            identity = EncoderIdentity(
+                name=str(config.name),
+                spec=str(spec),
+                config=config.to_dict(),
+                weights_sha256=module.weights_sha256,
+                embedding_dim=int(module.embedding_dim),
+                input_size=int(config.input_size),
+                input_mpp=float(config.input_mpp),
+            )
+            cached = _MODELS[key] = (module, identity)
+            _LOADS.append(key)
+            logger.info("loaded encoder %s (%s) on %s", identity.name, spec, dev)
+        module, identity = cached
+        rkey = (*key, precision, bool(compile))
+        runner = _RUNNERS.get(rkey)
+        if runner is None:
+            runner = _RUNNERS[rkey] = InferenceModel(module, dev, precision=precision, compile=compile)
+        return runner, identity
 
 
 def encoder_loads() -> int:
@@ -154,20 +169,22 @@ def encoder_loads() -> int:
 
 @dataclass(frozen=True)
 class ResamplePlan:
-    """How stored tiles are brought to the encoder's resolution.
+    """How stored tiles are brought to the encoder's input.
 
-    Tiles keep their field of view (their grid cell) and are resampled to the encoder's µm/px:
-    ``out_size = round(tile_size * tile_mpp / input_mpp)``. ``out_size`` equals the encoder's
-    ``input_size`` when the tile covers the same µm as the encoder's input.
+    Every tile is resized to the encoder's ``input_size`` (as CLAM and TRIDENT do): the tile keeps its
+    field of view, so the encoder sees ``out_mpp = tile_size * tile_mpp / input_size`` µm/px, which is
+    compared with the encoder's ``input_mpp``.
 
     Attributes
     ----------
     tile_size, tile_mpp
         Stored tiles: side in px and µm/px.
     out_size, out_mpp
-        What the encoder receives: side in px and µm/px.
+        What the encoder receives: side in px (= ``input_size``) and µm/px.
     input_size, input_mpp
         What the encoder was built for.
+    tolerance
+        Relative µm/px difference accepted without a warning (the tile spec's ``mpp_tolerance``).
     """
 
     tile_size: int
@@ -176,33 +193,34 @@ class ResamplePlan:
     out_mpp: float
     input_size: int
     input_mpp: float
+    tolerance: float = MPP_TOLERANCE
 
     @property
     def resample(self) -> bool:
         """Whether tiles are resized before the encoder."""
         return self.out_size != self.tile_size
 
+    @property
+    def mpp_mismatch(self) -> bool:
+        """The encoder sees tiles at a µm/px further than ``tolerance`` from the one it was trained at."""
+        return abs(self.out_mpp / self.input_mpp - 1.0) > self.tolerance
+
     def describe(self) -> str | None:
-        """A warning stating the stored and expected size/µm/px, or None when tiles fit as they are."""
-        if not self.resample and self.out_size == self.input_size:
+        """A warning stating the stored and expected size/µm/px, or None when the resolutions agree."""
+        if not self.mpp_mismatch:
             return None
         stored = f"{self.tile_size} px at {self.tile_mpp:.4g} µm/px ({self.tile_size * self.tile_mpp:.4g} µm)"
         expected = f"{self.input_size} px at {self.input_mpp:.4g} µm/px ({self.input_size * self.input_mpp:.4g} µm)"
-        text = f"tiles are {stored} but the encoder expects {expected}"
-        if self.resample:
-            text += f"; resampling every tile to {self.out_size} px at {self.out_mpp:.4g} µm/px"
-        else:
-            text += "; tiles are used at their resolution"
-        if self.out_size != self.input_size:
-            text += (
-                " (the tile keeps its field of view, so the encoder sees "
-                f"{self.out_size} px instead of {self.input_size}; re-tile with --tile-size "
-                f"{round(self.input_size * self.input_mpp / self.tile_mpp)} at this µm/px to match exactly)"
-            )
-        return text
+        return (
+            f"tiles are {stored} but the encoder expects {expected}; every tile is resized to {self.out_size} px, "
+            f"so the encoder sees {self.out_mpp:.4g} µm/px instead of {self.input_mpp:.4g} (more than "
+            f"{self.tolerance:.0%} off): re-tile with --mpp {self.input_mpp:g} --tile-size {self.input_size} to match"
+        )
 
 
-def plan_resample(tile_size: int, tile_mpp: float | None, input_size: int, input_mpp: float) -> ResamplePlan:
+def plan_resample(
+    tile_size: int, tile_mpp: float | None, input_size: int, input_mpp: float, tolerance: float = MPP_TOLERANCE
+) -> ResamplePlan:
     """Decide how ``tile_size`` px tiles at ``tile_mpp`` µm/px are fed to an encoder.
 
     Parameters
@@ -213,19 +231,14 @@ def plan_resample(tile_size: int, tile_mpp: float | None, input_size: int, input
         µm/px of the stored pixels (None: unknown, the tiles are taken to be at ``input_mpp``).
     input_size, input_mpp
         The encoder's expected tile side (px) and µm/px.
+    tolerance
+        Relative µm/px difference accepted without a warning.
     """
     if tile_size < 1:
         raise InvalidParameterError(f"tile size {tile_size!r} must be positive")
     mpp = input_mpp if tile_mpp is None else float(tile_mpp)
-    if abs(mpp / input_mpp - 1.0) <= MPP_TOLERANCE:
-        out_size, out_mpp = tile_size, mpp
-    else:
-        out_size = max(1, round(tile_size * mpp / input_mpp))
-        out_mpp = tile_size * mpp / out_size
-    if abs(out_size * out_mpp / (input_size * input_mpp) - 1.0) <= MPP_TOLERANCE:
-        out_size = input_size
-        out_mpp = tile_size * mpp / out_size
-    return ResamplePlan(tile_size, mpp, out_size, out_mpp, input_size, input_mpp)
+    out_mpp = tile_size * mpp / input_size
+    return ResamplePlan(tile_size, mpp, int(input_size), out_mpp, int(input_size), float(input_mpp), float(tolerance))
 
 
 def tiles_to_tensor(tiles: TileBatch, device: torch.device, out_size: int) -> torch.Tensor:

@@ -34,8 +34,8 @@ class _Progress:
 
 @click.command()
 @click.argument("patch_store", type=click.Path(path_type=Path))
-@click.option("--encoder", required=True, help="A `wsienc train-encoder` checkpoint folder or a registered encoder name (nic, resnet18, ...).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights (.safetensors/.pt state dict) for a registered encoder name.")
+@click.option("--encoder", required=True, help="A `wsienc train-encoder` checkpoint folder or a registered encoder name (see `wsienc encoders`: uni, virchow2, resnet50-trunc, ...).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights of a registered encoder (.safetensors preferred; .bin/.pth read with weights_only; or a snapshot folder). Default: $WSIENC_WEIGHTS_DIR/<name>/<file>. Never downloaded.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Embedding store to write (zarr v3; resumed when it exists).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage type of features and grid.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
@@ -46,6 +46,8 @@ class _Progress:
 @click.option("--preview-dir", type=click.Path(path_type=Path), default=None, help="Also write a PNG per slide: PCA-RGB grid beside the thumbnail.")
 @click.option("--overwrite", is_flag=True, help="Re-encode slides that are already complete.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:i].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Forward pass precision (autocast): bf16 on CUDA or recent CPUs, fp16 on CUDA. Features are stored as --dtype.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (slower start, faster on long runs).")
 @click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
 @click.pass_context
 def encode(
@@ -63,6 +65,8 @@ def encode(
     preview_dir: Path | None,
     overwrite: bool,
     device: str,
+    precision: str,
+    compile_model: bool,
     slide_ids: tuple[str, ...],
 ) -> None:
     """Encode every tile of PATCH_STORE and lay the embeddings out as each slide's grid (C x R x Q).
@@ -74,6 +78,7 @@ def encode(
 
     \b
       wsienc encode patches.zarr --encoder nic --out embeddings.zarr --h5-dir h5/ --preview-dir previews/
+      wsienc encode patches.zarr --encoder uni --weights UNI/pytorch_model.bin --out uni.zarr --precision bf16
     """
     from wsi_encoder.pipelines.encode_store import encode_store
 
@@ -96,6 +101,8 @@ def encode(
             device=device,
             slides=list(slide_ids) or None,
             progress=bar,
+            precision=precision,
+            compile=compile_model,
         )
     finally:
         bar.close()

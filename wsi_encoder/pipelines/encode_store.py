@@ -33,6 +33,8 @@ import zarr
 
 from wsi_encoder import __version__
 from wsi_encoder.compression import (
+    MPP_TOLERANCE,
+    ResamplePlan,
     encode_tiles,
     grid_bands,
     iter_blocks,
@@ -75,6 +77,8 @@ class EncodeOptions:
     dtype: str
     h5_dir: str | None
     torch_threads: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,15 @@ def _tile_reader(group: zarr.Group, batch_size: int) -> _StoreTiles | _SlideTile
     return _SlideTiles(group, batch_size)
 
 
+def _plan(attrs: Mapping[str, Any], identity: Any) -> ResamplePlan:
+    """Tiles of a slide → the encoder's input size; µm/px compared within the tile spec's tolerance."""
+    tolerance = attrs.get("mpp_tolerance")
+    return plan_resample(
+        int(attrs["tile_size"]), _tile_mpp(attrs), identity.input_size, identity.input_mpp,
+        MPP_TOLERANCE if tolerance is None else float(tolerance),
+    )  # fmt: skip
+
+
 def _tile_mpp(attrs: Mapping[str, Any]) -> float | None:
     value = attrs.get("actual_mpp") or attrs.get("target_mpp")
     return None if value is None else float(value)
@@ -196,13 +209,15 @@ def encode_chunk(
 
             if torch.get_num_threads() != opts.torch_threads:
                 torch.set_num_threads(opts.torch_threads)
-        model, identity = load_encoder_cached(opts.encoder, opts.weights, opts.device)
+        model, identity = load_encoder_cached(
+            opts.encoder, opts.weights, opts.device, precision=opts.precision, compile=opts.compile
+        )
         patch_group = zarr.open_group(str(Path(opts.patch_store) / slide_id), mode="r")
         group = es.slide_group(opts.out, slide_id, mode="r+")
         layout = es.layout_of(group)
         start, stop = layout.chunk_range(chunk)
         reader = _tile_reader(patch_group, opts.batch_size)
-        plan = plan_resample(int(patch_group.attrs["tile_size"]), _tile_mpp(patch_group.attrs), identity.input_size, identity.input_mpp)
+        plan = _plan(patch_group.attrs, identity)
         features = encode_tiles(
             model,
             iter_blocks(reader.read, start, stop, reader.block),
@@ -320,15 +335,16 @@ def _plan_slide(
     if es.is_complete(root, slide_id) and not overwrite:
         old = root[slide_id].attrs
         old_encoder = old.get("encoder", {})
-        if (old_encoder.get("name"), old_encoder.get("weights_sha256"), old.get("dtype")) != (
+        if (old_encoder.get("name"), old_encoder.get("weights_sha256"), old.get("dtype"), old.get("precision", "fp32")) != (
             identity.name,
             identity.weights_sha256,
             opts.dtype,
+            opts.precision,
         ):
             raise StoreError(
                 f"{opts.out}: slide {slide_id!r} is already encoded with encoder {old_encoder.get('name')!r} "
-                f"(weights {str(old_encoder.get('weights_sha256'))[:12]}, {old.get('dtype')}), not with "
-                f"{identity.name!r} ({str(identity.weights_sha256)[:12]}, {opts.dtype}); one store holds one encoder's "
+                f"(weights {str(old_encoder.get('weights_sha256'))[:12]}, {old.get('dtype')}, {old.get('precision', 'fp32')}), "
+                f"not with {identity.name!r} ({str(identity.weights_sha256)[:12]}, {opts.dtype}, {opts.precision}); one store holds one encoder's "
                 "embeddings: pass --overwrite to re-encode or choose another --out"
             )
         n_done = int(root[slide_id]["features"].shape[0])
@@ -350,7 +366,7 @@ def _plan_slide(
     grid_shape = (
         (int(shape[0]), int(shape[1])) if shape else (int(rowcol[:, 0].max() + 1) if n else 0, int(rowcol[:, 1].max() + 1) if n else 0)
     )
-    plan = plan_resample(int(pattrs["tile_size"]), _tile_mpp(pattrs), identity.input_size, identity.input_mpp)
+    plan = _plan(pattrs, identity)
     message = plan.describe()
     if message and message not in warned:
         warned.add(message)
@@ -368,6 +384,7 @@ def _plan_slide(
         "encoder": identity.to_attrs(),
         "embedding_dim": identity.embedding_dim,
         "dtype": opts.dtype,
+        "precision": opts.precision,
         "n_tiles": n,
         "grid_shape": list(grid_shape),
         "patch_store": str(Path(opts.patch_store).resolve()),
@@ -444,6 +461,8 @@ def encode_store(
     device: str = "auto",
     slides: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> EncodeResult:
     """Compress every slide of a patch store into an embedding grid.
 
@@ -484,6 +503,10 @@ def encode_store(
         Only these slide ids (default: every slide of the patch store).
     progress
         Called as ``progress(tiles_just_encoded, total_tiles_to_encode)``.
+    precision
+        ``fp32``, ``bf16`` (CUDA, or recent CPUs) or ``fp16`` (CUDA): autocast of the forward pass.
+    compile
+        ``torch.compile`` the encoder (each worker process compiles once).
 
     Returns
     -------
@@ -501,7 +524,9 @@ def encode_store(
         raise InvalidParameterError(f"batch size {batch_size!r} and chunk tiles {chunk_tiles!r} must be at least 1")
     if workers is not None and workers < 1:
         raise InvalidParameterError(f"--workers {workers!r} must be at least 1")
-    resolve_device(device)
+    from wsi_encoder.models.inference import check_precision
+
+    check_precision(precision, resolve_device(device))
     patch_root = open_patch_store(patch_store).root
     _, identity = load_encoder_cached(str(encoder), None if weights is None else str(weights), "cpu")
     root = es.open_embedding_root(out, create=True)
@@ -519,6 +544,8 @@ def encode_store(
         h5_dir=None if h5_dir is None else str(Path(h5_dir).resolve()),
         # Share the local cores between parallel tasks; a remote cluster sizes its workers itself.
         torch_threads=None if remote or n_parallel == 1 else max(1, (os.cpu_count() or 1) // n_parallel),
+        precision=precision,
+        compile=compile,
     )
     available = sorted(set(patch_root.group_keys()) | set((patch_root.attrs.get("slides") or {}).keys()))
     wanted = available if slides is None else list(slides)
