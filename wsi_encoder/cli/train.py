@@ -70,8 +70,10 @@ def _fmt(value: Any) -> str:
     "mpp=UM (images' µm/px), and the task's own (labels=CSV for patch-store). See `wsienc tasks`.",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--backbone", default="nic", show_default=True, help="Encoder: nic, resnet18, resnet34, resnet50.")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=128, show_default=True, help="Embedding size.")
+@click.option("--backbone", default="nic", show_default=True,
+              help="Encoder (see `wsienc encoders`): nic, resnet18/34/50, or a pretrained one (uni, virchow2, ...) with --weights.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Linear embedding on top of the backbone (default: 128 for nic/resnets, the pretrained backbone's own features otherwise).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps (overrides --epochs).")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: all training images once.")
@@ -85,8 +87,11 @@ def _fmt(value: Any) -> str:
 @click.option("--input-size", type=click.IntRange(min=16), default=None, help="Tile side in px (default: encoder's).")
 @click.option("--input-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="µm/px of the encoder's input (default: encoder's, 0.5).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Initial backbone weights: a local .safetensors / .pt state dict (never downloaded).")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Pretrained backbone weights: a local file in the backbone's official layout (never downloaded; default $WSIENC_WEIGHTS_DIR/<name>/).")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the heads (and --embed-dim layer) on a frozen pretrained backbone.")
+@click.option("--unfreeze-last", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Freeze the backbone except its last N blocks (ViT blocks / ResNet stages).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader worker processes (default: one per spare CPU core, at most 4; 0 = load in-process).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
@@ -114,12 +119,16 @@ def train_encoder(ctx: click.Context, task_args: list[Any], out_dir: Path, **opt
 
     if out_dir.exists() and not out_dir.is_dir():
         raise click.BadParameter(f"{str(out_dir)!r} is a file, not a directory", param_hint="--out")
-    from wsi_encoder.models.encoders import list_encoders
+    from wsi_encoder.models.encoders import get_spec, list_encoders
 
     if opts["backbone"] not in list_encoders():
         raise click.BadParameter(
             f"unknown backbone {opts['backbone']!r}; known: {', '.join(list_encoders())}", param_hint="--backbone"
         )
+    if opts["freeze_backbone"] and opts["unfreeze_last"] is not None:
+        raise click.BadParameter("--freeze-backbone and --unfreeze-last N are exclusive", param_hint="--unfreeze-last")
+    if opts["embed_dim"] is None and not get_spec(opts["backbone"]).requires_weights:
+        opts["embed_dim"] = 128
     overwrite = opts.pop("overwrite")
     augment = NO_AUGMENT if opts.pop("no_augment") else AugmentConfig()
     weights = opts.pop("weights")

@@ -31,12 +31,13 @@ from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.models.checkpoint import (
     CONFIG_NAME,
+    load_model_state,
     read_checkpoint_config,
     read_model_state,
     read_train_state,
     save_checkpoint,
 )
-from wsi_encoder.models.encoders import create_encoder
+from wsi_encoder.models.encoders import Encoder, create_encoder, set_trainable
 from wsi_encoder.models.heads import MultiTaskModel
 from wsi_encoder.tasks.data import TaskData
 from wsi_encoder.training.augment import AugmentConfig
@@ -65,7 +66,7 @@ class TrainConfig:
     """
 
     backbone: str = "nic"
-    embed_dim: int = 128
+    embed_dim: int | None = 128
     input_size: int | None = None
     input_mpp: float | None = None
     epochs: int = 10
@@ -82,6 +83,8 @@ class TrainConfig:
     device: str | None = None
     amp: bool | None = None
     weights: str | None = None
+    freeze_backbone: bool = False
+    unfreeze_last: int | None = None
     cache_mb: int = 1024
     checkpoint_every: int = 500
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -95,6 +98,10 @@ class TrainConfig:
             raise InvalidParameterError(f"max_steps must be at least 1, got {self.max_steps!r}")
         if not self.lr > 0:
             raise InvalidParameterError(f"lr must be positive, got {self.lr!r}")
+        if self.freeze_backbone and self.unfreeze_last is not None:
+            raise InvalidParameterError("--freeze-backbone and --unfreeze-last N are exclusive")
+        if self.unfreeze_last is not None and self.unfreeze_last < 0:
+            raise InvalidParameterError(f"unfreeze_last must be >= 0, got {self.unfreeze_last!r}")
         if self.workers is not None and self.workers < 0:
             raise InvalidParameterError(f"workers must be >= 0, got {self.workers!r}")
 
@@ -212,6 +219,8 @@ def _signature(tasks: Sequence[PreparedTask], cfg: TrainConfig, input_size: int,
             "seed": cfg.seed,
             "val_fraction": cfg.val_fraction,
             "weights": cfg.weights,
+            "freeze_backbone": cfg.freeze_backbone,
+            "unfreeze_last": cfg.unfreeze_last,
             "augment": dataclasses.asdict(cfg.augment),
             "tasks": [
                 {
@@ -298,6 +307,35 @@ def evaluate(
     return result
 
 
+def _backbone_record(encoder: Encoder, config: TrainConfig) -> dict[str, Any]:
+    """What the checkpoint says about its backbone: name, the pretrained file and its SHA-256, what trained.
+
+    With a frozen (or partly frozen) pretrained backbone the checkpoint stores only the tensors that
+    training changes (``stored: trainable``) and is reloaded on top of the same file, found by its
+    SHA-256; otherwise it stores every tensor (``stored: full``).
+    """
+    frozen = config.freeze_backbone or config.unfreeze_last is not None
+    return {
+        "name": config.backbone,
+        "weights": encoder.weights_path,
+        "weights_sha256": encoder.weights_sha256 if encoder.weights_path else None,
+        "trained": "none (frozen)" if config.freeze_backbone else (
+            f"last {config.unfreeze_last} blocks" if config.unfreeze_last is not None else "all"
+        ),
+        "stored": "trainable" if frozen and encoder.weights_path else "full",
+    }  # fmt: skip
+
+
+def _frozen_keys(encoder: Encoder) -> set[str]:
+    """``encoder.*`` state keys that training never changes (frozen parameters, buffers of frozen modules)."""
+    keys = {f"encoder.{n}" for n, p in encoder.named_parameters() if not p.requires_grad}
+    frozen = {id(m) for m in getattr(encoder, "frozen_modules", ())}
+    for name, module in encoder.named_modules():
+        if id(module) in frozen:
+            keys |= {f"encoder.{name}.{b}" if name else f"encoder.{b}" for b, _ in module.named_buffers(recurse=False)}
+    return keys
+
+
 def _choose_device(cfg: TrainConfig) -> torch.device:
     if not cfg.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -367,15 +405,20 @@ def train_multitask(
     encoder = create_encoder(
         config.backbone, weights=config.weights, embed_dim=config.embed_dim, seed=config.seed, **kw
     )
+    counts = set_trainable(encoder, freeze_backbone=config.freeze_backbone, unfreeze_last=config.unfreeze_last)
+    log.info("backbone %s: %d trainable, %d frozen parameters", config.backbone, counts["trainable"], counts["frozen"])
     enc_cfg = encoder.config
     model = MultiTaskModel(encoder, {t.name: len(t.data.classes) for t in tasks}, seed=config.seed)
+    backbone = _backbone_record(encoder, config)
+    frozen_keys = _frozen_keys(encoder) if backbone["stored"] == "trainable" else set()
     signature = _signature(tasks, config, enc_cfg.input_size, enc_cfg.input_mpp)
 
     n_train = [len(t.split.train) for t in tasks]
     steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(sum(n_train) / config.batch_size))
     total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
     warmup = config.warmup_steps if config.warmup_steps is not None else min(100, total // 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
     start, history = 0, []
@@ -389,7 +432,7 @@ def train_multitask(
                 "choose another --out, or pass --overwrite to start afresh"
             )
         state = read_model_state(out, previous)
-        model.load_state_dict(state, strict=True)
+        load_model_state(model, state, partial=bool(frozen_keys))
         train_state = read_train_state(out)
         if train_state is not None:
             optimizer.load_state_dict(train_state["optimizer"])
@@ -437,6 +480,7 @@ def train_multitask(
         cfg = {
             "encoder": enc_cfg.to_dict(),
             "architecture": config.backbone,
+            "backbone": backbone,
             "embed_dim": enc_cfg.num_features,
             "input_size": enc_cfg.input_size,
             "input_mpp": enc_cfg.input_mpp,
@@ -475,7 +519,8 @@ def train_multitask(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}
-        save_checkpoint(out, model.state_dict(), _clean(cfg), train_state)
+        state = {k: v for k, v in model.state_dict().items() if k not in frozen_keys}
+        save_checkpoint(out, state, _clean(cfg), train_state)
 
     model.train()
     metrics: dict[str, Any] = history[-1]["validation"] if history else {}
