@@ -99,3 +99,14 @@ def test_exclusive_freeze_options(kather: Path, lunit_file: Path, tmp_path: Path
          "--out", str(tmp_path / "o"), "--freeze-backbone", "--unfreeze-last", "2"],
     )  # fmt: skip
     assert result.exit_code != 0 and "exclusive" in result.output
+
+
+def test_lomo_backbone_goes_through_the_registry(lunit_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lomo --backbone NAME --weights FILE`` builds the pretrained encoder from the file; none is refused."""
+    from wsi_encoder.pipelines.lomo import LomoConfig, make_encoder
+
+    monkeypatch.delenv("WSIENC_WEIGHTS_DIR", raising=False)
+    enc = make_encoder(LomoConfig(backbone="lunit-vits8", weights=str(lunit_file), image_size=32))
+    assert enc.weights_sha256 == file_sha256(lunit_file) and enc.num_features == 384
+    with pytest.raises(CheckpointError, match="needs its weights"):
+        make_encoder(LomoConfig(backbone="lunit-vits8", image_size=32))

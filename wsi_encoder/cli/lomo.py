@@ -37,13 +37,13 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     "--backbone",
     default="resnet18",
     show_default=True,
-    help="Registered encoder (nic, resnet18, resnet34, resnet50, ...) or a `wsienc train-encoder` checkpoint folder.",
+    help="Registered encoder (see `wsienc encoders`: nic, resnet18, ..., uni, virchow2, ...) or a `wsienc train-encoder` checkpoint folder.",
 )
 @click.option(
     "--weights",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Local weights for the backbone (e.g. torchvision ImageNet ResNet .pth); default: seeded random init.",
+    help="Local weights for the backbone in its official layout (required for pretrained encoders, or found under $WSIENC_WEIGHTS_DIR); default for nic/resnets: seeded random init.",
 )
 @click.option(
     "--embed-dim",
