@@ -56,3 +56,33 @@ def test_tile_then_encode_the_real_slide(cmu_svs: Path, tmp_path: Path) -> None:
     assert attrs["patch_size"] == 128 and attrs["patch_level"] == 0 and attrs["level0_patch_size"] == 128
     assert attrs["mpp"] == pytest.approx(0.499, abs=1e-3)
     assert (tmp_path / "previews" / f"{SLIDE_ID}.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_encode_the_real_slide_with_clam_resnet50_trunc(cmu_svs: Path, tmp_path: Path) -> None:
+    """CLAM's encoder from an ImageNet-layout (torchvision) state dict: 1,024-d features equal to a direct forward."""
+    import torch
+    import torchvision
+
+    from wsi_encoder.models.encoders import create_encoder, file_sha256
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet50-19c8e357.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)  # layer4 and fc included
+    _run(["tile", str(cmu_svs), "--mpp", "0.5", "--tile-size", "224", "--workers", "1", "--codec", "zstd",
+          "--out", str(tmp_path / "p.zarr")])  # fmt: skip
+    out = _run(["encode", str(tmp_path / "p.zarr"), "--encoder", "resnet50-trunc", "--weights", str(weights),
+                "--out", str(tmp_path / "emb.zarr"), "--dtype", "float32", "--batch-size", "16"])  # fmt: skip
+    assert "1 slides encoded" in out and "µm/px" not in out
+    emb = read_slide(tmp_path / "emb.zarr", SLIDE_ID)
+    tiles = zarr.open_group(str(tmp_path / "p.zarr" / SLIDE_ID), mode="r")["tiles"]
+    n = tiles.shape[0]
+    assert n > 20 and emb.features.shape == (n, 1024)
+    assert emb.attrs["encoder"]["weights_sha256"] == file_sha256(weights)
+    assert emb.attrs["encoder"]["name"] == "resnet50-trunc"
+    model = create_encoder("resnet50-trunc", weights=weights).eval()
+    x = torch.from_numpy(np.asarray(tiles[:4])).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        direct = model(x).numpy()
+    np.testing.assert_allclose(emb.features[:4], direct, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,41 @@
+"""``InferenceModel``: channels_last for CNNs, autocast precisions, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.models.encoders import create_encoder
+from wsi_encoder.models.inference import InferenceModel, check_precision
+
+torch.set_num_threads(2)
+
+
+def test_cnn_runs_channels_last_with_the_same_features() -> None:
+    enc = create_encoder("resnet18", embed_dim=None, seed=1).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = enc(x)
+        runner = InferenceModel(enc, torch.device("cpu"))
+        got = runner(x)
+    assert runner.channels_last and enc.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_returns_float32_close_to_fp32() -> None:
+    enc = create_encoder("nic", seed=2).eval()
+    x = torch.rand(3, 3, 128, 128)
+    with torch.inference_mode():
+        ref = InferenceModel(enc, torch.device("cpu"))(x)
+        got = InferenceModel(enc, torch.device("cpu"), precision="bf16")(x)
+    assert got.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.99
+
+
+def test_bad_precisions_are_refused() -> None:
+    with pytest.raises(InvalidParameterError, match="needs a CUDA device"):
+        check_precision("fp16", torch.device("cpu"))
+    with pytest.raises(InvalidParameterError, match="choose one of fp32, bf16, fp16"):
+        check_precision("int8", torch.device("cpu"))
+    assert check_precision("fp32", torch.device("cpu")) is None
