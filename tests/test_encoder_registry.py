@@ -99,7 +99,9 @@ def _random_like(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_vit_layout(depth: int, dim: int, mlp: int, patch: int, grid: int, *, dinov2: bool, registers: int = 0) -> dict[str, torch.Tensor]:
+def _hf_vit_layout(
+    depth: int, dim: int, mlp: int, patch: int, grid: int, *, dinov2: bool, registers: int = 0, swiglu: bool = False
+) -> dict[str, torch.Tensor]:
     """A Hugging Face ViTModel / Dinov2Model state dict (key names of transformers' modeling files)."""
     g = torch.Generator().manual_seed(1)
 
@@ -127,12 +129,17 @@ def _hf_vit_layout(depth: int, dim: int, mlp: int, patch: int, grid: int, *, din
         s[p + "attention.output.dense.bias"] = r(dim)
         n1, n2 = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
         fc1, fc2 = ("mlp.fc1", "mlp.fc2") if dinov2 else ("intermediate.dense", "output.dense")
+        hidden_in = hidden_out = mlp
+        if swiglu:  # transformers Dinov2SwiGLUFFN: hidden = (int(mlp * 2 / 3) + 7) // 8 * 8, weights_in -> 2 x hidden
+            fc1, fc2 = "mlp.weights_in", "mlp.weights_out"
+            hidden_out = (int(mlp * 2 / 3) + 7) // 8 * 8
+            hidden_in = 2 * hidden_out
         for n in (n1, n2):
             s[p + f"{n}.weight"] = 1 + r(dim)
             s[p + f"{n}.bias"] = r(dim)
-        s[p + f"{fc1}.weight"] = r(mlp, dim)
-        s[p + f"{fc1}.bias"] = r(mlp)
-        s[p + f"{fc2}.weight"] = r(dim, mlp)
+        s[p + f"{fc1}.weight"] = r(hidden_in, dim)
+        s[p + f"{fc1}.bias"] = r(hidden_in)
+        s[p + f"{fc2}.weight"] = r(dim, hidden_out)
         s[p + f"{fc2}.bias"] = r(dim)
         if dinov2:
             s[p + "layer_scale1.lambda1"] = 1 + r(dim)
@@ -171,7 +178,11 @@ def _hf_reference_forward(
         a = lin(a.transpose(1, 2).reshape(b, n_tok, dim), "attention.output.dense")
         t = t + (a * s[p + "layer_scale1.lambda1"] if dinov2 else a)
         h = ln(t, "norm2" if dinov2 else "layernorm_after")
-        h = lin(F.gelu(lin(h, "mlp.fc1" if dinov2 else "intermediate.dense")), "mlp.fc2" if dinov2 else "output.dense")
+        if p + "mlp.weights_in.weight" in s:  # SwiGLU FFN: silu(x1) * x2 of the packed projection
+            x1, x2 = lin(h, "mlp.weights_in").chunk(2, dim=-1)
+            h = lin(F.silu(x1) * x2, "mlp.weights_out")
+        else:
+            h = lin(F.gelu(lin(h, "mlp.fc1" if dinov2 else "intermediate.dense")), "mlp.fc2" if dinov2 else "output.dense")
         t = t + (h * s[p + "layer_scale2.lambda1"] if dinov2 else h)
     t = F.layer_norm(t, (dim,), s["layernorm.weight"], s["layernorm.bias"], eps)
     return t[:, 0]
@@ -182,18 +193,24 @@ def _hf_reference_forward(
     [
         (hf_vit_to_timm, {}, False, 0, 1e-12),
         (hf_dinov2_to_timm, {"init_values": 1e-5}, True, 0, 1e-6),
-        (hf_dinov2_to_timm, {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True}, True, 4, 1e-6),
+        (hf_dinov2_to_timm, {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True, "mlp_ratio": 256 / 64,
+                             "mlp_layer": "swiglu"}, True, 4, 1e-6),
     ],
-    ids=["hf-vit(phikon)", "hf-dinov2(phikon-v2)", "hf-dinov2-registers(hibou-b)"],
+    ids=["hf-vit(phikon)", "hf-dinov2(phikon-v2)", "hf-dinov2-registers-swiglu(hibou-b)"],
 )
 def test_hf_remap_reproduces_the_transformers_forward(remap, timm_kwargs, dinov2, registers, eps) -> None:
     """The remapped weights in the timm model give the HF model's class token (small 2-block ViT)."""
     from functools import partial
 
     import timm
+    from timm.layers import SwiGLUPacked
 
     dim, heads, patch, grid = 64, 4, 8, 4
-    state = _hf_vit_layout(2, dim, 4 * dim, patch, grid, dinov2=dinov2, registers=registers)
+    timm_kwargs = dict(timm_kwargs)
+    swiglu = timm_kwargs.pop("mlp_layer", None) == "swiglu"
+    state = _hf_vit_layout(2, dim, 4 * dim, patch, grid, dinov2=dinov2, registers=registers, swiglu=swiglu)
+    if swiglu:  # HF packs 2 x (int(256 * 2 / 3) + 7) // 8 * 8 = 2 x 176 outputs: timm's fc1 width
+        timm_kwargs = {**timm_kwargs, "mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": 2 * 176 / dim}
     model = timm.create_model(
         "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=patch * grid, patch_size=patch,
         embed_dim=dim, depth=2, num_heads=heads, norm_layer=partial(nn.LayerNorm, eps=eps), **timm_kwargs,
@@ -213,7 +230,7 @@ def _official_state(name: str) -> tuple[dict[str, torch.Tensor], str]:
     if name == "phikon-v2":
         return _hf_vit_layout(24, 1024, 4096, 16, 14, dinov2=True), "model.safetensors"
     if name == "hibou-b":
-        return _hf_vit_layout(12, 768, 3072, 14, 16, dinov2=True, registers=4), "model.safetensors"
+        return _hf_vit_layout(12, 768, 3072, 14, 16, dinov2=True, registers=4, swiglu=True), "model.safetensors"
     if name == "resnet50-trunc":
         import torchvision
 

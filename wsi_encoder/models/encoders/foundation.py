@@ -360,10 +360,12 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
 
 
 # ---- Hibou-B (HistAI) ----------------------------------------------------------------------------------
-# Model card https://huggingface.co/histai/hibou-b (custom DINOv2-with-registers transformers code: hidden
-# 768, 12 layers, 12 heads, patch 14, image 224, 4 register tokens, layerscale, layer_norm_eps 1e-6) and
-# TRIDENT HibouLInferenceEncoder (pooler_output = class token after the final layernorm);
-# mean (0.7068, 0.5755, 0.722), std (0.195, 0.2316, 0.1816); 0.5 µm/px.
+# Model card https://huggingface.co/histai/hibou-b, config.json (custom Dinov2ModelWithRegisters: hidden 768,
+# 12 layers, 12 heads, patch 14, image_size 224, num_register_tokens 4, mlp_ratio 4, use_swiglu_ffn true, qkv_bias,
+# layer_norm_eps 1e-6, apply_layernorm) and TRIDENT HibouLInferenceEncoder (pooler_output = class token after the
+# final layernorm); mean (0.7068, 0.5755, 0.722), std (0.195, 0.2316, 0.1816); 0.5 µm/px.
+# HF's SwiGLU FFN has hidden = (int(768 * 4 * 2 / 3) + 7) // 8 * 8 = 2048: weights_in 768 -> 2 x 2048 (x1, x2),
+# silu(x1) * x2, weights_out 2048 -> 768 = timm's SwiGLUPacked (gate first) with mlp_ratio 4096 / 768.
 @register_encoder(
     "hibou-b",
     embed_dim=768,
@@ -371,7 +373,7 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     mpp=0.5,
     mean=HIBOU_MEAN,
     std=HIBOU_STD,
-    weights_format="Hugging Face DINOv2-with-registers (model.safetensors); HF keys remapped to timm, class-token position folded into cls_token",
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors); HF keys remapped to timm (mlp.weights_in/out -> mlp.fc1/fc2), class-token position folded into cls_token",
     weights_file="model.safetensors",
     source="https://huggingface.co/histai/hibou-b",
     license="Apache-2.0",
@@ -381,10 +383,10 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     min_input_size=14,
 )
 def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
-    """Hibou-B (Nechaev et al. 2024): ViT-B/14 DINOv2 with 4 registers, 768-d class token, 224 px @ 0.5 µm/px."""
+    """Hibou-B (Nechaev et al. 2024): ViT-B/14 DINOv2, SwiGLU, 4 registers, 768-d class token, 224 px @ 0.5 µm/px."""
     return _vit("hibou-b", "vit_base_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
                 input_mpp=input_mpp, native_size=224, mean=HIBOU_MEAN, std=HIBOU_STD, features=768,
-                init_values=1e-5)
+                init_values=1e-5, mlp_ratio=4096 / 768, **_swiglu())
 
 
 # ---- Lunit DINO ViT-S/8 ---------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """Hugging Face ``Dinov2Model`` (owkin/phikon-v2; histai/hibou-b with registers) → timm ViT.
 
     As :func:`hf_vit_to_timm` for embeddings and attention, with per layer ``norm1``/``norm2`` kept,
-    ``mlp.fc1``/``mlp.fc2`` kept, ``layer_scale{1,2}.lambda1`` → ``ls{1,2}.gamma``; ``layernorm`` →
+    ``mlp.fc1``/``mlp.fc2`` kept (a SwiGLU FFN's ``mlp.weights_in``/``weights_out`` → ``mlp.fc1``/``fc2``
+    of timm's ``SwiGLUPacked``, same packing), ``layer_scale{1,2}.lambda1`` → ``ls{1,2}.gamma``; ``layernorm`` →
     ``norm``; ``embeddings.mask_token`` (masked-image pretraining only) is dropped. With registers
     (``embeddings.register_tokens`` → ``reg_token``) the timm model has no position embedding for the
     class token (``no_embed_class``), so the class token's position embedding is added into
@@ -246,8 +247,9 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             out[f"{dst}.norm1.{kind}"] = state.pop(f"{src}.norm1.{kind}")
             out[f"{dst}.norm2.{kind}"] = state.pop(f"{src}.norm2.{kind}")
             out[f"{dst}.attn.proj.{kind}"] = state.pop(f"{src}.attention.output.dense.{kind}")
-            out[f"{dst}.mlp.fc1.{kind}"] = state.pop(f"{src}.mlp.fc1.{kind}")
-            out[f"{dst}.mlp.fc2.{kind}"] = state.pop(f"{src}.mlp.fc2.{kind}")
+            swiglu = f"{src}.mlp.weights_in.{kind}" in state  # use_swiglu_ffn: packed (x1, x2) gate, silu(x1) * x2
+            out[f"{dst}.mlp.fc1.{kind}"] = state.pop(f"{src}.mlp.{'weights_in' if swiglu else 'fc1'}.{kind}")
+            out[f"{dst}.mlp.fc2.{kind}"] = state.pop(f"{src}.mlp.{'weights_out' if swiglu else 'fc2'}.{kind}")
         out[f"{dst}.ls1.gamma"] = state.pop(f"{src}.layer_scale1.lambda1")
         out[f"{dst}.ls2.gamma"] = state.pop(f"{src}.layer_scale2.lambda1")
     for kind in ("weight", "bias"):
