@@ -110,3 +110,19 @@ def test_lomo_backbone_goes_through_the_registry(lunit_file: Path, monkeypatch: 
     assert enc.weights_sha256 == file_sha256(lunit_file) and enc.num_features == 384
     with pytest.raises(CheckpointError, match="needs its weights"):
         make_encoder(LomoConfig(backbone="lunit-vits8", image_size=32))
+
+
+def test_full_finetune_checkpoint_is_self_contained(kather: Path, lunit_file: Path, tmp_path: Path) -> None:
+    """Without freezing, every tensor is in the checkpoint: it loads (built on ``meta``, then assigned) without the file."""
+    copy = tmp_path / "lunit.safetensors"
+    copy.write_bytes(lunit_file.read_bytes())
+    out = tmp_path / "enc"
+    assert _train(kather, out, copy).exit_code == 0
+    cfg = read_checkpoint_config(out)
+    assert cfg["backbone"]["stored"] == "full" and cfg["backbone"]["weights_sha256"] == file_sha256(lunit_file)
+    copy.unlink()
+    enc = load_encoder(out)
+    stored = load_file(str(out / WEIGHTS_NAME))
+    torch.testing.assert_close(enc.trunk.blocks[3].mlp.fc1.weight, stored["encoder.trunk.blocks.3.mlp.fc1.weight"])
+    assert not any(t.is_meta for t in [*enc.parameters(), *enc.buffers()])
+    assert enc(torch.rand(1, 3, 32, 32)).shape == (1, 384)

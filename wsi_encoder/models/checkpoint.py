@@ -27,6 +27,8 @@ from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.models.encoders import (
     Encoder,
     EncoderConfig,
+    build_encoder,
+    build_skeleton,
     create_encoder,
     file_sha256,
     list_encoders,
@@ -184,14 +186,11 @@ def load_encoder(ckpt_dir: str | Path) -> Encoder:
         )
     backbone = cfg.get("backbone") or {}
     partial = backbone.get("stored") == "trainable"
-    encoder = create_encoder(
-        enc_cfg.name,
-        weights=_backbone_file(ckpt_dir, backbone) if partial else None,
-        embed_dim=enc_cfg.embed_dim,
-        input_size=enc_cfg.input_size,
-        input_mpp=enc_cfg.input_mpp,
-        require_weights=False,
-    )
+    size = {"embed_dim": enc_cfg.embed_dim, "input_size": enc_cfg.input_size, "input_mpp": enc_cfg.input_mpp}
+    if partial:  # the pretrained backbone file, then the trained tensors on top
+        encoder = create_encoder(enc_cfg.name, weights=_backbone_file(ckpt_dir, backbone), require_weights=False, **size)
+    else:  # every tensor comes from the checkpoint
+        encoder = build_skeleton(enc_cfg.name, **size)
     if encoder.config != enc_cfg:
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} config {enc_cfg} does not match the registered encoder {encoder.config}"
@@ -199,7 +198,7 @@ def load_encoder(ckpt_dir: str | Path) -> Encoder:
     state = read_model_state(ckpt_dir, cfg)
     enc_state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     try:
-        load_model_state(encoder, enc_state, partial=partial)
+        load_model_state(encoder, enc_state, partial=partial, assign=not partial)
     except CheckpointError as exc:
         raise CheckpointError(f"weights in {str(ckpt_dir)!r} do not fit {enc_cfg.name!r}: {exc}") from exc
     encoder.weights_sha256 = cfg["weights_sha256"]
@@ -233,11 +232,14 @@ def _backbone_file(ckpt_dir: str | Path, backbone: Mapping[str, Any]) -> str:
     )
 
 
-def load_model_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
+def load_model_state(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool = False, assign: bool = False
+) -> None:
     """Load a checkpoint's tensors into ``module``: strictly, or (``partial``) the trained subset.
 
     A partial checkpoint (frozen pretrained backbone) holds only the tensors training changed; every
     key it has must exist in ``module`` with the same shape, the rest keep the backbone's weights.
+    ``assign`` makes the checkpoint's tensors the module's own (a skeleton built on the ``meta`` device).
 
     Raises
     ------
@@ -253,7 +255,11 @@ def load_model_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
             f"{len(clashes)} shape mismatches {clashes[:3]}"
         )
-    module.load_state_dict(dict(state), strict=not partial)
+    if assign:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(dict(state), strict=not partial, assign=assign)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        raise CheckpointError("some tensors of the module are not in the checkpoint")
 
 
 def resolve_encoder(spec: str | Path, weights: str | Path | None = None) -> Encoder:
@@ -264,28 +270,24 @@ def resolve_encoder(spec: str | Path, weights: str | Path | None = None) -> Enco
     spec : str or path
         A ``wsienc train-encoder`` output directory, or a registered encoder name (``nic``, ``resnet18``...).
     weights : path, optional
-        A local state-dict file for a registered name (not allowed with a checkpoint directory).
-        Without it the encoder is a fixed-seed random initialisation and a warning is logged.
+        A local weights file for a registered name (not allowed with a checkpoint directory);
+        default: ``$WSIENC_WEIGHTS_DIR``. Without one, a pretrained entry is refused and an untrained
+        built-in (``nic``, ResNets) is a fixed-seed random initialisation, with a warning.
 
     Returns
     -------
     Encoder
         With ``.config``, ``.embedding_dim`` and ``.weights_sha256``.
     """
-    p = Path(spec)
-    if p.is_dir():
-        if weights is not None:
-            raise InvalidParameterError(
-                f"--weights {str(weights)!r} cannot be combined with the checkpoint directory {str(p)!r}"
-            )
-        return load_encoder(p)
+    if Path(spec).is_dir():
+        return build_encoder(spec, weights)
     name = str(spec)
     if name not in list_encoders():
         raise InvalidParameterError(
             f"encoder {name!r} is neither a checkpoint directory nor a registered encoder; "
             f"known encoders: {', '.join(list_encoders())}"
         )
-    encoder = create_encoder(name, weights=weights)
+    encoder = build_encoder(name, weights)
     if encoder.weights_path is None:
         log.warning(
             "encoder %r has no weights: using a fixed-seed random initialisation (untrained); "

@@ -267,6 +267,25 @@ def create_encoder(
     return encoder
 
 
+def build_skeleton(name: str, *, embed_dim: int | None = None, **kw: Any) -> Encoder:
+    """An entry's architecture whose every persistent tensor is about to be loaded from a checkpoint.
+
+    Entries with ``lazy_init`` are built on the ``meta`` device (no random initialisation of up to a
+    billion parameters); the caller must then ``load_state_dict(..., strict=True, assign=True)``.
+    Other entries are built normally (seed 0).
+    """
+    spec = get_spec(name)
+    builder = get_builder(name)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if not spec.lazy_init:
+        return create_encoder(name, embed_dim=embed_dim, require_weights=False, **kw)
+    with torch.device("meta"):
+        encoder = builder(embed_dim=embed_dim, **kw)
+    encoder._mean = torch.tensor(encoder.config.mean).view(1, 3, 1, 1)
+    encoder._std = torch.tensor(encoder.config.std).view(1, 3, 1, 1)
+    return encoder
+
+
 def set_trainable(encoder: Encoder, *, freeze_backbone: bool = False, unfreeze_last: int | None = None) -> dict[str, int]:
     """Freeze the pretrained trunk (all of it, or all but its last ``unfreeze_last`` stages/blocks).
 
