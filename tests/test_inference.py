@@ -39,3 +39,32 @@ def test_bad_precisions_are_refused() -> None:
     with pytest.raises(InvalidParameterError, match="choose one of fp32, bf16, fp16"):
         check_precision("int8", torch.device("cpu"))
     assert check_precision("fp32", torch.device("cpu")) is None
+
+
+def test_encode_cli_precision(tmp_path) -> None:
+    """``encode --precision``: fp16 on a CPU is refused in one line; bf16 is recorded in the store."""
+    from _encode_fixtures import random_patch_store
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+    from wsi_encoder.io.embedding_store import read_slide
+
+    store = random_patch_store(tmp_path / "p.zarr", 5, (2, 3), tile_size=128)
+    args = ["encode", str(store), "--encoder", "nic", "--out", str(tmp_path / "e.zarr"), "--device", "cpu"]
+    bad = CliRunner().invoke(main, [*args, "--precision", "fp16"])
+    assert bad.exit_code != 0 and "needs a CUDA device" in bad.output
+    ok = CliRunner().invoke(main, [*args, "--precision", "bf16"])
+    assert ok.exit_code == 0, ok.output
+    assert read_slide(tmp_path / "e.zarr", "rand").attrs["precision"] == "bf16"
+    again = CliRunner().invoke(main, [*args, "--precision", "fp32"])  # one store, one precision
+    assert again.exit_code != 0 and "bf16" in again.output
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_features() -> None:
+    enc = create_encoder("nic", seed=4).eval()
+    x = torch.rand(4, 3, 128, 128)
+    with torch.inference_mode():
+        ref = enc(x)
+        got = InferenceModel(enc, torch.device("cpu"), compile=True)(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
