@@ -68,3 +68,19 @@ def test_compiled_model_gives_the_eager_features() -> None:
         ref = enc(x)
         got = InferenceModel(enc, torch.device("cpu"), compile=True)(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_local_encode_loads_the_encoder_once(tmp_path, monkeypatch) -> None:
+    """The driver's identity load and the tasks share one model (a foundation model is big)."""
+    from _encode_fixtures import random_patch_store
+    from safetensors.torch import save_file
+
+    from wsi_encoder.compression import encoder_loads
+    from wsi_encoder.pipelines.encode_store import encode_store
+
+    store = random_patch_store(tmp_path / "p.zarr", 5, (2, 3), tile_size=128)
+    save_file(create_encoder("nic", seed=9).state_dict(), str(tmp_path / "nic.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    before = encoder_loads()
+    result = encode_store(store, "nic", tmp_path / "e.zarr", weights="nic.safetensors", device="cpu")
+    assert result.count("ok") == 1 and encoder_loads() == before + 1

@@ -528,16 +528,20 @@ def encode_store(
 
     check_precision(precision, resolve_device(device))
     patch_root = open_patch_store(patch_store).root
-    _, identity = load_encoder_cached(str(encoder), None if weights is None else str(weights), "cpu")
-    root = es.open_embedding_root(out, create=True)
     local = client is None and scheduler in (None, "", "threads", "synchronous")
+    weights_path = None if weights is None else str(Path(weights).resolve())
+    # The tasks of a local run reuse this very model (same cache key); elsewhere only its identity is needed here.
+    _, identity = load_encoder_cached(
+        str(encoder), weights_path, device if local else "cpu", precision=precision, compile=compile
+    )
+    root = es.open_embedding_root(out, create=True)
     n_parallel = max(1, workers or (1 if local else os.cpu_count() or 1))
     remote = client is not None or (scheduler not in (None, "", "threads", "synchronous", "processes"))
     opts = EncodeOptions(
         patch_store=str(Path(patch_store).resolve()),
         out=str(Path(out).resolve()),
         encoder=str(encoder),
-        weights=None if weights is None else str(Path(weights).resolve()),
+        weights=weights_path,
         device=device,
         batch_size=batch_size,
         dtype=dtype,

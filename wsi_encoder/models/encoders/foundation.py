@@ -490,7 +490,7 @@ class ConvStem(nn.Module):
 # CTransPathInferenceEncoder: swin_tiny_patch4_window7_224 (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7)
 # with embed_layer=ConvStem, head removed; ImageNet mean/std; average-pooled 768 features. Weights: TransPath's
 # ctranspath.pth (= MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth), {"model": state_dict} in the
-# timm 0.5.4 Swin layout. Pretrained on 1,024-px TCGA/PAIP regions at 20x resized to 224 (~1 µm/px, as CHIEF uses it at 10x).
+# timm 0.5.4 Swin layout. TRIDENT README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
 @register_encoder(
     "ctranspath",
     embed_dim=768,
