@@ -126,3 +126,21 @@ def test_full_finetune_checkpoint_is_self_contained(kather: Path, lunit_file: Pa
     torch.testing.assert_close(enc.trunk.blocks[3].mlp.fc1.weight, stored["encoder.trunk.blocks.3.mlp.fc1.weight"])
     assert not any(t.is_meta for t in [*enc.parameters(), *enc.buffers()])
     assert enc(torch.rand(1, 3, 32, 32)).shape == (1, 384)
+
+
+def test_frozen_run_resumes_only_on_the_same_backbone_file(kather: Path, lunit_file: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "lunit.safetensors"
+    copy.write_bytes(lunit_file.read_bytes())
+    out = tmp_path / "enc"
+    assert _train(kather, out, copy, "--freeze-backbone").exit_code == 0
+    more = _train(kather, out, copy, "--freeze-backbone", "--max-steps", "3")
+    assert more.exit_code == 0 and "resumed from step 2" in more.output
+    state = load_file(str(copy))
+    state["norm.bias"] = state["norm.bias"] + 1
+    save_file(state, str(copy))
+    result = CliRunner().invoke(
+        main,
+        ["train-encoder", "--task", f"kather-crc={kather}", "--backbone", "lunit-vits8", "--weights", str(copy),
+         "--out", str(out), *FAST[:-3], "--max-steps", "4", "--no-augment", "--freeze-backbone"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "backbone_sha256" in result.output

@@ -205,7 +205,9 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _signature(tasks: Sequence[PreparedTask], cfg: TrainConfig, input_size: int, input_mpp: float) -> dict[str, Any]:
+def _signature(
+    tasks: Sequence[PreparedTask], cfg: TrainConfig, input_size: int, input_mpp: float, backbone_sha256: str | None = None
+) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed (epochs / max steps may change)."""
     return _clean(
         {
@@ -219,8 +221,10 @@ def _signature(tasks: Sequence[PreparedTask], cfg: TrainConfig, input_size: int,
             "seed": cfg.seed,
             "val_fraction": cfg.val_fraction,
             "weights": cfg.weights,
-            "freeze_backbone": cfg.freeze_backbone,
-            "unfreeze_last": cfg.unfreeze_last,
+            # only when used, so that runs from before these options still resume
+            **({"freeze_backbone": True} if cfg.freeze_backbone else {}),
+            **({"unfreeze_last": cfg.unfreeze_last} if cfg.unfreeze_last is not None else {}),
+            **({"backbone_sha256": backbone_sha256} if backbone_sha256 else {}),
             "augment": dataclasses.asdict(cfg.augment),
             "tasks": [
                 {
@@ -411,7 +415,10 @@ def train_multitask(
     model = MultiTaskModel(encoder, {t.name: len(t.data.classes) for t in tasks}, seed=config.seed)
     backbone = _backbone_record(encoder, config)
     frozen_keys = _frozen_keys(encoder) if backbone["stored"] == "trainable" else set()
-    signature = _signature(tasks, config, enc_cfg.input_size, enc_cfg.input_mpp)
+    # a partial checkpoint resumes on top of the same pretrained file only
+    signature = _signature(
+        tasks, config, enc_cfg.input_size, enc_cfg.input_mpp, backbone["weights_sha256"] if frozen_keys else None
+    )
 
     n_train = [len(t.split.train) for t in tasks]
     steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(sum(n_train) / config.batch_size))
