@@ -273,7 +273,7 @@ def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp
     weights_format=_TIMM_FILE,
     weights_file="pytorch_model.bin",
     source="https://huggingface.co/bioptimus/H-optimus-1 (gated)",
-    license="gated; Bioptimus licence terms on the card (non-commercial use)",
+    license="gated (access on request); Bioptimus licence terms on the card: check them before any commercial use",
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
