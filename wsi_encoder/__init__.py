@@ -15,6 +15,7 @@ _LAZY = {
     "open_slide": "wsi_encoder.io.slides",
     "SlideReader": "wsi_encoder.io.slides",
     "load_encoder": "wsi_encoder.models.checkpoint",
+    "build_encoder": "wsi_encoder.models.encoders",
     "create_encoder": "wsi_encoder.models.encoders",
     "list_encoders": "wsi_encoder.models.encoders",
     "tile_cohort": "wsi_encoder.pipelines.tile_cohort",
