@@ -345,3 +345,19 @@ def test_encoders_command_table() -> None:
     assert result.exit_code == 0, result.output
     for name in ("uni", "virchow2", "ctranspath", "resnet50-trunc", "CC-BY-NC-ND-4.0"):
         assert name in result.output
+
+
+def test_checkpoint_ignores_the_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A train-encoder checkpoint holds every tensor: an unrelated file under $WSIENC_WEIGHTS_DIR is not read."""
+    from wsi_encoder.models.checkpoint import load_encoder, save_checkpoint
+    from wsi_encoder.models.heads import MultiTaskModel
+
+    enc = create_encoder("nic", embed_dim=16, input_size=64, seed=3)
+    save_checkpoint(tmp_path / "ckpt", MultiTaskModel(enc, {"a": 2}).state_dict(), {"encoder": enc.config.to_dict()})
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "nic.safetensors").write_bytes(b"not weights")
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "w"))
+    loaded = load_encoder(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.embed.weight, enc.embed.weight)
+    with pytest.raises(CheckpointError, match="cannot read weights file"):
+        create_encoder("nic")  # a bare name does use the conventional file

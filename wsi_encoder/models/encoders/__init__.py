@@ -277,8 +277,10 @@ def build_skeleton(name: str, *, embed_dim: int | None = None, **kw: Any) -> Enc
     spec = get_spec(name)
     builder = get_builder(name)
     kw = {k: v for k, v in kw.items() if v is not None}
-    if not spec.lazy_init:
-        return create_encoder(name, embed_dim=embed_dim, require_weights=False, **kw)
+    if not spec.lazy_init:  # (never from $WSIENC_WEIGHTS_DIR: the checkpoint holds every tensor)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return builder(embed_dim=embed_dim, **kw)
     with torch.device("meta"):
         encoder = builder(embed_dim=embed_dim, **kw)
     encoder._mean = torch.tensor(encoder.config.mean).view(1, 3, 1, 1)
