@@ -69,7 +69,12 @@ class TimmViTEncoder(Encoder):
 
     def trunk_blocks(self) -> list[nn.Module]:
         t = self.trunk
-        stem = nn.ModuleList([m for m in (t.patch_embed,) if m is not None])
+        stem = nn.Module()  # a view: patch embedding and the class/register/position tokens
+        stem.patch_embed = t.patch_embed
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            param = getattr(t, name, None)
+            if isinstance(param, nn.Parameter):
+                stem.register_parameter(name, param)
         blocks = list(t.blocks)
         blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm])  # the last block carries the final norm
         return [stem, *blocks]
