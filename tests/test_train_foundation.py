@@ -112,6 +112,7 @@ def test_lomo_backbone_goes_through_the_registry(lunit_file: Path, monkeypatch: 
         make_encoder(LomoConfig(backbone="lunit-vits8", image_size=32))
 
 
+@pytest.mark.slow
 def test_full_finetune_checkpoint_is_self_contained(kather: Path, lunit_file: Path, tmp_path: Path) -> None:
     """Without freezing, every tensor is in the checkpoint: it loads (built on ``meta``, then assigned) without the file."""
     copy = tmp_path / "lunit.safetensors"
@@ -128,6 +129,7 @@ def test_full_finetune_checkpoint_is_self_contained(kather: Path, lunit_file: Pa
     assert enc(torch.rand(1, 3, 32, 32)).shape == (1, 384)
 
 
+@pytest.mark.slow
 def test_frozen_run_resumes_only_on_the_same_backbone_file(kather: Path, lunit_file: Path, tmp_path: Path) -> None:
     copy = tmp_path / "lunit.safetensors"
     copy.write_bytes(lunit_file.read_bytes())
