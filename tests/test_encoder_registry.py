@@ -367,3 +367,15 @@ def test_checkpoint_ignores_the_weights_dir(tmp_path: Path, monkeypatch: pytest.
     torch.testing.assert_close(loaded.embed.weight, enc.embed.weight)
     with pytest.raises(CheckpointError, match="cannot read weights file"):
         create_encoder("nic")  # a bare name does use the conventional file
+
+
+def test_linear_embedding_on_a_lazily_built_backbone(tmp_path: Path) -> None:
+    """``embed_dim`` adds a seeded linear layer on top of weights assigned from the file."""
+    state, _ = _official_state("lunit-vits8")
+    path = _save(state, tmp_path / "lunit.safetensors")
+    a = create_encoder("lunit-vits8", weights=path, embed_dim=16, seed=1).eval()
+    b = create_encoder("lunit-vits8", weights=path, embed_dim=16, seed=1).eval()
+    assert not any(t.is_meta for t in [*a.parameters(), *a.buffers()])
+    torch.testing.assert_close(a.embed.weight, b.embed.weight)
+    with torch.inference_mode():
+        assert a(torch.rand(2, 3, 16, 16)).shape == (2, 16)

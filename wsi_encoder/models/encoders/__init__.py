@@ -149,14 +149,24 @@ def load_weights(encoder: Encoder, path: str | Path, *, assign: bool = False) ->
     load_strict(trunk, remapped, what=what, assign=assign)
 
 
+def _build_on_meta(builder: Any, embed_dim: int | None, kw: dict[str, Any]) -> Encoder:
+    """The architecture on the ``meta`` device (no storage); the input normalisation buffers on the CPU."""
+    with torch.device("meta"):
+        encoder: Encoder = builder(embed_dim=embed_dim, **kw)
+    encoder._mean = torch.tensor(encoder.config.mean).view(1, 3, 1, 1)
+    encoder._std = torch.tensor(encoder.config.std).view(1, 3, 1, 1)
+    return encoder
+
+
 def _materialise(encoder: Encoder) -> None:
     """Give every tensor still on the ``meta`` device (modules outside the loaded trunk) real storage."""
     for module in encoder.modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
+                if not isinstance(module, nn.Linear):
+                    raise CheckpointError(f"{type(module).__name__}.{pname} of {encoder.config.name!r} is not in the weights file")
                 setattr(module, pname, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
-                if isinstance(module, nn.Linear):
-                    module.reset_parameters()
+                module.reset_parameters()
 
 
 def build_encoder(
@@ -242,17 +252,9 @@ def create_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            if lazy:
-                with torch.device("meta"):
-                    encoder = builder(embed_dim=embed_dim, **kw)
-            else:
-                encoder = builder(embed_dim=embed_dim, **kw)
+            encoder = _build_on_meta(builder, embed_dim, kw) if lazy else builder(embed_dim=embed_dim, **kw)
         except TypeError as exc:
             raise InvalidParameterError(f"bad options for encoder {name!r}: {exc}") from exc
-        if lazy:
-            # Non-persistent buffers (the input normalisation) are recreated on the CPU.
-            encoder._mean = torch.tensor(encoder.config.mean).view(1, 3, 1, 1)
-            encoder._std = torch.tensor(encoder.config.std).view(1, 3, 1, 1)
     if path is not None:
         load_weights(encoder, path, assign=lazy)
         if lazy:
@@ -281,11 +283,7 @@ def build_skeleton(name: str, *, embed_dim: int | None = None, **kw: Any) -> Enc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return builder(embed_dim=embed_dim, **kw)
-    with torch.device("meta"):
-        encoder = builder(embed_dim=embed_dim, **kw)
-    encoder._mean = torch.tensor(encoder.config.mean).view(1, 3, 1, 1)
-    encoder._std = torch.tensor(encoder.config.std).view(1, 3, 1, 1)
-    return encoder
+    return _build_on_meta(builder, embed_dim, kw)
 
 
 def set_trainable(encoder: Encoder, *, freeze_backbone: bool = False, unfreeze_last: int | None = None) -> dict[str, int]:
