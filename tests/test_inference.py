@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,31 @@ def test_a_local_encode_loads_the_encoder_once(tmp_path, monkeypatch) -> None:
     before = encoder_loads()
     result = encode_store(store, "nic", tmp_path / "e.zarr", weights="nic.safetensors", device="cpu")
     assert result.count("ok") == 1 and encoder_loads() == before + 1
+
+
+def test_encode_cli_with_a_foundation_encoder(tmp_path, monkeypatch) -> None:
+    """``encode --encoder lunit-vits8 --weights FILE``: 384-d features, the file's sha256 in the store; no file: one line."""
+    from _encode_fixtures import random_patch_store
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from wsi_encoder.cli import main
+    from wsi_encoder.io.embedding_store import read_slide
+    from wsi_encoder.models.encoders import file_sha256
+    from wsi_encoder.models.encoders.registry import get_builder
+
+    monkeypatch.delenv("WSIENC_WEIGHTS_DIR", raising=False)
+    store = random_patch_store(tmp_path / "p.zarr", 3, (1, 3), tile_size=112)
+    torch.manual_seed(0)
+    weights = tmp_path / "model.safetensors"
+    save_file(get_builder("lunit-vits8")().trunk.state_dict(), str(weights))
+    args = ["encode", str(store), "--encoder", "lunit-vits8", "--out", str(tmp_path / "e.zarr"), "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "needs its weights" in refused.output and "\n" == refused.output[-1]
+    ok = CliRunner().invoke(main, [*args, "--weights", str(weights), "--dtype", "float32"])
+    assert ok.exit_code == 0, ok.output
+    emb = read_slide(tmp_path / "e.zarr", "rand")
+    assert emb.features.shape == (3, 384) and np.isfinite(np.asarray(emb.features)).all()
+    assert emb.attrs["encoder"]["weights_sha256"] == file_sha256(weights)
+    assert emb.attrs["encoder_input"]["size"] == 224
+
