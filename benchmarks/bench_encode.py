@@ -93,6 +93,7 @@ def _weights_for(name: str, weights: str | None, work: Path) -> str | None:
 def bench_one(name: str, args: argparse.Namespace, work: Path) -> float:
     """Measure one encoder; returns encode / bare ratio."""
     weights = _weights_for(name, args.weights, work)
+    tiles = args.tiles or (8192 if name == "nic" or resolve_device(args.device).type == "cuda" else 512)
     model, identity = load_encoder_cached(
         name, weights, args.device, precision=args.precision, compile=args.compile
     )
@@ -100,11 +101,11 @@ def bench_one(name: str, args: argparse.Namespace, work: Path) -> float:
     tile = identity.input_size
     folder = work / name
     folder.mkdir()
-    store = make_store(folder, args.tiles, tile, args.codec)
+    store = make_store(folder, tiles, tile, args.codec)
     pixels = np.asarray(zarr.open_group(str(store / "bench"), mode="r")["tiles"][:])
     batches = [
         torch.from_numpy(pixels[i : i + args.batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
-        for i in range(0, args.tiles, args.batch_size)
+        for i in range(0, tiles, args.batch_size)
     ]
     with torch.inference_mode():
         model(batches[0])  # warm-up (and compilation)
@@ -132,16 +133,16 @@ def bench_one(name: str, args: argparse.Namespace, work: Path) -> float:
     for k in range(args.repeats):
         base_times.append(bare())
         enc_times.append(pipeline(k))
-    base_rate = args.tiles / min(base_times)
-    enc_rate = args.tiles / min(enc_times)
+    base_rate = tiles / min(base_times)
+    enc_rate = tiles / min(enc_times)
 
     features_bytes = _dir_bytes(folder / "emb0.zarr" / "bench" / "features")
     grid_bytes = _dir_bytes(folder / "emb0.zarr" / "bench" / "grid")
     raw_pixels = pixels.nbytes
     stored_pixels = _dir_bytes(store / "bench" / "tiles")
-    raw_features = args.tiles * identity.embedding_dim * np.dtype(args.dtype).itemsize
+    raw_features = tiles * identity.embedding_dim * np.dtype(args.dtype).itemsize
 
-    print(f"encoder {name} ({identity.embedding_dim}-d, {tile} px), {args.tiles} tiles, batch {args.batch_size}, "
+    print(f"encoder {name} ({identity.embedding_dim}-d, {tile} px), {tiles} tiles, batch {args.batch_size}, "
           f"device {device}, precision {args.precision}{', compiled' if args.compile else ''}, "
           f"torch threads {torch.get_num_threads()}, tiles stored as {args.codec}")  # fmt: skip
     print(f"bare forward (in-memory tensors): {base_rate:9.1f} tiles/s   runs {', '.join(f'{t:.2f}' for t in base_times)} s")
@@ -158,7 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="resnet50-trunc,phikon", help="comma-separated registered encoders")
     parser.add_argument("--weights", default=None, help="weights file (one encoder only); default: random weights")
-    parser.add_argument("--tiles", type=int, default=8192, help="tiles in the store; small stores measure start-up overhead, not throughput")
+    parser.add_argument("--tiles", type=int, default=None,
+                        help="tiles in the store (default 8192 for nic or on CUDA, 512 for the big CPU encoders; "
+                             "small stores measure start-up overhead, not throughput)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--codec", choices=["jpeg", "zstd"], default="jpeg")
     parser.add_argument("--repeats", type=int, default=3)
