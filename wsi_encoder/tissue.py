@@ -105,6 +105,30 @@ def _ink(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32], sat: npt.
     return ink
 
 
+def is_darkfield(thumbnail: npt.NDArray[np.uint8]) -> bool:
+    """Whether a slide's thumbnail shows a dark background (fluorescence, dark-field), not bright glass.
+
+    Dark when most of the picture is dark, or when its outer frame (where glass shows on almost every
+    slide) is dark although the tissue covers more than half of the view.
+    """
+    if thumbnail.size == 0:
+        return False
+    rgb = np.asarray(thumbnail, dtype=np.float32) / 255.0
+    value = _channel_max(rgb)
+    if float(np.median(value)) < _DARKFIELD_MEDIAN_V:
+        return True
+    h, w = value.shape
+    band = max(1, min(h, w) // 20)
+    frame = np.concatenate([value[:band].ravel(), value[-band:].ravel(), value[:, :band].ravel(), value[:, -band:].ravel()])
+    bright_glass = float(np.mean((value > _GLASS_MIN_V) & (_saturation(rgb, value) < _GLASS_MAX_SAT)))
+    return float(np.median(frame)) < _DARKFIELD_MEDIAN_V and bright_glass < _MIN_GLASS_FRACTION
+
+
+def background_value(thumbnail: npt.NDArray[np.uint8]) -> int:
+    """The value padding takes on a slide: 0 on a dark-field slide, 255 (white glass) otherwise."""
+    return 0 if is_darkfield(thumbnail) else 255
+
+
 def _area_px(area_um2: float, mpp: float | None, fallback_fraction: float, shape: tuple[int, int]) -> int:
     if mpp is not None and mpp > 0:
         return max(1, round(area_um2 / (mpp * mpp)))
@@ -146,7 +170,7 @@ def detect_tissue(
     value = _channel_max(rgb)
     min_obj = _area_px(min_tissue_um2, thumbnail_mpp, 1e-4, shape)
     max_hole = _area_px(max_hole_um2, thumbnail_mpp, 1e-4, shape)
-    if float(np.median(value)) < _DARKFIELD_MEDIAN_V:
+    if is_darkfield(thumbnail):
         return _darkfield(rgb, min_obj, max_hole)
 
     sat = _saturation(rgb, value)

@@ -7,7 +7,8 @@ Layout (the contract other commands read; see ``docs/tile.md``)::
         tiles        (N, T, T, 3) uint8   chunks of `chunk_tiles` neighbouring tiles (absent when coords-only)
         coords       (N, 2) int64         level-0 top-left (x, y)
         grid         (N, 2) int32         (row, col) in the slide's tile grid
-        tissue       (N,)   float32       tissue fraction of each tile
+        tissue       (N,)   float32       tissue fraction of each tile (of its part inside the slide)
+        inside       (N,)   float32       fraction of each tile inside the slide (< 1: an edge tile, padded)
         thumbnail    (h, w, 3) uint8      the picture the tissue mask was computed on
         tissue_mask  (h, w) bool
         chunks_done  (n_chunks,) bool     which chunks of `tiles` are written (resume bookkeeping)
@@ -197,6 +198,7 @@ def create_slide_group(
     chunk_tiles: int,
     codec: str | None,
     jpeg_quality: int,
+    inside: npt.NDArray[np.float32] | None = None,
 ) -> zarr.Group:
     """(Re)create a slide's group with its small arrays and an empty ``tiles`` array.
 
@@ -209,6 +211,8 @@ def create_slide_group(
     group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(n, 1), 2))
     group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(max(n, 1), 2))
     group.create_array("tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n), chunks=(max(n, 1),))
+    if inside is not None:
+        group.create_array("inside", data=np.asarray(inside, dtype=np.float32).reshape(n), chunks=(max(n, 1),))
     group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8))
     group.create_array("tissue_mask", data=np.ascontiguousarray(tissue_mask, dtype=bool))
     if codec is not None:
@@ -328,6 +332,13 @@ class PatchSlide:
         return self._array("tissue").astype(np.float32, copy=False)
 
     @cached_property
+    def inside(self) -> npt.NDArray[np.float32]:
+        """``(N,)`` fraction of every tile inside the slide (all 1 in stores written before edge tiles)."""
+        if "inside" not in self.group:
+            return np.ones(self.n_tiles, dtype=np.float32)
+        return self._array("inside").astype(np.float32, copy=False)
+
+    @cached_property
     def thumbnail(self) -> npt.NDArray[np.uint8]:
         """``(h, w, 3)`` thumbnail of the whole slide."""
         return self._array("thumbnail")
@@ -370,7 +381,7 @@ class PatchStore:
 
     @property
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per-slide status record: ``{slide_id: {"status": "ok"|"failed", "reason", "source"}}``."""
+        """Per-slide status record: ``{slide_id: {"status": "ok"|"empty"|"failed", "reason", "source"}}``."""
         return dict(self.root.attrs.get("slides") or {})
 
     @cached_property
