@@ -40,7 +40,13 @@ from PIL import Image
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.slides import SlideReader
 from wsi_encoder.io.tissue_masks import load_tissue_mask
-from wsi_encoder.tissue import TissueMask, background_value, detect_tissue, tile_tissue_fractions
+from wsi_encoder.tissue import (
+    TISSUE_METHOD_DARKFIELD,
+    TissueMask,
+    background_value,
+    detect_tissue,
+    tile_tissue_fractions,
+)
 
 EDGE_MODES: tuple[str, ...] = ("pad", "drop")
 
@@ -434,18 +440,23 @@ def _tile_source(grid: SlideGrid, row: int, col: int) -> tuple[int, int, int, in
 
 
 def read_part(
-    reader: SlideReader, grid: SlideGrid, part: ReadPart, rowcol: npt.NDArray[np.integer]
+    reader: SlideReader,
+    grid: SlideGrid,
+    part: ReadPart,
+    rowcol: npt.NDArray[np.integer],
+    out: npt.NDArray[np.uint8] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """The tiles of ``part`` as ``(n, T, T, 3)`` uint8, from one region read of the grid's level.
 
     ``rowcol`` holds the (row, col) of the part's tiles. When the level matches the target the pixels
     are the slide's own, cut from the region; otherwise each tile is resampled from the region with
     an antialiased Lanczos filter over its own window (:func:`_tile_source`). Pixels outside the slide
-    are ``grid.fill``.
+    are ``grid.fill``. ``out`` (optional) receives the tiles.
     """
     cells = np.asarray(rowcol, dtype=np.int64).reshape(-1, 2)
     tile, stride = grid.spec.tile_size, grid.spec.stride_px
-    out = np.empty((len(cells), tile, tile, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(cells), tile, tile, 3), dtype=np.uint8)
     if not grid.resampled:
         region = reader.read_level(grid.level, part.u0, part.v0, part.u1 - part.u0, part.v1 - part.v0, fill=grid.fill)
         for i, (row, col) in enumerate(cells):
@@ -502,9 +513,8 @@ def read_tiles(
     first = parts[0].start
     out = np.empty((parts[-1].stop - first, tile, tile, 3), dtype=np.uint8)
     for part in parts:
-        out[part.start - first : part.stop - first] = read_part(
-            reader, grid, part, cells[part.start - first : part.stop - first]
-        )
+        span = slice(part.start - first, part.stop - first)
+        read_part(reader, grid, part, cells[span], out=out[span])
     return out
 
 
@@ -597,7 +607,8 @@ def plan_tiles(
         tissue_mask = TissueMask(mask=mask, ink=np.zeros_like(mask), method=method, threshold=0.0)
     else:
         tissue_mask = detect_tissue(thumbnail, grid.slide_mpp * (downsample[0] + downsample[1]) / 2)
-    grid = replace(grid, fill=background_value(thumbnail))
+    dark = tissue_mask.method == TISSUE_METHOD_DARKFIELD if mask_file is None else background_value(thumbnail) == 0
+    grid = replace(grid, fill=0 if dark else 255)
     chunk_tiles = chunk_tiles or chunk_tiles_for(spec.tile_size)
     block_size = block_size_for(grid, chunk_tiles)
     rowcol, tissue, inside = select_tiles(grid, tissue_mask.mask, tissue_threshold, block_size)
