@@ -69,7 +69,8 @@ def scene(kind: str, width: int, height: int, seed: int = 0) -> tuple[np.ndarray
 
     ``kind``: ``edge`` (H&E-like tissue running into the right and bottom edges), ``ihc`` (a fragment
     of blue-grey haematoxylin counterstain with darker nuclei and brown DAB, low saturation),
-    ``darkfield`` (dim fluorescent tissue on black), ``empty`` (glass only).
+    ``darkfield`` (dim fluorescent tissue on black), ``tma`` (12 small cores), ``faint`` (grey,
+    nearly unstained tissue), ``empty`` (glass only).
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:height, :width]
@@ -90,6 +91,15 @@ def scene(kind: str, width: int, height: int, seed: int = 0) -> tuple[np.ndarray
         truth = ((yy - height * 0.55) / (height * 0.3)) ** 2 + ((xx - width * 0.5) / (width * 0.3)) ** 2 <= 1
         img[truth] = (18, 45, 65)
         img[truth & (rng.random((height, width)) < 0.1)] = (30, 80, 150)
+    elif kind == "tma":  # a grid of small round cores
+        truth = np.zeros((height, width), bool)
+        for cy in np.linspace(height * 0.2, height * 0.8, 3):
+            for cx in np.linspace(width * 0.15, width * 0.85, 4):
+                truth |= (yy - cy) ** 2 + (xx - cx) ** 2 <= (min(height, width) * 0.09) ** 2
+        img[truth] = (200, 170, 200)
+    elif kind == "faint":  # nearly unstained, grey tissue: darker than the glass, hardly coloured
+        truth = ((yy - height * 0.5) / (height * 0.3)) ** 2 + ((xx - width * 0.5) / (width * 0.25)) ** 2 <= 1
+        img[truth] = (200, 200, 205)
     elif kind == "empty":
         truth = np.zeros((height, width), bool)
     else:

@@ -89,6 +89,13 @@ def test_ihc_like_tissue_is_found(tmp_path: Path) -> None:
     assert [o.status for o in report.outcomes] == ["ok"] and report.outcomes[0].n_tiles > 10
 
 
+@pytest.mark.parametrize("kind", ["tma", "faint"])
+def test_tma_cores_and_faint_tissue_are_found(kind: str) -> None:
+    image, truth = scene(kind, 800, 600)
+    mask = detect_tissue(image, 8.0)
+    assert _iou(mask.mask, truth) > 0.85
+
+
 def test_blue_pen_is_still_removed() -> None:
     image, truth = scene("ihc", 800, 600)
     image = image.copy()
@@ -206,3 +213,27 @@ def test_grid_from_attrs_rebuilds_the_grid(tmp_path: Path, edge: str) -> None:
         planned = plan_tiles(reader, TileSpec(0.7, 100, 80, edge=edge), 0.25).grid
         assert grid_from_attrs(attrs, reader) == planned
     assert grid_from_attrs(attrs) == planned
+
+
+def test_third_party_warnings_only_with_verbose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import wsi_encoder.pipelines.tile_cohort as tc
+
+    monkeypatch.setenv("PYTHONWARNINGS", "default")  # restored after the test
+    original = tc.tile_cohort
+
+    def noisy(*args: object, **kwargs: object) -> object:
+        warnings.warn("return getattr(self, f'parse_{fmt}')()  # third-party noise", UserWarning, stacklevel=1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tc, "tile_cohort", noisy)
+    image, _ = scene("edge", 600, 500)
+    path = image_slide(tmp_path / "w.tif", image)
+    args = ["tile", str(path), "--out", str(tmp_path / "p.zarr"), "--workers", "1", "--coords-only"]
+    quiet = CliRunner().invoke(main, args)
+    assert quiet.exit_code == 0, quiet.output
+    assert "third-party noise" not in quiet.output
+    loud = CliRunner().invoke(main, [*args, "--overwrite", "-v"])
+    assert loud.exit_code == 0, loud.output
+    assert "third-party noise" in loud.output

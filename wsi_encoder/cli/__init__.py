@@ -113,6 +113,9 @@ def setup_logging(verbosity: int) -> None:
     else:
         warnings.simplefilter("default")
         logging.captureWarnings(True)
+        captured = logging.getLogger("py.warnings")
+        captured.handlers[:] = [handler]
+        captured.propagate = False
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
