@@ -4,6 +4,7 @@ masks, empty slides, and one tile-reading path (coords-only encode == lossless s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsi_encoder.cli import hoist_verbosity_flags, main
+from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import open_slide
 from wsi_encoder.pipelines.encode_store import _SlideTiles, encode_store
@@ -237,3 +239,23 @@ def test_third_party_warnings_only_with_verbose(tmp_path: Path, monkeypatch: pyt
     loud = CliRunner().invoke(main, [*args, "--overwrite", "-v"])
     assert loud.exit_code == 0, loud.output
     assert "third-party noise" in loud.output
+
+
+def test_stores_written_before_edge_tiles_stay_readable(tmp_path: Path) -> None:
+    path = small_slide(tmp_path / "old.tif", 900, 700, mpp=0.25, level_downsamples=(1,))
+    store = tmp_path / "old.zarr"
+    tile_cohort([path], store, TileSpec(0.5, 96, edge="drop"), codec="zstd", workers=1)
+    group = zarr.open_group(str(store / "old"), mode="r+")
+    # what the previous version wrote: no inside array, none of the new attributes
+    shutil.rmtree(store / "old" / "inside")
+    attrs = {k: v for k, v in dict(group.attrs).items() if k not in ("edge", "fill", "scale", "level_size", "mpp_source", "n_edge_tiles")}
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    slide = open_patch_store(store)["old"]
+    assert (slide.inside == 1).all() and len(slide.inside) == slide.n_tiles
+    reread = _SlideTiles(zarr.open_group(str(store / "old"), mode="r"), batch_size=16)
+    np.testing.assert_array_equal(reread.read(0, slide.n_tiles), np.asarray(slide.tiles[:]))
+    # a re-run with the old grid's settings keeps it; with the new default it asks for --overwrite
+    assert {o.status for o in tile_cohort([path], store, TileSpec(0.5, 96, edge="drop"), codec="zstd", workers=1).outcomes} == {"skipped"}
+    with pytest.raises(InvalidParameterError, match="edge='drop'"):
+        tile_cohort([path], store, TileSpec(0.5, 96), codec="zstd", workers=1)

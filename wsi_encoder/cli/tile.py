@@ -72,8 +72,10 @@ def tile(
 
     Finds tissue on a thumbnail, lays a grid of --tile-size tiles at --mpp µm/px, keeps the tiles
     with enough tissue and writes them (or only their coordinates) to a zarr patch store, one group
-    per slide. Interrupted runs resume; slides already complete are skipped. Exits with status 1
-    when any slide failed (each failure is listed and recorded in the store).
+    per slide. The grid covers the whole slide (edge tiles padded, see --edge). Interrupted runs
+    resume; slides already complete are skipped. A slide with no tissue is recorded as empty and
+    named in a warning. Exits with status 1 when any slide failed (each failure is listed and
+    recorded in the store).
 
     \b
     Example:
