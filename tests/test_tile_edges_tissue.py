@@ -78,6 +78,10 @@ def test_coords_only_pixels_and_features_equal_a_lossless_store_when_resampled(t
     fa = np.asarray(zarr.open_group(str(tmp_path / "a.zarr" / "s40"), mode="r")["features"][:])
     fb = np.asarray(zarr.open_group(str(tmp_path / "b.zarr" / "s40"), mode="r")["features"][:])
     np.testing.assert_array_equal(fa, fb)
+    # the embedding grid holds the padded edge cells too
+    emb = zarr.open_group(str(tmp_path / "a.zarr" / "s40"), mode="r")
+    rows, cols = stored.attrs["grid_shape"]
+    assert emb["grid"].shape[1:] == (rows, cols) and np.asarray(emb["mask"][:])[rows - 1, cols - 1]
 
 
 def test_ihc_like_tissue_is_found(tmp_path: Path) -> None:
