@@ -263,3 +263,31 @@ def test_stores_written_before_edge_tiles_stay_readable(tmp_path: Path) -> None:
     assert {o.status for o in tile_cohort([path], store, TileSpec(0.5, 96, edge="drop"), codec="zstd", workers=1).outcomes} == {"skipped"}
     with pytest.raises(InvalidParameterError, match="edge='drop'"):
         tile_cohort([path], store, TileSpec(0.5, 96), codec="zstd", workers=1)
+
+
+def test_zstd_shards_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> None:
+    from zarr.codecs import ZstdCodec
+
+    from wsi_encoder.io.patch_store import write_tile_chunk
+
+    data = np.random.default_rng(0).integers(0, 255, (10, 8, 8, 3), dtype=np.uint8)
+    data[3] = 0  # a tile equal to the fill value is written too
+    arrays = []
+    for name in ("zarr", "direct"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        array = group.create_array(
+            "tiles", shape=data.shape, dtype=np.uint8, shards=(4, 8, 8, 3), chunks=(1, 8, 8, 3),
+            compressors=ZstdCodec(level=3), fill_value=0,
+        ).with_config({"write_empty_chunks": True})  # fmt: skip
+        for index in range(3):  # the last shard is partial
+            chunk = data[index * 4 : (index + 1) * 4]
+            if name == "zarr":
+                array[index * 4 : index * 4 + len(chunk)] = chunk
+            else:
+                write_tile_chunk(array, index, chunk)
+        arrays.append(zarr.open_array(str(tmp_path / f"{name}.zarr" / "tiles"), mode="r"))
+    for array in arrays:
+        np.testing.assert_array_equal(array[:], data)
+    for index in range(3):
+        key = f"tiles/c/{index}/0/0/0"
+        assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()

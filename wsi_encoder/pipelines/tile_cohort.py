@@ -51,6 +51,7 @@ from wsi_encoder.io.patch_store import (
     mark_slide_complete,
     open_slide_arrays_for_writing,
     update_slide_status,
+    write_tile_chunk,
 )
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
 from wsi_encoder.io.slides import SlideReader, get_reader, open_slide, read_slide_mpp_csv
@@ -389,7 +390,7 @@ def tile_chunk(job: ChunkJob) -> tuple[str, int, int, str | None]:
         tiles = read_tiles(reader, job.grid, job.rowcol, list(job.parts))
         start, stop = job.parts[0].start, job.parts[-1].stop
         tiles_array, done = _arrays(job.config.store, job.slide_id, job.run_id)
-        tiles_array[start:stop] = tiles
+        write_tile_chunk(tiles_array, job.index, tiles)
         done[job.index] = True
         return (job.slide_id, job.index, stop - start, None)
     except Exception as exc:
