@@ -291,3 +291,11 @@ def test_zstd_shards_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> Non
     for index in range(3):
         key = f"tiles/c/{index}/0/0/0"
         assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
+
+
+def test_real_fluorescence_ndpi_is_dark_field(ndpi_slide: Path, tmp_path: Path) -> None:
+    report = tile_cohort([ndpi_slide], tmp_path / "f.zarr", TileSpec(4.0, 64), coords_only=True, workers=1)
+    assert [o.status for o in report.outcomes] == ["ok"] and report.outcomes[0].n_tiles > 5
+    slide = open_patch_store(tmp_path / "f.zarr")[ndpi_slide.stem]
+    assert slide.attrs["tissue_method"] == TISSUE_METHOD_DARKFIELD and slide.attrs["fill"] == 0
+    assert slide.attrs["mpp_source"] == "metadata" and slide.attrs["slide_mpp"] == pytest.approx(0.228, abs=1e-3)
