@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--mpp", type=float, default=0.5, help="tile resolution in µm/px (the encoder's)")
     parser.add_argument("--tile-size", type=int, default=128, help="tile edge in px (the encoder's input size)")
-    parser.add_argument("--slide-mpp", type=float, default=None, help="override a missing/wrong slide resolution")
+    parser.add_argument("--slide-mpp", type=float, default=None, help="level-0 µm/px if the slide records none")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

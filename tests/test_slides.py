@@ -57,10 +57,10 @@ class TestReaderOnGeneratedSlide:
             assert half.level == 0 and half.scale == pytest.approx(0.2465 / 0.5)
             coarse = reader.level_for_mpp(1.0)  # level 1 is 0.986 µm/px, within tolerance
             assert coarse.level == 1 and not coarse.resample
-            tile = reader.read_region_mpp((1000, 1000), (64, 64), 0.5)
-            assert tile.shape == (64, 64, 3)
-            exact = reader.read_region_mpp((1000, 1000), (64, 64), 0.25)
-            np.testing.assert_array_equal(exact, reader.read_region((1000, 1000), 0, (64, 64)))
+            np.testing.assert_array_equal(reader.read_level(0, 1000, 1000, 64, 64), reader.read_region((1000, 1000), 0, (64, 64)))
+            padded = reader.read_level(1, -10, -5, 30, 20, fill=0)
+            assert (padded[:5] == 0).all() and (padded[:, :10] == 0).all()
+            np.testing.assert_array_equal(padded[5:, 10:], reader.read_level(1, 0, 0, 20, 15))
 
     def test_no_mpp_is_explicit(self, synthetic_slide_no_mpp: Path, backend: str) -> None:
         with open_slide(synthetic_slide_no_mpp, backend) as reader:

@@ -10,12 +10,7 @@ from _tile_helpers import small_slide
 
 from wsi_encoder.errors import InvalidParameterError, MissingMppError
 from wsi_encoder.io.slides import open_slide
-from wsi_encoder.io.tiff_regions import (
-    TiffTileDecoder,
-    open_tiling_reader,
-    read_level_region,
-    tiff_decoder_for,
-)
+from wsi_encoder.io.tiff_regions import TiffTileDecoder
 from wsi_encoder.tiling import (
     ReadPart,
     TileSpec,
@@ -66,7 +61,10 @@ def test_20x_grid_from_a_40x_only_slide(tmp_path: Path) -> None:
         grid = plan_grid(reader, TileSpec(0.5, 224))
     assert (grid.level, grid.scale, grid.resampled, grid.actual_mpp) == (0, 0.5, True, 0.5)
     assert grid.tile_size_l0 == 448
-    assert grid.shape == (1000 // 224, 1500 // 224)
+    assert grid.shape == (-(-1000 // 224), -(-1500 // 224))  # edge tiles padded (default)
+    with open_slide(path) as reader:
+        dropped = plan_grid(reader, TileSpec(0.5, 224, edge="drop"))
+    assert dropped.shape == (1000 // 224, 1500 // 224)
 
 
 def test_missing_mpp_names_the_option(synthetic_slide_no_mpp: Path) -> None:
@@ -113,11 +111,11 @@ def test_select_tiles_keeps_tissue_in_block_order(synthetic_slide: Path) -> None
         grid = plan_grid(reader, TileSpec(0.5, 256))
     mask = np.zeros((300, 400), dtype=bool)
     mask[:150, :200] = True  # top-left quarter of the slide
-    rowcol, tissue = select_tiles(grid, mask, 0.5, 4)
+    rowcol, tissue, inside = select_tiles(grid, mask, 0.5, 4)
     assert len(rowcol) == 6 * 8
     assert (rowcol[:, 0] < 6).all() and (rowcol[:, 1] < 8).all()
-    assert (tissue == 1).all()
-    all_rowcol, all_tissue = select_tiles(grid, mask, 0.0, 4)
+    assert (tissue == 1).all() and (inside == 1).all()
+    all_rowcol, all_tissue, _ = select_tiles(grid, mask, 0.0, 4)
     assert len(all_rowcol) == grid.rows * grid.cols
     assert all_tissue.min() == 0
     np.testing.assert_array_equal(all_rowcol[:4], [[0, 0], [0, 1], [0, 2], [0, 3]])
@@ -125,9 +123,10 @@ def test_select_tiles_keeps_tissue_in_block_order(synthetic_slide: Path) -> None
 
 def test_read_tiles_equal_per_tile_reads(synthetic_slide: Path) -> None:
     spec = TileSpec(0.5, 200, 150)
-    reader = open_tiling_reader(synthetic_slide)
-    grid = plan_grid(reader, spec)
-    rowcol, _ = select_tiles(grid, np.ones((10, 10), bool), 0.0, 3)
+    reader = open_slide(synthetic_slide)
+    grid = plan_grid(reader, TileSpec(0.5, 200, 150, edge="drop"))
+    spec = grid.spec
+    rowcol, _, _ = select_tiles(grid, np.ones((10, 10), bool), 0.0, 3)
     parts = chunk_parts(rowcol, 5, 30, 3, spec)
     tiles = read_tiles(reader, grid, rowcol[5:30], parts)
     coords = grid.coords_l0(rowcol[5:30])
@@ -140,9 +139,9 @@ def test_read_tiles_equal_per_tile_reads(synthetic_slide: Path) -> None:
 @pytest.mark.parametrize("name", ["synthetic", "cmu", "ndpi"])
 def test_direct_tile_decoding_equals_openslide(name: str, synthetic_slide_40x: Path, cmu_svs: Path, ndpi_slide: Path) -> None:
     path = {"synthetic": synthetic_slide_40x, "cmu": cmu_svs, "ndpi": ndpi_slide}[name]
-    fast = open_tiling_reader(path)
+    fast = open_slide(path)  # auto: tiffslide with direct tile decoding for SVS, TIFF, NDPI
     assert fast.backend == "tiffslide"
-    decoder = tiff_decoder_for(fast)
+    decoder = fast.fast_decoder()
     assert isinstance(decoder, TiffTileDecoder)
     rng = np.random.default_rng(3)
     with open_slide(path, "openslide") as reference:
@@ -162,5 +161,6 @@ def test_direct_tile_decoding_equals_openslide(name: str, synthetic_slide_40x: P
                 # ... and OpenSlide too wherever level pixels sit on integer level-0 positions (OpenSlide
                 # interpolates at a sub-pixel offset on levels with a fractional downsample such as 15.99).
                 if ds == int(ds):
-                    np.testing.assert_array_equal(got, read_level_region(reference, level, x, y, w, h))
+                    np.testing.assert_array_equal(got, reference.read_level(level, x, y, w, h))
+                    np.testing.assert_array_equal(got, fast.read_level(level, x, y, w, h))
     fast.close()

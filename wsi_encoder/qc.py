@@ -76,6 +76,9 @@ def render_tile_qc(
     size = float(attrs["tile_size_l0"])
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     boxes = np.column_stack([coords[:, 0] * sx, coords[:, 1] * sy, (coords[:, 0] + size) * sx, (coords[:, 1] + size) * sy])
+    # Edge tiles run past the slide (padded): draw the part inside it.
+    boxes = np.minimum(boxes, [w, h, w, h])
+    n_edge = int(np.sum((coords[:, 0] + size > float(attrs["width"]) + 0.5) | (coords[:, 1] + size > float(attrs["height"]) + 0.5)))
     aspect = h / max(w, 1)
     fig = Figure(figsize=(10, max(3.0, 10 * aspect) + 0.8), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -89,6 +92,8 @@ def render_tile_qc(
             ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor="#1f4e79", linewidth=0.4, alpha=0.7))
     if tissue_mask.any():
         ax.contour(tissue_mask.astype(np.float32), levels=[0.5], colors=["#00c853"], linewidths=1.2)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
     from matplotlib.lines import Line2D
 
@@ -97,8 +102,11 @@ def render_tile_qc(
         handles.append(Rectangle((0, 0), 1, 1, facecolor="#35b779", alpha=0.5, edgecolor="#1f4e79", label="kept tiles"))
     ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)
     mpp = attrs.get("actual_mpp")
+    edge_note = f" ({n_edge} at the edge, padded)" if n_edge else ""
+    if not len(boxes):
+        edge_note = " (no tissue found)"
     detail = (
-        f"{len(boxes)} tiles of {attrs.get('tile_size')} px at {mpp:.4g} µm/px"
+        f"{len(boxes)} tiles{edge_note} of {attrs.get('tile_size')} px at {mpp:.4g} µm/px"
         f" (requested {attrs.get('target_mpp')}), level {attrs.get('level')}"
         f"{', resampled' if attrs.get('resampled') else ''}; tissue threshold {attrs.get('tissue_threshold')}"
         if mpp is not None

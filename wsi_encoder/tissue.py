@@ -1,18 +1,26 @@
 """Tissue detection on a low-resolution thumbnail, and the tissue fraction of tiles.
 
-Bright-field slides (H&E, IHC) are segmented on colour saturation with an Otsu threshold after
-removing what is not tissue even though it is coloured or dark:
+Bright-field slides (H&E, IHC, special stains) are segmented on colour saturation with an Otsu
+threshold, and on darkness against the glass (faint or unstained tissue, whose colour is almost
+grey but which absorbs light), after removing what is not tissue even though it is coloured or dark:
 
-* **white or grey glass** has low saturation and stays below the threshold;
-* **marker ink**: blue and green pen strokes (saturated hues 75-235 degrees), which H&E never is
-  (eosin is red, haematoxylin purple has red above green, hue >= 240);
+* **white or grey glass** has low saturation and the glass's own brightness;
+* **marker ink**: green pen strokes (hues 75-165 degrees, which no common stain has) and strongly
+  saturated blue ones (hues 165-235 degrees, saturation above 0.55). Haematoxylin counterstain of IHC
+  is blue too but far less saturated at thumbnail scale, so it stays tissue;
 * **black ink, slide edges and black scanner borders**: dark, neutral pixels (brightest channel
   below 25 %, low saturation; dense nuclei are dark but saturated purple and stay). The ink mask
   is dilated a little so antialiased stroke and border fringes go too.
 
 The mask is cleaned with scikit-image morphology (opening, closing, small-object removal, filling of
-small holes). Dark-field slides (fluorescence: most of the thumbnail is dark) are detected and
-segmented on brightness instead. Red ink cannot be told from eosin by colour and is not removed.
+small holes). Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are
+detected and segmented on brightness instead. TMA cores are tissue pieces like any other (pieces
+below ``min_tissue_um2`` are dropped as debris).
+
+What cannot be told apart by colour, and is documented rather than guessed: red ink from eosin (red
+ink stays tissue); pale blue marker from haematoxylin counterstain (pale blue ink stays tissue); a
+haematoxylin-only stain saturated beyond 0.55 at thumbnail scale from blue marker (removed as ink);
+dark-field pen marks (none are removed). Use ``--tissue-mask`` when these matter.
 
 Everything here works on arrays and is independent of slide readers: :func:`detect_tissue` takes an
 RGB thumbnail, :func:`tile_tissue_fractions` takes the mask and tile rectangles in mask pixels.
@@ -35,12 +43,16 @@ logger = logging.getLogger(__name__)
 BoolArray = npt.NDArray[np.bool_]
 
 #: Name recorded in stores for this detector (bump when results change).
-TISSUE_METHOD = "skimage-otsu-saturation-v2"
+TISSUE_METHOD = "skimage-otsu-saturation-darkness-v3"
 #: Name recorded when a thumbnail was segmented as a dark-field (fluorescence) image.
 TISSUE_METHOD_DARKFIELD = "skimage-otsu-darkfield-v1"
 
 _DARK_V = 0.25
 _BLUE_HUE = (165.0, 235.0)
+#: Blue marker is this saturated; haematoxylin counterstain (IHC) stays below it at thumbnail scale.
+_BLUE_INK_MIN_SAT = 0.55
+#: Tissue absorbs light: this much darker (channel max, 0-1) than the glass is tissue, whatever its colour.
+_DARKER_THAN_GLASS = 0.12
 _GREEN_HUE = (75.0, 165.0)
 _DARKFIELD_MEDIAN_V = 0.25
 _SATURATION_RANGE = (0.04, 0.08)
@@ -99,10 +111,34 @@ def _ink(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32], sat: npt.
         pixels = rgb.reshape(-1, 3)[coloured]
         hsv = color.rgb2hsv(pixels[None, :, :])[0]
         hue, s = hsv[:, 0] * 360.0, hsv[:, 1]
-        blue = (hue >= _BLUE_HUE[0]) & (hue < _BLUE_HUE[1]) & (s > 0.3)
+        blue = (hue >= _BLUE_HUE[0]) & (hue < _BLUE_HUE[1]) & (s > _BLUE_INK_MIN_SAT)
         green = (hue >= _GREEN_HUE[0]) & (hue < _GREEN_HUE[1])
         ink.reshape(-1)[coloured[blue | green]] = True
     return ink
+
+
+def is_darkfield(thumbnail: npt.NDArray[np.uint8]) -> bool:
+    """Whether a slide's thumbnail shows a dark background (fluorescence, dark-field), not bright glass.
+
+    Dark when most of the picture is dark, or when its outer frame (where glass shows on almost every
+    slide) is dark although the tissue covers more than half of the view.
+    """
+    if thumbnail.size == 0:
+        return False
+    rgb = np.asarray(thumbnail, dtype=np.float32) / 255.0
+    value = _channel_max(rgb)
+    if float(np.median(value)) < _DARKFIELD_MEDIAN_V:
+        return True
+    h, w = value.shape
+    band = max(1, min(h, w) // 20)
+    frame = np.concatenate([value[:band].ravel(), value[-band:].ravel(), value[:, :band].ravel(), value[:, -band:].ravel()])
+    bright_glass = float(np.mean((value > _GLASS_MIN_V) & (_saturation(rgb, value) < _GLASS_MAX_SAT)))
+    return float(np.median(frame)) < _DARKFIELD_MEDIAN_V and bright_glass < _MIN_GLASS_FRACTION
+
+
+def background_value(thumbnail: npt.NDArray[np.uint8]) -> int:
+    """The value padding takes on a slide: 0 on a dark-field slide, 255 (white glass) otherwise."""
+    return 0 if is_darkfield(thumbnail) else 255
 
 
 def _area_px(area_um2: float, mpp: float | None, fallback_fraction: float, shape: tuple[int, int]) -> int:
@@ -146,7 +182,7 @@ def detect_tissue(
     value = _channel_max(rgb)
     min_obj = _area_px(min_tissue_um2, thumbnail_mpp, 1e-4, shape)
     max_hole = _area_px(max_hole_um2, thumbnail_mpp, 1e-4, shape)
-    if float(np.median(value)) < _DARKFIELD_MEDIAN_V:
+    if is_darkfield(thumbnail):
         return _darkfield(rgb, min_obj, max_hole)
 
     sat = _saturation(rgb, value)
@@ -165,7 +201,13 @@ def detect_tissue(
         threshold = _SATURATION_RANGE[0]
     else:
         threshold = float(np.clip(filters.threshold_otsu(candidates), *_SATURATION_RANGE))
-    mask = (saturation > threshold) & ~ink
+    mask = saturation > threshold
+    glassy = (value > _GLASS_MIN_V) & (sat < _GLASS_MAX_SAT)
+    if glass >= _MIN_GLASS_FRACTION:
+        # Faint and unstained tissue is nearly grey but darker than the glass around it.
+        glass_v = float(np.median(value[glassy]))
+        mask |= filters.gaussian(value, sigma=1.0, preserve_range=True) < glass_v - _DARKER_THAN_GLASS
+    mask &= ~ink
     mask = _clean(mask, min_obj, max_hole)
     mask &= ~ink
     logger.debug("tissue: saturation threshold %.3f, %.1f%% tissue, %.1f%% ink", threshold, 100 * mask.mean(), 100 * ink.mean())

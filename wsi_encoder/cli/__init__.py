@@ -1,13 +1,18 @@
 """The ``wsienc`` command line: a thin click layer over the library.
 
 Library errors (:class:`~wsi_encoder.errors.WsiEncoderError`) become one line on stderr and a
-non-zero exit; any other exception does too, with the traceback only under ``-v``.
+non-zero exit; any other exception does too, with the traceback only under ``-v``. ``-q``/``-v``
+are accepted before or after the subcommand (``wsienc -q tile ...`` = ``wsienc tile ... -q``), and
+third-party warnings reach the terminal only with ``-v``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -32,8 +37,22 @@ COMMANDS: dict[str, str] = {
 }
 
 
+_VERBOSITY_FLAG = re.compile(r"^(-v+|-q|--verbose|--quiet)$")
+
+
+def hoist_verbosity_flags(args: list[str]) -> list[str]:
+    """Move ``-q``/``-v``/``-vv``/``--quiet``/``--verbose`` given anywhere (before ``--``) to the front."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if _VERBOSITY_FLAG.match(a)]
+    rest = [a for a in args[:end] if not _VERBOSITY_FLAG.match(a)]
+    return flags + rest + args[end:]
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use and whose errors are one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_verbosity_flags(list(args)))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name in COMMANDS if self._load(name) is not None]
@@ -87,6 +106,17 @@ def setup_logging(verbosity: int) -> None:
     # our own one-line errors say what matters, so theirs show only at -vv.
     for name in ("tifffile", "tiffslide"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
+    # Third-party warnings (tiffslide's partial NDPI metadata parsing, library deprecations) are not the
+    # user's business unless asked for; worker processes inherit the choice through PYTHONWARNINGS.
+    if verbosity < 1:
+        warnings.simplefilter("ignore")
+        os.environ["PYTHONWARNINGS"] = "ignore"
+    else:
+        warnings.simplefilter("default")
+        logging.captureWarnings(True)
+        captured = logging.getLogger("py.warnings")
+        captured.handlers[:] = [handler]
+        captured.propagate = False
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -31,7 +31,8 @@ slide_backend_option = click.option(
     type=click.Choice(["auto", "openslide", "tiffslide"]),
     default="auto",
     show_default=True,
-    help="Slide reader: openslide, tiffslide, or auto (openslide, falling back to tiffslide).",
+    help="Slide reader: openslide, tiffslide, or auto (tiffslide with direct tile decoding for SVS, generic TIFF "
+    "and NDPI, OpenSlide for the other formats; the other backend when the first cannot read a file).",
 )
 
 slide_mpp_option = click.option(

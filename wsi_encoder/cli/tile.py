@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err, slide_mpp_option
+from wsi_encoder.cli.common import echo_err
 
 
 @click.command()
@@ -19,8 +19,12 @@ from wsi_encoder.cli.common import echo_err, slide_mpp_option
 @click.option("--tile-size", type=click.IntRange(8, 8192), default=224, show_default=True, help="Tile edge in pixels at the target resolution.")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels at the target resolution [default: the tile size].")
 @click.option("--mpp-tolerance", type=click.FloatRange(0, 0.5, max_open=True), default=0.05, show_default=True, help="A pyramid level within this relative distance of --mpp is read as it is, without resampling.")
-@slide_mpp_option
+@click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True, help="pad: the grid covers the whole slide, tiles crossing the right/bottom edge are kept and padded with the background; drop: only whole tiles.")
+@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Level-0 µm/px for slides whose metadata records none (a fallback; slides that record one keep theirs).")
+@click.option("--force-slide-mpp", is_flag=True, help="Use --slide-mpp for every slide, replacing recorded values (each replacement is reported).")
+@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
+@click.option("--tissue-mask", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of per-slide masks used instead of tissue detection: <slide>.png (non-zero = tissue) or QuPath GeoJSON <slide>.geojson.")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default="jpeg", show_default=True, help="jpeg: lossy, near the slide's size; zstd: lossless.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality of the stored tiles.")
 @click.option("--coords-only", is_flag=True, help="Store coordinates, grid, tissue, thumbnail and mask, but no pixels.")
@@ -40,7 +44,7 @@ from wsi_encoder.cli.common import echo_err, slide_mpp_option
     default="auto",
     show_default=True,
     help="Slide reader. auto: direct tile decoding via tiffslide for SVS, generic TIFF and NDPI (same pixels as "
-    "OpenSlide, faster), OpenSlide for the other formats.",
+    "OpenSlide, faster), OpenSlide for the other formats. Every command reads slides in this same order.",
 )
 def tile(
     slides: tuple[Path, ...],
@@ -49,8 +53,12 @@ def tile(
     tile_size: int,
     stride: int | None,
     mpp_tolerance: float,
+    edge: str,
     slide_mpp: float | None,
+    force_slide_mpp: bool,
+    slide_mpp_csv: Path | None,
     tissue_threshold: float,
+    tissue_mask: Path | None,
     codec: str,
     jpeg_quality: int,
     coords_only: bool,
@@ -64,8 +72,10 @@ def tile(
 
     Finds tissue on a thumbnail, lays a grid of --tile-size tiles at --mpp µm/px, keeps the tiles
     with enough tissue and writes them (or only their coordinates) to a zarr patch store, one group
-    per slide. Interrupted runs resume; slides already complete are skipped. Exits with status 1
-    when any slide failed (each failure is listed and recorded in the store).
+    per slide. The grid covers the whole slide (edge tiles padded, see --edge). Interrupted runs
+    resume; slides already complete are skipped. A slide with no tissue is recorded as empty and
+    named in a warning. Exits with status 1 when any slide failed (each failure is listed and
+    recorded in the store).
 
     \b
     Example:
@@ -74,7 +84,7 @@ def tile(
     from wsi_encoder.pipelines.tile_cohort import tile_cohort
     from wsi_encoder.tiling import TileSpec
 
-    spec = TileSpec(target_mpp=mpp, tile_size=tile_size, stride=stride, tolerance=mpp_tolerance)
+    spec = TileSpec(target_mpp=mpp, tile_size=tile_size, stride=stride, tolerance=mpp_tolerance, edge=edge)
     ctx = click.get_current_context()
     verbosity = int((ctx.find_root().obj or {}).get("verbosity", 0))
     quiet = verbosity < 0
@@ -92,6 +102,9 @@ def tile(
             coords_only=coords_only,
             backend=backend,
             slide_mpp=slide_mpp,
+            force_slide_mpp=force_slide_mpp,
+            slide_mpp_csv=slide_mpp_csv,
+            tissue_mask=tissue_mask,
             overwrite=overwrite,
             qc_dir=qc_dir,
             workers=workers,
@@ -104,6 +117,8 @@ def tile(
         reason = outcome.reason or "unknown error"
         echo_err(f"failed: {reason}" if outcome.source in reason else f"failed: {outcome.source}: {reason}")
     parts = [f"{len(report.ok)} slide(s) tiled"]
+    if report.empty:
+        parts.append(f"{len(report.empty)} empty (no tissue found)")
     if report.skipped:
         parts.append(f"{len(report.skipped)} already complete")
     if report.failed:
@@ -123,7 +138,7 @@ class _Progress:
         self.disabled = disabled
         self.bar: Any = None
         self.slides = 0
-        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.counts = {"ok": 0, "empty": 0, "failed": 0, "skipped": 0}
 
     def _ensure(self) -> Any:
         if self.bar is None:
@@ -145,7 +160,8 @@ class _Progress:
             self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
         done = sum(self.counts.values())
         bar.set_postfix_str(
-            f"slides {done}/{self.slides} (ok {self.counts['ok']}, skipped {self.counts['skipped']}, failed {self.counts['failed']})",
+            f"slides {done}/{self.slides} (ok {self.counts['ok']}, empty {self.counts['empty']}, "
+            f"skipped {self.counts['skipped']}, failed {self.counts['failed']})",
             refresh=False,
         )
 

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideNotFoundError, SlideReadError
+from wsi_encoder.io.tiff_regions import TiffTileDecoder, cached_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,18 @@ class SlideReader(ABC):
         return self._objective_power()
 
     @property
+    def metadata_mpp(self) -> float | None:
+        """Level-0 µm/px the file records (mean of x and y), ignoring any override; None when it does not say."""
+        mpp = self._metadata_mpp()
+        return None if mpp is None else (mpp[0] + mpp[1]) / 2.0
+
+    def override_mpp(self, mpp: float | None) -> None:
+        """Set (or with None, clear) the level-0 µm/px used instead of the metadata."""
+        if mpp is not None and _valid_mpp(mpp) is None:
+            raise InvalidParameterError(f"{self.path}: slide mpp {mpp!r} is not a resolution in µm/px")
+        self._mpp_override = None if mpp is None else float(mpp)
+
+    @property
     def mpp(self) -> tuple[float, float] | None:
         """Level-0 ``(mpp_x, mpp_y)`` in µm/px: the override if given, else metadata, else None."""
         if self._mpp_override is not None:
@@ -257,11 +270,41 @@ class SlideReader(ABC):
             scale = 1.0
         return LevelChoice(level=best, level_mpp=level_mpp, target_mpp=target_mpp, scale=scale)
 
+    def read_level(self, level: int, x: int, y: int, width: int, height: int, fill: int = 255) -> RGBArray:
+        """Read pixels ``[x, x + width) x [y, y + height)`` of pyramid ``level``, in that level's pixels.
+
+        The one region read every consumer builds on (tiles, thumbnails, heatmaps). Returns RGB
+        uint8 ``(height, width, 3)``; parts outside the level are ``fill`` (255: white glass of a
+        bright-field slide, 0: the dark background of a fluorescence slide). Backends that can decode
+        the file's own TIFF tiles do so here (a private fast path, same pixels).
+        """
+        if not 0 <= level < self.level_count:
+            raise InvalidParameterError(f"{self.path}: level {level!r} out of range 0..{self.level_count - 1}")
+        x, y, width, height = int(x), int(y), int(width), int(height)
+        if width <= 0 or height <= 0:
+            raise InvalidParameterError(f"region size {(width, height)!r} must be positive (width, height)")
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lw), min(y + height, lh)
+        if (x0, y0, x1, y1) == (x, y, x + width, y + height):
+            return self._read_level(level, x, y, width, height)
+        out = np.full((height, width, 3), fill, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_level(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBArray:
+        """Read an in-bounds region of ``level`` (level pixels) through the backend's ``_read``."""
+        ds = self.level_downsamples[level]
+        # ceil(x * ds) / ds lies in [x, x + 1/ds), so the backend's floor(location / ds) gives back x (ds >= 1).
+        return self._read((math.ceil(x * ds), math.ceil(y * ds)), level, (width, height))
+
     def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
-        """Read ``size = (width, height)`` pixels of ``level`` whose top-left is ``location_l0``.
+        """Read ``size = (width, height)`` pixels of ``level`` whose top-left is ``location_l0`` (openslide API).
 
         Returns RGB uint8 ``(height, width, 3)``. Parts outside the slide are white, as are
-        transparent pixels (openslide's alpha is composited over white).
+        transparent pixels (openslide's alpha is composited over white). Library code reads through
+        :meth:`read_level`; this is the familiar entry point for users.
         """
         if not 0 <= level < self.level_count:
             raise InvalidParameterError(f"{self.path}: level {level!r} out of range 0..{self.level_count - 1}")
@@ -269,39 +312,7 @@ class SlideReader(ABC):
         if width <= 0 or height <= 0:
             raise InvalidParameterError(f"region size {size!r} must be positive (width, height)")
         ds = self.level_downsamples[level]
-        lw, lh = self.level_dimensions[level]
-        lx = math.floor(location_l0[0] / ds)
-        ly = math.floor(location_l0[1] / ds)
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + width, lw), min(ly + height, lh)
-        if x0 == lx and y0 == ly and x1 == lx + width and y1 == ly + height:
-            return self._read((int(location_l0[0]), int(location_l0[1])), level, (width, height))
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
-        if x1 > x0 and y1 > y0:
-            # ceil: a fractional downsample must not start the read one level pixel early.
-            loc = (math.ceil(x0 * ds), math.ceil(y0 * ds))
-            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read(loc, level, (x1 - x0, y1 - y0))
-        return out
-
-    def read_region_mpp(
-        self,
-        location_l0: tuple[int, int],
-        size: tuple[int, int],
-        target_mpp: float,
-        tolerance: float = 0.05,
-    ) -> RGBArray:
-        """Read ``size = (width, height)`` pixels at ``target_mpp`` µm/px from ``location_l0``.
-
-        Reads the level chosen by :meth:`level_for_mpp` and resamples (antialiased) only when that
-        level's resolution differs from the target beyond ``tolerance``.
-        """
-        choice = self.level_for_mpp(target_mpp, tolerance)
-        if not choice.resample:
-            return self.read_region(location_l0, choice.level, size)
-        read_w = max(1, round(size[0] / choice.scale))
-        read_h = max(1, round(size[1] / choice.scale))
-        region = self.read_region(location_l0, choice.level, (read_w, read_h))
-        return resize_rgb(region, (int(size[0]), int(size[1])))
+        return self.read_level(level, math.floor(location_l0[0] / ds), math.floor(location_l0[1] / ds), width, height)
 
     def get_thumbnail(self, max_size: int = 1024) -> RGBArray:
         """An RGB thumbnail whose longer side is at most ``max_size`` pixels.
@@ -312,7 +323,7 @@ class SlideReader(ABC):
         w0, h0 = self.dimensions
         factor = max(w0, h0) / max_size
         if factor <= 1:
-            return self.read_region((0, 0), 0, (w0, h0))
+            return self.read_level(0, 0, 0, w0, h0)
         tw, th = max(1, round(w0 / factor)), max(1, round(h0 / factor))
         level = 0
         for candidate in range(self.level_count):
@@ -320,13 +331,12 @@ class SlideReader(ABC):
             if cw >= tw and ch >= th:
                 level = candidate
         lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
         rows_per_strip = max(1, int(_STRIP_PIXELS // max(lw, 1) / (lh / th)))
         strips = []
         for ty in range(0, th, rows_per_strip):
             ty1 = min(th, ty + rows_per_strip)
             ly0, ly1 = round(ty * lh / th), round(ty1 * lh / th)
-            strip = self.read_region((0, round(ly0 * ds)), level, (lw, max(1, ly1 - ly0)))
+            strip = self.read_level(level, 0, ly0, lw, max(1, ly1 - ly0))
             strips.append(resize_rgb(strip, (tw, ty1 - ty)))
         return np.concatenate(strips, axis=0)
 
@@ -334,16 +344,49 @@ class SlideReader(ABC):
         """Decode a little of the coarsest level, so a truncated or corrupt file fails here, clearly."""
         level = self.level_count - 1
         lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
         try:
-            self.read_region((0, 0), level, (min(lw, 512), min(lh, 512)))
-            self.read_region(
-                (int((lw - min(lw, 512)) * ds), int((lh - min(lh, 512)) * ds)), level, (min(lw, 512), min(lh, 512))
-            )
+            self.read_level(level, 0, 0, min(lw, 512), min(lh, 512))
+            self.read_level(level, lw - min(lw, 512), lh - min(lh, 512), min(lw, 512), min(lh, 512))
         except SlideReadError:
             raise
         except Exception as exc:
             raise SlideReadError(f"{self.path}: cannot decode the slide's pixels ({_reason(exc)}); the file may be truncated or corrupt") from exc
+
+
+def read_slide_mpp_csv(path: str | Path) -> dict[str, float]:
+    """Per-slide level-0 µm/px from a CSV with a header ``slide_id,mpp`` or ``path,mpp``.
+
+    Returns ``{key: mpp}`` where a key is a slide id, or a slide path resolved against the CSV's
+    folder (absolute). Raises :class:`~wsi_encoder.errors.InvalidParameterError` naming the file and
+    line of the first bad row.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InvalidParameterError(f"{path}: cannot read the slide mpp CSV ({_reason(exc)})") from exc
+    rows = list(csv.reader(text.splitlines()))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    key = "slide_id" if "slide_id" in header else "path" if "path" in header else None
+    if key is None or "mpp" not in header:
+        raise InvalidParameterError(f"{path}: the slide mpp CSV needs a header 'slide_id,mpp' or 'path,mpp' (got {','.join(header) or 'nothing'})")
+    ki, mi = header.index(key), header.index("mpp")
+    table: dict[str, float] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(ki, mi):
+            raise InvalidParameterError(f"{path}:{line}: expected {key} and mpp, got {row!r}")
+        mpp = _valid_mpp(row[mi].strip())
+        if mpp is None:
+            raise InvalidParameterError(f"{path}:{line}: mpp {row[mi]!r} is not a resolution in µm/px")
+        name = row[ki].strip()
+        if key == "path":
+            name = str((path.parent / Path(name).expanduser()).resolve())
+        table[name] = mpp
+    return table
 
 
 def _reason(exc: BaseException) -> str:
@@ -465,6 +508,18 @@ class TiffSlideReader(SlideReader):
         value = self._props.get("tiffslide.objective-power")
         return float(value) if value is not None else None
 
+    def fast_decoder(self) -> TiffTileDecoder | None:
+        """The direct TIFF tile decoder for this file (per-process cache), or None when it cannot serve it."""
+        series_index = int(self._props.get("tiffslide.series-index") or 0)
+        return cached_decoder(self.path, series_index, self.level_dimensions)
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBArray:
+        # Private fast path: decode the file's own tiles (exactly tiffslide's pixels, several times faster).
+        decoder = self.fast_decoder()
+        if decoder is not None:
+            return decoder.read(level, x, y, width, height)
+        return super()._read_level(level, x, y, width, height)
+
     def _read(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
         try:
             arr = self._slide.read_region(location_l0, level, size, as_array=True)
@@ -507,8 +562,36 @@ def _check_pixel_format(path: Path) -> None:
 _READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
 
 
+#: OpenSlide format names (``OpenSlide.detect_format``) whose pyramid levels are plain TIFF pages.
+_TIFF_PYRAMID_FORMATS = frozenset({"aperio", "generic-tiff", "hamamatsu"})
+
+
+def auto_backend_order(path: str | Path) -> list[str]:
+    """The backends ``auto`` tries for ``path``, in order (the one ``auto`` rule of the package).
+
+    Files OpenSlide identifies as Aperio SVS, generic pyramidal TIFF or Hamamatsu NDPI go to tiffslide
+    first (their levels are TIFF pages, decoded directly: same pixels as OpenSlide, several times
+    faster); every other file goes to OpenSlide first. The other backend is the fallback.
+    """
+    path = Path(path)
+    fmt = None
+    if path.is_file():
+        try:
+            import openslide
+
+            fmt = openslide.OpenSlide.detect_format(str(path))
+        except Exception as exc:  # detection is a hint only; opening reports real problems
+            logger.debug("format detection failed for %s: %s", path, exc)
+    if fmt in _TIFF_PYRAMID_FORMATS and (fmt != "hamamatsu" or path.suffix.lower() == ".ndpi"):
+        return ["tiffslide", "openslide"]
+    return ["openslide", "tiffslide"]
+
+
 def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | None = None) -> SlideReader:
-    """Open a slide with ``backend`` (``auto``: openslide, falling back to tiffslide).
+    """Open a slide with ``backend`` (``auto``: the order of :func:`auto_backend_order`).
+
+    With ``auto``, a file opened by tiffslide is kept only when its tiles can be decoded directly;
+    otherwise OpenSlide reads it.
 
     Raises
     ------
@@ -527,18 +610,24 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
     if backend not in ("auto", *BACKENDS):
         raise InvalidParameterError(f"unknown slide backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     _check_pixel_format(path)
-    order = list(BACKENDS) if backend == "auto" else [backend]
+    order = auto_backend_order(path) if backend == "auto" else [backend]
     first: SlideReadError | None = None
-    for name in order:
+    set_aside: str | None = None
+    for i, name in enumerate(order):
         try:
             reader = _READERS[name](path, mpp)
         except SlideReadError as exc:
             logger.debug("%s cannot open %s: %s", name, path, exc)
             first = first or exc
             continue
-        if name != order[0]:
-            logger.debug("opened %s with %s after %s failed", path, name, order[0])
+        if backend == "auto" and isinstance(reader, TiffSlideReader) and i < len(order) - 1 and reader.fast_decoder() is None:
+            logger.debug("%s: no direct tile decoding; trying %s", path, order[i + 1])
+            reader.close()
+            set_aside = name
+            continue
         return reader
+    if set_aside is not None:  # the fallback refused the file: tiffslide reads it after all
+        return _READERS[set_aside](path, mpp)
     assert first is not None
     if backend == "auto":
         raise SlideReadError(f"{path}: not a readable slide (openslide and tiffslide both refuse it: {first})") from first

@@ -1,24 +1,19 @@
-"""Fast region reads from tiled TIFF pyramids: decode the file's own tiles, in the calling thread.
+"""Direct decoding of a tiled TIFF pyramid's own tiles: the private fast path of the tiffslide reader.
 
-A tile job reads one large region per block of neighbouring output tiles. Going through
-``SlideReader.read_region`` costs more than decoding: OpenSlide composites through cairo (about
-10x the JPEG decode time) and tiffslide decodes inside zarr's single event-loop thread, so several
-worker threads of one process queue behind each other. :class:`TiffTileDecoder` instead reads the
-TIFF tiles (or strips) a region touches with ``os.pread`` and decodes each with tifffile's own
-decoder for the page (imagecodecs; the GIL is released while decoding), which gives exactly the
+Going through a backend's ``read_region`` costs more than decoding: OpenSlide composites through
+cairo (about 10x the JPEG decode time) and tiffslide decodes inside zarr's single event-loop thread,
+so several worker threads of one process queue behind each other. :class:`TiffTileDecoder` instead
+reads the TIFF tiles (or strips) a region touches with ``os.pread`` and decodes each with tifffile's
+own decoder for the page (imagecodecs; the GIL is released while decoding), which gives exactly the
 pixels tiffslide returns -- and, for the Aperio and generic TIFF files we test, exactly OpenSlide's.
 
-It is used for slides opened with the tiffslide backend (where the reader's levels are the TIFF
-series' levels); :func:`tiff_decoder_for` returns ``None`` for anything it cannot serve, and callers
-fall back to ``SlideReader.read_region``. :func:`open_tiling_reader` is the ``auto`` backend of
-``wsienc tile``: tiffslide for the formats whose TIFF pages are the pyramid (Aperio SVS, generic
-pyramidal TIFF, Hamamatsu NDPI), OpenSlide for everything else.
+Only :class:`wsi_encoder.io.slides.TiffSlideReader` uses it (through :func:`cached_decoder`), inside
+:meth:`~wsi_encoder.io.slides.SlideReader.read_level`; nothing else reads tiles this way.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -29,7 +24,6 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import InvalidParameterError, SlideReadError
-from wsi_encoder.io.slides import SlideReader, open_slide
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +160,7 @@ class TiffTileDecoder:
             return np.full((lv.chunk_h, lv.chunk_w, 3), 255, dtype=np.uint8)
         data = os.pread(self._fd, count, int(lv.offsets[index]))
         if len(data) != count:
-            raise SlideReadError(f"{self.path}: tile {index} is cut short; the file may be truncated")
+            raise SlideReadError(f"{self.path}: tile {index} is cut short; the file may be truncated or corrupt")
         try:
             decoded = lv.decode(data, index, **lv.decodeargs)[0]
         except Exception as exc:
@@ -179,83 +173,27 @@ class TiffTileDecoder:
         return tile
 
 
-#: OpenSlide format names (``OpenSlide.detect_format``) whose pyramid levels are plain TIFF pages.
-_TIFF_PYRAMID_FORMATS = frozenset({"aperio", "generic-tiff", "hamamatsu"})
-
-
-def open_tiling_reader(path: str | Path, backend: str = "auto", mpp: float | None = None) -> SlideReader:
-    """Open a slide for tiling; ``auto`` prefers the fast direct-decoding path when it applies.
-
-    With ``backend="auto"``, files OpenSlide identifies as Aperio, generic TIFF or NDPI are opened
-    with tiffslide when :class:`TiffTileDecoder` can serve them (same pixels, decoded several times
-    faster); every other file, and any file tiffslide refuses, goes to ``open_slide(path, "auto")``
-    (OpenSlide first). An explicit backend is used as it is.
-    """
-    if backend != "auto":
-        return open_slide(path, backend, mpp)
-    path = Path(path)
-    fmt = None
-    if path.is_file():
-        try:
-            import openslide
-
-            fmt = openslide.OpenSlide.detect_format(str(path))
-        except Exception as exc:  # detection is a hint only; open_slide reports real problems
-            logger.debug("format detection failed for %s: %s", path, exc)
-    suffix_ok = fmt != "hamamatsu" or path.suffix.lower() == ".ndpi"
-    if fmt in _TIFF_PYRAMID_FORMATS and suffix_ok:
-        try:
-            reader = open_slide(path, "tiffslide", mpp)
-        except SlideReadError as exc:
-            logger.debug("tiffslide refuses %s (%s); using openslide", path, exc)
-        else:
-            if tiff_decoder_for(reader) is not None:
-                return reader
-            reader.close()
-    return open_slide(path, "auto", mpp)
-
-
 _CACHE: OrderedDict[tuple[str, int], TiffTileDecoder | None] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 8
 
 
-def tiff_decoder_for(reader: SlideReader) -> TiffTileDecoder | None:
-    """A per-process cached :class:`TiffTileDecoder` for ``reader``'s file, or None.
-
-    Only slides opened with the tiffslide backend are served (their levels are the TIFF series'
-    levels); for any other reader, or a TIFF layout the decoder does not handle, returns None.
-    """
-    if reader.backend != "tiffslide":
-        return None
-    series_index = int(reader.properties.get("tiffslide.series-index") or 0)
-    key = (str(reader.path.resolve()), series_index)
+def cached_decoder(
+    path: str | Path, series_index: int, level_dimensions: tuple[tuple[int, int], ...]
+) -> TiffTileDecoder | None:
+    """A per-process cached :class:`TiffTileDecoder` for the file, or None when its layout is not served."""
+    key = (str(Path(path).resolve()), int(series_index))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     try:
-        decoder: TiffTileDecoder | None = TiffTileDecoder(reader.path, series_index, reader.level_dimensions)
+        decoder: TiffTileDecoder | None = TiffTileDecoder(path, series_index, level_dimensions)
     except SlideReadError as exc:
-        logger.debug("direct TIFF decoding unavailable for %s: %s", reader.path, exc)
+        logger.debug("direct TIFF decoding unavailable for %s: %s", path, exc)
         decoder = None
     with _CACHE_LOCK:
         _CACHE[key] = decoder
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return decoder
-
-
-def read_level_region(reader: SlideReader, level: int, x: int, y: int, width: int, height: int) -> RGBArray:
-    """Read level pixels ``[x, x + width) x [y, y + height)`` of ``level``, fast when possible.
-
-    Uses :func:`tiff_decoder_for` when it serves the reader, else ``reader.read_region`` with a
-    level-0 location that maps exactly onto level pixel ``(x, y)``.
-    """
-    decoder = tiff_decoder_for(reader)
-    if decoder is not None:
-        return decoder.read(level, x, y, width, height)
-    ds = reader.level_downsamples[level]
-    # ceil(x * ds) / ds lies in [x, x + 1/ds), so the reader's floor(location / ds) gives back x (ds >= 1).
-    location = (math.ceil(x * ds), math.ceil(y * ds))
-    return reader.read_region(location, level, (width, height))

@@ -116,11 +116,18 @@ class LocalRunner(TaskRunner):
             if isinstance(key, str) and key.startswith(prefix):
                 done.put((key, result))
 
+        # The scheduler function itself, not its name: dask resolves names by importing dask.distributed
+        # (a third of a second of start-up) to look for a client.
+        if self.scheduler == "synchronous":
+            from dask.local import get_sync as scheduler_get
+        else:
+            from dask.threaded import get as scheduler_get
+
         def run() -> None:
             try:
                 dask.compute(
                     *tasks,
-                    scheduler=self.scheduler,
+                    scheduler=scheduler_get,
                     num_workers=self.workers,
                     callbacks=[(None, None, None, posttask, None)],  # (start, start_state, pretask, posttask, finish)
                     optimize_graph=False,

@@ -46,8 +46,9 @@ from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderErro
 from wsi_encoder.io import embedding_store as es
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
 from wsi_encoder.io.patch_store import open_patch_store
-from wsi_encoder.io.slides import get_reader, resize_rgb
+from wsi_encoder.io.slides import get_reader
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
+from wsi_encoder.tiling import grid_from_attrs, read_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -143,35 +144,25 @@ class _StoreTiles:
 
 
 class _SlideTiles:
-    """Tiles ``[a, b)`` of a coords-only slide, read from the slide file as ``wsienc tile`` would have.
+    """Tiles ``[a, b)`` of a coords-only slide, read from the slide file exactly as ``wsienc tile`` reads them.
 
-    The pyramid ``level`` of the store is read; when the store says the tiles were ``resampled``, a
-    region of ``tile_size_l0`` level-0 pixels is read there and resized (antialiased) to ``tile_size``.
+    The slide's grid is rebuilt from the store's attributes and its cells read with
+    :func:`wsi_encoder.tiling.read_tiles` (the one tile-reading path), so the pixels equal those a
+    lossless store of the same grid holds.
     """
 
     def __init__(self, group: zarr.Group, batch_size: int) -> None:
-        attrs = group.attrs
+        attrs = dict(group.attrs)
         source = attrs.get("source")
         if not source:
             raise StoreError(f"{group.path}: coords-only slide without a 'source' slide path to read pixels from")
         self.block = batch_size
-        self.tile_size = int(attrs["tile_size"])
-        self._coords = np.asarray(group["coords"][:], dtype=np.int64)
         self._reader = get_reader(source, str(attrs.get("backend") or "auto"))
-        self._level = int(attrs.get("level") or 0)
-        side = self.tile_size
-        if attrs.get("resampled", False):
-            size_l0 = float(attrs.get("tile_size_l0") or self.tile_size)
-            side = max(1, round(size_l0 / self._reader.level_downsamples[self._level]))
-        self._read_size = (side, side)
+        self._grid = grid_from_attrs(attrs, self._reader)
+        self._rowcol = np.asarray(group["grid"][:], dtype=np.int64).reshape(-1, 2)
 
     def read(self, a: int, b: int) -> npt.NDArray[np.uint8]:
-        size = (self.tile_size, self.tile_size)
-        out = np.empty((b - a, self.tile_size, self.tile_size, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(self._coords[a:b]):
-            region = self._reader.read_region((int(x), int(y)), self._level, self._read_size)
-            out[i] = resize_rgb(region, size)
-        return out
+        return read_tiles(self._reader, self._grid, self._rowcol[a:b])
 
 
 def _tile_reader(group: zarr.Group, batch_size: int) -> _StoreTiles | _SlideTiles:

@@ -14,7 +14,12 @@ The client only sends paths and parameters and receives small records: workers o
 the store themselves, and memory per task is bounded by the chunk size whatever the slide size. When
 the last chunk of a slide is in, the client sets the slide's ``complete`` flag, records its status
 in the store's root attributes and draws its QC picture. A slide that fails (unreadable, corrupt, no
-µm/px) is recorded as failed with its reason and the others go on. The store is locked for the
+µm/px) is recorded as failed with its reason and the others go on; a slide where no tile holds
+enough tissue is recorded as ``empty`` (with a warning naming the threshold to try).
+
+Each slide's level-0 µm/px comes, in this order, from ``slide_mpp_csv`` (per slide), a forced
+``slide_mpp``, the file's metadata, or ``slide_mpp`` as the fallback for slides without one; the
+store records which (``mpp_source``: csv|forced|metadata|fallback). The store is locked for the
 duration of the run; a re-run skips complete slides, resumes partial ones chunk by chunk, and
 retries failed ones.
 """
@@ -46,26 +51,23 @@ from wsi_encoder.io.patch_store import (
     mark_slide_complete,
     open_slide_arrays_for_writing,
     update_slide_status,
+    write_tile_chunk,
 )
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
-from wsi_encoder.io.slides import get_reader
-from wsi_encoder.io.tiff_regions import open_tiling_reader
+from wsi_encoder.io.slides import SlideReader, get_reader, open_slide, read_slide_mpp_csv
+from wsi_encoder.io.tissue_masks import find_mask_file
 from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner
 from wsi_encoder.qc import save_tile_qc
 from wsi_encoder.tiling import (
     ReadPart,
     SlideGrid,
     TileSpec,
-    block_size_for,
     chunk_parts,
-    chunk_tiles_for,
-    plan_grid,
-    read_thumbnail,
+    grid_attrs,
+    grid_from_attrs,
+    plan_tiles,
     read_tiles,
-    select_tiles,
-    thumbnail_side,
 )
-from wsi_encoder.tissue import detect_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +75,6 @@ DEFAULT_TISSUE_THRESHOLD = 0.25
 #: Slides planned per round (their chunks then run together); bounds what the client holds.
 _SLIDES_PER_ROUND = 32
 _STATUS_FLUSH_S = 5.0
-#: Attributes that must match for a stored slide to count as done (or be resumed) by this run.
-_PARAM_KEYS = (
-    "source",
-    "target_mpp",
-    "tile_size",
-    "stride",
-    "mpp_tolerance",
-    "tissue_threshold",
-    "codec",
-    "jpeg_quality",
-    "coords_only",
-    "slide_mpp_override",
-    "thumbnail_size",
-)
-
-
 @dataclass(frozen=True)
 class TileConfig:
     """Everything a worker needs besides the slide (small, picklable)."""
@@ -103,6 +89,20 @@ class TileConfig:
     thumbnail_size: int | None
     overwrite: bool
     chunk_tiles: int | None = None
+    force_slide_mpp: bool = False
+    #: ``{slide id or resolved path: mpp}`` from ``--slide-mpp-csv``.
+    slide_mpp_table: tuple[tuple[str, float], ...] = ()
+    tissue_mask_dir: str | None = None
+
+    def requested_mpp(self, entry: SlideEntry) -> tuple[float | None, str]:
+        """The µm/px asked for ``entry`` and its source: ``csv``, ``forced``, ``fallback`` or (None) ``metadata``."""
+        table = dict(self.slide_mpp_table)
+        for key in (entry.slide_id, str(Path(entry.path).resolve())):
+            if key in table:
+                return table[key], "csv"
+        if self.slide_mpp is not None:
+            return float(self.slide_mpp), "forced" if self.force_slide_mpp else "fallback"
+        return None, "metadata"
 
     def params(self, source: str) -> dict[str, Any]:
         """The attributes identifying how a slide is tiled (compared on resume)."""
@@ -116,8 +116,9 @@ class TileConfig:
             "codec": self.codec,
             "jpeg_quality": int(self.jpeg_quality) if self.codec == "jpeg" else None,
             "coords_only": self.codec is None,
-            "slide_mpp_override": None if self.slide_mpp is None else float(self.slide_mpp),
             "thumbnail_size": self.thumbnail_size,
+            "edge": self.spec.edge,
+            "tissue_mask_dir": self.tissue_mask_dir,
         }
 
 
@@ -134,6 +135,7 @@ class PlanResult:
     chunk_tiles: int = 1
     block_size: int = 1
     todo: tuple[int, ...] = ()
+    mpp_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class ChunkJob:
 
 @dataclass(frozen=True)
 class SlideOutcome:
-    """How one slide ended: ``ok``, ``failed`` (with the reason) or ``skipped`` (already complete)."""
+    """How one slide ended: ``ok``, ``empty`` (no tile kept), ``failed`` (with the reason) or ``skipped`` (already complete)."""
 
     slide_id: str
     source: str
@@ -181,6 +183,11 @@ class TileReport:
         return [o for o in self.outcomes if o.status == "ok"]
 
     @property
+    def empty(self) -> list[SlideOutcome]:
+        """Slides tiled by this run where no tile held enough tissue."""
+        return [o for o in self.outcomes if o.status == "empty"]
+
+    @property
     def skipped(self) -> list[SlideOutcome]:
         """Slides already complete in the store."""
         return [o for o in self.outcomes if o.status == "skipped"]
@@ -206,26 +213,33 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
-def _slide_attrs(config: TileConfig, reader: Any, grid: SlideGrid, extra: dict[str, Any]) -> dict[str, Any]:
+def _slide_attrs(config: TileConfig, reader: SlideReader, grid: SlideGrid, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         **config.params(str(reader.path)),
         "backend": reader.backend,
         "vendor": reader.vendor,
-        "width": grid.width_l0,
-        "height": grid.height_l0,
-        "slide_mpp": grid.slide_mpp,
         "objective_power": reader.objective_power,
-        "actual_mpp": grid.actual_mpp,
-        "tile_size_l0": grid.tile_size_l0,
-        "stride_l0": grid.stride_l0,
-        "level": grid.level,
-        "level_mpp": grid.level_mpp,
-        "level_downsample": grid.level_downsample,
-        "resampled": grid.resampled,
-        "grid_shape": [grid.rows, grid.cols],
+        **grid_attrs(grid),
         "wsi_encoder_version": __version__,
         **extra,
     }
+
+
+def _open_with_mpp(config: TileConfig, entry: SlideEntry) -> tuple[SlideReader, str, str | None]:
+    """Open the slide and settle its µm/px: ``(reader, mpp_source, note for the user or None)``."""
+    reader = open_slide(entry.path, config.backend)
+    requested, source = config.requested_mpp(entry)
+    recorded = reader.metadata_mpp
+    note = None
+    if source == "fallback" and recorded is not None:
+        return reader, "metadata", None
+    if source == "metadata":
+        return reader, "metadata", None
+    reader.override_mpp(requested)
+    if recorded is not None and not np.isclose(recorded, requested, rtol=1e-6):
+        flag = "--slide-mpp-csv" if source == "csv" else "--force-slide-mpp"
+        note = f"{entry.slide_id}: {flag} sets {requested:g} µm/px instead of the recorded {recorded:.4g}"
+    return reader, source, note
 
 
 def _matches(attrs: dict[str, Any], params: dict[str, Any]) -> bool:
@@ -239,10 +253,10 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
     config, entry = item
     source = str(entry.path)
     try:
-        reader = open_tiling_reader(entry.path, config.backend, config.slide_mpp)
+        reader, mpp_source, note = _open_with_mpp(config, entry)
         try:
             reader.validate()
-            grid = plan_grid(reader, config.spec)
+            slide_mpp = reader.require_mpp()
             try:
                 root = zarr.open_group(config.store, mode="r+", zarr_format=3)
             except FileNotFoundError as exc:
@@ -258,9 +272,10 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
                 and existing.attrs.get("planned")
                 and _matches(dict(existing.attrs), params)
                 and existing.attrs.get("backend") == reader.backend
+                and np.isclose(float(existing.attrs.get("slide_mpp", -1.0)), slide_mpp, rtol=1e-9)
             ):
-                return _resume(config, entry, reader.backend, grid, existing)
-            return _fresh_plan(config, entry, reader, grid, root)
+                return _resume(config, entry, reader, existing)
+            return _fresh_plan(config, entry, reader, root, mpp_source, note)
         finally:
             reader.close()
     except (SlideReadError, MissingMppError, InvalidParameterError, StoreError, OSError) as exc:
@@ -270,7 +285,7 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
         return PlanResult(entry.slide_id, source, error=f"{type(exc).__name__}: {_reason(exc)}")
 
 
-def _resume(config: TileConfig, entry: SlideEntry, backend: str, grid: SlideGrid, group: Any) -> PlanResult:
+def _resume(config: TileConfig, entry: SlideEntry, reader: SlideReader, group: Any) -> PlanResult:
     clean_slide_leftovers(config.store, entry.slide_id)
     rowcol = np.asarray(group["grid"][...], dtype=np.int32).reshape(-1, 2)
     todo: tuple[int, ...] = ()
@@ -281,8 +296,8 @@ def _resume(config: TileConfig, entry: SlideEntry, backend: str, grid: SlideGrid
     return PlanResult(
         entry.slide_id,
         str(entry.path),
-        backend=backend,
-        grid=grid,
+        backend=reader.backend,
+        grid=grid_from_attrs(dict(group.attrs), reader),
         rowcol=rowcol,
         chunk_tiles=int(group.attrs["chunk_tiles"]),
         block_size=int(group.attrs["block_size"]),
@@ -290,22 +305,32 @@ def _resume(config: TileConfig, entry: SlideEntry, backend: str, grid: SlideGrid
     )
 
 
-def _fresh_plan(config: TileConfig, entry: SlideEntry, reader: Any, grid: SlideGrid, root: Any) -> PlanResult:
-    side = config.thumbnail_size or thumbnail_side(grid)
-    thumbnail = read_thumbnail(reader, side)
-    downsample = (grid.width_l0 / thumbnail.shape[1], grid.height_l0 / thumbnail.shape[0])
-    tissue_mask = detect_tissue(thumbnail, grid.slide_mpp * (downsample[0] + downsample[1]) / 2)
-    chunk_tiles = config.chunk_tiles or chunk_tiles_for(config.spec.tile_size)
-    block_size = block_size_for(grid, chunk_tiles)
-    rowcol, tissue = select_tiles(grid, tissue_mask.mask, config.tissue_threshold, block_size)
+def _fresh_plan(
+    config: TileConfig, entry: SlideEntry, reader: SlideReader, root: Any, mpp_source: str, note: str | None
+) -> PlanResult:
+    mask_file = None
+    if config.tissue_mask_dir is not None:
+        mask_file = find_mask_file(config.tissue_mask_dir, entry.slide_id, entry.path)
+    tiling = plan_tiles(
+        reader,
+        config.spec,
+        config.tissue_threshold,
+        mask_file=mask_file,
+        thumbnail_size=config.thumbnail_size,
+        chunk_tiles=config.chunk_tiles,
+    )
+    grid, rowcol = tiling.grid, tiling.rowcol
     extra = {
-        "tissue_method": tissue_mask.method,
-        "tissue_mask_threshold": tissue_mask.threshold,
-        "tissue_area_fraction": tissue_mask.fraction,
-        "thumbnail_downsample": [float(downsample[0]), float(downsample[1])],
+        "mpp_source": mpp_source,
+        "tissue_method": tiling.tissue_mask.method,
+        "tissue_mask_threshold": tiling.tissue_mask.threshold,
+        "tissue_area_fraction": tiling.tissue_mask.fraction,
+        "tissue_mask_file": None if mask_file is None else str(mask_file),
+        "thumbnail_downsample": list(tiling.thumbnail_downsample),
         "n_tiles": len(rowcol),
-        "chunk_tiles": chunk_tiles,
-        "block_size": block_size,
+        "n_edge_tiles": int(np.sum(tiling.inside < 1.0)),
+        "chunk_tiles": tiling.chunk_tiles,
+        "block_size": tiling.block_size,
     }
     create_slide_group(
         root,
@@ -313,15 +338,16 @@ def _fresh_plan(config: TileConfig, entry: SlideEntry, reader: Any, grid: SlideG
         _slide_attrs(config, reader, grid, extra),
         coords=grid.coords_l0(rowcol),
         grid=rowcol,
-        tissue=tissue,
-        thumbnail=thumbnail,
-        tissue_mask=tissue_mask.mask,
+        tissue=tiling.tissue,
+        inside=tiling.inside,
+        thumbnail=tiling.thumbnail,
+        tissue_mask=tiling.tissue_mask.mask,
         tile_size=config.spec.tile_size,
-        chunk_tiles=chunk_tiles,
+        chunk_tiles=tiling.chunk_tiles,
         codec=config.codec,
         jpeg_quality=config.jpeg_quality,
     )
-    n_chunks = -(-len(rowcol) // chunk_tiles) if config.codec is not None else 0
+    n_chunks = -(-len(rowcol) // tiling.chunk_tiles) if config.codec is not None else 0
     logger.info(
         "%s: level %d (%.4g µm/px, scale %.4g), grid %dx%d, %d tiles kept, %d chunk(s)",
         entry.slide_id, grid.level, grid.level_mpp, grid.scale, grid.rows, grid.cols, len(rowcol), n_chunks,
@@ -332,9 +358,10 @@ def _fresh_plan(config: TileConfig, entry: SlideEntry, reader: Any, grid: SlideG
         backend=reader.backend,
         grid=grid,
         rowcol=rowcol,
-        chunk_tiles=chunk_tiles,
-        block_size=block_size,
+        chunk_tiles=tiling.chunk_tiles,
+        block_size=tiling.block_size,
         todo=tuple(range(n_chunks)),
+        mpp_note=note,
     )
 
 
@@ -359,11 +386,11 @@ def _arrays(store: str, slide_id: str, run_id: str) -> tuple[Any, Any]:
 def tile_chunk(job: ChunkJob) -> tuple[str, int, int, str | None]:
     """Worker task: read, cut and write one chunk of tiles; returns ``(slide_id, index, n, error)``."""
     try:
-        reader = get_reader(job.source, job.backend, job.config.slide_mpp)
+        reader = get_reader(job.source, job.backend)
         tiles = read_tiles(reader, job.grid, job.rowcol, list(job.parts))
         start, stop = job.parts[0].start, job.parts[-1].stop
         tiles_array, done = _arrays(job.config.store, job.slide_id, job.run_id)
-        tiles_array[start:stop] = tiles
+        write_tile_chunk(tiles_array, job.index, tiles)
         done[job.index] = True
         return (job.slide_id, job.index, stop - start, None)
     except Exception as exc:
@@ -388,7 +415,9 @@ class _StatusBook:
         self.last = time.monotonic()
 
     def record(self, outcome: SlideOutcome) -> None:
-        status = "failed" if outcome.status == "failed" else "ok"
+        status = outcome.status if outcome.status in ("failed", "empty") else "ok"
+        if outcome.status == "skipped" and outcome.n_tiles == 0:
+            status = "empty"
         self.pending[outcome.slide_id] = {"status": status, "reason": outcome.reason, "source": outcome.source}
         if time.monotonic() - self.last > _STATUS_FLUSH_S:
             self.flush()
@@ -397,6 +426,9 @@ class _StatusBook:
         update_slide_status(self.root, self.pending)
         self.pending = {}
         self.last = time.monotonic()
+
+
+_LEGACY_DEFAULTS: dict[str, Any] = {"edge": "drop", "tissue_mask_dir": None}
 
 
 def _check_existing(root: Any, entries: Sequence[SlideEntry], config: TileConfig) -> tuple[list[SlideEntry], list[SlideOutcome]]:
@@ -411,11 +443,16 @@ def _check_existing(root: Any, entries: Sequence[SlideEntry], config: TileConfig
             todo.append(entry)
             continue
         params = config.params(str(entry.path))
-        # A finished slide is kept whatever --slide-mpp says now, unless it says a different mpp.
-        params.pop("slide_mpp_override")
+        # Stores written before these were recorded: every tile whole, tissue detected.
+        attrs = {**_LEGACY_DEFAULTS, **attrs}
         diffs = [f"{k}={attrs.get(k)!r} (now {v!r})" for k, v in params.items() if attrs.get(k) != v]
-        if config.slide_mpp is not None and not np.isclose(attrs.get("slide_mpp", -1.0), config.slide_mpp, rtol=1e-6):
-            diffs.append(f"slide_mpp={attrs.get('slide_mpp')!r} (now --slide-mpp {config.slide_mpp!r})")
+        # A finished slide is kept unless this run asks for a different µm/px for it.
+        requested, source = config.requested_mpp(entry)
+        stored_source = attrs.get("mpp_source") or ("forced" if attrs.get("slide_mpp_override") is not None else "metadata")
+        if source == "fallback" and stored_source != "fallback":
+            requested = None  # the slide records its resolution: the fallback does not apply to it
+        if requested is not None and not np.isclose(attrs.get("slide_mpp", -1.0), requested, rtol=1e-6):
+            diffs.append(f"slide_mpp={attrs.get('slide_mpp')!r} (now {requested!r} from {source})")
         if not diffs:
             skipped.append(SlideOutcome(entry.slide_id, str(entry.path), "skipped", n_tiles=int(attrs.get("n_tiles", 0))))
             continue
@@ -439,6 +476,9 @@ def tile_cohort(
     coords_only: bool = False,
     backend: str = "auto",
     slide_mpp: float | None = None,
+    force_slide_mpp: bool = False,
+    slide_mpp_csv: str | Path | None = None,
+    tissue_mask: str | Path | None = None,
     overwrite: bool = False,
     qc_dir: str | Path | None = None,
     workers: int | None = None,
@@ -457,7 +497,8 @@ def tile_cohort(
     out
         The patch store (a ``.zarr`` directory).
     spec
-        Target µm/px, tile size, stride and mpp tolerance (default: 0.5 µm/px, 224 px, no overlap).
+        Target µm/px, tile size, stride, mpp tolerance and edge mode (default: 0.5 µm/px, 224 px, no
+        overlap, edge tiles padded).
     tissue_threshold
         Keep tiles whose tissue fraction is at least this (0 keeps every tile).
     codec
@@ -469,7 +510,14 @@ def tile_cohort(
     backend
         Slide reader: ``auto``, ``openslide`` or ``tiffslide``.
     slide_mpp
-        Level-0 µm/px for slides without (or with wrong) metadata.
+        Level-0 µm/px for slides whose metadata does not record one (a fallback; see ``force_slide_mpp``).
+    force_slide_mpp
+        Use ``slide_mpp`` for every slide, replacing recorded values (each replacement is logged).
+    slide_mpp_csv
+        CSV of per-slide level-0 µm/px (``slide_id,mpp`` or ``path,mpp``); its values win over the rest.
+    tissue_mask
+        A folder of per-slide PNG masks or QuPath GeoJSON files used instead of tissue detection
+        (:mod:`wsi_encoder.io.tissue_masks`); a slide without one fails.
     overwrite
         Re-tile slides that are already complete in the store.
     qc_dir
@@ -501,6 +549,14 @@ def tile_cohort(
         raise InvalidParameterError(f"thumbnail size {thumbnail_size!r} must be at least 64 px")
     if chunk_tiles is not None and chunk_tiles < 1:
         raise InvalidParameterError(f"chunk_tiles {chunk_tiles!r} must be at least 1")
+    if force_slide_mpp and slide_mpp is None:
+        raise InvalidParameterError("--force-slide-mpp needs --slide-mpp (the value to use for every slide)")
+    mask_dir = None
+    if tissue_mask is not None:
+        mask_dir = Path(tissue_mask).expanduser().resolve()
+        if not mask_dir.is_dir():
+            raise InvalidParameterError(f"--tissue-mask {tissue_mask}: not a folder of per-slide PNG or GeoJSON masks")
+    table = read_slide_mpp_csv(slide_mpp_csv) if slide_mpp_csv is not None else {}
     out = Path(out).expanduser().resolve()
     entries = assign_slide_ids(expand_slide_inputs(inputs, exclude=[out]))
     config = TileConfig(
@@ -514,7 +570,15 @@ def tile_cohort(
         thumbnail_size=thumbnail_size,
         overwrite=overwrite,
         chunk_tiles=chunk_tiles,
+        force_slide_mpp=force_slide_mpp,
+        slide_mpp_table=tuple(sorted(table.items())),
+        tissue_mask_dir=None if mask_dir is None else str(mask_dir),
     )
+    if table:
+        known = {e.slide_id for e in entries} | {str(Path(e.path).resolve()) for e in entries}
+        unused = sorted(set(table) - known)
+        if unused:
+            logger.warning("%s: %d row(s) match no slide of this run (e.g. %s)", slide_mpp_csv, len(unused), unused[0])
     notify = progress or (lambda event: None)
     report = TileReport(store=out)
     with StoreLock(out):
@@ -561,11 +625,22 @@ def _run_round(
             try:
                 mark_slide_complete(root, plan.slide_id)
                 n = 0 if plan.rowcol is None else len(plan.rowcol)
-                outcome = SlideOutcome(plan.slide_id, plan.source, "ok", n_tiles=n)
+                outcome = SlideOutcome(plan.slide_id, plan.source, "ok" if n else "empty", n_tiles=n)
             except StoreError as exc:
                 outcome = SlideOutcome(plan.slide_id, plan.source, "failed", reason=_reason(exc))
-        if outcome.status == "ok" and qc_dir is not None:
+        if outcome.status in ("ok", "empty") and qc_dir is not None:
             _write_qc(root, plan.slide_id, qc_dir)
+        if outcome.status == "empty":
+            hint = (
+                "check its mask file"
+                if config.tissue_mask_dir is not None
+                else f"try --tissue-threshold {config.tissue_threshold / 4:.2g} or 0, or --tissue-mask"
+                if config.tissue_threshold > 0
+                else "the slide has no tile"
+            )
+            logger.warning(
+                "%s: no tissue found (no tile with tissue fraction >= %g); %s", plan.source, config.tissue_threshold, hint
+            )
         if outcome.status == "failed":
             logger.info("%s failed: %s", outcome.source, outcome.reason)
         report.outcomes.append(outcome)
@@ -577,6 +652,8 @@ def _run_round(
         if isinstance(plan, TaskFailure):  # the task raised past its guard, or its worker died
             plan = PlanResult(batch[index].slide_id, str(batch[index].path), error=plan.error)
         state = _SlideState(plan=plan, remaining=len(plan.todo))
+        if plan.mpp_note is not None:
+            logger.warning("%s", plan.mpp_note)
         if plan.error is not None:
             state.errors.append(plan.error)
             finish(state)
