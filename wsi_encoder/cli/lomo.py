@@ -141,6 +141,7 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
 @click.option(
     "--allow-contaminated-backbone",
     is_flag=True,
+    default=D("allow_contaminated_backbone"),
     help="Accept a train-encoder checkpoint trained on BreaKHis or on DATA (the report then says so first).",
 )
 @click.option(
