@@ -9,7 +9,7 @@ trained on. Two probes, both at least as strong as the grl arm's domain head nee
 ``linear``
     standardised multinomial logistic regression, ``C`` chosen by patient-grouped inner CV;
 ``mlp``
-    a small multilayer perceptron (one hidden layer of 128 units, ReLU, L2 ``alpha`` 1e-3).
+    a small multilayer perceptron (one hidden layer of 128 units, ReLU, L2 ``alpha`` 1e-3, L-BFGS).
 
 ``split=test_patients`` is the figure to report; ``split=train_cv`` is the patient-grouped
 cross-validated score on the training patients (for the linear probe, the inner CV's best score,
@@ -35,6 +35,7 @@ from sklearn.model_selection import GridSearchCV, GroupKFold, cross_val_predict
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from wsi_encoder.evaluation.lomo_outputs import atomic_write_text
 from wsi_encoder.evaluation.metrics import reliability_curve
@@ -55,7 +56,7 @@ def _linear(c: float = 1.0) -> Any:
 def _mlp(seed: int) -> Any:
     return make_pipeline(
         StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=300, random_state=seed),
+        MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, solver="lbfgs", max_iter=300, random_state=seed),
     )
 
 
@@ -108,30 +109,44 @@ def magnification_probe(
         for s in PROBE_SPLITS
     }
     if len(classes) >= 2 and n_groups >= 2:
-        y = np.searchsorted(classes, mags)
-        cv = list(GroupKFold(n_splits=min(n_splits, n_groups)).split(x, y, groups))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            warnings.simplefilter("ignore", UserWarning)  # sklearn: a class absent from a small CV fold
-            search = GridSearchCV(
-                _linear(), {"logisticregression__C": list(LINEAR_CS)}, scoring="balanced_accuracy", cv=cv
-            )
-            search.fit(x, y)
-            rows[("linear", "train_cv")]["balanced_accuracy"] = float(search.best_score_)
-            rows[("linear", "train_cv")]["C"] = float(search.best_params_["logisticregression__C"])
-            oof = cross_val_predict(_mlp(seed), x, y, cv=cv)
-            rows[("mlp", "train_cv")]["balanced_accuracy"] = float(balanced_accuracy_score(y, oof))
-            if len(xt):
-                yt = np.searchsorted(classes, mt)
-                linear = search.best_estimator_
-                rows[("linear", "test_patients")]["balanced_accuracy"] = float(
-                    balanced_accuracy_score(yt, linear.predict(xt))
-                )
-                mlp = _mlp(seed).fit(x, y)
-                rows[("mlp", "test_patients")]["balanced_accuracy"] = float(
-                    balanced_accuracy_score(yt, mlp.predict(xt))
-                )
+        with threadpool_limits(limits=1):  # many small fits: threaded BLAS only adds contention
+            _fit_probes(rows, x, np.searchsorted(classes, mags), groups, xt, np.searchsorted(classes, mt),
+                        min(n_splits, n_groups), seed)
     return list(rows.values())
+
+
+def _fit_probes(
+    rows: dict[tuple[str, str], dict[str, Any]],
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int64],
+    groups: npt.NDArray[np.str_],
+    xt: npt.NDArray[np.float64],
+    yt: npt.NDArray[np.int64],
+    n_splits: int,
+    seed: int,
+) -> None:
+    """Fill the balanced accuracies of ``rows`` (see :func:`magnification_probe`)."""
+    cv = list(GroupKFold(n_splits=n_splits).split(x, y, groups))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)  # sklearn: a class absent from a small CV fold
+        search = GridSearchCV(
+            _linear(), {"logisticregression__C": list(LINEAR_CS)}, scoring="balanced_accuracy", cv=cv
+        )
+        search.fit(x, y)
+        rows[("linear", "train_cv")]["balanced_accuracy"] = float(search.best_score_)
+        rows[("linear", "train_cv")]["C"] = float(search.best_params_["logisticregression__C"])
+        oof = cross_val_predict(_mlp(seed), x, y, cv=cv)
+        rows[("mlp", "train_cv")]["balanced_accuracy"] = float(balanced_accuracy_score(y, oof))
+        if len(xt):
+            linear = search.best_estimator_
+            rows[("linear", "test_patients")]["balanced_accuracy"] = float(
+                balanced_accuracy_score(yt, linear.predict(xt))
+            )
+            mlp = _mlp(seed).fit(x, y)
+            rows[("mlp", "test_patients")]["balanced_accuracy"] = float(
+                balanced_accuracy_score(yt, mlp.predict(xt))
+            )
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
