@@ -1,13 +1,17 @@
-"""Classification metrics (scikit-learn based): AUC, F1, balanced accuracy, Brier, ECE, bootstrap CIs.
+"""Classification metrics (scikit-learn based): AUC, F1, balanced accuracy, Brier, ECE, patient-bootstrap CIs.
 
 Binary problems take the probability of the positive class ``prob`` of shape ``(n,)``; multi-class
 problems take ``prob`` of shape ``(n, k)`` and report macro AUC (one-vs-rest) and macro F1. A metric
 that is undefined on the data (AUC with one class present) is ``nan``, never an exception.
+
+Intervals (:func:`paired_bootstrap`) always resample *patients* (every image of a drawn patient comes
+along): images of one patient are correlated, and resampling images gives intervals that are too
+narrow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -87,40 +91,6 @@ def classification_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold
         "brier": brier_score(y, p),
         "ece": expected_calibration_error(y, p),
     }
-
-
-def bootstrap_ci(
-    y_true: npt.ArrayLike,
-    prob: npt.ArrayLike,
-    metric: Callable[[npt.NDArray[np.int_], FloatArray], float],
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    groups: npt.ArrayLike | None = None,
-) -> tuple[float, float]:
-    """Percentile bootstrap ``(low, high)`` of ``metric(y, prob)`` at level ``1 - alpha``.
-
-    With ``groups`` (e.g. patient ids) whole groups are resampled. Resamples where the metric is
-    undefined are dropped; ``(nan, nan)`` when none is defined.
-    """
-    y = np.asarray(y_true)
-    p = np.asarray(prob, dtype=float)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        units = [np.array([i]) for i in range(len(y))]
-    else:
-        g = np.asarray(groups)
-        units = [np.flatnonzero(g == u) for u in np.unique(g)]
-    values = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(units), len(units))
-        idx = np.concatenate([units[i] for i in pick])
-        value = metric(y[idx], p[idx])
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return (float("nan"), float("nan"))
-    return (float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2)))
 
 
 def reliability_curve(y_true: npt.ArrayLike, prob: npt.ArrayLike, n_bins: int = 10) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int_]]:
