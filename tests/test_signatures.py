@@ -202,3 +202,19 @@ def test_evaluate_fold_rejects_bad_inputs() -> None:
         evaluate_fold(x, y, np.where(y == 1, "p1", "p0"), x, y)  # one patient per class: no grouped inner CV
     with pytest.raises(InvalidParameterError, match="stability-threshold"):
         SignatureSpec(stability_threshold=1.5).validate()
+
+
+def test_report_shows_empty_pairs_as_na_and_states_d(tmp_path) -> None:
+    from wsi_encoder.evaluation.signature_report import ReportContext, write_report
+
+    nan = float("nan")
+    metrics = dict.fromkeys(("auc", "f1", "brier", "ece", "balanced_accuracy", "accuracy"), 0.5)
+    recs = [
+        SignatureRecord("grl", fold, idx, idx, 0.1, 1.0, metrics, metrics, nan, nan, 10, 5, 4, 2, 512)
+        for fold, idx in (("100X", ()), ("200X", ()), ("400X", (1, 2)))
+    ]
+    assert recs[2].size_fraction == pytest.approx(2 / 512)
+    write_report(tmp_path, recs, arm_jaccards(recs), ReportContext("src", "lomo", ("benign", "malignant"), "basis"))
+    report = (tmp_path / "report.md").read_text()
+    assert "| 100X | 200X | n/a | n/a | n/a |" in report
+    assert "D = 512 dimensions" in report and "--backbone resnet50" in report
