@@ -374,6 +374,7 @@ def _run_seed(ctx: _Context, out: Path) -> LomoRun:
     """One seed of the protocol: one patient split, or ``patient_folds`` of them pooled."""
     config = ctx.config
     out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, config, None)  # before the initial weights there are (re)written
     init = _init_state(out, config, ctx.provenance)
     ctx = replace(ctx, init=init)
     if config.patient_folds is None:
