@@ -253,7 +253,7 @@ def test_the_gan_arm_sees_as_many_real_images_per_epoch_as_the_baseline(monkeypa
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("lomo_protocol")
-    data = write_breakhis_tree(root, n_benign=4, n_malignant=4, per_magnification=2, seed=2)
+    data = write_breakhis_tree(root, n_benign=4, n_malignant=4, per_magnification=1, seed=2)
     captured: list[dict] = []
     probe = lomo_pipeline.lomo_report.magnification_probe
 
