@@ -559,25 +559,31 @@ def render_repeats(config: Mapping[str, Any], summary: Sequence[Mapping[str, Any
         [r["arm"], f"{r['held_out']}X", str(r["n_repeats"]), ms(r, "auc"), ms(r, "brier"),
          "" if r["arm"] == "baseline" else ms(r, "delta_auc", True),
          "" if r["arm"] == "baseline" else ms(r, "delta_brier", True),
-         "" if r.get("delta_auc_ci_excludes_zero") is None else f"{r['delta_auc_ci_excludes_zero']} of {r['n_repeats']}"]
+         "" if r.get("delta_auc_ci_excludes_zero") is None
+         else f"{r['delta_auc_ci_excludes_zero']} of {r.get('n_delta_auc_ci', r['n_repeats'])}"]
         for r in summary
     ]
     lines += _table(["arm", "held out", "repeats", "AUC", "Brier", "ΔAUC vs baseline", "ΔBrier vs baseline",
-                     "repeats whose ΔAUC interval excludes 0"], body)
+                     "ΔAUC interval excludes 0 (of repeats with an interval)"], body)
     lines += [""]
     for r in summary:
         if r["arm"] == "baseline" or math.isnan(_num(r.get("delta_auc_mean"))):
             continue
-        k, n = r.get("delta_auc_ci_excludes_zero") or 0, r["n_repeats"]
-        if k == 0:
+        k, n = r.get("delta_auc_ci_excludes_zero") or 0, int(r.get("n_delta_auc_ci", r["n_repeats"]))
+        if n == 0:
             lines.append(
-                f"- {r['arm']} vs baseline, {r['held_out']}X held out: in every repeat the AUC difference's "
-                "interval spans zero: no evidence of a difference."
+                f"- {r['arm']} vs baseline, {r['held_out']}X held out: no repeat has an AUC-difference interval "
+                "(fewer than 2 test patients of a class); no claim can be made."
+            )
+        elif k == 0:
+            lines.append(
+                f"- {r['arm']} vs baseline, {r['held_out']}X held out: in every repeat with an interval ({n}) the AUC "
+                "difference's interval spans zero: no evidence of a difference."
             )
         else:
             lines.append(
                 f"- {r['arm']} vs baseline, {r['held_out']}X held out: the AUC difference's interval excludes zero "
-                f"in {k} of {n} repeats (mean difference {ms(r, 'delta_auc', True)})."
+                f"in {k} of the {n} repeats with an interval (mean difference {ms(r, 'delta_auc', True)})."
             )
     lines += ["", "`repeats.csv` holds these numbers; each `repeat_<k>/` is a complete LOMO output folder.", ""]
     return "\n".join(lines)

@@ -49,6 +49,8 @@ REPEAT_COLUMNS = (
     "delta_brier_sd",
     "delta_auc_ci_excludes_zero",
     "delta_brier_ci_excludes_zero",
+    "n_delta_auc_ci",
+    "n_delta_brier_ci",
 )
 
 
@@ -361,9 +363,16 @@ def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
-def _excludes_zero(row: Mapping[str, Any], metric: str) -> bool:
+def _interval(row: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
     lo, hi = row.get(f"delta_{metric}_ci_low"), row.get(f"delta_{metric}_ci_high")
-    return lo is not None and hi is not None and not (float(lo) <= 0 <= float(hi))
+    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return None
+    return float(lo), float(hi)
+
+
+def _excludes_zero(row: Mapping[str, Any], metric: str) -> bool:
+    ci = _interval(row, metric)
+    return ci is not None and not (ci[0] <= 0 <= ci[1])
 
 
 def summarise_repeats(
@@ -374,7 +383,9 @@ def summarise_repeats(
     Writes ``repeats.csv`` (:data:`REPEAT_COLUMNS`), ``config.json`` (``repeat_dirs``) and
     ``report.md``; each repeat's own folder keeps its intervals and report.
     """
-    keys = list(dict.fromkeys((r["arm"], int(r["held_out"])) for run in runs for r in run.results))
+    keys = sorted(
+        {(r["arm"], int(r["held_out"])) for run in runs for r in run.results}, key=lambda k: (ARMS.index(k[0]), k[1])
+    )
     summary = []
     for arm, m in keys:
         rows = [r for run in runs for r in run.results if r["arm"] == arm and int(r["held_out"]) == m]
@@ -385,6 +396,7 @@ def summarise_repeats(
             row[f"delta_{metric}_ci_excludes_zero"] = (
                 sum(_excludes_zero(r, metric) for r in rows) if arm != "baseline" else None
             )
+            row[f"n_delta_{metric}_ci"] = sum(_interval(r, metric) is not None for r in rows)
         summary.append(row)
     lines = [
         [str(v) if isinstance(v, int | str) else "" if v is None else _num_text(v) for v in
@@ -401,7 +413,7 @@ def summarise_repeats(
     return LomoRun(
         out,
         [r for run in runs for r in run.results],
-        {m: r for run in runs for m, r in run.skipped.items()},
+        {m: r for m, r in runs[0].skipped.items() if all(m in run.skipped for run in runs)},
         [t for r in runs for t in r.trained],
         [t for r in runs for t in r.resumed],
         {f"{_rel(r.out_dir, out)}/{k}": v for r in runs for k, v in r.refused.items()},
