@@ -110,3 +110,12 @@ def test_cli_defaults_come_from_lomo_config() -> None:
             checked += 1
     assert checked >= 15
     assert params["test_fraction"].default is None and "0.3" in (params["test_fraction"].help or "")
+
+
+def test_an_output_folder_of_an_older_version_is_refused(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text('{"settings": {}, "patient_key": "slide"}')
+    code, text = _run(str(tiny_tree), "--out", str(out), "--backbone", "nic", "--image-size", "64")
+    assert code == 1 and "older wsi_encoder" in text and "cannot be resumed" in text
+    assert not (out / "cache").exists()
