@@ -29,7 +29,7 @@ from PIL import Image
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.slides import SlideReader
 from wsi_encoder.io.tiff_regions import read_level_region
-from wsi_encoder.tissue import tile_tissue_fractions
+from wsi_encoder.tissue import TissueMask, detect_tissue, tile_tissue_fractions
 
 #: Tiles per chunk for 224 px tiles; larger tiles get proportionally fewer (same bytes per chunk).
 _CHUNK_PIXELS = 64 * 224 * 224
@@ -365,3 +365,73 @@ def read_thumbnail(reader: SlideReader, max_side: int) -> npt.NDArray[np.uint8]:
     if (lw, lh) == size:
         return image
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What one slide is cut into: its grid, thumbnail and tissue mask, and the kept tiles.
+
+    ``rowcol`` (block-major order) and ``tissue`` describe the kept tiles; tiles ``[start, stop)`` of
+    chunk ``k`` (``chunk_tiles`` per chunk) are read as :func:`chunk_parts` says.
+    """
+
+    grid: SlideGrid
+    thumbnail: npt.NDArray[np.uint8]
+    tissue_mask: TissueMask
+    thumbnail_downsample: tuple[float, float]
+    rowcol: npt.NDArray[np.int32]
+    tissue: npt.NDArray[np.float32]
+    chunk_tiles: int
+    block_size: int
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of kept tiles."""
+        return len(self.rowcol)
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every chunk of ``chunk_tiles`` consecutive kept tiles."""
+        n, k = self.n_tiles, self.chunk_tiles
+        return [(a, min(a + k, n)) for a in range(0, n, k)]
+
+
+def plan_tiles(
+    reader: SlideReader,
+    spec: TileSpec,
+    tissue_threshold: float,
+    *,
+    thumbnail_size: int | None = None,
+    chunk_tiles: int | None = None,
+) -> TilePlan:
+    """Grid, thumbnail, tissue mask and kept tiles of ``reader``'s slide (what ``wsienc tile`` stores).
+
+    Parameters
+    ----------
+    reader
+        The opened slide.
+    spec
+        Target µm/px, tile size, stride and tolerance.
+    tissue_threshold
+        Keep tiles whose tissue fraction is at least this (0 keeps every tile).
+    thumbnail_size
+        Longer side of the thumbnail tissue is detected on (default: :func:`thumbnail_side`).
+    chunk_tiles
+        Tiles per chunk (default: :func:`chunk_tiles_for`).
+    """
+    grid = plan_grid(reader, spec)
+    thumbnail = read_thumbnail(reader, thumbnail_size or thumbnail_side(grid))
+    downsample = (grid.width_l0 / thumbnail.shape[1], grid.height_l0 / thumbnail.shape[0])
+    tissue_mask = detect_tissue(thumbnail, grid.slide_mpp * (downsample[0] + downsample[1]) / 2)
+    chunk_tiles = chunk_tiles or chunk_tiles_for(spec.tile_size)
+    block_size = block_size_for(grid, chunk_tiles)
+    rowcol, tissue = select_tiles(grid, tissue_mask.mask, tissue_threshold, block_size)
+    return TilePlan(
+        grid=grid,
+        thumbnail=thumbnail,
+        tissue_mask=tissue_mask,
+        thumbnail_downsample=(float(downsample[0]), float(downsample[1])),
+        rowcol=rowcol,
+        tissue=tissue,
+        chunk_tiles=chunk_tiles,
+        block_size=block_size,
+    )

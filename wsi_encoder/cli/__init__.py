@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train-encoder": "wsi_encoder.cli.train:train_encoder",
     "encode": "wsi_encoder.cli.encode:encode",
     "classify": "wsi_encoder.cli.classify:classify",
+    "predict": "wsi_encoder.cli.predict:predict",
     "lomo": "wsi_encoder.cli.lomo:lomo",
     "signatures": "wsi_encoder.cli.signatures:signatures",
 }

@@ -56,16 +56,11 @@ from wsi_encoder.tiling import (
     ReadPart,
     SlideGrid,
     TileSpec,
-    block_size_for,
     chunk_parts,
-    chunk_tiles_for,
     plan_grid,
-    read_thumbnail,
+    plan_tiles,
     read_tiles,
-    select_tiles,
-    thumbnail_side,
 )
-from wsi_encoder.tissue import detect_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -291,13 +286,11 @@ def _resume(config: TileConfig, entry: SlideEntry, backend: str, grid: SlideGrid
 
 
 def _fresh_plan(config: TileConfig, entry: SlideEntry, reader: Any, grid: SlideGrid, root: Any) -> PlanResult:
-    side = config.thumbnail_size or thumbnail_side(grid)
-    thumbnail = read_thumbnail(reader, side)
-    downsample = (grid.width_l0 / thumbnail.shape[1], grid.height_l0 / thumbnail.shape[0])
-    tissue_mask = detect_tissue(thumbnail, grid.slide_mpp * (downsample[0] + downsample[1]) / 2)
-    chunk_tiles = config.chunk_tiles or chunk_tiles_for(config.spec.tile_size)
-    block_size = block_size_for(grid, chunk_tiles)
-    rowcol, tissue = select_tiles(grid, tissue_mask.mask, config.tissue_threshold, block_size)
+    plan = plan_tiles(
+        reader, config.spec, config.tissue_threshold, thumbnail_size=config.thumbnail_size, chunk_tiles=config.chunk_tiles
+    )
+    thumbnail, tissue_mask, downsample = plan.thumbnail, plan.tissue_mask, plan.thumbnail_downsample
+    chunk_tiles, block_size, rowcol, tissue = plan.chunk_tiles, plan.block_size, plan.rowcol, plan.tissue
     extra = {
         "tissue_method": tissue_mask.method,
         "tissue_mask_threshold": tissue_mask.threshold,
