@@ -138,3 +138,28 @@ def test_saved_models_load_back_with_their_provenance(tmp_path: Path) -> None:
     model, meta = load_model(_model(tmp_path / "clf"), device="cpu")
     assert meta["provenance"]["tiling"] == TILING and meta["provenance"]["encoder"]["name"] == "nic"
     assert model.name == "abmil"
+
+
+def test_classify_train_records_the_encoder_and_tile_spec(tmp_path: Path) -> None:
+    import zarr
+    from _classify_fixtures import ENCODER, write_cohort
+
+    from wsi_encoder.pipelines.classify import train_classifier
+
+    cohort = write_cohort(tmp_path / "cohort", n_patients=8, slides_per_patient=(1,), dim=8, grid=(8, 8))
+    root = zarr.open_group(str(cohort.store), mode="r+")
+    tiling = {**TILING, "target_mpp": 0.5, "tile_size": 224, "stride": 224}
+    for slide in cohort.slides:
+        root[slide.slide_id].attrs.update({**tiling, "dtype": "float16"})
+    result = train_classifier(cohort.store, cohort.labels_csv, "linear", tmp_path / "clf", folds=2, n_boot=0)
+    provenance = json.loads(result.files["model"].read_text())["provenance"]
+    assert provenance["tiling"] == tiling and provenance["tiling_note"] is None
+    assert provenance["encoder"]["name"] == ENCODER["name"]
+    assert provenance["encoder"]["weights_sha256"] == ENCODER["weights_sha256"]
+    assert provenance["encoder"]["embedding_dim"] == 8 and provenance["encoder"]["dtype"] == "float16"
+
+    # Slides tiled differently: no tile spec is recorded, and predict asks for one.
+    root[cohort.slides[0].slide_id].attrs["tile_size"] = 256
+    result = train_classifier(cohort.store, cohort.labels_csv, "linear", tmp_path / "clf2", folds=2, n_boot=0)
+    provenance = json.loads(result.files["model"].read_text())["provenance"]
+    assert provenance["tiling"] is None and "tiled differently" in provenance["tiling_note"]

@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
-from wsi_encoder.evaluation.metrics import expected_calibration_error, reliability_curve
 from wsi_encoder.io.embedding_reader import SlideGeometry
 
 
@@ -45,6 +44,9 @@ def plot_reliability(
     Binary ``prob`` (1-D, P(positive)): frequency of the positive class. Multi-class ``(n, k)``:
     top-label confidence vs accuracy.
     """
+    # Imported here (it pulls in scikit-learn): heatmaps alone should not pay for it.
+    from wsi_encoder.evaluation.metrics import expected_calibration_error, reliability_curve
+
     y = np.asarray(y_true)
     p = np.asarray(prob, dtype=float)
     conf, freq, count = reliability_curve(y, p, n_bins)
@@ -82,7 +84,7 @@ def plot_roc(
     Binary: the pooled curve, and each fold's curve faintly when ``fold_of`` is given. Multi-class:
     one-vs-rest curves per class with the macro AUC in the title.
     """
-    # Imported here, not with the module: `wsienc predict` draws heatmaps without scikit-learn.
+    # Imported here, not with the module: heatmaps (`wsienc predict`) are drawn without scikit-learn.
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y = np.asarray(y_true)
