@@ -117,7 +117,11 @@ def training_provenance(reader: EmbeddingStoreReader, slide_ids: Sequence[str]) 
         tiling = {key: attrs.get(key) for key in TILING_KEYS}
         tilings.setdefault(json.dumps(tiling, sort_keys=True), []).append(sid)
         enc = attrs.get("encoder") or {}
-        encoder = encoder or {key: enc.get(key) for key in ("name", "spec", "weights_sha256", "config")}
+        if not encoder:
+            encoder = {key: enc.get(key) for key in ("name", "spec", "weights_sha256", "config")}
+            spec = Path(str(enc.get("spec") or ""))
+            # A checkpoint folder is recorded as given to `encode` (maybe relative): keep where it is now too.
+            encoder["folder"] = str(spec.resolve()) if enc.get("spec") and spec.is_dir() else None
         if attrs.get("dtype"):
             dtypes.add(str(attrs["dtype"]))
     note = None

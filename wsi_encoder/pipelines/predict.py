@@ -167,6 +167,9 @@ def resolve_settings(
                 f"{model_dir}: the model does not record which encoder made its training embeddings (trained before "
                 "`classify train` recorded it); pass --encoder NAME_OR_DIR (and --weights FILE) as given to `wsienc encode`"
             )
+        folder = recorded_encoder.get("folder")
+        if not _encoder_available(str(spec)) and folder and Path(folder).is_dir():
+            spec = folder
         if not _encoder_available(str(spec)):
             raise InvalidParameterError(
                 f"{model_dir}: the model was trained on embeddings of encoder {spec!r}, which is not a folder here nor a "
