@@ -22,13 +22,14 @@ TILING = {"target_mpp": 1.0, "tile_size": 64, "stride": 64, "mpp_tolerance": 0.0
           "thumbnail_size": None, "tissue_method": "skimage-otsu-saturation-v2", "codec": "jpeg", "jpeg_quality": 90}  # fmt: skip
 
 
-def _model(out: Path, *, tiling: dict | None = TILING, encoder: dict | None = None, provenance: bool = True) -> Path:
+def _model(out: Path, *, tiling: dict | None = TILING, encoder: dict | None = None, provenance: bool = True,
+           classes: tuple[str, ...] = ("normal", "tumour")) -> Path:  # fmt: skip
     """An abmil model on nic embeddings (seeded weights), saved with the provenance ``classify train`` records."""
     _, identity = load_encoder_cached("nic", None, "cpu")
     torch.manual_seed(0)
-    model = create_slide_classifier("abmil", identity.embedding_dim, 2, {}, "cpu")
+    model = create_slide_classifier("abmil", identity.embedding_dim, len(classes), {}, "cpu")
     recorded = encoder or {"name": "nic", "spec": "nic", "weights_sha256": identity.weights_sha256, "dtype": "float16"}
-    meta = {"classes": ["normal", "tumour"], "encoder": {k: recorded[k] for k in ("name", "weights_sha256")}}
+    meta = {"classes": list(classes), "encoder": {k: recorded[k] for k in ("name", "weights_sha256")}}
     if provenance:
         meta["provenance"] = {"format": 1, "encoder": recorded, "tiling": tiling, "tiling_note": None}
     save_model(model, out, meta)
@@ -163,3 +164,16 @@ def test_classify_train_records_the_encoder_and_tile_spec(tmp_path: Path) -> Non
     result = train_classifier(cohort.store, cohort.labels_csv, "linear", tmp_path / "clf2", folds=2, n_boot=0)
     provenance = json.loads(result.files["model"].read_text())["provenance"]
     assert provenance["tiling"] is None and "tiled differently" in provenance["tiling_note"]
+
+
+def test_multi_class_predictions_have_one_column_per_class(slide_dir: Path, tmp_path: Path) -> None:
+    model = _model(tmp_path / "clf", classes=("a", "b", "c"))
+    _run(["predict", str(slide_dir / "s0.tif"), "--model", str(model), "--out", str(tmp_path / "p"), "--threads", "1",
+          "--no-heatmaps"])  # fmt: skip
+    with (tmp_path / "p" / "predictions.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    probs = [float(row[f"prob_{c}"]) for c in "abc"]
+    assert sum(probs) == pytest.approx(1, abs=1e-5) and float(row["prob"]) == pytest.approx(max(probs), abs=1e-6)
+    assert row["pred"] == "abc"[int(np.argmax(probs))]
+    collection = json.loads((tmp_path / "p" / "geojson" / "s0.geojson").read_text())
+    assert set(collection["properties"]["prediction"]["probabilities"]) == {"a", "b", "c"}
