@@ -59,6 +59,10 @@ def test_predict_equals_the_three_commands_on_a_real_slide(cmu_svs: Path, tmp_pa
         kept = read_slide(out / "embeddings.zarr", SLIDE_ID)  # the same tile set, in the same order
         np.testing.assert_array_equal(kept.coords, coords)
         np.testing.assert_array_equal(kept.rowcol, rowcol)
+        kept_patch = zarr.open_group(str(out / "patches.zarr" / SLIDE_ID), mode="r")
+        assert kept_patch.attrs["complete"] and kept_patch.attrs["coords_only"] and "tiles" not in kept_patch
+        np.testing.assert_array_equal(kept_patch["coords"][:], coords)
+        np.testing.assert_array_equal(kept_patch["tissue_mask"][:], patch["tissue_mask"][:])
         np.testing.assert_allclose(
             kept.features.astype(np.float32), read_slide(tmp_path / "emb.zarr", SLIDE_ID).features.astype(np.float32),
             rtol=1e-3, atol=1e-3,

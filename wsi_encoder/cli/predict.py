@@ -53,7 +53,7 @@ class _Progress:
               help="Keep tiles with at least this tissue fraction [default: the model's].")
 @click.option("--force", is_flag=True,
               help="Predict even if the encoder or tile spec differs from the model's training embeddings.")
-@click.option("--keep-stores", is_flag=True, help="Also write OUT/embeddings.zarr (for `classify train/predict`).")
+@click.option("--keep-stores", is_flag=True, help="Also write OUT/patches.zarr (coords-only) and OUT/embeddings.zarr (for `classify train/predict`).")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
               help="Write OUT/heatmaps/<slide_id>.png (+ .npy) over the thumbnail.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True,
@@ -137,6 +137,6 @@ def predict(
     if geojson:
         click.echo(f"geojson      {report.out / 'geojson'}/<slide_id>.geojson (QuPath: File > Import objects from file)")
     if keep_stores:
-        click.echo(f"embeddings   {report.out / 'embeddings.zarr'}")
+        click.echo(f"stores       {report.out / 'patches.zarr'} (coords-only), {report.out / 'embeddings.zarr'}")
     if report.failed:
         sys.exit(1)

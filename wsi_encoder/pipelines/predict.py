@@ -17,7 +17,7 @@ defaults here, and a different encoder or tile spec is refused unless ``force``.
 Outputs in ``out``: ``predictions.csv``, ``heatmaps/<slide_id>.png`` (+ ``.npy``),
 ``geojson/<slide_id>.geojson`` (QuPath), ``slides/<slide_id>.json`` (per-slide record: settings,
 timings; a re-run skips slides whose record matches), ``run.json``; with ``keep_stores``, also
-``embeddings.zarr`` (an embedding store ``classify`` reads).
+``patches.zarr`` (coords-only patch store) and ``embeddings.zarr`` (an embedding store ``classify`` reads).
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     if ctx.geojson and heat is not None:
         files["geojson"] = str(_write_geojson(entry, ctx, plan, heat, probabilities, pred, size_l0, slide_attrs))
     if ctx.keep_stores:
-        files["embeddings"] = str(_keep_embeddings(entry, ctx, plan, stored, slide_attrs))
+        files["embeddings"] = str(_keep_stores(entry, ctx, plan, stored, slide_attrs))
     times["write"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     return SlidePrediction(
@@ -391,34 +391,67 @@ def _write_geojson(
     return write_feature_collection(ctx.out / "geojson" / f"{entry.slide_id}.geojson", features, properties)
 
 
-def _keep_embeddings(entry: SlideEntry, ctx: _Context, plan: TilePlan, features: npt.NDArray[Any],
-                     slide_attrs: dict[str, Any]) -> Path:  # fmt: skip
-    """Write the slide into ``out/embeddings.zarr`` (the embedding-store layout ``classify`` reads)."""
+def _keep_stores(entry: SlideEntry, ctx: _Context, plan: TilePlan, features: npt.NDArray[Any],
+                 slide_attrs: dict[str, Any]) -> Path:  # fmt: skip
+    """Write the slide into ``out/patches.zarr`` (coords-only) and ``out/embeddings.zarr`` (the stores' layouts).
+
+    The patch store holds what ``wsienc tile --coords-only`` would (coords, grid, tissue, thumbnail, mask,
+    attributes; no pixels); the embedding store what ``wsienc encode`` would, so ``classify`` reads it.
+    """
     from wsi_encoder.compression import assemble_grid
     from wsi_encoder.io import embedding_store as es
+    from wsi_encoder.io.patch_store import (
+        StoreLock,
+        create_patch_store,
+        create_slide_group,
+        mark_slide_complete,
+        update_slide_status,
+    )
+
+    grid, spec, settings = plan.grid, ctx.settings.spec, ctx.settings
+    coords = grid.coords_l0(plan.rowcol)
+    tiling = {
+        **slide_attrs, "target_mpp": spec.target_mpp, "tile_size": spec.tile_size, "stride": spec.stride_px,
+        "mpp_tolerance": spec.tolerance, "tissue_threshold": settings.tissue_threshold, "codec": None,
+        "jpeg_quality": None, "coords_only": True, "slide_mpp_override": ctx.slide_mpp,
+        "thumbnail_size": settings.thumbnail_size, "tile_size_l0": grid.tile_size_l0, "stride_l0": grid.stride_l0,
+        "level_mpp": grid.level_mpp, "level_downsample": grid.level_downsample, "resampled": grid.resampled,
+        "grid_shape": list(grid.shape), "tissue_method": plan.tissue_mask.method,
+        "tissue_mask_threshold": plan.tissue_mask.threshold, "tissue_area_fraction": plan.tissue_mask.fraction,
+        "thumbnail_downsample": list(plan.thumbnail_downsample), "n_tiles": plan.n_tiles,
+        "chunk_tiles": plan.chunk_tiles, "block_size": plan.block_size, "wsi_encoder_version": __version__,
+    }  # fmt: skip
+    patches = ctx.out / "patches.zarr"
+    with StoreLock(patches):
+        root = create_patch_store(patches)
+        create_slide_group(
+            root, entry.slide_id, tiling, coords=coords, grid=plan.rowcol, tissue=plan.tissue, thumbnail=plan.thumbnail,
+            tissue_mask=plan.tissue_mask.mask, tile_size=spec.tile_size, chunk_tiles=plan.chunk_tiles, codec=None,
+            jpeg_quality=0,
+        )  # fmt: skip
+        mark_slide_complete(root, entry.slide_id)
+        update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
 
     store = ctx.out / "embeddings.zarr"
     root = es.open_embedding_root(store, create=True)
-    grid = plan.grid
     n, dim = features.shape
-    layout = es.SlideLayout(n_tiles=n, embedding_dim=dim, grid_shape=grid.shape, dtype=ctx.settings.dtype,
+    layout = es.SlideLayout(n_tiles=n, embedding_dim=dim, grid_shape=grid.shape, dtype=settings.dtype,
                             chunk_tiles=max(1, n))  # fmt: skip
-    spec = ctx.settings.spec
     attrs = {
-        **slide_attrs, "target_mpp": spec.target_mpp, "tile_size": spec.tile_size, "stride": spec.stride_px,
-        "tile_size_l0": grid.tile_size_l0, "stride_l0": grid.stride_l0, "resampled": grid.resampled,
-        "mpp_tolerance": spec.tolerance, "tissue_threshold": ctx.settings.tissue_threshold,
-        "tissue_method": plan.tissue_mask.method, "thumbnail_size": ctx.settings.thumbnail_size, "codec": None,
-        "coords_only": True, "encoder": ctx.identity.to_attrs(), "embedding_dim": dim, "dtype": ctx.settings.dtype,
-        "n_tiles": n, "grid_shape": list(grid.shape), "patch_store": "", "wsi_encoder_version": __version__,
+        **{k: tiling[k] for k in ("source", "backend", "width", "height", "slide_mpp", "actual_mpp", "level",
+                                  "target_mpp", "tile_size", "stride", "tile_size_l0", "stride_l0", "resampled",
+                                  "coords_only", "mpp_tolerance", "tissue_threshold", "tissue_method",
+                                  "thumbnail_size", "slide_mpp_override", "codec", "jpeg_quality")},
+        "encoder": ctx.identity.to_attrs(), "embedding_dim": dim, "dtype": settings.dtype, "n_tiles": n,
+        "grid_shape": list(grid.shape), "patch_store": str(patches), "wsi_encoder_version": __version__,
     }  # fmt: skip
     es.delete_slide(root, entry.slide_id)
-    es.prepare_slide(root, entry.slide_id, layout, coords=grid.coords_l0(plan.rowcol), rowcol=plan.rowcol,
-                     thumbnail=plan.thumbnail, attrs=attrs)  # fmt: skip
+    es.prepare_slide(root, entry.slide_id, layout, coords=coords, rowcol=plan.rowcol, thumbnail=plan.thumbnail,
+                     attrs=attrs)  # fmt: skip
     group = es.slide_group(store, entry.slide_id, mode="r+")
     if n:
         es.write_features_chunk(group, layout, 0, features)
-    values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=ctx.settings.dtype)
+    values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=settings.dtype)
     es.write_grid_band(group, 0, values, mask)
     es.mark_complete(group)
     es.update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
@@ -523,7 +556,7 @@ def predict_slides(
     force
         Predict even when the encoder or tile spec differs from the model's provenance (recorded in the outputs).
     keep_stores
-        Also write ``out/embeddings.zarr`` (the embedding-store layout).
+        Also write ``out/patches.zarr`` (coords-only) and ``out/embeddings.zarr`` (the stores' layouts).
     heatmaps, geojson
         Write ``out/heatmaps/<slide_id>.png`` (+ ``.npy``) and ``out/geojson/<slide_id>.geojson``.
     slide_mpp, backend
