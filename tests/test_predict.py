@@ -177,3 +177,21 @@ def test_multi_class_predictions_have_one_column_per_class(slide_dir: Path, tmp_
     assert row["pred"] == "abc"[int(np.argmax(probs))]
     collection = json.loads((tmp_path / "p" / "geojson" / "s0.geojson").read_text())
     assert set(collection["properties"]["prediction"]["probabilities"]) == {"a", "b", "c"}
+
+
+def test_the_prediction_path_does_not_import_scikit_learn() -> None:
+    """Start-up is most of a one-slide prediction: what predict imports must stay lean (no scikit-learn, no SciPy stats)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import wsi_encoder.cli.predict, wsi_encoder.pipelines.predict, wsi_encoder.models.classifier_files\n"
+        "import wsi_encoder.evaluation.plots, wsi_encoder.overlays, wsi_encoder.compression, wsi_encoder.tiling\n"
+        "from wsi_encoder.overlays import tissue_polygons\n"
+        "import numpy as np\n"
+        "m = np.zeros((20, 20), bool); m[5:15, 5:15] = True; tissue_polygons(m, (200.0, 200.0))\n"
+        "print(','.join(m for m in ('sklearn', 'scipy.stats', 'dask', 'distributed') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"the prediction path imports {out}"

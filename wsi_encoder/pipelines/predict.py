@@ -274,6 +274,7 @@ class _Context:
     keep_stores: bool
     key: str
     progress: Callable[[int], None]
+    warned: set[str] = field(default_factory=set)
 
 
 def _chunks(reader: Any, plan: TilePlan, spec: TileSpec, times: dict[str, float]) -> Iterator[npt.NDArray[np.uint8]]:
@@ -311,6 +312,10 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
             )
         grid = plan.grid
         resample = plan_resample(settings.spec.tile_size, grid.actual_mpp, ctx.identity.input_size, ctx.identity.input_mpp)
+        message = resample.describe()
+        if message and message not in ctx.warned:  # as `wsienc encode` says it, once per run
+            ctx.warned.add(message)
+            logger.warning("%s (encoder %s)", message, ctx.identity.name)
         t = time.perf_counter()
         features = encode_tiles(
             ctx.encoder, _chunks(reader, plan, settings.spec, times), n_tiles=plan.n_tiles,
