@@ -1,8 +1,9 @@
 """Benchmark ``wsienc predict`` (file -> prediction in one process) against the three-command route.
 
 For each slide -- the real CMU-1-Small-Region.svs from ``../shared/data/histo_real`` (2220 x 2967 px at
-0.499 µm/px) and a generated biopsy-sized slide (default 40000 x 40000 px at 0.25 µm/px: 1 cm² of
-glass, tissue pieces on it) -- tiled at 0.5 µm/px in 128 px tiles with the ``nic`` encoder:
+0.499 µm/px) and a generated biopsy-sized slide (default 40000 x 40000 px at 0.25 µm/px: 1 cm², with
+``--pieces`` generated tissue pieces covering part of it; the tiled tissue area is printed) -- tiled at
+0.5 µm/px in 128 px tiles with the ``nic`` encoder:
 
 1. **three commands** -- ``wsienc tile`` (defaults: JPEG store), ``wsienc encode``, ``wsienc classify
    predict --heatmap-dir``, each a fresh process as a user runs them; the wall time of each and the sum;
@@ -19,7 +20,7 @@ idle machine for figures (``--repeat`` takes the best of N).
 
 Usage::
 
-    python benchmarks/bench_predict.py [--size 40000] [--repeat 1] [--threads N] [--dir DIR] [--skip-biopsy]
+    python benchmarks/bench_predict.py [--size 40000] [--pieces 1] [--repeat 1] [--threads N] [--dir DIR] [--skip-biopsy]
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def bench_slide(name: str, slide: Path, work: Path, repeat: int, threads: list[s
     total3 = sum(three.values())
     p3 = np.genfromtxt(work / "three.csv", delimiter=",", names=True, dtype=None, encoding=None)
     p1 = np.genfromtxt(work / "pred" / "predictions.csv", delimiter=",", names=True, dtype=None, encoding=None)
-    print(f"\n== {name}: {slide.name}, {slide_run['n_tiles']} tiles of 128 px at 0.5 µm/px, encoder nic")
+    tissue_mm2 = slide_run["n_tiles"] * (128 * 0.5) ** 2 / 1e6
+    print(f"\n== {name}: {slide.name}, {slide_run['n_tiles']} tiles of 128 px at 0.5 µm/px "
+          f"({tissue_mm2:.1f} mm² of tiled tissue), encoder nic")  # fmt: skip
     for step, sec in three.items():
         print(f"  three commands: {step:<18} {sec:7.2f} s")
     print(f"  three commands: {'total':<18} {total3:7.2f} s")
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs of each route")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for classify predict and predict")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--pieces", type=int, default=1, help="tissue pieces on the generated slide (1: one large piece)")
     parser.add_argument("--skip-biopsy", action="store_true", help="only CMU-1-Small-Region")
     args = parser.parse_args()
     threads = ["--threads", str(args.threads)] if args.threads else []
@@ -138,10 +142,10 @@ def main() -> None:
     else:
         print(f"skipping CMU-1-Small-Region: {CMU} is missing")
     if not args.skip_biopsy:
-        slide = work / f"biopsy_{args.size}.tif"
+        slide = work / f"biopsy_{args.size}_{args.pieces}.tif"
         if not slide.exists():
             t = time.perf_counter()
-            spec = SyntheticSlideSpec(width=args.size, height=args.size, mpp=0.25, seed=1, pieces=3,
+            spec = SyntheticSlideSpec(width=args.size, height=args.size, mpp=0.25, seed=1, pieces=args.pieces,
                                       level_downsamples=(1, 4, 16, 64))  # fmt: skip
             write_synthetic_slide(slide, spec)
             print(f"generated {slide.name} ({args.size} x {args.size} at 0.25 µm/px) in {time.perf_counter() - t:.0f} s")
