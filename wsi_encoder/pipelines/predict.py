@@ -333,6 +333,10 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     t = time.perf_counter()
     stored = features.astype(settings.dtype)  # what an embedding store of the training dtype would hold
     bag = SlideBag(entry.slide_id, stored, plan.rowcol.astype(np.int64), grid.shape)
+    if not np.isfinite(stored).all():
+        raise InvalidParameterError(
+            f"{entry.path}: the encoder gave non-finite embeddings (NaN/inf; in {settings.dtype}: out of range?)"
+        )
     prob = np.asarray(ctx.model.predict_proba([bag])[0], dtype=float)
     heat = ctx.model.heatmap(bag) if (ctx.heatmaps or ctx.geojson) else None
     times["classify"] = time.perf_counter() - t
