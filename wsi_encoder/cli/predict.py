@@ -64,6 +64,8 @@ class _Progress:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:i].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's choice].")
+@click.option("--read-threads", type=click.IntRange(min=1), default=None,
+              help="Threads decoding tiles ahead of the encoder [default: the CPU count, at most 4].")
 @click.option("--overwrite", is_flag=True, help="Predict every slide again, ignoring earlier results in OUT.")
 @click.pass_context
 def predict(
@@ -87,6 +89,7 @@ def predict(
     device: str,
     batch_size: int,
     threads: int | None,
+    read_threads: int | None,
     overwrite: bool,
 ) -> None:
     """Predict SLIDES (files or folders of slides) with a trained slide classifier, in one process.
@@ -120,7 +123,7 @@ def predict(
             slides, model_dir, out, encoder=encoder, weights=weights, mpp=mpp, tile_size=tile_size, stride=stride,
             mpp_tolerance=mpp_tolerance, tissue_threshold=tissue_threshold, force=force, keep_stores=keep_stores,
             heatmaps=heatmaps, geojson=geojson, slide_mpp=slide_mpp, backend=backend, device=device,
-            batch_size=batch_size, threads=threads, overwrite=overwrite, on_slide=on_slide, progress=bar,
+            batch_size=batch_size, threads=threads, read_threads=read_threads, overwrite=overwrite, on_slide=on_slide, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()

@@ -274,19 +274,45 @@ class _Context:
     keep_stores: bool
     key: str
     progress: Callable[[int], None]
+    read_threads: int = 2
     warned: set[str] = field(default_factory=set)
 
 
-def _chunks(reader: Any, plan: TilePlan, spec: TileSpec, times: dict[str, float]) -> Iterator[npt.NDArray[np.uint8]]:
-    """Tiles of the plan, chunk by chunk, read as ``wsienc tile`` reads them (timed into ``times['read']``)."""
+def _chunks(
+    reader: Any, plan: TilePlan, spec: TileSpec, times: dict[str, float], threads: int
+) -> Iterator[npt.NDArray[np.uint8]]:
+    """Tiles of the plan, chunk by chunk and in order, read as ``wsienc tile`` reads them.
+
+    ``threads`` chunks are read at once (JPEG decoding and resampling release the GIL; readers are
+    shared by threads, as ``tile``'s threaded workers share them), a few chunks ahead of the encoder;
+    the time spent reading is summed over threads into ``times['read']``.
+    """
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from wsi_encoder.tiling import chunk_parts, read_tiles
 
-    for start, stop in plan.chunk_ranges():
+    lock = threading.Lock()
+
+    def read(bounds: tuple[int, int]) -> npt.NDArray[np.uint8]:
         t = time.perf_counter()
+        start, stop = bounds
         parts = chunk_parts(plan.rowcol, start, stop, plan.block_size, spec)
         tiles = read_tiles(reader, plan.grid, plan.rowcol[start:stop], parts)
-        times["read"] = times.get("read", 0.0) + time.perf_counter() - t
-        yield tiles
+        with lock:
+            times["read"] = times.get("read", 0.0) + time.perf_counter() - t
+        return tiles
+
+    ranges = iter(plan.chunk_ranges())
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsienc-read") as pool:
+        pending = deque(pool.submit(read, r) for _, r in zip(range(threads + 1), ranges, strict=False))
+        while pending:
+            tiles = pending.popleft().result()
+            nxt = next(ranges, None)
+            if nxt is not None:
+                pending.append(pool.submit(read, nxt))
+            yield tiles
 
 
 def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
@@ -318,7 +344,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
             logger.warning("%s (encoder %s)", message, ctx.identity.name)
         t = time.perf_counter()
         features = encode_tiles(
-            ctx.encoder, _chunks(reader, plan, settings.spec, times), n_tiles=plan.n_tiles,
+            ctx.encoder, _chunks(reader, plan, settings.spec, times, ctx.read_threads), n_tiles=plan.n_tiles,
             embedding_dim=ctx.identity.embedding_dim, batch_size=ctx.batch_size, out_size=resample.out_size,
             device=ctx.device, progress=ctx.progress,
         )  # fmt: skip
@@ -542,6 +568,7 @@ def predict_slides(
     device: str = "auto",
     batch_size: int = 64,
     threads: int | None = None,
+    read_threads: int | None = None,
     overwrite: bool = False,
     on_slide: Callable[[SlidePrediction], None] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -572,6 +599,8 @@ def predict_slides(
         Level-0 µm/px override and slide reader (as for ``wsienc tile``).
     device, batch_size, threads
         Where the encoder and classifier run, tiles per forward pass, torch CPU threads (None: torch's default).
+    read_threads
+        Threads reading (decoding, resampling) chunks of tiles ahead of the encoder (None: the CPU count, at most 4).
     overwrite
         Predict every slide again, ignoring earlier records in ``out``.
     on_slide
@@ -589,6 +618,9 @@ def predict_slides(
     entries = assign_slide_ids(expand_slide_inputs(inputs, exclude=[out_dir]))
     if batch_size < 1:
         raise InvalidParameterError(f"--batch-size {batch_size!r} must be at least 1")
+    if read_threads is not None and read_threads < 1:
+        raise InvalidParameterError(f"--read-threads {read_threads!r} must be at least 1")
+    n_read = read_threads or max(1, min(4, os.cpu_count() or 1))
     startup: dict[str, float] = {}
     t = time.perf_counter()
     import torch  # noqa: F401 - timed on its own: the largest fixed cost
@@ -622,7 +654,7 @@ def predict_slides(
         device=resolve_device(device), batch_size=batch_size, backend=backend, slide_mpp=slide_mpp, heatmaps=heatmaps,
         geojson=geojson, keep_stores=keep_stores,
         key=_run_key(meta.get("weights_sha256"), settings, identity, slide_mpp, backend),
-        progress=progress or (lambda n: None),
+        progress=progress or (lambda n: None), read_threads=n_read,
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     startup["total"] = time.perf_counter() - t0
