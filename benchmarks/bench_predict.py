@@ -9,7 +9,7 @@ For each slide -- the real CMU-1-Small-Region.svs from ``../shared/data/histo_re
    predict --heatmap-dir``, each a fresh process as a user runs them; the wall time of each and the sum;
 2. **wsienc predict** -- one fresh process (heatmap PNG and QuPath GeoJSON included), its wall time and
    its breakdown from ``run.json``: start-up (interpreter, CLI, imports, classifier and encoder loads),
-   open, tissue (thumbnail + mask + grid), read/decode (in a background thread, overlapping encode),
+   open, tissue (thumbnail + mask + grid), read/decode (summed over the read threads, overlapping encode),
    encode (wall, including the reads it waited for), classify, writing (heatmap, GeoJSON).
 
 The classifier is an ``abmil`` model with seeded random weights whose provenance is the three-command
