@@ -293,6 +293,33 @@ def test_zstd_shards_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> Non
         assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
 
 
+def test_jpeg_chunks_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> None:
+    from wsi_encoder.io.jpeg_codec import JpegTileCodec
+    from wsi_encoder.io.patch_store import write_tile_chunk
+
+    ramp = np.linspace(0, 200, 16, dtype=np.uint8)[None, None, :, None] + np.arange(10, dtype=np.uint8)[:, None, None, None]
+    data = np.broadcast_to(ramp, (10, 16, 16, 3)).copy()
+    data[..., 1] //= 2
+    for name in ("zarr", "direct"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        array = group.create_array(
+            "tiles", shape=data.shape, dtype=np.uint8, chunks=(4, 16, 16, 3), serializer=JpegTileCodec(quality=85),
+            compressors=None, fill_value=0,
+        ).with_config({"write_empty_chunks": True})  # fmt: skip
+        for index in range(3):  # the last chunk is partial
+            chunk = data[index * 4 : (index + 1) * 4]
+            if name == "zarr":
+                array[index * 4 : index * 4 + len(chunk)] = chunk
+            else:
+                write_tile_chunk(array, index, chunk)
+    for index in range(3):
+        key = f"tiles/c/{index}/0/0/0"
+        assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
+    direct = zarr.open_array(str(tmp_path / "direct.zarr" / "tiles"), mode="r")
+    np.testing.assert_array_equal(direct[:], zarr.open_array(str(tmp_path / "zarr.zarr" / "tiles"), mode="r")[:])
+    assert np.abs(direct[:].astype(int) - data).mean() < 4  # lossy, but these tiles in this order
+
+
 def test_real_fluorescence_ndpi_is_dark_field(ndpi_slide: Path, tmp_path: Path) -> None:
     report = tile_cohort([ndpi_slide], tmp_path / "f.zarr", TileSpec(4.0, 64), coords_only=True, workers=1)
     assert [o.status for o in report.outcomes] == ["ok"] and report.outcomes[0].n_tiles > 5
