@@ -37,6 +37,8 @@ def test_edge_tiles_are_kept_padded_and_measured_inside(tmp_path: Path) -> None:
     assert [o.status for o in report.outcomes] == ["ok"]
     slide = open_patch_store(tmp_path / "p.zarr")["edge"]
     assert slide.attrs["edge"] == "pad" and slide.attrs["grid_shape"] == [5, 5] and slide.attrs["fill"] == 255
+    inner = slide.tiles.metadata.codecs[0].codecs  # the zstd level is recorded where readers look, and in attrs
+    assert slide.attrs["zstd_level"] == 1 and inner[-1].level == 1
     rows, cols = slide.grid[:, 0], slide.grid[:, 1]
     assert (cols == 4).any() and (rows == 4).any(), "tissue touching the right and bottom edges is tiled"
     expected_inside = (np.minimum(W - cols * 224, 224) / 224) * (np.minimum(H - rows * 224, 224) / 224)
