@@ -322,6 +322,25 @@ def test_jpeg_chunks_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> Non
     assert np.abs(direct[:].astype(int) - data).mean() < 4  # lossy, but these tiles in this order
 
 
+def test_chunks_done_written_directly_is_zarrs_own_byte(tmp_path: Path) -> None:
+    from wsi_encoder.io.patch_store import mark_chunk_done
+
+    arrays = {}
+    for name in ("zarr", "direct"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        done = group.create_array("chunks_done", shape=(5,), dtype=bool, chunks=(1,), fill_value=False, compressors=None)
+        for index in (0, 3):
+            if name == "zarr":
+                done[index] = True
+            else:
+                mark_chunk_done(done, index)
+        arrays[name] = zarr.open_array(str(tmp_path / f"{name}.zarr" / "chunks_done"), mode="r")
+    assert arrays["direct"][:].tolist() == [True, False, False, True, False] == arrays["zarr"][:].tolist()
+    for index in (0, 3):
+        key = f"chunks_done/c/{index}"
+        assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
+
+
 def test_real_fluorescence_ndpi_is_dark_field(ndpi_slide: Path, tmp_path: Path) -> None:
     report = tile_cohort([ndpi_slide], tmp_path / "f.zarr", TileSpec(4.0, 64), coords_only=True, workers=1)
     assert [o.status for o in report.outcomes] == ["ok"] and report.outcomes[0].n_tiles > 5

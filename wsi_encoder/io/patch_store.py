@@ -333,10 +333,31 @@ def write_tile_chunk(tiles: zarr.Array, index: int, data: npt.NDArray[np.uint8])
     _write_chunk_bytes(tiles, index, b"".join([*frames, index_bytes, crc]))
 
 
-def _write_chunk_bytes(tiles: zarr.Array, index: int, payload: bytes) -> None:
+def mark_chunk_done(done: zarr.Array, index: int) -> None:
+    """Set ``chunks_done[index]``: written directly (its chunk is the single byte ``0x01``) for the
+    layout :func:`create_slide_group` makes on a local store, else through zarr.
+
+    Through zarr this costs little CPU but waits for zarr's event-loop thread, which queues behind
+    the busy workers for the GIL (about 8 ms a chunk on two busy cores).
+    """
+    codecs = done.metadata.codecs if isinstance(done.metadata, zarr.core.metadata.ArrayV3Metadata) else ()
+    direct = (
+        isinstance(done.store, LocalStore)
+        and done.dtype == np.bool_
+        and tuple(done.chunks) == (1,)
+        and done.shards is None
+        and [type(c).__name__ for c in codecs] == ["BytesCodec"]
+    )
+    if not direct:
+        done[index] = True
+        return
+    _write_chunk_bytes(done, index, b"\x01")
+
+
+def _write_chunk_bytes(array: zarr.Array, index: int, payload: bytes) -> None:
     """Write one chunk's (or shard's) encoded bytes atomically under its zarr key in a local store."""
-    key = tiles.metadata.encode_chunk_key((index,) + (0,) * (tiles.ndim - 1))
-    path = Path(tiles.store.root) / tiles.path / key
+    key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+    path = Path(array.store.root) / array.path / key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     with open(tmp, "wb") as handle:
