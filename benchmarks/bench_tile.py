@@ -13,10 +13,12 @@ slide) is produced, in one process and interleaved (best of ``--repeat``), by:
    level-0 tile once (*decode*); that plus encoding every output tile once as JPEG at the command's
    quality (*decode + JPEG*), or with zstd at the store's level (*decode + zstd*); nothing written.
 
-It prints the ratios the tiler is held to: the command against the loop (target >= 4x) and against
-the bounds (target >= 0.8x the decode + encode bound, start-up included), and zstd against JPEG
-(target: no slower), then where the command's time goes (start-up imports, planning, tiles), the
-store sizes, and the peak RSS of the command. With ``--big 60000`` it also tiles a 60000 x 60000
+Every measurement is reported in wall and CPU seconds (user + sys of all threads; the command's from
+``wait4``). It prints the ratios the tiler is held to: the command against the loop (target >= 4x)
+and against the bounds (target >= 0.8x the decode + encode bound, start-up included), and zstd
+against JPEG (target: no slower); on a loaded machine, an idle-machine estimate from CPU time
+(start-up and planning on one core, tiles on ``--workers``); then where the command's time goes
+(start-up imports, planning, tiles), the store sizes, and the command's peak RSS (``/proc`` VmHWM). With ``--big 60000`` it also tiles a 60000 x 60000
 slide and reports its peak RSS (target < 1.5 GiB); generating that slide takes a few minutes.
 
 Usage::
