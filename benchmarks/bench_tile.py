@@ -13,10 +13,12 @@ slide) is produced, in one process and interleaved (best of ``--repeat``), by:
    level-0 tile once (*decode*); that plus encoding every output tile once as JPEG at the command's
    quality (*decode + JPEG*), or with zstd at the store's level (*decode + zstd*); nothing written.
 
-It prints the ratios the tiler is held to: the command against the loop (target >= 4x) and against
-the bounds (target >= 0.8x the decode + encode bound, start-up included), and zstd against JPEG
-(target: no slower), then where the command's time goes (start-up imports, planning, tiles), the
-store sizes, and the peak RSS of the command. With ``--big 60000`` it also tiles a 60000 x 60000
+Every measurement is reported in wall and CPU seconds (user + sys of all threads; the command's from
+``wait4``). It prints the ratios the tiler is held to: the command against the loop (target >= 4x)
+and against the bounds (target >= 0.8x the decode + encode bound, start-up included), and zstd
+against JPEG (target: no slower); on a loaded machine, an idle-machine estimate from CPU time
+(start-up and planning on one core, tiles on ``--workers``); then where the command's time goes
+(start-up imports, planning, tiles), the store sizes, and the command's peak RSS (``/proc`` VmHWM). With ``--big 60000`` it also tiles a 60000 x 60000
 slide and reports its peak RSS (target < 1.5 GiB); generating that slide takes a few minutes.
 
 Usage::
@@ -68,51 +70,71 @@ def command(slide: Path, store: Path, workers: int, codec: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_command(slide: Path, store: Path, workers: int, codec: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of the whole ``wsienc tile`` command (a subprocess)."""
+def run_command(slide: Path, store: Path, workers: int, codec: str) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + sys, all threads) and peak RSS (GiB, sampled every 20 ms) of the
+    whole ``wsienc tile`` command (a subprocess)."""
     shutil.rmtree(store, ignore_errors=True)
     start = time.perf_counter()
     process = subprocess.Popen(command(slide, store, workers, codec), stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
+    peak_kib = 0
+    # Peak RSS from /proc (VmHWM): a child's ru_maxrss inherits this (large) process's high-water mark.
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            status_lines = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            peak_kib = max([peak_kib, *(int(line.split()[1]) for line in status_lines if line.startswith("VmHWM:"))])
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command(slide, store, workers, codec))} failed")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return seconds, usage.ru_utime + usage.ru_stime, peak_kib / 2**20
 
 
-def run_in_process(slide: Path, store: Path, workers: int, codec: str) -> tuple[float, float, int]:
-    """Seconds of ``tile_cohort`` in this process (no start-up), seconds until the slide was planned, tiles."""
+def run_in_process(slide: Path, store: Path, workers: int, codec: str) -> tuple[float, float, float, float, int]:
+    """``tile_cohort`` in this process (no start-up): wall seconds, wall seconds until the slide was
+    planned, the same two in CPU seconds (this process, all threads), and the number of tiles."""
     shutil.rmtree(store, ignore_errors=True)
-    planned: list[float] = []
+    planned: list[tuple[float, float]] = []
 
     def progress(event: ProgressEvent) -> None:
         if event.kind == "tiles_planned":
-            planned.append(time.perf_counter())
+            planned.append((time.perf_counter(), time.process_time()))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = tile_cohort(
         [slide], store, TileSpec(0.5, TILE), tissue_threshold=0.0, codec=codec, jpeg_quality=JPEG_QUALITY,
         workers=workers, progress=progress,
     )  # fmt: skip
-    end = time.perf_counter()
+    end, end_cpu = time.perf_counter(), time.process_time()
     assert [o.status for o in report.outcomes] == ["ok"], report.outcomes
-    return end - start, planned[0] - start, report.n_tiles
+    return end - start, planned[0][0] - start, end_cpu - cpu, planned[0][1] - cpu, report.n_tiles
 
 
-def startup_seconds() -> float:
-    """Seconds for a fresh interpreter to import what ``wsienc tile`` imports before it starts working."""
-    code = "import wsi_encoder.cli.tile, wsi_encoder.pipelines.tile_cohort, dask.threaded, openslide, tiffslide"
+def startup_seconds() -> tuple[float, float]:
+    """Wall and CPU seconds for a fresh interpreter to import what ``wsienc tile`` imports before it
+    starts working (tissue detection's SciPy / scikit-image included: every default run needs them)."""
+    code = (
+        "import wsi_encoder.cli.tile, wsi_encoder.pipelines.tile_cohort, dask.threaded, openslide, tiffslide;"
+        "from wsi_encoder.tissue import detect_tissue; import numpy; detect_tissue(numpy.full((64, 64, 3), 240, 'u1'))"
+    )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - start
+    process = subprocess.Popen([sys.executable, "-c", code])
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("importing wsi_encoder failed")
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
 
-def run_per_tile_loop(slide: Path, coords: np.ndarray, target: Path) -> float:
-    """Wall seconds of the per-tile OpenSlide loop writing into an uncompressed memory-mapped array."""
+def run_per_tile_loop(slide: Path, coords: np.ndarray, target: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of the per-tile OpenSlide loop writing into an uncompressed memory-mapped array."""
     import openslide
 
     target.unlink(missing_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     handle = openslide.OpenSlide(str(slide))
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(coords), TILE, TILE, 3))
     for i, (x, y) in enumerate(coords):
@@ -120,11 +142,11 @@ def run_per_tile_loop(slide: Path, coords: np.ndarray, target: Path) -> float:
     out.flush()
     del out
     handle.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_bound(slide: Path, n_tiles: int, threads: int, encode: str | None) -> float:
-    """Seconds to decode every level-0 JPEG tile once and (``encode``: ``jpeg`` or ``zstd``) encode
+def run_bound(slide: Path, n_tiles: int, threads: int, encode: str | None) -> tuple[float, float]:
+    """Wall and CPU seconds to decode every level-0 JPEG tile once and (``encode``: ``jpeg`` or ``zstd``) encode
     ``n_tiles`` output tiles once, on ``threads`` threads; compressed bytes read beforehand (not timed)."""
     import imagecodecs
     import tifffile
@@ -149,10 +171,10 @@ def run_bound(slide: Path, n_tiles: int, threads: int, encode: str | None) -> fl
                 elif encode == "zstd":
                     imagecodecs.zstd_encode(crop.tobytes(), level=_ZSTD_LEVEL)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, range(len(data))))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def directory_size(path: Path) -> int:
@@ -173,23 +195,26 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     slide = generated_slide(work, args.size)
     stores = {codec: work / f"bench_{codec}.zarr" for codec in ("jpeg", "zstd")}
-    best: dict[str, float] = {}
+    best: dict[str, float] = {}  # wall seconds, best of the repeats
+    cpu: dict[str, float] = {}  # CPU seconds (user + sys, all threads), best of the repeats
 
-    def keep(name: str, seconds: float) -> None:
-        best[name] = min(best.get(name, float("inf")), seconds)
+    def keep(name: str, seconds: tuple[float, float]) -> None:
+        best[name] = min(best.get(name, float("inf")), seconds[0])
+        cpu[name] = min(cpu.get(name, float("inf")), seconds[1])
 
     rss: dict[str, float] = {}
     n_tiles = 0
     coords = np.zeros((0, 2), dtype=np.int64)
+    load = os.getloadavg()[0]
     # Interleaved, so load changes on a shared machine hit every measurement alike.
     for _ in range(args.repeat):
         keep("startup", startup_seconds())
         for codec, store in stores.items():
-            seconds, rss[codec] = run_command(slide, store, args.workers, codec)
-            keep(f"cmd_{codec}", seconds)
-            total, plan, n_tiles = run_in_process(slide, store, args.workers, codec)
-            keep(f"lib_{codec}", total)
-            keep(f"plan_{codec}", plan)
+            seconds, cpu_seconds, rss[codec] = run_command(slide, store, args.workers, codec)
+            keep(f"cmd_{codec}", (seconds, cpu_seconds))
+            total, plan, total_cpu, plan_cpu, n_tiles = run_in_process(slide, store, args.workers, codec)
+            keep(f"lib_{codec}", (total, total_cpu))
+            keep(f"plan_{codec}", (plan, plan_cpu))
         if not len(coords):
             coords = open_patch_store(stores["jpeg"])[slide.stem].coords
         keep("loop", run_per_tile_loop(slide, coords, work / "loop.npy"))
@@ -200,38 +225,51 @@ def main() -> None:
 
     w = args.workers
     print(f"\nslide {slide.name}: {args.size} x {args.size} px, 0.5 µm/px, {slide.stat().st_size / 2**20:.0f} MiB; "
-          f"full grid of {n_tiles} tiles of {TILE} px; {w} workers / threads; best of {args.repeat}")
+          f"full grid of {n_tiles} tiles of {TILE} px; {w} workers / threads; best of {args.repeat}; "
+          f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end on {os.cpu_count()} CPUs")
     rows = [
-        ("wsienc tile --codec jpeg (whole command)", best["cmd_jpeg"]),
-        ("wsienc tile --codec zstd (whole command)", best["cmd_zstd"]),
-        ("tile_cohort jpeg (in process, no start-up)", best["lib_jpeg"]),
-        ("tile_cohort zstd (in process, no start-up)", best["lib_zstd"]),
-        ("per-tile openslide loop -> .npy", best["loop"]),
-        (f"bound: decode ({w} threads)", best["decode"]),
-        (f"bound: decode + JPEG encode ({w} threads)", best["decode_jpeg"]),
-        (f"bound: decode + zstd encode ({w} threads)", best["decode_zstd"]),
+        ("wsienc tile --codec jpeg (whole command)", "cmd_jpeg"),
+        (f"wsienc tile --codec zstd (whole command, level {_ZSTD_LEVEL})", "cmd_zstd"),
+        ("tile_cohort jpeg (in process, no start-up)", "lib_jpeg"),
+        ("tile_cohort zstd (in process, no start-up)", "lib_zstd"),
+        ("per-tile openslide loop -> .npy", "loop"),
+        (f"bound: decode ({w} threads)", "decode"),
+        (f"bound: decode + JPEG encode ({w} threads)", "decode_jpeg"),
+        (f"bound: decode + zstd encode ({w} threads)", "decode_zstd"),
     ]
-    for name, seconds in rows:
-        print(f"  {name:45s} {seconds:7.2f} s  {n_tiles / seconds:7.0f} tiles/s")
-    print("ratios (> 1: wsienc faster; the whole command, start-up included):")
+    print(f"  {'':52s} {'wall':>8s} {'tiles/s':>8s} {'CPU':>8s} {'CPU ms/tile':>11s}")
+    for name, key in rows:
+        print(f"  {name:52s} {best[key]:7.2f}s {n_tiles / best[key]:8.0f} {cpu[key]:7.2f}s {cpu[key] / n_tiles * 1e3:11.3f}")
+    print("ratios, wall (> 1: wsienc faster; the whole command, start-up included):")
     for codec in ("jpeg", "zstd"):
         cmd = best[f"cmd_{codec}"]
         print(f"  {codec}: {best['loop'] / cmd:5.2f}x the per-tile loop (target >= 4), "
               f"{best['decode'] / cmd:5.2f}x the decode bound, "
               f"{best[f'decode_{codec}'] / cmd:5.2f}x the decode + {codec} bound (target >= 0.8)")
     print(f"  zstd / jpeg time: {best['cmd_zstd'] / best['cmd_jpeg']:.2f} (target <= 1)")
-    print("where the command's time goes (jpeg):")
+    # On a loaded machine wall time measures the neighbours; CPU time does not. Idle-machine estimate:
+    # start-up and planning run on one core, the tiles on `w` (the loop is single-threaded).
+    print(f"idle-machine estimate from CPU time (start-up and planning serial, tiles on {w} cores):")
+    for codec in ("jpeg", "zstd"):
+        serial = cpu["startup"] + cpu[f"plan_{codec}"]
+        estimate = serial + (cpu[f"lib_{codec}"] - cpu[f"plan_{codec}"]) / w
+        print(f"  {codec}: ~{estimate:.2f} s: {cpu['loop'] / estimate:5.2f}x the loop, "
+              f"{cpu[f'decode_{codec}'] / w / estimate:5.2f}x the decode + {codec} bound; "
+              f"tiles alone {cpu[f'decode_{codec}'] / (cpu[f'lib_{codec}'] - cpu[f'plan_{codec}']):.2f}x the bound's CPU")
+    print("where the command's time goes (jpeg; wall / CPU):")
     startup = best["startup"]
-    print(f"  start-up (interpreter + imports)  {startup:6.2f} s")
-    print(f"  planning (thumbnail, tissue, grid) {best['plan_jpeg']:6.2f} s")
-    print(f"  tiles (read, encode, write)        {best['lib_jpeg'] - best['plan_jpeg']:6.2f} s")
-    print(f"  rest (scheduler, exit; noise)      {max(0.0, best['cmd_jpeg'] - startup - best['lib_jpeg']):6.2f} s")
+    print(f"  start-up (interpreter + imports)  {startup:6.2f} s / {cpu['startup']:5.2f} s")
+    print(f"  planning (thumbnail, tissue, grid) {best['plan_jpeg']:6.2f} s / {cpu['plan_jpeg']:5.2f} s")
+    print(f"  tiles (read, encode, write)        {best['lib_jpeg'] - best['plan_jpeg']:6.2f} s / "
+          f"{cpu['lib_jpeg'] - cpu['plan_jpeg']:5.2f} s")
+    print(f"  rest (scheduler, exit; noise)      {max(0.0, best['cmd_jpeg'] - startup - best['lib_jpeg']):6.2f} s / "
+          f"{max(0.0, cpu['cmd_jpeg'] - cpu['startup'] - cpu['lib_jpeg']):5.2f} s")
     for codec, store in stores.items():
         print(f"store {codec}: {directory_size(store) / 2**20:7.1f} MiB (raw pixels {n_tiles * TILE * TILE * 3 / 2**20:.0f} MiB), "
               f"peak RSS {rss[codec]:.2f} GiB")
     if args.big:
         big = generated_slide(work, args.big)
-        seconds, peak = run_command(big, work / "big.zarr", args.workers, "jpeg")
+        seconds, _, peak = run_command(big, work / "big.zarr", args.workers, "jpeg")
         print(f"peak RSS of `wsienc tile` on {args.big}^2: {peak:.2f} GiB (target < 1.5), {seconds:.0f} s")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)

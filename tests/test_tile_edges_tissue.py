@@ -37,6 +37,8 @@ def test_edge_tiles_are_kept_padded_and_measured_inside(tmp_path: Path) -> None:
     assert [o.status for o in report.outcomes] == ["ok"]
     slide = open_patch_store(tmp_path / "p.zarr")["edge"]
     assert slide.attrs["edge"] == "pad" and slide.attrs["grid_shape"] == [5, 5] and slide.attrs["fill"] == 255
+    inner = slide.tiles.metadata.codecs[0].codecs  # the zstd level is recorded where readers look, and in attrs
+    assert slide.attrs["zstd_level"] == 1 and inner[-1].level == 1
     rows, cols = slide.grid[:, 0], slide.grid[:, 1]
     assert (cols == 4).any() and (rows == 4).any(), "tissue touching the right and bottom edges is tiled"
     expected_inside = (np.minimum(W - cols * 224, 224) / 224) * (np.minimum(H - rows * 224, 224) / 224)
@@ -290,6 +292,52 @@ def test_zstd_shards_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> Non
         np.testing.assert_array_equal(array[:], data)
     for index in range(3):
         key = f"tiles/c/{index}/0/0/0"
+        assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
+
+
+def test_jpeg_chunks_written_directly_are_zarrs_own_bytes(tmp_path: Path) -> None:
+    from wsi_encoder.io.jpeg_codec import JpegTileCodec
+    from wsi_encoder.io.patch_store import write_tile_chunk
+
+    ramp = np.linspace(0, 200, 16, dtype=np.uint8)[None, None, :, None] + np.arange(10, dtype=np.uint8)[:, None, None, None]
+    data = np.broadcast_to(ramp, (10, 16, 16, 3)).copy()
+    data[..., 1] //= 2
+    for name in ("zarr", "direct"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        array = group.create_array(
+            "tiles", shape=data.shape, dtype=np.uint8, chunks=(4, 16, 16, 3), serializer=JpegTileCodec(quality=85),
+            compressors=None, fill_value=0,
+        ).with_config({"write_empty_chunks": True})  # fmt: skip
+        for index in range(3):  # the last chunk is partial
+            chunk = data[index * 4 : (index + 1) * 4]
+            if name == "zarr":
+                array[index * 4 : index * 4 + len(chunk)] = chunk
+            else:
+                write_tile_chunk(array, index, chunk)
+    for index in range(3):
+        key = f"tiles/c/{index}/0/0/0"
+        assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
+    direct = zarr.open_array(str(tmp_path / "direct.zarr" / "tiles"), mode="r")
+    np.testing.assert_array_equal(direct[:], zarr.open_array(str(tmp_path / "zarr.zarr" / "tiles"), mode="r")[:])
+    assert np.abs(direct[:].astype(int) - data).mean() < 4  # lossy, but these tiles in this order
+
+
+def test_chunks_done_written_directly_is_zarrs_own_byte(tmp_path: Path) -> None:
+    from wsi_encoder.io.patch_store import mark_chunk_done
+
+    arrays = {}
+    for name in ("zarr", "direct"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        done = group.create_array("chunks_done", shape=(5,), dtype=bool, chunks=(1,), fill_value=False, compressors=None)
+        for index in (0, 3):
+            if name == "zarr":
+                done[index] = True
+            else:
+                mark_chunk_done(done, index)
+        arrays[name] = zarr.open_array(str(tmp_path / f"{name}.zarr" / "chunks_done"), mode="r")
+    assert arrays["direct"][:].tolist() == [True, False, False, True, False] == arrays["zarr"][:].tolist()
+    for index in (0, 3):
+        key = f"chunks_done/c/{index}"
         assert (tmp_path / "zarr.zarr" / key).read_bytes() == (tmp_path / "direct.zarr" / key).read_bytes()
 
 

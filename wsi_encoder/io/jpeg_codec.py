@@ -126,16 +126,8 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
 
     # ---- whole chunks ---------------------------------------------------------------------------
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        import imagecodecs
-
         array = np.asarray(chunk_array.as_numpy_array(), dtype=np.uint8)
-        _, image = split_tile_shape(array.shape)
-        tiles = array.reshape((-1, *image))
-        encoded = [imagecodecs.jpeg8_encode(np.ascontiguousarray(tile), level=self.quality) for tile in tiles]
-        offsets = np.zeros(len(encoded) + 1, dtype="<u8")
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        payload = b"".join([_MAGIC, offsets.tobytes(), *encoded])
-        return chunk_spec.prototype.buffer.from_bytes(payload)
+        return chunk_spec.prototype.buffer.from_bytes(encode_jpeg_chunk(array, self.quality))
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         data = chunk_bytes.as_numpy_array().tobytes()
@@ -194,6 +186,25 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
         """JPEG output size is data dependent."""
         raise NotImplementedError
+
+
+def encode_jpeg_chunk(array: npt.NDArray[np.uint8], quality: int, n_tiles: int | None = None) -> bytes:
+    """The bytes of one chunk (layout in the module docstring) holding ``array``'s tiles as JPEGs.
+
+    ``n_tiles`` (default: the tiles of ``array``) is the chunk's length: missing tiles at the end
+    are stored as tiles of zeros (zarr's fill value), as zarr does for a partial last chunk.
+    """
+    import imagecodecs
+
+    _, image = split_tile_shape(array.shape)
+    tiles = array.reshape((-1, *image))
+    encoded = [imagecodecs.jpeg8_encode(np.ascontiguousarray(tile), level=quality) for tile in tiles]
+    if n_tiles is not None and n_tiles > len(encoded):
+        blank = imagecodecs.jpeg8_encode(np.zeros(image, dtype=np.uint8), level=quality)
+        encoded += [blank] * (n_tiles - len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype="<u8")
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return b"".join([_MAGIC, offsets.tobytes(), *encoded])
 
 
 def _decode_into(

@@ -48,6 +48,7 @@ from wsi_encoder.io.patch_store import (
     clean_slide_leftovers,
     create_patch_store,
     create_slide_group,
+    mark_chunk_done,
     mark_slide_complete,
     open_slide_arrays_for_writing,
     update_slide_status,
@@ -380,7 +381,7 @@ def tile_chunk(job: ChunkJob) -> tuple[str, int, int, str | None]:
         start, stop = job.parts[0].start, job.parts[-1].stop
         tiles_array, done = _arrays(job.config.store, job.slide_id, job.run_id)
         write_tile_chunk(tiles_array, job.index, tiles)
-        done[job.index] = True
+        mark_chunk_done(done, job.index)
         return (job.slide_id, job.index, stop - start, None)
     except Exception as exc:
         logger.debug("chunk %d of %s failed", job.index, job.slide_id, exc_info=True)
