@@ -22,7 +22,7 @@ def test_two_worker_cluster_equals_a_local_run(tmp_path: Path) -> None:
     assert all(r.status == "ok" for r in local.slides.values())
 
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         ticks: list[int] = []

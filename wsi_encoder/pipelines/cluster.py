@@ -234,7 +234,7 @@ def get_runner(workers: int | None = None, scheduler: str | None = None, client:
         from distributed import Client, LocalCluster
 
         n = max(1, int(workers or os.cpu_count() or 1))
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0")
         return DistributedRunner(Client(cluster), owns_client=True, cluster=cluster)
     address = scheduler if "://" in scheduler else f"tcp://{scheduler}"
     host_port = address.split("://", 1)[1]
