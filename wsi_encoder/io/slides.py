@@ -29,6 +29,7 @@ from PIL import Image
 
 from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideNotFoundError, SlideReadError
 from wsi_encoder.io.tiff_regions import TiffTileDecoder, cached_decoder
+from wsi_encoder.io.urls import SLIDE_BLOCK_SIZE, describe_error, filesystem, is_url, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class SlideReader(ABC):
     Parameters
     ----------
     path
-        The slide file.
+        The slide file, or its URL (``s3://...``, ``https://...``; tiffslide only).
     mpp
         Override of the level-0 resolution in µm/px (``--slide-mpp``); used when the metadata is
         missing or wrong.
@@ -116,7 +117,7 @@ class SlideReader(ABC):
     backend: str = ""
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
-        self.path = Path(path)
+        self.path: Path | str = str(path) if is_url(path) else Path(path)
         self._mpp_override = None if mpp is None else float(mpp)
         if self._mpp_override is not None and _valid_mpp(self._mpp_override) is None:
             raise InvalidParameterError(f"slide mpp override {mpp!r} is not a resolution in µm/px")
@@ -473,7 +474,7 @@ class TiffSlideReader(SlideReader):
             with warnings.catch_warnings():
                 # tiffslide warns that its NDPI metadata parsing is partial; mpp/objective are still read.
                 warnings.filterwarnings("ignore", message=".*metadata parsing only partially implemented.*")
-                self._slide = tiffslide.TiffSlide(str(self.path))
+                self._slide = tiffslide.TiffSlide(_remote_file(self.path) if is_url(self.path) else str(self.path))
                 self._props = dict(self._slide.properties)
         except Exception as exc:
             raise SlideReadError(f"{self.path}: not a readable slide ({_reason(exc)})") from exc
@@ -510,6 +511,8 @@ class TiffSlideReader(SlideReader):
 
     def fast_decoder(self) -> TiffTileDecoder | None:
         """The direct TIFF tile decoder for this file (per-process cache), or None when it cannot serve it."""
+        if is_url(self.path):  # remote slides are read through tiffslide (ranged reads, see _remote_file)
+            return None
         series_index = int(self._props.get("tiffslide.series-index") or 0)
         return cached_decoder(self.path, series_index, self.level_dimensions)
 
@@ -540,14 +543,25 @@ class TiffSlideReader(SlideReader):
         self._slide.close()
 
 
-def _check_pixel_format(path: Path) -> None:
+def _remote_file(url: str | Path) -> Any:
+    """A read-only fsspec file for a remote slide, fetching :data:`SLIDE_BLOCK_SIZE` bytes per range
+    request and keeping the last few blocks, so the neighbouring TIFF tiles of one chunk of tiles
+    arrive in a few large reads rather than one request per tile."""
+    fs, inner = filesystem(url)
+    return fs.open(inner, "rb", block_size=SLIDE_BLOCK_SIZE, cache_type="blockcache", cache_options={"maxblocks": 8})
+
+
+def _check_pixel_format(path: Path | str, tif: Any = None) -> None:
     """Refuse TIFF-based files whose pixels are not 8-bit RGB/greyscale (e.g. multi-channel fluorescence)."""
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        if tif is not None:
             series = tif.series[0]
-            axes, shape, dtype = series.axes, series.shape, np.dtype(series.dtype)
+        else:
+            with tifffile.TiffFile(path) as handle:
+                series = handle.series[0]
+        axes, shape, dtype = series.axes, series.shape, np.dtype(series.dtype)
     except Exception:  # not a TIFF (MRXS, ...) or unparsable: the backends decide
         return
     samples = shape[axes.index("S")] if "S" in axes else 1
@@ -600,6 +614,8 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
     SlideReadError
         The path is a directory, or no backend can read the file (the first backend's reason is given).
     """
+    if is_url(path):
+        return _open_remote_slide(str(path), backend, mpp)
     path = Path(path)
     if not path.exists():
         raise SlideNotFoundError(f"{path}: no such file")
@@ -634,6 +650,31 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
     raise first
 
 
+def _open_remote_slide(url: str, backend: str, mpp: float | None) -> SlideReader:
+    """Open a slide by URL: tiffslide through fsspec (OpenSlide reads local files only)."""
+    if backend not in ("auto", *BACKENDS):
+        raise InvalidParameterError(f"unknown slide backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if backend == "openslide":
+        raise SlideReadError(f"{url}: OpenSlide cannot read remote slides; use --backend auto or tiffslide, or copy it locally")
+    fs, inner = filesystem(url)
+    try:
+        if not fs.isfile(inner):
+            raise SlideNotFoundError(f"{url}: no such file or object")
+    except SlideNotFoundError:
+        raise
+    except Exception as exc:
+        raise SlideReadError(describe_error(url, exc)) from None
+    try:
+        reader = TiffSlideReader(url, mpp)
+    except SlideReadError as exc:
+        raise SlideReadError(
+            f"{url}: not a slide tiffslide can read remotely ({str(exc).split(': ', 1)[-1]}); "
+            "formats only OpenSlide reads (MRXS, VMS, SCN ...) must be copied to a local disk first"
+        ) from None
+    _check_pixel_format(url, reader._slide.ts_tifffile)
+    return reader
+
+
 _CACHE: OrderedDict[tuple[str, str, float | None], SlideReader] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 8
@@ -645,7 +686,7 @@ def get_reader(path: str | Path, backend: str = "auto", mpp: float | None = None
     At most a few handles are kept (the least recently used are dropped), which bounds OpenSlide's
     per-handle tile caches.
     """
-    key = (str(Path(path).resolve()), backend, mpp)
+    key = (str(normalize(path)), backend, mpp)
     with _CACHE_LOCK:
         reader = _CACHE.get(key)
         if reader is not None:
