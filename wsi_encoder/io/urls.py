@@ -150,6 +150,8 @@ def describe_error(url: str | Path, exc: BaseException) -> str:
 
 def check_bucket(url: str) -> None:
     """Raise :class:`StoreError` with one clear line when ``url``'s bucket cannot be reached or written."""
+    if _protocol(url) in _READ_ONLY:
+        return
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:
