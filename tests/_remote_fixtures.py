@@ -15,6 +15,10 @@ _ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "wsienc-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # Never look for credentials anywhere else (no instance-metadata traffic, no user files).
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wsienc-test-credentials",
+    "AWS_CONFIG_FILE": "/nonexistent/wsienc-test-config",
 }
 
 

@@ -155,10 +155,9 @@ def check_bucket(url: str) -> None:
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:
-        if not fs.exists(bucket):
-            raise FileNotFoundError(f"NoSuchBucket {bucket}")
-    except FileNotFoundError as exc:
-        raise StoreError(describe_error(url, type(exc)(f"NoSuchBucket: {exc}"))) from None
+        fs.info(bucket)  # one HEAD request; exists() would hide missing credentials
+    except FileNotFoundError:
+        raise StoreError(describe_error(url, FileNotFoundError("NoSuchBucket"))) from None
     except Exception as exc:
         raise StoreError(describe_error(url, exc)) from None
 

@@ -1,0 +1,82 @@
+"""Path arguments as URLs on every command: bad URL, missing bucket, missing credentials -> one line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests import _remote_fixtures as remote
+from tests._tile_helpers import small_slide
+from wsi_encoder.cli import main
+
+s3_server, s3, upload = remote.s3_server, remote.s3, remote.upload  # fixtures of this module
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1, output
+    assert "Traceback" not in output
+    assert "wsienc-test-secret" not in output and remote._ENV["AWS_ACCESS_KEY_ID"] not in output.replace("testing.", "")
+    return errors[0]
+
+
+@pytest.fixture
+def slide_url(s3: str, tmp_path: Path) -> str:
+    return upload(s3, small_slide(tmp_path / "a.tiff"), "slides/a.tiff")
+
+
+def test_tile_cli_writes_s3_store(s3: str, slide_url: str) -> None:
+    code, out = _run(["-q", "tile", f"{s3}/slides/", "--out", f"{s3}/p.zarr", "--tile-size", "128", "--workers", "1"])
+    assert code == 0, out
+    assert f"in {s3}/p.zarr" in out
+
+
+COMMANDS = {
+    "tile-slides": lambda url, s3: ["tile", url, "--out", f"{s3}/p.zarr"],
+    "tile-out": lambda url, s3: ["tile", f"{s3}/slides/a.tiff", "--out", url],
+    "encode": lambda url, s3: ["encode", url, "--encoder", "nic", "--out", f"{s3}/e.zarr"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_bad_url_scheme_is_one_line(s3: str, slide_url: str, command: str) -> None:
+    code, out = _run(COMMANDS[command]("nosuchscheme://bucket/x", s3))
+    assert code != 0
+    line = _one_error_line(out)
+    assert "nosuchscheme://bucket/x" in line and "unknown URL scheme" in line
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_missing_bucket_is_one_line(s3: str, slide_url: str, command: str) -> None:
+    code, out = _run(COMMANDS[command]("s3://no-such-bucket/x.zarr", s3))
+    assert code != 0
+    line = _one_error_line(out)
+    assert "s3://no-such-bucket" in line and "bucket does not exist" in line
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_missing_credentials_is_one_line(s3: str, slide_url: str, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s3fs.S3FileSystem.clear_instance_cache()
+    code, out = _run(COMMANDS[command](f"{s3}/slides/a.tiff" if command != "tile-out" else f"{s3}/p.zarr", s3))
+    assert code != 0
+    line = _one_error_line(out)
+    assert "no credentials" in line and "s3://cohort" in line
+
+
+def test_bad_storage_options_json_is_one_line(s3: str) -> None:
+    code, out = _run(["tile", f"{s3}/slides/", "--out", f"{s3}/p.zarr", "--storage-options", "{not json"])
+    assert code != 0
+    line = _one_error_line(out)
+    assert "--storage-options" in line and "not json" not in line
