@@ -11,7 +11,7 @@ import zarr
 from tests import _remote_fixtures as remote
 from tests._tile_helpers import small_slide
 from wsi_encoder.io.patch_store import open_patch_store
-from wsi_encoder.io.urls import zarr_store
+from wsi_encoder.io.urls import exists, zarr_store
 from wsi_encoder.pipelines.tile_cohort import tile_cohort
 from wsi_encoder.tiling import TileSpec
 
@@ -80,3 +80,62 @@ def test_remote_tile_resumes_after_interruption(s3: str, tmp_path: Path) -> None
     local = tmp_path / "local.zarr"
     tile_cohort([tmp_path / "slides"], local, SPEC, chunk_tiles=8, workers=1)
     assert_same_store(local, out)
+
+
+def _features(store: Path | str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    from wsi_encoder.io.embedding_store import complete_slides, open_embedding_root, read_slide
+
+    root = open_embedding_root(store)
+    out = {}
+    for slide_id in complete_slides(root):
+        slide = read_slide(store, slide_id)
+        out[slide_id] = (slide.features, slide.coords, slide.mask)
+    return out
+
+
+def assert_same_features(local: Path | str, remote_store: str, exact: bool = True) -> None:
+    """Same slides, coords and masks; features equal (``exact``), or to float32 rounding when the
+    encoder ran with another number of torch threads (worker processes use one)."""
+    a, b = _features(local), _features(remote_store)
+    assert sorted(a) == sorted(b) and a
+    for slide_id in a:
+        (fa, ca, ma), (fb, cb, mb) = a[slide_id], b[slide_id]
+        assert np.array_equal(ca, cb) and np.array_equal(ma, mb), slide_id
+        if exact:
+            assert np.array_equal(fa, fb), slide_id
+        else:
+            np.testing.assert_allclose(fb, fa, rtol=1e-5, atol=1e-6)
+
+
+def test_remote_encode_equals_local(s3: str, tmp_path: Path) -> None:
+    from wsi_encoder.pipelines.encode_store import encode_store
+
+    slides = _slides(tmp_path)
+    for path in slides:
+        upload(s3, path, f"cohort/{path.name}")
+    tile_cohort([tmp_path / "slides"], tmp_path / "p.zarr", SPEC, chunk_tiles=16, workers=1)
+    tile_cohort([f"{s3}/cohort"], f"{s3}/p.zarr", SPEC, chunk_tiles=16, workers=1)
+    local = encode_store(tmp_path / "p.zarr", "nic", tmp_path / "e.zarr", chunk_tiles=16, dtype="float32")
+    remote_run = encode_store(f"{s3}/p.zarr", "nic", f"{s3}/e.zarr", chunk_tiles=16, dtype="float32")
+    assert {k: r.status for k, r in remote_run.slides.items()} == {k: r.status for k, r in local.slides.items()}
+    assert_same_features(tmp_path / "e.zarr", f"{s3}/e.zarr")
+
+
+def test_second_writer_is_refused_on_s3(s3: str, tmp_path: Path) -> None:
+    from wsi_encoder.errors import StoreError
+    from wsi_encoder.io.patch_store import StoreLock
+
+    upload(s3, small_slide(tmp_path / "a.tiff"), "cohort/a.tiff")
+    out = f"{s3}/p.zarr"
+    first = StoreLock(out)
+    first.acquire()
+    try:
+        # Another run (here: another host) cannot take the lock, and tiling refuses with one line naming it.
+        with pytest.raises(StoreError, match="another wsienc run is writing this store"):
+            tile_cohort([f"{s3}/cohort"], out, SPEC, workers=1)
+        assert not exists(f"{out}/a")  # nothing was written
+    finally:
+        first.release()
+    assert not exists(f"{out}.lock")
+    report = tile_cohort([f"{s3}/cohort"], out, SPEC, workers=1)
+    assert len(report.ok) == 1
