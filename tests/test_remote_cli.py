@@ -43,6 +43,10 @@ COMMANDS = {
     "tile-slides": lambda url, s3: ["tile", url, "--out", f"{s3}/p.zarr"],
     "tile-out": lambda url, s3: ["tile", f"{s3}/slides/a.tiff", "--out", url],
     "encode": lambda url, s3: ["encode", url, "--encoder", "nic", "--out", f"{s3}/e.zarr"],
+    "encode-out": lambda url, s3: ["encode", f"{s3}/p.zarr", "--encoder", "nic", "--out", url],
+    "classify-store": lambda url, s3: ["classify", "train", url, "--labels", f"{s3}/l.csv", "--model", "linear", "--out", f"{s3}/m"],
+    "classify-labels": lambda url, s3: ["classify", "train", f"{s3}/e.zarr", "--labels", url, "--model", "linear", "--out", f"{s3}/m"],
+    "predict-model": lambda url, s3: ["classify", "predict", f"{s3}/e.zarr", "--model", url, "--out", f"{s3}/p.csv"],
 }
 
 
@@ -80,3 +84,25 @@ def test_bad_storage_options_json_is_one_line(s3: str) -> None:
     assert code != 0
     line = _one_error_line(out)
     assert "--storage-options" in line and "not json" not in line
+
+
+def test_classify_train_predict_with_s3_store_labels_and_outputs(s3: str, tmp_path: Path) -> None:
+    import csv
+
+    import s3fs
+
+    from tests._classify_fixtures import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", n_patients=10)
+    fs = s3fs.S3FileSystem()
+    fs.put(str(cohort.store) + "/", f"{s3}/e.zarr/", recursive=True)
+    fs.put(str(cohort.labels_csv), f"{s3}/labels.csv")
+    code, out = _run(["classify", "train", f"{s3}/e.zarr", "--labels", f"{s3}/labels.csv", "--model", "linear",
+                      "--out", f"{s3}/runs/linear", "--folds", "3", "--n-boot", "0"])  # fmt: skip
+    assert code == 0, out
+    assert f"{s3}/runs/linear/metrics.json" in out
+    assert fs.isfile(f"{s3}/runs/linear/metrics.json") and fs.isfile(f"{s3}/runs/linear/model.safetensors")
+    code, out = _run(["classify", "predict", f"{s3}/e.zarr", "--model", f"{s3}/runs/linear", "--out", f"{s3}/p.csv"])
+    assert code == 0, out
+    rows = list(csv.DictReader(fs.open(f"{s3}/p.csv", "r")))
+    assert len(rows) == len(cohort.slides) and {"slide_id", "prob", "pred"} <= set(rows[0])

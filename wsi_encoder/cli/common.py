@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from wsi_encoder.errors import WsiEncoderError
-from wsi_encoder.io.urls import as_local, is_url, set_storage_options
+from wsi_encoder.io.urls import as_local, check_bucket, is_url, set_storage_options
 
 T = TypeVar("T")
 
@@ -48,14 +48,24 @@ slide_mpp_option = click.option(
 
 
 class PathOrURL(click.ParamType):
-    """A local path (a :class:`~pathlib.Path`) or an fsspec URL kept as a string (``s3://...``)."""
+    """A local path (a :class:`~pathlib.Path`) or an fsspec URL kept as a string (``s3://...``).
+
+    A URL is checked at once (its scheme, its bucket, the credentials: one HEAD request), so a bad
+    URL, a missing bucket or missing credentials is one line before any work starts.
+    """
 
     name = "path|url"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
         if isinstance(value, Path):
             return value
-        return str(value) if is_url(value) else as_local(value)
+        if not is_url(value):
+            return as_local(value)
+        try:
+            check_bucket(str(value))
+        except WsiEncoderError as exc:
+            raise click.ClickException(str(exc)) from None
+        return str(value)
 
 
 #: Type of every path argument that may live on object storage.

@@ -16,6 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -231,3 +235,63 @@ def zarr_store(path: str | Path, read_only: bool = False) -> Any:
 
     filesystem(path)  # a clear line for an unknown scheme or a missing package
     return FsspecStore.from_url(str(path), storage_options=storage_options(path), read_only=read_only)
+
+
+@contextmanager
+def local_copy(path: str | Path) -> Iterator[Path]:
+    """A local file or folder holding what ``path`` holds: ``path`` itself, or for a URL a temporary
+    copy (removed at exit). For small inputs read by local-only libraries (labels CSVs, model folders)."""
+    if not is_url(path):
+        yield as_local(path)
+        return
+    fs, inner = filesystem(path)
+    tmp = Path(tempfile.mkdtemp(prefix="wsienc-"))
+    try:
+        target = tmp / name_of(path)
+        try:
+            if fs.isdir(inner):
+                fs.get(inner.rstrip("/") + "/", str(target), recursive=True)
+            else:
+                fs.get(inner, str(target))
+        except Exception as exc:
+            raise StoreError(describe_error(path, exc)) from None
+        yield target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def local_output(path: str | Path) -> Iterator[Path]:
+    """A local path to write an output file or folder to: ``path`` itself, or for a URL a temporary
+    path whose content is uploaded to ``path`` at exit (also when the writer failed, so partial
+    reports are kept as they would be on disk). What ``path`` already holds is fetched first, so a
+    command that resumes from its output folder resumes from the object store too. For small outputs
+    (reports, CSVs, models, pictures)."""
+    if not is_url(path):
+        yield as_local(path)
+        return
+    if _protocol(path) in _READ_ONLY:
+        raise InvalidParameterError(f"{path}: {_protocol(path)}:// is read-only; write to a local path or s3://")
+    check_bucket(str(path))
+    fs, inner = filesystem(path)
+    tmp = Path(tempfile.mkdtemp(prefix="wsienc-"))
+    target = tmp / name_of(path)
+    try:
+        if fs.isdir(inner):
+            fs.get(inner.rstrip("/") + "/", str(target), recursive=True)
+        elif fs.isfile(inner):
+            fs.get(inner, str(target))
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(describe_error(path, exc)) from None
+    try:
+        yield target
+    finally:
+        try:
+            if target.is_dir():
+                fs.put(str(target) + "/", inner.rstrip("/") + "/", recursive=True)
+            elif target.exists():
+                fs.put(str(target), inner)
+        except Exception as exc:
+            raise StoreError(f"{describe_error(path, exc)} (the output is kept in {target})") from None
+        shutil.rmtree(tmp, ignore_errors=True)
