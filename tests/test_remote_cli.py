@@ -106,3 +106,14 @@ def test_classify_train_predict_with_s3_store_labels_and_outputs(s3: str, tmp_pa
     assert code == 0, out
     rows = list(csv.DictReader(fs.open(f"{s3}/p.csv", "r")))
     assert len(rows) == len(cohort.slides) and {"slide_id", "prob", "pred"} <= set(rows[0])
+
+
+def test_info_reads_s3_slide_and_refuses_openslide_for_urls(s3: str, slide_url: str) -> None:
+    code, out = _run(["info", slide_url, "--json"])
+    assert code == 0, out
+    assert '"backend": "tiffslide"' in out and slide_url in out
+    code, out = _run(["info", slide_url, "--backend", "openslide"])
+    assert code != 0
+    assert "OpenSlide cannot read remote slides" in out
+    code, out = _run(["info", f"{s3}/slides/missing.svs"])
+    assert code != 0 and "no such file or object" in out
