@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def s3_server() -> Iterator[str]:
 
 @pytest.fixture
 def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh bucket ``s3://cohort`` on the loopback server, with this test's AWS environment set."""
+    """A fresh bucket ``s3://cohort-<random>`` on the loopback server, with this test's AWS environment set."""
     import s3fs
 
     for key in [k for k in os.environ if k.startswith("AWS_") or k == "WSIENC_STORAGE_OPTIONS"]:
@@ -55,10 +56,10 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    if fs.exists(BUCKET):
-        fs.rm(BUCKET, recursive=True)
-    fs.mkdir(BUCKET)
-    yield f"s3://{BUCKET}"
+    # A new bucket per test: worker processes cache open slides by URL, so URLs are never reused.
+    bucket = f"{BUCKET}-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
 
 

@@ -76,7 +76,7 @@ def test_missing_credentials_is_one_line(s3: str, slide_url: str, command: str, 
     code, out = _run(COMMANDS[command](f"{s3}/slides/a.tiff" if command != "tile-out" else f"{s3}/p.zarr", s3))
     assert code != 0
     line = _one_error_line(out)
-    assert "no credentials" in line and "s3://cohort" in line
+    assert "no credentials" in line and s3 in line
 
 
 def test_bad_storage_options_json_is_one_line(s3: str) -> None:
