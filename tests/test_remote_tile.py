@@ -139,3 +139,26 @@ def test_second_writer_is_refused_on_s3(s3: str, tmp_path: Path) -> None:
     assert not exists(f"{out}.lock")
     report = tile_cohort([f"{s3}/cohort"], out, SPEC, workers=1)
     assert len(report.ok) == 1
+
+
+def test_remote_region_reads_are_few_merged_range_requests(s3: str, tmp_path: Path) -> None:
+    """A region's TIFF tiles arrive in one batch of merged ranges (at most one per TIFF tile row), and
+    the pixels equal the local direct-decoding path's."""
+    from wsi_encoder.io.slides import RemoteTiffSlideReader, open_slide
+
+    local = small_slide(tmp_path / "big.tiff", width=6000, height=5000)
+    remote_reader = open_slide(upload(s3, local, "slides/big.tiff"))
+    assert isinstance(remote_reader, RemoteTiffSlideReader)
+    batches: list[int] = []
+    fs = remote_reader._file._fs
+    original = fs.cat_ranges
+    fs.cat_ranges = lambda paths, starts, ends, **kw: (batches.append(len(paths)), original(paths, starts, ends, **kw))[1]
+    try:
+        with open_slide(local) as local_reader:
+            region = (1000, 1000, 1800, 1700)
+            assert np.array_equal(remote_reader.read_level(0, *region), local_reader.read_level(0, *region))
+    finally:
+        fs.cat_ranges = original
+        remote_reader.close()
+    tile_rows = -(-1700 // 256) + 1  # the generated slide has 256 px TIFF tiles
+    assert len(batches) == 1 and 1 <= batches[0] <= tile_rows

@@ -615,7 +615,7 @@ class _PrefetchedFile:
 
 
 #: Bytes of prefetched tile data a remote slide keeps (a few chunks' worth).
-_PREFETCH_BYTES = 64 * 1024 * 1024
+_PREFETCH_BYTES = 32 * 1024 * 1024
 #: Ranges closer than this are fetched as one request (the gap is read and dropped).
 _MERGE_GAP = 256 * 1024
 
