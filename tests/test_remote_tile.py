@@ -74,6 +74,14 @@ def test_remote_tile_resumes_after_interruption(s3: str, tmp_path: Path) -> None
     group["chunks_done"][:] = done
     group["tiles"][(n_chunks // 2) * 8 :] = 0
     group.attrs.update({"complete": False})
+    # The killed run left its lock object: a dead process on this host, so the next run takes it over.
+    import json
+    import socket
+
+    from wsi_encoder.io.urls import open_file
+
+    with open_file(f"{out}.lock", "wb") as handle:
+        handle.write(json.dumps({"pid": 4_000_000, "host": socket.gethostname(), "started": "then"}).encode())
     report = tile_cohort([f"{s3}/cohort"], out, SPEC, chunk_tiles=8, workers=1)
     assert not report.failed
     assert {o.slide_id: o.status for o in report.outcomes} == {"a": "ok", "b": "skipped"}
