@@ -170,3 +170,55 @@ def test_remote_region_reads_are_few_merged_range_requests(s3: str, tmp_path: Pa
         remote_reader.close()
     tile_rows = -(-1700 // 256) + 1  # the generated slide has 256 px TIFF tiles
     assert len(batches) == 1 and 1 <= batches[0] <= tile_rows
+
+
+def test_http_slide_is_read_only_and_equals_local(tmp_path: Path) -> None:
+    """``http(s)://`` slides are read (range requests) like local ones; writing a store there is refused."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from wsi_encoder.errors import InvalidParameterError
+    from wsi_encoder.io.slides import open_slide
+
+    pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp")
+    slide = small_slide(tmp_path / "a.tiff")
+    data = slide.read_bytes()
+
+    class RangeHandler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, body: bool) -> None:
+            start, end = 0, len(data) - 1
+            header = self.headers.get("Range")
+            if header:
+                first, _, last = header.removeprefix("bytes=").partition("-")
+                start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            self.send_response(206 if header else 200)
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            if header:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start : end + 1])
+
+        def do_HEAD(self) -> None:
+            self._send(body=False)
+
+        def do_GET(self) -> None:
+            self._send(body=True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.tiff"
+        with open_slide(url) as remote_reader, open_slide(slide) as local_reader:
+            assert remote_reader.backend == "tiffslide"
+            assert np.array_equal(remote_reader.read_level(0, 100, 200, 900, 700), local_reader.read_level(0, 100, 200, 900, 700))
+        with pytest.raises(InvalidParameterError, match="read-only"):
+            tile_cohort([slide], f"http://127.0.0.1:{server.server_address[1]}/p.zarr", SPEC)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -47,7 +47,16 @@ from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
 from wsi_encoder.io.jpeg_codec import JpegTileCodec
-from wsi_encoder.io.urls import check_bucket, describe_error, filesystem, is_url, join, normalize, zarr_store
+from wsi_encoder.io.urls import (
+    check_bucket,
+    check_writable,
+    describe_error,
+    filesystem,
+    is_url,
+    join,
+    normalize,
+    zarr_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,7 @@ class StoreLock:
 
     def __init__(self, store_path: str | Path) -> None:
         store = normalize(store_path)
+        check_writable(store)
         self.remote = is_url(store)
         self.path: Path | str = f"{store}.lock" if self.remote else Path(store).with_name(Path(store).name + ".lock")
         self._held = False

@@ -80,6 +80,12 @@ def set_storage_options(options: str | dict[str, Any] | None) -> None:
     os.environ[STORAGE_OPTIONS_ENV] = json.dumps(value)
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`InvalidParameterError` when ``path`` is a read-only URL (``http(s)://``)."""
+    if is_url(path) and _protocol(path) in _READ_ONLY:
+        raise InvalidParameterError(f"{path}: {_protocol(path)}:// is read-only; write to a local path or s3://")
+
+
 def parse_storage_options(text: str) -> dict[str, Any]:
     """Parse ``--storage-options JSON`` (an object) or raise one clear line (without echoing it)."""
     try:
@@ -215,8 +221,8 @@ def open_file(path: str | Path, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """Open a local file or an object (an fsspec file) for reading or writing."""
     if not is_url(path):
         return open(as_local(path), mode, **kwargs)
-    if _protocol(path) in _READ_ONLY and any(c in mode for c in "wa+"):
-        raise InvalidParameterError(f"{path}: {_protocol(path)}:// is read-only; write to a local path or s3://")
+    if any(c in mode for c in "wax+"):
+        check_writable(path)
     fs, inner = filesystem(path)
     try:
         return fs.open(inner, mode, **kwargs)
@@ -229,8 +235,8 @@ def zarr_store(path: str | Path, read_only: bool = False) -> Any:
     ``FsspecStore`` for a URL (object stores: no renames; every chunk one PUT)."""
     if not is_url(path):
         return str(as_local(path))
-    if _protocol(path) in _READ_ONLY and not read_only:
-        raise InvalidParameterError(f"{path}: {_protocol(path)}:// is read-only; write stores to a local path or s3://")
+    if not read_only:
+        check_writable(path)
     from zarr.storage import FsspecStore
 
     filesystem(path)  # a clear line for an unknown scheme or a missing package
@@ -270,8 +276,7 @@ def local_output(path: str | Path) -> Iterator[Path]:
     if not is_url(path):
         yield as_local(path)
         return
-    if _protocol(path) in _READ_ONLY:
-        raise InvalidParameterError(f"{path}: {_protocol(path)}:// is read-only; write to a local path or s3://")
+    check_writable(path)
     check_bucket(str(path))
     fs, inner = filesystem(path)
     tmp = Path(tempfile.mkdtemp(prefix="wsienc-"))
