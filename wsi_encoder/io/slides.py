@@ -384,8 +384,8 @@ def read_slide_mpp_csv(path: str | Path) -> dict[str, float]:
         if mpp is None:
             raise InvalidParameterError(f"{path}:{line}: mpp {row[mi]!r} is not a resolution in µm/px")
         name = row[ki].strip()
-        if key == "path":
-            name = str((path.parent / Path(name).expanduser()).resolve())
+        if key == "path":  # a slide URL is kept as it is; a local path is resolved against the CSV's folder
+            name = str(normalize(name)) if is_url(name) else str((path.parent / Path(name).expanduser()).resolve())
         table[name] = mpp
     return table
 
