@@ -168,6 +168,8 @@ def check_bucket(url: str) -> None:
         fs.info(bucket)  # one HEAD request; exists() would hide missing credentials
     except FileNotFoundError:
         raise StoreError(describe_error(url, FileNotFoundError("NoSuchBucket"))) from None
+    except PermissionError:
+        return  # credentials without s3:ListBucket may still read and write objects: the operation decides
     except Exception as exc:
         raise StoreError(describe_error(url, exc)) from None
 
