@@ -4,9 +4,11 @@ All in this process, with the same model, batch size, optimiser and device:
 
 * baseline: forward + backward + Adam step of the LOMO classifier (encoder + label head) on float
   tensors already in memory (no cache reads, no augmentation, no validation);
-* arms: :func:`wsi_encoder.training.lomo_trainer.train_classifier` for ``baseline``, ``grl`` (domain
-  head behind the GRL) and ``gan`` (half of each batch synthetic, upsampled on the fly), reading the
-  decoded-image memmap, augmenting, and validating on 10 % extra images after every epoch;
+* arms: :func:`wsi_encoder.training.lomo_trainer.train_classifier` with the strategies of
+  :mod:`wsi_encoder.training.lomo_arms`: ``baseline``, ``grl`` (domain head behind the GRL) and ``gan``
+  (as many synthetic images as real ones added on top of each batch, upsampled on the fly), reading
+  the decoded-image memmap, augmenting, and validating on 10 % extra images after every epoch. Rates
+  count every image that goes through the network (real and synthetic);
 * DCGAN: :func:`wsi_encoder.training.gan_trainer.train_dcgan` vs a bare loop of the same G/D steps
   on tensors in memory.
 
@@ -34,6 +36,7 @@ import torch
 from wsi_encoder.models.dcgan import Discriminator, Generator
 from wsi_encoder.models.encoders import create_encoder
 from wsi_encoder.training.gan_trainer import DcganSpec, train_dcgan
+from wsi_encoder.training.lomo_arms import BaselineArm, GanArm, GrlArm
 from wsi_encoder.training.lomo_trainer import (
     TrainData,
     TrainSpec,
@@ -55,7 +58,7 @@ def bare_classifier_rate(
     start = time.perf_counter()
     for s in range(steps):
         sel = slice((s * batch) % len(x), (s * batch) % len(x) + batch)
-        _, logit, _ = model(x[sel])
+        _, logit = model(x[sel])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[sel])
         opt.zero_grad()
         loss.backward()
@@ -116,15 +119,17 @@ def main() -> None:
             bare = max(bare, bare_classifier_rate(build_classifier(enc, init), x, yt, n // batch, batch))
             for arm in rates:
                 data = TrainData(cache, rows[:n], y[:n], rows[:n] % 3, rows[n:], y[n:])
+                strategy = BaselineArm()
                 if arm == "gan":
-                    data.synthetic = rng.integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
-                    data.y_synthetic = np.arange(n) % 2
-                model = build_classifier(
-                    create_encoder(args.backbone, input_size=size), init, n_domains=3 if arm == "grl" else 0
-                )
+                    synthetic = rng.integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+                    strategy = GanArm(synthetic, np.arange(n) % 2, 1.0)
+                elif arm == "grl":
+                    strategy = GrlArm(3)
+                model = build_classifier(create_encoder(args.backbone, input_size=size), init, strategy)
                 start = time.perf_counter()
-                result = train_classifier(model, data, TrainSpec(epochs=1, batch_size=batch), seed=0)
-                rates[arm] = max(rates[arm], result.steps * batch / (time.perf_counter() - start))
+                result = train_classifier(model, data, TrainSpec(epochs=1, batch_size=batch), strategy, seed=0)
+                seen = sum(result.real_seen) + sum(result.extra_seen)
+                rates[arm] = max(rates[arm], seen / (time.perf_counter() - start))
         start = time.perf_counter()
         embed(model, cache, rows, batch_size=batch)
         infer = len(rows) / (time.perf_counter() - start)
@@ -159,7 +164,8 @@ def main() -> None:
     infer_images = args.epochs * val + fit + val + test
     print(f"estimated full BreaKHis run ({args.epochs} epochs, 4 folds), this machine:")
     for arm, rate in rates.items():
-        seconds = 4 * (args.epochs * fit / rate + infer_images / infer)
+        per_epoch = fit * (2 if arm == "gan" else 1)  # --gan-ratio 1: synthetic images on top of the real
+        seconds = 4 * (args.epochs * per_epoch / rate + infer_images / infer)
         if arm == "gan":
             seconds += 4 * args.gan_epochs * fit / t_gan
         print(f"  {arm:<9} {seconds / 3600:6.1f} h")

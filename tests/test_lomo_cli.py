@@ -37,7 +37,11 @@ def test_help_lists_the_protocol_options() -> None:
         "--seed",
         "--test-fraction",
         "--patient-folds",
-        "--strict-patients",
+        "--patient-key",
+        "--repeats",
+        "--select-epoch",
+        "--bootstrap",
+        "--allow-contaminated-backbone",
         "--gan-ratio",
         "--gan-epochs",
         "--grl-weight",
@@ -83,5 +87,35 @@ def test_config_validation_and_device() -> None:
         LomoConfig(gan_ratio=-1)
     with pytest.raises(ValueError, match="epochs"):
         LomoConfig(epochs=0)
+    with pytest.raises(ValueError, match="patient-key"):
+        LomoConfig(patient_key="slide")
+    with pytest.raises(ValueError, match="select-epoch"):
+        LomoConfig(select_epoch="first")
+    assert LomoConfig().selection("grl") == "last" and LomoConfig().selection("baseline") == "best-val"
+    assert LomoConfig(select_epoch="best-val").selection("grl") == "best-val"
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_cli_defaults_come_from_lomo_config() -> None:
+    from dataclasses import fields
+
+    from wsi_encoder.cli.lomo import lomo
+
+    params = {p.name: p for p in lomo.params}
+    checked = 0
+    for f in fields(LomoConfig):
+        if f.name in params and f.name != "test_fraction":  # None on the CLI: exclusive with --patient-folds
+            assert params[f.name].default == f.default, f.name
+            checked += 1
+    assert checked >= 15
+    assert params["test_fraction"].default is None and "0.3" in (params["test_fraction"].help or "")
+
+
+def test_an_output_folder_of_an_older_version_is_refused(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text('{"settings": {}, "patient_key": "slide"}')
+    code, text = _run(str(tiny_tree), "--out", str(out), "--backbone", "nic", "--image-size", "64")
+    assert code == 1 and "older wsi_encoder" in text and "cannot be resumed" in text
+    assert not (out / "cache").exists()

@@ -24,6 +24,7 @@ from wsi_encoder.evaluation.lomo_report import magnification_probe
 from wsi_encoder.models.dcgan import Discriminator, Generator
 from wsi_encoder.models.encoders import create_encoder
 from wsi_encoder.training.gan_trainer import DcganSpec, generate, load_generator, save_generator, train_dcgan
+from wsi_encoder.training.lomo_arms import GrlArm
 from wsi_encoder.training.lomo_data import augment, build_image_cache
 from wsi_encoder.training.lomo_trainer import (
     TrainData,
@@ -100,17 +101,27 @@ def test_embeddings_npz_types_and_no_pickles(tmp_path: Path) -> None:
         load_fold_embeddings(tmp_path / "bad.npz")
 
 
+def _probe(rows: list[dict], probe: str, split: str) -> float:
+    (row,) = [r for r in rows if r["probe"] == probe and r["split"] == split]
+    return float(row["balanced_accuracy"])
+
+
 def test_magnification_probe_reads_linear_magnification_signal() -> None:
     rng = np.random.default_rng(0)
     mags = np.repeat([40, 100, 200], 40)
     patients = np.tile(np.repeat([f"p{i}" for i in range(8)], 5), 3)
     signal = np.eye(3)[np.searchsorted([40, 100, 200], mags)] * 3.0
     x = np.hstack([signal, rng.normal(size=(120, 5))]) + rng.normal(scale=0.3, size=(120, 8))
-    strong = magnification_probe(x, mags, patients)
-    assert strong["balanced_accuracy"] > 0.95 and strong["auc"] > 0.95
-    assert strong["chance"] == pytest.approx(1 / 3) and strong["n_patients"] == 8
-    noise = magnification_probe(rng.normal(size=(120, 8)), mags, patients)
-    assert noise["balanced_accuracy"] < 0.6
+    xt = np.hstack([signal, rng.normal(size=(120, 5))]) + rng.normal(scale=0.3, size=(120, 8))
+    strong = magnification_probe(x, mags, patients, xt, mags)
+    assert {(r["probe"], r["split"]) for r in strong} == {
+        (p, s) for p in ("linear", "mlp") for s in ("train_cv", "test_patients")
+    }
+    for row in strong:
+        assert row["balanced_accuracy"] > 0.9, row
+        assert row["chance"] == pytest.approx(1 / 3)
+    noise = magnification_probe(rng.normal(size=(120, 8)), mags, patients, rng.normal(size=(120, 8)), mags)
+    assert _probe(noise, "linear", "test_patients") < 0.6 and _probe(noise, "mlp", "test_patients") < 0.6
 
 
 def test_magnification_probe_is_grouped_by_patient() -> None:
@@ -122,16 +133,18 @@ def test_magnification_probe_is_grouped_by_patient() -> None:
     mags = np.repeat(np.resize([40, 100, 200], n_pat), 10)
     codes = rng.normal(size=(n_pat, 30)) * 5
     x = codes[np.repeat(np.arange(n_pat), 10)] + rng.normal(scale=0.1, size=(120, 30))
-    grouped = magnification_probe(x, mags, patients, n_splits=4)
-    assert grouped["balanced_accuracy"] < 0.7
-    ungrouped = magnification_probe(x, mags, np.arange(120).astype(str), n_splits=4)
-    assert ungrouped["balanced_accuracy"] > 0.9
+    grouped = magnification_probe(x, mags, patients, x[:0], mags[:0], n_splits=4)
+    assert _probe(grouped, "linear", "train_cv") < 0.7
+    ungrouped = magnification_probe(x, mags, np.arange(120).astype(str), x[:0], mags[:0], n_splits=4)
+    assert _probe(ungrouped, "linear", "train_cv") > 0.9
 
 
 def test_magnification_probe_undefined_cases_are_nan() -> None:
     x = np.zeros((6, 2))
-    assert math.isnan(magnification_probe(x, [40] * 6, list("abcabc"))["balanced_accuracy"])
-    assert math.isnan(magnification_probe(x, [40, 100] * 3, ["a"] * 6)["balanced_accuracy"])
+    one_mag = magnification_probe(x, [40] * 6, list("abcabc"), x, [40] * 6)
+    one_patient = magnification_probe(x, [40, 100] * 3, ["a"] * 6, x, [40, 100] * 3)
+    for rows in (one_mag, one_patient):
+        assert all(math.isnan(r["balanced_accuracy"]) for r in rows)
 
 
 def test_dcgan_architecture_follows_radford() -> None:
@@ -218,11 +231,11 @@ def _toy_data(n: int = 24, size: int = 64) -> TrainData:
 def test_all_arms_start_from_the_same_weights() -> None:
     init = shared_state(create_encoder("nic", seed=5, input_size=64), seed=5)
     base = build_classifier(create_encoder("nic", seed=99, input_size=64), init)
-    grl = build_classifier(create_encoder("nic", seed=98, input_size=64), init, n_domains=3, domain_hidden=16)
+    grl = build_classifier(create_encoder("nic", seed=98, input_size=64), init, GrlArm(3, hidden=16))
     grl_state = grl.state_dict()
     for key, value in base.state_dict().items():
         assert torch.equal(value, grl_state[key]), key
-    assert any(k.startswith("domain_head.") for k in grl_state)
+    assert any(k.startswith("aux.") for k in grl_state)
     assert shared_state(create_encoder("nic", seed=5, input_size=64), seed=5).keys() == init.keys()
 
 
@@ -230,17 +243,19 @@ def test_train_classifier_learns_and_keeps_the_best_epoch() -> None:
     torch.set_num_threads(2)
     data = _toy_data()
     init = shared_state(create_encoder("nic", seed=0, input_size=64), seed=0)
-    model = build_classifier(create_encoder("nic", input_size=64), init, n_domains=3, domain_hidden=16)
+    arm = GrlArm(3, hidden=16)
+    model = build_classifier(create_encoder("nic", input_size=64), init, arm)
     epochs = []
     result = train_classifier(
         model,
         data,
-        TrainSpec(epochs=3, batch_size=6, lr=1e-3, domain_hidden=16),
+        TrainSpec(epochs=3, batch_size=6, lr=1e-3, selection="best-val"),
+        arm,
         seed=0,
         on_epoch=lambda e, n, s: epochs.append(s),
     )
-    assert result.steps == 9 and len(result.history) == 3 and 1 <= result.best_epoch <= 3
-    assert {"loss", "loss_label", "loss_domain", "lambda", "val_auc", "val_loss"} <= set(epochs[0])
+    assert result.steps == 9 and len(result.history) == 3 and 1 <= result.selected_epoch <= 3
+    assert {"loss", "loss_label", "loss_extra", "lambda", "val_auc", "val_loss"} <= set(epochs[0])
     assert epochs[-1]["lambda"] > epochs[0]["lambda"] > 0
     assert not model.training
     feats, prob = embed(model, data.images, np.arange(24))
@@ -248,32 +263,6 @@ def test_train_classifier_learns_and_keeps_the_best_epoch() -> None:
     assert prob.shape == (24,) and ((prob >= 0) & (prob <= 1)).all()
     y = np.arange(24) % 2
     assert prob[y == 1].mean() > prob[y == 0].mean()
-
-
-def test_train_classifier_mixes_synthetic_images_into_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_encoder.training import lomo_trainer
-
-    data = _toy_data()
-    data.synthetic = np.full((9, 64, 64, 3), 128, np.uint8)
-    data.y_synthetic = np.ones(9, np.int64)
-    init = shared_state(create_encoder("nic", seed=0, input_size=64), seed=0)
-    model = build_classifier(create_encoder("nic", input_size=64), init)
-    pools: list[np.ndarray] = []
-    real_batch = lomo_trainer._batch
-
-    def spy(d: TrainData, items: np.ndarray, device: torch.device) -> torch.Tensor:
-        pools.append(items.copy())
-        x = real_batch(d, items, device)
-        assert x.shape == (len(items), 3, 64, 64)
-        return x
-
-    monkeypatch.setattr(lomo_trainer, "_batch", spy)
-    result = train_classifier(model, data, TrainSpec(epochs=2, batch_size=6, lr=1e-3), seed=0)
-    assert result.steps == 6  # the budget counts real images only: 2 epochs x ceil(18 / 6)
-    assert [len(p) for p in pools] == [6] * 6
-    drawn = np.concatenate(pools)
-    assert (drawn < 0).sum() > 0 and (drawn >= 0).sum() > 0  # synthetic (~index) and real images
-    assert set((~drawn[drawn < 0]).tolist()) <= set(range(9))
 
 
 def test_train_classifier_needs_two_images() -> None:

@@ -11,7 +11,9 @@ from wsi_encoder.evaluation.signatures import (
     SignatureRecord,
     SignatureSpec,
     arm_jaccards,
+    corrected_jaccard,
     evaluate_fold,
+    expected_jaccard,
     inner_splits,
     jaccard,
     jaccard_matrix,
@@ -35,7 +37,7 @@ def _data(seed: int, *, informative=TRUTH, dim: int = 40, n_patients: int = 50, 
 def test_jaccard_edge_cases() -> None:
     assert jaccard([1, 2, 3], [3, 2, 1]) == 1.0
     assert jaccard([1, 2], [3, 4]) == 0.0
-    assert jaccard([], []) == 1.0
+    assert np.isnan(jaccard([], []))  # two empty signatures: nothing to compare
     assert jaccard([], [5]) == 0.0
     assert jaccard([1, 2, 3], [2, 3, 4, 5]) == pytest.approx(2 / 5)
     assert jaccard(np.array([1, 1, 2]), (2, 1)) == 1.0  # sets: duplicates do not count
@@ -44,7 +46,8 @@ def test_jaccard_edge_cases() -> None:
 def test_jaccard_matrix_and_mean_off_diagonal() -> None:
     m = jaccard_matrix([[0, 1], [0, 1], [2], []])
     assert m.shape == (4, 4)
-    np.testing.assert_array_equal(np.diag(m), 1.0)
+    np.testing.assert_array_equal(np.diag(m)[:3], 1.0)
+    assert np.isnan(m[3, 3])
     np.testing.assert_array_equal(m, m.T)
     assert m[0, 1] == 1.0 and m[0, 2] == 0.0 and m[2, 3] == 0.0
     # off-diagonal: pairs (0,1)=1, (0,2)=0, (0,3)=0, (1,2)=0, (1,3)=0, (2,3)=0 -> 1/6
@@ -63,8 +66,40 @@ def test_arm_jaccards_groups_by_arm_in_order() -> None:
     out = arm_jaccards([rec("a", "40X", (1, 2)), rec("b", "40X", ()), rec("a", "100X", (2, 3)), rec("b", "100X", ())])
     assert [j.arm for j in out] == ["a", "b"]
     assert out[0].folds == ("40X", "100X")
-    assert out[0].pairs() == [("40X", "100X", pytest.approx(1 / 3))]
-    assert out[1].mean_off_diagonal == 1.0  # both empty
+    (pair,) = out[0].pairs()
+    assert pair[:3] == ("40X", "100X", pytest.approx(1 / 3))
+    chance = expected_jaccard(2, 2, 8)
+    assert pair[3] == pytest.approx(chance)
+    assert pair[4] == pytest.approx((1 / 3 - chance) / (1 - chance))
+    assert out[0].n_dims == 8
+    assert np.isnan(out[1].mean_off_diagonal) and np.isnan(out[1].pairs()[0][2])  # both empty: n/a, not 1.0
+
+
+def _simulated_jaccard(a: int, b: int, d: int, n: int, rng: np.random.Generator) -> tuple[float, float]:
+    values = np.empty(n)
+    for k in range(n):
+        values[k] = jaccard(rng.choice(d, a, replace=False), rng.choice(d, b, replace=False))
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(n))
+
+
+@pytest.mark.parametrize(("a", "b", "d"), [(306, 306, 512), (10, 40, 64), (1, 1, 5), (30, 3, 2048)])
+def test_chance_jaccard_formula_agrees_with_simulation(a: int, b: int, d: int) -> None:
+    rng = np.random.default_rng(a * 1000 + b + d)
+    mean, se = _simulated_jaccard(a, b, d, 4000, rng)
+    expected = expected_jaccard(a, b, d)
+    assert abs(expected - mean) < 4 * se + 1e-9, (expected, mean, se)
+
+
+def test_chance_jaccard_known_values_and_correction() -> None:
+    assert expected_jaccard(306, 306, 512) == pytest.approx(0.43, abs=0.01)  # the example
+    assert expected_jaccard(5, 5, 5) == 1.0
+    assert expected_jaccard(0, 7, 20) == 0.0
+    assert np.isnan(expected_jaccard(0, 0, 20))
+    assert corrected_jaccard(0.43, 0.43) == 0.0
+    assert corrected_jaccard(1.0, 0.43) == 1.0
+    assert np.isnan(corrected_jaccard(1.0, 1.0)) and np.isnan(corrected_jaccard(float("nan"), 0.2))
+    with pytest.raises(InvalidParameterError):
+        expected_jaccard(10, 3, 5)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -167,3 +202,19 @@ def test_evaluate_fold_rejects_bad_inputs() -> None:
         evaluate_fold(x, y, np.where(y == 1, "p1", "p0"), x, y)  # one patient per class: no grouped inner CV
     with pytest.raises(InvalidParameterError, match="stability-threshold"):
         SignatureSpec(stability_threshold=1.5).validate()
+
+
+def test_report_shows_empty_pairs_as_na_and_states_d(tmp_path) -> None:
+    from wsi_encoder.evaluation.signature_report import ReportContext, write_report
+
+    nan = float("nan")
+    metrics = dict.fromkeys(("auc", "f1", "brier", "ece", "balanced_accuracy", "accuracy"), 0.5)
+    recs = [
+        SignatureRecord("grl", fold, idx, idx, 0.1, 1.0, metrics, metrics, nan, nan, 10, 5, 4, 2, 512)
+        for fold, idx in (("100X", ()), ("200X", ()), ("400X", (1, 2)))
+    ]
+    assert recs[2].size_fraction == pytest.approx(2 / 512)
+    write_report(tmp_path, recs, arm_jaccards(recs), ReportContext("src", "lomo", ("benign", "malignant"), "basis"))
+    report = (tmp_path / "report.md").read_text()
+    assert "| 100X | 200X | n/a | n/a | n/a |" in report
+    assert "D = 512 dimensions" in report and "--backbone resnet50" in report

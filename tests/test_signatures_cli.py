@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsi_encoder.cli import main
-from wsi_encoder.evaluation.signatures import SIGNATURE_COLUMNS, jaccard
+from wsi_encoder.evaluation.signatures import SIGNATURE_COLUMNS, expected_jaccard, jaccard
 
 CONTRACT = ["arm", "fold", "size", "auc_full", "auc_signature", "f1_full", "f1_signature", "brier_full", "brier_signature"]
 GRL_DIMS = (1, 5, 9, 13, 17)
@@ -53,12 +53,19 @@ def test_lomo_outputs_follow_the_contract(lomo_run: Path) -> None:
     assert list(rows[0]) == list(SIGNATURE_COLUMNS)
     assert [(r["arm"], r["fold"]) for r in rows] == [(a, f"{m}X") for a in ("baseline", "grl") for m in (40, 100, 200, 400)]
     jac = _rows(lomo_run / "jaccard.csv")
-    assert list(jac[0]) == ["arm", "fold_a", "fold_b", "jaccard"]
+    assert list(jac[0]) == ["arm", "fold_a", "fold_b", "jaccard", "jaccard_chance", "jaccard_corrected"]
     assert len(jac) == 12  # 6 pairs per arm
     data = json.loads((lomo_run / "signatures.json").read_text())
+    sizes = {(r["arm"], r["fold"]): int(r["size"]) for r in rows}
+    for r in jac:
+        chance = expected_jaccard(sizes[(r["arm"], r["fold_a"])], sizes[(r["arm"], r["fold_b"])], 48)
+        assert float(r["jaccard_chance"]) == pytest.approx(chance, abs=1e-5)
+        j = float(r["jaccard"])
+        assert float(r["jaccard_corrected"]) == pytest.approx((j - chance) / (1 - chance), abs=1e-5)
     for r in rows:
         fold = data["arms"][r["arm"]]["folds"][r["fold"]]
         assert len(fold["indices"]) == int(r["size"]) == fold["size"]
+        assert int(r["n_dims"]) == 48 and float(r["size_fraction"]) == pytest.approx(int(r["size"]) / 48, abs=1e-5)
         assert all(0 <= i < 48 for i in fold["indices"])
     for name in ("jaccard_baseline.png", "jaccard_grl.png", "size_vs_auc.png"):
         with Image.open(lomo_run / name) as im:
@@ -88,6 +95,7 @@ def test_lomo_report_states_the_shared_initialisation(lomo_run: Path) -> None:
     assert "Warning" not in report
     assert "![Jaccard heatmap of grl](jaccard_grl.png)" in report
     assert "100X-held-out vs 200X-held-out" in report
+    assert "D = 48 dimensions" in report and "--backbone resnet50" in report and "chance" in report
 
 
 def test_report_warns_without_shared_init(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_split_is_patient_disjoint_stratified_and_seeded() -> None:
     labels = patient_labels(images)
     assert set(split.train) | set(split.val) | set(split.test) == set(labels)
     test_classes = Counter(labels[p] for p in split.test)
-    assert test_classes == {"benign": 2, "malignant": 3}  # round(0.3 * 6), round(0.3 * 10)
+    assert test_classes == {"benign": 1, "malignant": 2}  # round(0.3 * 3), round(0.3 * 5): case numbers
     assert {labels[p] for p in split.val} == {"benign", "malignant"}
     assert split_patients(images, test_fraction=0.3, val_fraction=0.25, seed=3) == split
     others = {split_patients(images, test_fraction=0.3, seed=s).test for s in range(5)}
@@ -64,15 +64,15 @@ def test_split_is_patient_disjoint_stratified_and_seeded() -> None:
 def test_strict_patients_keep_slides_of_one_patient_together() -> None:
     images = _images()
     for seed in range(5):
-        split = split_patients(images, seed=seed, strict=True)
+        split = split_patients(images, seed=seed)  # the default key is the strict case number
         sides = {}
         for im in images:
-            key = patient_key(im, strict=True)
+            key = patient_key(im)
             side = "test" if key in split.test else "val" if key in split.val else "train"
             sides.setdefault(im.patient_id[:-2], set()).add(side)  # 14-3000AB and 14-3000CD -> 14-3000
         assert all(len(s) == 1 for s in sides.values())
-    assert len(patient_labels(images, strict=True)) == 8
-    assert len(patient_labels(images, strict=False)) == 16
+    assert len(patient_labels(images)) == 8
+    assert len(patient_labels(images, key="token")) == 16
 
 
 def test_lomo_folds_hold_one_magnification_in_test_and_never_share_patients() -> None:
@@ -82,26 +82,29 @@ def test_lomo_folds_hold_one_magnification_in_test_and_never_share_patients() ->
     assert [f.held_out for f in folds] == list(MAGS)
     for fold in folds:
         assert fold.skipped is None
-        test_patients = {images[i].patient_id for i in fold.test}
-        side_patients = {images[i].patient_id for i in fold.train + fold.val}
+        test_patients = {patient_key(images[i]) for i in fold.test}
+        side_patients = {patient_key(images[i]) for i in fold.train + fold.val}
         assert not test_patients & side_patients
         assert {images[i].magnification for i in fold.test} == {fold.held_out}
         assert fold.held_out not in {images[i].magnification for i in fold.train + fold.val}
         assert test_patients == set(split.test)
-        assert {images[i].patient_id for i in fold.train} == set(split.train)
-        assert {images[i].patient_id for i in fold.val} == set(split.val)
-        # everything else is unused: test patients elsewhere, training patients at the held-out magnification
+        assert {patient_key(images[i]) for i in fold.train} == set(split.train)
+        assert {patient_key(images[i]) for i in fold.val} == set(split.val)
+        # probe_test: the test patients at the training magnifications (never trained on)
+        assert {patient_key(images[i]) for i in fold.probe_test} == set(split.test)
+        assert fold.held_out not in {images[i].magnification for i in fold.probe_test}
+        # everything else is unused: training patients at the held-out magnification
         roles = fold_roles(len(images), fold)
         for im, role in zip(images, roles, strict=True):
             if role == "unused":
-                assert (im.patient_id in split.test) != (im.magnification == fold.held_out)
+                assert patient_key(im) not in split.test and im.magnification == fold.held_out
 
 
 def test_a_magnification_without_test_images_is_reported_not_crashed_on() -> None:
     images = _images()
     split = split_patients(images, seed=0)
-    drop = {(p.split("-")[1], 400) for p in split.test}
-    reduced = [im for im in images if (im.patient_id.split("-")[1], im.magnification) not in drop]
+    drop = {(p, 400) for p in split.test}
+    reduced = [im for im in images if (patient_key(im), im.magnification) not in drop]
     folds = {f.held_out: f for f in lomo_folds(reduced, split)}
     assert folds[400].skipped == "no test-patient images at 400X"
     assert folds[400].test == ()
@@ -115,7 +118,7 @@ def test_patient_folds_test_every_patient_once() -> None:
     assert sorted(tested) == sorted(patient_labels(images))
     for s in splits:
         check_patient_disjoint(s)
-    with pytest.raises(InvalidParameterError, match="smallest class has 6"):
+    with pytest.raises(InvalidParameterError, match="smallest class has 3"):
         patient_folds(images, 7)
 
 
@@ -127,7 +130,7 @@ def test_bad_parameters_and_leaks_are_refused() -> None:
         split_patients(images, val_fraction=-0.1)
     with pytest.raises(DatasetError, match="both train and test"):
         check_patient_disjoint(PatientSplit(train=("a", "b"), val=(), test=("b",)))
-    one_patient = [im for im in images if im.patient_id == "14-3000AB"]
+    one_patient = [im for im in images if patient_key(im) == "14-3000"]
     with pytest.raises(DatasetError, match="at least 2"):
         split_patients(one_patient)
 
@@ -139,7 +142,7 @@ def test_splits_csv_round_trip(tmp_path: Path) -> None:
     assert path.read_text().splitlines()[0] == ",".join(SPLITS_COLUMNS)
     rows = read_splits_csv(path)
     assert len(rows) == len(images) * 4
-    assert {r["role"] for r in rows} == {"train", "val", "test", "unused"}
+    assert {r["role"] for r in rows} == {"train", "val", "test", "probe_test", "unused"}
     for fold in folds:
         test_names = {images[i].filename for i in fold.test}
         assert {
@@ -164,11 +167,11 @@ def test_real_breakhis_images_split_without_leaks(breakhis_dirs: list[Path]) -> 
         scan_breakhis(breakhis_dirs[0]) + scan_breakhis(breakhis_dirs[1]), key=lambda im: im.filename
     )
     assert len(images) == 58
-    assert len(patient_labels(images, strict=True)) == 15
-    for strict in (False, True):
-        split = split_patients(images, seed=0, strict=strict)
-        for fold in lomo_folds(images, split, strict=strict):
-            test = {patient_key(images[i], strict) for i in fold.test}
-            side = {patient_key(images[i], strict) for i in fold.train + fold.val}
+    assert len(patient_labels(images)) == 15
+    for key in ("number", "token"):
+        split = split_patients(images, seed=0, key=key)
+        for fold in lomo_folds(images, split, key=key):
+            test = {patient_key(images[i], key) for i in fold.test + fold.probe_test}
+            side = {patient_key(images[i], key) for i in fold.train + fold.val}
             assert not test & side
             assert {images[i].magnification for i in fold.test} <= {fold.held_out}

@@ -569,6 +569,16 @@ class SlideTiling:
     chunk_tiles: int
     block_size: int
 
+    @property
+    def n_tiles(self) -> int:
+        """Number of kept tiles."""
+        return len(self.rowcol)
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every chunk of ``chunk_tiles`` consecutive kept tiles (as the tiler stores them)."""
+        n, k = self.n_tiles, self.chunk_tiles
+        return [(a, min(a + k, n)) for a in range(0, n, k)]
+
 
 def plan_tiles(
     reader: SlideReader,

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "encoders": "wsi_encoder.cli.encoders:encoders",
     "encode": "wsi_encoder.cli.encode:encode",
     "classify": "wsi_encoder.cli.classify:classify",
+    "predict": "wsi_encoder.cli.predict:predict",
     "lomo": "wsi_encoder.cli.lomo:lomo",
     "signatures": "wsi_encoder.cli.signatures:signatures",
 }

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from wsi_encoder.cli.common import echo_err
+from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
+
+D = LomoConfig.default
 
 
 def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     arms = [a.strip() for a in value.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ("baseline", "gan", "grl")]
+    bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise click.BadParameter(f"{value!r}: choose a comma-separated subset of baseline,gan,grl")
     return arms
@@ -28,14 +32,14 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
 )
 @click.option(
     "--arms",
-    default="baseline,gan,grl",
+    default=",".join(ARMS),
     show_default=True,
     callback=_arms,
     help="Arms to run: baseline, gan (DCGAN augmentation), grl (gradient reversal on magnification).",
 )
 @click.option(
     "--backbone",
-    default="resnet18",
+    default=D("backbone"),
     show_default=True,
     help="Registered encoder (see `wsienc encoders`: nic, resnet18, ..., uni, virchow2, ...) or a `wsienc train-encoder` checkpoint folder.",
 )
@@ -54,39 +58,50 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
 @click.option(
     "--image-size",
     type=click.IntRange(min=16),
-    default=224,
+    default=D("image_size"),
     show_default=True,
     help="Classifier input side in px (each 700x460 image is resized to it).",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=10,
+    default=D("epochs"),
     show_default=True,
-    help="Epochs over the real training images (the same step budget for every arm).",
+    help="Epochs over the real training images (the same real batches in every arm).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per step."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=D("batch_size"),
+    show_default=True,
+    help="Real images per step (the gan arm adds its synthetic images on top).",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    default=1e-4,
+    default=D("lr"),
     show_default=True,
     help="Adam learning rate (every arm).",
 )
 @click.option(
     "--seed",
     type=int,
-    default=0,
+    default=D("seed"),
     show_default=True,
     help="Seed of the patient split, the shared initial weights, batch order and DCGANs.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=D("repeats"),
+    show_default=True,
+    help="Rerun the whole protocol on R patient splits (seeds SEED..SEED+R-1); report mean ± sd.",
 )
 @click.option(
     "--test-fraction",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=None,
-    help="Share of each class's patients in the test set  [default: 0.3].",
+    help=f"Share of each class's patients in the test set  [default: {D('test_fraction')}].",
 )
 @click.option(
     "--patient-folds",
@@ -97,40 +112,63 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.2,
+    default=D("val_fraction"),
     show_default=True,
-    help="Share of each class's training patients used for validation (best-epoch selection).",
+    help="Share of each class's training patients used for validation (best-val epoch selection).",
 )
 @click.option(
-    "--strict-patients",
+    "--patient-key",
+    type=click.Choice(["number", "token"]),
+    default=D("patient_key"),
+    show_default=True,
+    help="number: one patient per case number (14-22549AB, 14-22549CD, 14-22549G are one patient); "
+    "token: one per slide token (leaks patients across the split; only to reproduce work that did so).",
+)
+@click.option(
+    "--select-epoch",
+    type=click.Choice(["last", "best-val"]),
+    default=D("select_epoch"),
+    help="Epoch whose weights every arm keeps  [default: best-val for baseline and gan, last for grl].",
+)
+@click.option(
+    "--bootstrap",
+    "n_bootstrap",
+    type=click.IntRange(min=100),
+    default=D("n_bootstrap"),
+    show_default=True,
+    help="Seeded patient-grouped bootstrap resamples behind every interval.",
+)
+@click.option(
+    "--allow-contaminated-backbone",
     is_flag=True,
-    help="Group patients by number (14-22549 groups 22549AB and 22549CD) instead of slide token.",
+    default=D("allow_contaminated_backbone"),
+    help="Accept a train-encoder checkpoint trained on BreaKHis or on DATA (the report then says so first).",
 )
 @click.option(
     "--gan-ratio",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=D("gan_ratio"),
     show_default=True,
-    help="Synthetic DCGAN images per real training image (gan arm).",
+    help="Synthetic DCGAN images added per real image of each batch (gan arm).",
 )
 @click.option(
     "--gan-epochs",
     type=click.IntRange(min=1),
-    default=100,
+    default=D("gan_epochs"),
     show_default=True,
     help="DCGAN training epochs (one DCGAN per class and fold).",
 )
 @click.option(
     "--gan-width",
     type=click.IntRange(min=1),
-    default=64,
+    default=D("gan_width"),
     show_default=True,
     help="DCGAN base filter count (64 in Radford et al.; smaller is faster).",
 )
 @click.option(
     "--grl-weight",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=D("grl_weight"),
     show_default=True,
     help="Scale of the DANN schedule lambda(p) = 2/(1+exp(-10p)) - 1 (grl arm).",
 )
@@ -155,10 +193,14 @@ def lomo(
     batch_size: int,
     lr: float,
     seed: int,
+    repeats: int,
     test_fraction: float | None,
     patient_folds: int | None,
     val_fraction: float,
-    strict_patients: bool,
+    patient_key: str,
+    select_epoch: str | None,
+    n_bootstrap: int,
+    allow_contaminated_backbone: bool,
     gan_ratio: float,
     gan_epochs: int,
     gan_width: int,
@@ -174,7 +216,7 @@ def lomo(
     the other magnifications and is tested on the test patients' images at the held-out one.
     Writes results.csv, report.md, plots/, splits.csv, config.json and embeddings/ under --out.
     """
-    from wsi_encoder.pipelines.lomo import LomoConfig, LomoEvent, run_lomo
+    from wsi_encoder.pipelines.lomo import LomoEvent, run_lomo
 
     if test_fraction is not None and patient_folds is not None:
         raise click.UsageError("use either --test-fraction or --patient-folds, not both")
@@ -187,10 +229,14 @@ def lomo(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        test_fraction=0.3 if test_fraction is None else test_fraction,
+        repeats=repeats,
+        test_fraction=D("test_fraction") if test_fraction is None else test_fraction,
         patient_folds=patient_folds,
         val_fraction=val_fraction,
-        strict_patients=strict_patients,
+        patient_key=patient_key,
+        select_epoch=select_epoch,
+        n_bootstrap=n_bootstrap,
+        allow_contaminated_backbone=allow_contaminated_backbone,
         gan_ratio=gan_ratio,
         gan_epochs=gan_epochs,
         gan_width=gan_width,
@@ -215,12 +261,43 @@ def lomo(
     run = run_lomo(data, out_dir, config, arms=arms, device=device, on_event=on_event)
     click.echo(
         f"{len(run.trained)} (arm, fold) trained, {len(run.resumed)} already done; "
-        f"results: {out_dir / 'results.csv'}, report: {out_dir / 'report.md'}"
+        f"report: {out_dir / 'report.md'}"
     )
-    for row in run.results:
-        click.echo(
-            f"  {row['arm']:<8} {int(row['held_out']):>3}X held out  AUC {row['auc']:.3f}  "
-            f"Brier {row['brier']:.3f}  F1 {row['f1']:.3f}  ({row['n_test_images']} images)"
-        )
+    if run.summary:
+        click.echo(f"mean ± sd over {config.repeats} repeats ({out_dir / 'repeats.csv'}):")
+        for row in run.summary:
+            click.echo(
+                f"  {row['arm']:<8} {int(row['held_out']):>3}X held out  AUC {_ms(row, 'auc')}  "
+                f"Brier {_ms(row, 'brier')}"
+            )
+    else:
+        click.echo(f"results (95% patient-bootstrap intervals): {out_dir / 'results.csv'}")
+        for row in run.results:
+            delta = ""
+            if row.get("delta_auc") is not None:
+                delta = f"  ΔAUC vs baseline {_ci(row, 'delta_auc', '+.3f')}"
+            click.echo(
+                f"  {row['arm']:<8} {int(row['held_out']):>3}X held out  AUC {_ci(row, 'auc', '.3f')}  "
+                f"Brier {_ci(row, 'brier', '.3f')}  ({row['n_test_images']} images, "
+                f"{row['n_test_patients']} patients){delta}"
+            )
     for m, reason in sorted(run.skipped.items()):
         click.echo(f"  {m}X held out: not run ({reason})")
+    for key, reason in sorted(run.refused.items()):
+        click.echo(f"  {key}: refused ({reason})")
+
+
+def _ci(row: dict, metric: str, fmt: str) -> str:
+    values = [row.get(metric), row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")]
+    if values[0] is None or math.isnan(values[0]):
+        return "n/a"
+    if any(v is None or math.isnan(v) for v in values[1:]):
+        return f"{values[0]:{fmt}} [n/a]"
+    return f"{values[0]:{fmt}} [{values[1]:{fmt}}, {values[2]:{fmt}}]"
+
+
+def _ms(row: dict, metric: str) -> str:
+    mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f} ± {sd:.3f}" if sd is not None and not math.isnan(sd) else f"{mean:.3f}"

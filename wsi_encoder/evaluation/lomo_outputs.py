@@ -1,14 +1,19 @@
 """Files of a LOMO run: per-fold metrics, ``results.csv`` and the embeddings ``.npz`` files.
 
-``DIR/results.csv``: ``arm,held_out,auc,f1,balanced_accuracy,brier,ece,n_test_images,n_test_patients,
-patient_auc``, one row per arm × held-out magnification (``held_out`` an int: 40, 100, 200, 400).
+``DIR/results.csv``: :data:`RESULTS_COLUMNS`, one row per arm × held-out magnification (``held_out``
+an int: 40, 100, 200, 400). ``*_ci_low``/``*_ci_high`` are 95 % patient-grouped bootstrap intervals;
+the ``delta_*`` columns are the arm minus the baseline on the same resampled patients (paired), empty
+for the baseline itself; ``grl_lambda`` (the reversal coefficient at the kept epoch) is empty for the
+other arms.
 
 ``DIR/embeddings/<arm>/heldout_<m>.npz`` (plain ``np.savez``, loads with ``allow_pickle=False``):
 ``X_train (n, D) float32``, ``y_train (n,) int64`` (0 benign, 1 malignant), ``patient_train (n,)``
 fixed-width unicode, ``magnification_train (n,) int64``, ``filename_train (n,)`` unicode, the same
 five with ``_test``, and ``prob_test (n,) float32`` (the arm's P(malignant) on the test images).
 The ``_train`` arrays hold every training-side patient's images used in the fold (fitting and
-validation patients), at the three training magnifications.
+validation patients), at the three training magnifications. Optional ``X_probe``,
+``patient_probe``, ``magnification_probe``, ``filename_probe``: the test patients' images at the
+training magnifications (role ``probe_test``), for the magnification probe only.
 """
 
 from __future__ import annotations
@@ -39,7 +44,22 @@ RESULTS_COLUMNS = (
     "n_test_images",
     "n_test_patients",
     "patient_auc",
+    "auc_ci_low",
+    "auc_ci_high",
+    "brier_ci_low",
+    "brier_ci_high",
+    "delta_auc",
+    "delta_auc_ci_low",
+    "delta_auc_ci_high",
+    "delta_brier",
+    "delta_brier_ci_low",
+    "delta_brier_ci_high",
+    "selected_epoch",
+    "grl_lambda",
 )
+#: Columns that are integers; the others are floats (empty = not applicable).
+INT_COLUMNS = ("held_out", "n_test_images", "n_test_patients", "selected_epoch")
+PROBE_KEYS = ("X_probe", "patient_probe", "magnification_probe", "filename_probe")
 EMBEDDING_KEYS = (
     "X_train",
     "y_train",
@@ -86,14 +106,16 @@ def fold_metrics(
 
 
 def write_results_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``results.csv`` (contract columns, in order; nan as ``nan``) atomically."""
+    """Write ``results.csv`` (contract columns, in order; nan as ``nan``, not applicable as empty) atomically."""
     path = Path(path)
     lines = []
     for row in rows:
         values = []
         for col in RESULTS_COLUMNS:
-            v = row[col]
-            if col == "held_out" or col.startswith("n_"):
+            v = row.get(col)
+            if v is None:
+                values.append("")
+            elif col in INT_COLUMNS:
                 values.append(str(int(v)))
             elif isinstance(v, float):
                 values.append("nan" if math.isnan(v) else f"{v:.6f}")
@@ -105,7 +127,7 @@ def write_results_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Pa
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``results.csv`` with numbers parsed (``held_out`` and counts as int)."""
+    """Rows of a ``results.csv`` with numbers parsed (``held_out`` and counts as int, empty as None)."""
     path = Path(path)
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -115,7 +137,8 @@ def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
         for raw in reader:
             row: dict[str, Any] = {"arm": raw["arm"]}
             for col in RESULTS_COLUMNS[1:]:
-                row[col] = int(raw[col]) if col == "held_out" or col.startswith("n_") else float(raw[col])
+                text = raw[col]
+                row[col] = None if text == "" else int(text) if col in INT_COLUMNS else float(text)
             rows.append(row)
     return rows
 
@@ -142,6 +165,13 @@ def save_fold_embeddings(path: str | Path, arrays: Mapping[str, npt.ArrayLike]) 
             width = max([len(v) for v in values] + [1])
             typed[key] = np.array(values, dtype=f"<U{width}").reshape(n)
     typed["prob_test"] = np.asarray(arrays["prob_test"], dtype=np.float32).reshape(len(typed["X_test"]))
+    if "X_probe" in arrays:
+        x = np.asarray(arrays["X_probe"], dtype=np.float32).reshape(-1, typed["X_train"].shape[1])
+        typed["X_probe"] = x
+        typed["magnification_probe"] = np.asarray(arrays["magnification_probe"], dtype=np.int64).reshape(len(x))
+        for key in ("patient_probe", "filename_probe"):
+            values = [str(v) for v in np.asarray(arrays[key]).reshape(-1)]
+            typed[key] = np.array(values, dtype=f"<U{max([len(v) for v in values] + [1])}").reshape(len(x))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
     os.close(fd)

@@ -1,11 +1,20 @@
 """The LOMO report: magnification probe, plots (PNG, matplotlib Agg) and ``report.md``.
 
 The magnification probe asks how much magnification information the frozen embeddings of an arm
-still carry: a standardised multinomial logistic regression predicts each training image's
-magnification from its embedding, cross-validated with folds grouped by patient (no patient in
-both the probe's fit and its evaluation), scored by balanced accuracy (chance = 1 / number of
-magnifications) and macro one-vs-rest AUC (chance 0.5). A domain-general encoder should score lower;
-the report states what was measured.
+still carry, measured where the gradient-reversal adversary could not have optimised against it:
+the probe is fit on the *training* patients' embeddings (the adversary's own images) and scored on
+the *test* patients' images at the training magnifications (role ``probe_test``), which no arm
+trained on. Two probes, both at least as strong as the grl arm's domain head needs to be fooled:
+
+``linear``
+    standardised multinomial logistic regression, ``C`` chosen by patient-grouped inner CV;
+``mlp``
+    a small multilayer perceptron (one hidden layer of 128 units, ReLU, L2 ``alpha`` 1e-3, L-BFGS).
+
+``split=test_patients`` is the figure to report; ``split=train_cv`` is the patient-grouped
+cross-validated score on the training patients (for the linear probe, the inner CV's best score,
+slightly optimistic), which measures invariance on the images the adversary saw. Both are balanced
+accuracy; chance is 1 / number of magnifications.
 """
 
 from __future__ import annotations
@@ -21,89 +30,123 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GridSearchCV, GroupKFold, cross_val_predict
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from wsi_encoder.evaluation.lomo_outputs import atomic_write_text
-from wsi_encoder.evaluation.metrics import classification_metrics, reliability_curve
+from wsi_encoder.evaluation.metrics import reliability_curve
 
 logger = logging.getLogger(__name__)
 
 ARM_COLORS = {"baseline": "#4C72B0", "gan": "#DD8452", "grl": "#55A868"}
-PROBE_COLUMNS = (
-    "arm",
-    "held_out",
-    "balanced_accuracy",
-    "auc",
-    "chance",
-    "n_images",
-    "n_patients",
-    "n_splits",
-)
+PROBE_COLUMNS = ("arm", "held_out", "probe", "split", "balanced_accuracy", "chance")
+PROBES = ("linear", "mlp")
+PROBE_SPLITS = ("train_cv", "test_patients")
+LINEAR_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def _linear(c: float = 1.0) -> Any:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
+def _mlp(seed: int) -> Any:
+    return make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, solver="lbfgs", max_iter=300, random_state=seed),
+    )
 
 
 def magnification_probe(
-    features: npt.ArrayLike,
-    magnification: npt.ArrayLike,
-    patients: npt.ArrayLike,
+    x_train: npt.ArrayLike,
+    mag_train: npt.ArrayLike,
+    patients_train: npt.ArrayLike,
+    x_test: npt.ArrayLike,
+    mag_test: npt.ArrayLike,
     *,
     n_splits: int = 5,
-    C: float = 1.0,
-) -> dict[str, float]:
-    """How well a logistic regression on frozen embeddings predicts magnification (patient-grouped CV).
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Balanced accuracy of linear and MLP magnification probes (see the module docstring).
 
     Parameters
     ----------
-    features
-        ``(n, D)`` embeddings.
-    magnification
-        ``(n,)`` magnification of each image (e.g. 40, 100, 200).
-    patients
-        ``(n,)`` patient keys; CV folds never split a patient.
+    x_train, mag_train, patients_train
+        Training patients' embeddings ``(n, D)``, magnifications and patient keys (the probe's fit;
+        inner CV folds never split a patient).
+    x_test, mag_test
+        Test patients' embeddings at the training magnifications and their magnifications (the
+        probe's score); images at a magnification absent from training are left out.
     n_splits
-        Number of grouped CV folds (capped at the number of patients).
-    C
-        Inverse L2 regularisation strength of the logistic regression.
+        Patient-grouped CV folds (capped at the number of patients).
+    seed
+        Seed of the MLP.
 
     Returns
     -------
-    dict
-        ``balanced_accuracy`` and ``auc`` (macro one-vs-rest) of the out-of-fold predictions,
-        ``chance`` (1 / number of magnifications), ``n_images``, ``n_patients``, ``n_splits``.
-        nan when fewer than two magnifications or two patients are present.
+    list of dict
+        One row per probe × split: ``probe``, ``split``, ``balanced_accuracy``, ``chance``,
+        ``n_images``, ``n_patients``; balanced accuracy is nan when it cannot be measured (fewer than
+        two magnifications or patients, or no test image).
     """
-    x = np.asarray(features, dtype=np.float64)
-    mags = np.asarray(magnification)
-    groups = np.asarray(patients).astype(str)
+    x = np.asarray(x_train, dtype=np.float64)
+    mags = np.asarray(mag_train)
+    groups = np.asarray(patients_train).astype(str)
+    xt = np.asarray(x_test, dtype=np.float64).reshape(-1, x.shape[1] if x.ndim == 2 else 0)
+    mt = np.asarray(mag_test)
     classes = np.unique(mags)
+    chance = 1.0 / len(classes) if len(classes) else math.nan
     n_groups = len(np.unique(groups))
-    result = {
-        "balanced_accuracy": math.nan,
-        "auc": math.nan,
-        "chance": 1.0 / len(classes) if len(classes) else math.nan,
-        "n_images": float(len(x)),
-        "n_patients": float(n_groups),
-        "n_splits": 0.0,
+    keep = np.isin(mt, classes)
+    xt, mt = xt[keep], mt[keep]
+    rows = {
+        (p, s): {"probe": p, "split": s, "balanced_accuracy": math.nan, "chance": chance,
+                 "n_images": len(x) if s == "train_cv" else len(xt)}
+        for p in PROBES
+        for s in PROBE_SPLITS
     }
-    if len(classes) < 2 or n_groups < 2:
-        return result
-    y = np.searchsorted(classes, mags)
-    k = min(n_splits, n_groups)
-    proba = np.zeros((len(y), len(classes)))
-    for train, test in GroupKFold(n_splits=k).split(x, y, groups):
-        present = np.unique(y[train])
-        if len(present) < 2:
-            proba[np.ix_(test, present)] = 1.0
-            continue
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(x[train], y[train])
-        proba[np.ix_(test, present)] = model.predict_proba(x[test])
-    scores = classification_metrics(y, proba if len(classes) > 2 else proba[:, 1])
-    result.update(balanced_accuracy=scores["balanced_accuracy"], auc=scores["auc"], n_splits=float(k))
-    return result
+    if len(classes) >= 2 and n_groups >= 2:
+        with threadpool_limits(limits=1):  # many small fits: threaded BLAS only adds contention
+            _fit_probes(rows, x, np.searchsorted(classes, mags), groups, xt, np.searchsorted(classes, mt),
+                        min(n_splits, n_groups), seed)
+    return list(rows.values())
+
+
+def _fit_probes(
+    rows: dict[tuple[str, str], dict[str, Any]],
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int64],
+    groups: npt.NDArray[np.str_],
+    xt: npt.NDArray[np.float64],
+    yt: npt.NDArray[np.int64],
+    n_splits: int,
+    seed: int,
+) -> None:
+    """Fill the balanced accuracies of ``rows`` (see :func:`magnification_probe`)."""
+    cv = list(GroupKFold(n_splits=n_splits).split(x, y, groups))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)  # sklearn: a class absent from a small CV fold
+        search = GridSearchCV(
+            _linear(), {"logisticregression__C": list(LINEAR_CS)}, scoring="balanced_accuracy", cv=cv
+        )
+        search.fit(x, y)
+        rows[("linear", "train_cv")]["balanced_accuracy"] = float(search.best_score_)
+        rows[("linear", "train_cv")]["C"] = float(search.best_params_["logisticregression__C"])
+        oof = cross_val_predict(_mlp(seed), x, y, cv=cv)
+        rows[("mlp", "train_cv")]["balanced_accuracy"] = float(balanced_accuracy_score(y, oof))
+        if len(xt):
+            linear = search.best_estimator_
+            rows[("linear", "test_patients")]["balanced_accuracy"] = float(
+                balanced_accuracy_score(yt, linear.predict(xt))
+            )
+            mlp = _mlp(seed).fit(x, y)
+            rows[("mlp", "test_patients")]["balanced_accuracy"] = float(
+                balanced_accuracy_score(yt, mlp.predict(xt))
+            )
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -127,33 +170,32 @@ def _plt() -> Any:
 
 
 def plot_metrics_by_fold(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Grouped bars of AUC and Brier score per held-out magnification (and their mean), one colour per arm."""
+    """Grouped bars of AUC and Brier per held-out magnification, one colour per arm, 95 % patient-bootstrap error bars."""
     plt = _plt()
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     folds = sorted({int(r["held_out"]) for r in rows})
-    labels = [f"{m}X" for m in folds] + ["mean"]
+    labels = [f"{m}X" for m in folds]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(arms), 1)
     for ax, metric, title in zip(
         axes, ("auc", "brier"), ("AUC (higher is better)", "Brier score (lower is better)"), strict=True
     ):
         for i, arm in enumerate(arms):
-            by_fold = {int(r["held_out"]): float(r[metric]) for r in rows if r["arm"] == arm}
-            vals = [by_fold.get(m, math.nan) for m in folds]
-            vals.append(_mean(vals))
+            by_fold = {int(r["held_out"]): r for r in rows if r["arm"] == arm}
+            vals = np.array([_num(by_fold.get(m, {}).get(metric)) for m in folds])
+            lo = np.array([_num(by_fold.get(m, {}).get(f"{metric}_ci_low")) for m in folds])
+            hi = np.array([_num(by_fold.get(m, {}).get(f"{metric}_ci_high")) for m in folds])
             xs = np.arange(len(labels)) + (i - (len(arms) - 1) / 2) * width
             ax.bar(xs, np.nan_to_num(vals, nan=0.0), width, label=arm, color=ARM_COLORS.get(arm))
+            ok = np.isfinite(vals) & np.isfinite(lo) & np.isfinite(hi)
+            if ok.any():
+                err = np.vstack([vals[ok] - lo[ok], hi[ok] - vals[ok]])
+                ax.errorbar(xs[ok], vals[ok], yerr=np.clip(err, 0, None), fmt="none", ecolor="black", lw=0.8, capsize=2)
             for x, v in zip(xs, vals, strict=True):
-                ax.text(
-                    x,
-                    0 if math.isnan(v) else v,
-                    "n/a" if math.isnan(v) else f"{v:.2f}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
+                ax.text(x, 0 if math.isnan(v) else v, "n/a" if math.isnan(v) else f"{v:.2f}",
+                        ha="center", va="bottom", fontsize=7)
         ax.set_xticks(np.arange(len(labels)), labels)
-        ax.set_xlabel("held-out magnification")
+        ax.set_xlabel("held-out magnification (bars: 95% patient-bootstrap interval)")
         ax.set_title(title)
         if metric == "auc":
             ax.set_ylim(0, 1.05)
@@ -161,6 +203,10 @@ def plot_metrics_by_fold(rows: Sequence[Mapping[str, Any]], path: str | Path) ->
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
 
 
 def plot_reliability(
@@ -192,26 +238,30 @@ def plot_reliability(
 
 
 def plot_probe(probe_rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Balanced accuracy of the magnification probe per fold and arm, with the chance level."""
+    """Balanced accuracy of the magnification probes on the test patients, per fold and arm, with chance."""
     plt = _plt()
-    arms = list(dict.fromkeys(r["arm"] for r in probe_rows))
-    folds = sorted({int(r["held_out"]) for r in probe_rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in probe_rows if r["split"] == "test_patients"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    folds = sorted({int(r["held_out"]) for r in rows})
+    fig, axes = plt.subplots(1, len(PROBES), figsize=(5.5 * len(PROBES), 4), squeeze=False)
     width = 0.8 / max(len(arms), 1)
-    for i, arm in enumerate(arms):
-        by_fold = {int(r["held_out"]): float(r["balanced_accuracy"]) for r in probe_rows if r["arm"] == arm}
-        vals = [by_fold.get(m, math.nan) for m in folds]
-        xs = np.arange(len(folds)) + (i - (len(arms) - 1) / 2) * width
-        ax.bar(xs, np.nan_to_num(vals, nan=0.0), width, label=arm, color=ARM_COLORS.get(arm))
-    chance = _mean([float(r["chance"]) for r in probe_rows])
-    if not math.isnan(chance):
-        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
-    ax.set_xticks(np.arange(len(folds)), [f"{m}X" for m in folds])
-    ax.set_xlabel("held-out magnification (probe on the training magnifications)")
-    ax.set_ylabel("balanced accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Magnification probe (lower = more invariant)")
-    ax.legend(fontsize=8)
+    for ax, probe in zip(axes[0], PROBES, strict=True):
+        for i, arm in enumerate(arms):
+            by_fold = {
+                int(r["held_out"]): float(r["balanced_accuracy"]) for r in rows if r["arm"] == arm and r["probe"] == probe
+            }
+            vals = [by_fold.get(m, math.nan) for m in folds]
+            xs = np.arange(len(folds)) + (i - (len(arms) - 1) / 2) * width
+            ax.bar(xs, np.nan_to_num(vals, nan=0.0), width, label=arm, color=ARM_COLORS.get(arm))
+        chance = _mean([float(r["chance"]) for r in rows])
+        if not math.isnan(chance):
+            ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
+        ax.set_xticks(np.arange(len(folds)), [f"{m}X" for m in folds])
+        ax.set_xlabel("held-out magnification")
+        ax.set_ylabel("balanced accuracy on the test patients")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{probe} magnification probe (lower = more invariant)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -273,6 +323,40 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _ci(row: Mapping[str, Any], metric: str) -> str:
+    v, lo, hi = (_num(row.get(k)) for k in (metric, f"{metric}_ci_low", f"{metric}_ci_high"))
+    if math.isnan(v):
+        return "n/a"
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{v:.3f} [n/a]"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _delta_ci(row: Mapping[str, Any], metric: str) -> str:
+    v, lo, hi = (_num(row.get(k)) for k in (f"delta_{metric}", f"delta_{metric}_ci_low", f"delta_{metric}_ci_high"))
+    if math.isnan(v):
+        return "n/a"
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{v:+.3f} [n/a]"
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def difference_sentence(arm: str, held_out: Any, row: Mapping[str, Any], metric: str) -> str:
+    """One sentence on a paired difference to the baseline, saying so when its interval spans zero."""
+    better = "higher" if metric == "auc" else "lower"
+    name = "AUC" if metric == "auc" else "Brier score"
+    v, lo, hi = (_num(row.get(k)) for k in (f"delta_{metric}", f"delta_{metric}_ci_low", f"delta_{metric}_ci_high"))
+    where = f"{arm} vs baseline, {held_out}X held out"
+    if math.isnan(v) or math.isnan(lo) or math.isnan(hi):
+        return f"{where}: {name} difference undefined (single-class test set or too few patients)."
+    text = f"{where}: {name} difference {v:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}); "
+    if lo <= 0 <= hi:
+        return text + "the interval spans zero, so these data show no difference between the arms."
+    direction = "higher" if v > 0 else "lower"
+    verdict = "better" if direction == better else "worse"
+    return text + f"the interval excludes zero: {arm}'s {name} is {direction} ({verdict}) than the baseline's."
+
+
 def render_report(
     *,
     title: str,
@@ -288,123 +372,123 @@ def render_report(
 ) -> str:
     """The text of ``report.md`` (plots referenced by path relative to the report)."""
     lines = [f"# {title}", ""]
+    for warning in config.get("report_warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
+    key = config.get("patient_key", "number")
+    prov = config.get("backbone_provenance") or {}
+    sha = prov.get("weights_sha256")
     lines += [
-        f"Backbone `{config.get('backbone')}` (embedding {config.get('embedding_dim')}-d), image size "
-        f"{config.get('image_size')} px, seed {config.get('seed')}, every arm and fold started from the same "
-        f"initial weights (SHA-256 `{str(config.get('init_sha256', ''))[:16]}`).",
+        f"Backbone `{config.get('backbone')}` ({prov.get('source', 'unknown source')}"
+        + (f", weights SHA-256 `{str(sha)[:16]}`" if sha else "")
+        + f"; embedding {config.get('embedding_dim')}-d), image size {config.get('image_size')} px, seed "
+        f"{config.get('seed')}; every arm and fold started from the same initial weights (SHA-256 "
+        f"`{str(config.get('init_sha256', ''))[:16]}`).",
+        "",
+        "Patients: "
+        + (
+            "grouped by case number (`patient_key: number`; slides 14-22549AB, 14-22549CD and 14-22549G are one "
+            "patient), so no patient is on both sides of a split."
+            if key == "number"
+            else "grouped by slide token (`patient_key: token`): slides of one case (14-22549AB, 14-22549CD) "
+            "count as different patients and can be on both sides of a split; this is NOT patient-disjoint."
+        ),
         "",
     ]
+    selection = config.get("selection") or {}
+    if selection:
+        lines += [
+            "Epoch kept per arm: "
+            + ", ".join(f"{a} {v}" for a, v in selection.items())
+            + f". Intervals: 95% percentile bootstrap over test patients ({config.get('n_bootstrap', 'n/a')} "
+            "seeded resamples, every image of a drawn patient comes along); differences to the baseline are "
+            "paired (the same resampled patients for both arms).",
+            "",
+        ]
     settings = config.get("settings", {})
     if settings:
-        keys = (
-            "epochs",
-            "batch_size",
-            "lr",
-            "test_fraction",
-            "patient_folds",
-            "val_fraction",
-            "strict_patients",
-            "gan_ratio",
-            "gan_epochs",
-            "gan_width",
-            "grl_weight",
-            "max_images_per_split",
-        )
+        keys = ("epochs", "batch_size", "lr", "test_fraction", "patient_folds", "val_fraction", "gan_ratio",
+                "gan_epochs", "gan_width", "grl_weight", "max_images_per_split", "repeats")
         lines += ["Settings: " + ", ".join(f"{k}={settings.get(k)}" for k in keys if k in settings), ""]
     if split_summary:
         lines += ["## Patients", "", *split_summary, ""]
     lines += ["## Results per held-out magnification", ""]
     if results:
-        header = [
-            "arm",
-            "held out",
-            "AUC",
-            "F1",
-            "bal. acc.",
-            "Brier",
-            "ECE",
-            "test images",
-            "test patients",
-            "patient AUC",
-            "patient RR",
-            "best epoch",
-        ]
+        header = ["arm", "held out", "AUC [95% CI]", "Brier [95% CI]", "F1", "bal. acc.", "ECE", "test images",
+                  "test patients", "patient AUC", "patient RR", "epoch kept", "λ at kept epoch"]
         body = []
         for r in results:
             e = extra.get((r["arm"], int(r["held_out"])), {})
-            body.append(
-                [
-                    r["arm"],
-                    f"{r['held_out']}X",
-                    *(_fmt(float(r[k])) for k in ("auc", "f1", "balanced_accuracy", "brier", "ece")),
-                    str(r["n_test_images"]),
-                    str(r["n_test_patients"]),
-                    _fmt(float(r["patient_auc"])),
-                    _fmt(float(e.get("patient_recognition_rate", math.nan))),
-                    str(e.get("best_epoch", "")),
-                ]
-            )
+            body.append([
+                r["arm"], f"{r['held_out']}X", _ci(r, "auc"), _ci(r, "brier"),
+                *(_fmt(_num(r.get(k))) for k in ("f1", "balanced_accuracy", "ece")),
+                str(r["n_test_images"]), str(r["n_test_patients"]), _fmt(_num(r.get("patient_auc"))),
+                _fmt(_num(e.get("patient_recognition_rate"))),
+                "" if r.get("selected_epoch") is None else str(r["selected_epoch"]),
+                "" if r.get("grl_lambda") is None else f"{float(r['grl_lambda']):.3f}",
+            ])
         lines += _table(header, body)
-        lines += ["", "Mean over the held-out folds (unweighted; n/a values left out):", ""]
-        arms = list(dict.fromkeys(r["arm"] for r in results))
-        body = []
-        for arm in arms:
-            sel = [r for r in results if r["arm"] == arm]
-            body.append(
-                [
-                    arm,
-                    str(len(sel)),
-                    *(
-                        _fmt(_mean([float(r[k]) for r in sel]))
-                        for k in ("auc", "f1", "balanced_accuracy", "brier", "ece", "patient_auc")
-                    ),
-                ]
+        few = sorted({f"{r['held_out']}X" for r in results if int(r["n_test_patients"]) < 10})
+        if few:
+            lines += ["", f"Fewer than 10 test patients in {', '.join(few)}: percentile intervals from so few "
+                      "patients are rough (they tend to be too narrow); AUC intervals are n/a unless each class "
+                      "has at least 2 test patients."]
+        deltas = [r for r in results if r.get("delta_auc") is not None]
+        if deltas:
+            lines += ["", "## Differences to the baseline (paired, same test patients)", ""]
+            lines += _table(
+                ["arm", "held out", "ΔAUC [95% CI]", "ΔBrier [95% CI]"],
+                [[r["arm"], f"{r['held_out']}X", _delta_ci(r, "auc"), _delta_ci(r, "brier")] for r in deltas],
             )
-        lines += _table(["arm", "folds", "AUC", "F1", "bal. acc.", "Brier", "ECE", "patient AUC"], body)
+            lines += [""]
+            for r in deltas:
+                lines += [f"- {difference_sentence(r['arm'], r['held_out'], r, 'auc')}",
+                          f"- {difference_sentence(r['arm'], r['held_out'], r, 'brier')}"]
+        lines += ["", "Mean over the held-out folds (unweighted, n/a left out; descriptive only: the folds share "
+                  "patients, so no interval is given; see the per-fold intervals and `--repeats`):", ""]
+        body = []
+        for arm in dict.fromkeys(r["arm"] for r in results):
+            sel = [r for r in results if r["arm"] == arm]
+            body.append([arm, str(len(sel)), *(
+                _fmt(_mean([_num(r.get(k)) for r in sel])) for k in ("auc", "f1", "balanced_accuracy", "brier", "ece")
+            )])
+        lines += _table(["arm", "folds", "AUC", "F1", "bal. acc.", "Brier", "ECE"], body)
     else:
         lines += ["No fold has finished."]
     if skipped:
         lines += ["", "Held-out magnifications that could not run:", ""]
         lines += [f"- {m}X: {reason}" for m, reason in sorted(skipped.items())]
+    refused = config.get("refused") or {}
+    if refused:
+        lines += ["", "Arms refused in a fold:", ""]
+        lines += [f"- {k}: {reason}" for k, reason in sorted(refused.items())]
     lines += ["", f"![AUC and Brier per fold]({plots.get('metrics', 'plots/auc_brier_by_fold.png')})", ""]
     if "reliability" in plots:
         lines += ["## Calibration", "", f"![reliability diagrams]({plots['reliability']})", ""]
     lines += ["## Magnification probe", ""]
     if probe:
         lines += [
-            "A logistic regression predicts the magnification of each training image from the arm's frozen "
-            "embedding, with patient-grouped cross-validation over the fold's training patients. Lower means "
-            "less magnification information in the embedding (chance = 1 / number of magnifications).",
+            "How much magnification information is left in each arm's frozen embedding. The probes are fit on "
+            "the training patients' embeddings and scored on the **test patients'** images at the training "
+            "magnifications (`probe_test` in `splits.csv`), which no arm trained on and the grl adversary never "
+            "saw. Balanced accuracy; lower = more invariant; chance = 1 / number of magnifications. The linear "
+            "probe's C is chosen by patient-grouped inner CV; the MLP has one hidden layer of 128 units.",
             "",
         ]
-        body = [
-            [
-                r["arm"],
-                f"{r['held_out']}X",
-                _fmt(float(r["balanced_accuracy"])),
-                _fmt(float(r["auc"])),
-                _fmt(float(r["chance"])),
-                str(int(r["n_images"])),
-                str(int(r["n_patients"])),
-            ]
-            for r in probe
-        ]
-        lines += _table(
-            ["arm", "held out", "probe bal. acc.", "probe macro AUC", "chance", "images", "patients"], body
-        )
+        cell = {(r["arm"], int(r["held_out"]), r["probe"], r["split"]): float(r["balanced_accuracy"]) for r in probe}
+        keys = list(dict.fromkeys((r["arm"], int(r["held_out"])) for r in probe))
+        chance = {(r["arm"], int(r["held_out"])): float(r["chance"]) for r in probe}
+        body = [[a, f"{m}X", *(_fmt(cell.get((a, m, p, s), math.nan)) for s in ("test_patients", "train_cv")
+                              for p in PROBES), _fmt(chance[(a, m)])] for a, m in keys]
+        lines += _table(["arm", "held out", "linear, test patients", "MLP, test patients",
+                         "linear, train CV", "MLP, train CV", "chance"], body)
         lines += ["", *_probe_verdict(probe), ""]
         if "probe" in plots:
             lines += [f"![magnification probe]({plots['probe']})", ""]
     else:
         lines += ["No embeddings to probe.", ""]
     if gan_grids:
-        lines += [
-            "## DCGAN samples",
-            "",
-            "Each grid: per class, a row of real training images of the fold (64×64) "
-            "and two rows of generated ones.",
-            "",
-        ]
+        lines += ["## DCGAN samples", "", "Each grid: per class, a row of real training images of the fold (64×64) "
+                  "and two rows of generated ones.", ""]
         for m, rel in sorted(gan_grids.items()):
             lines += [f"{m}X held out:", "", f"![DCGAN samples, {m}X held out]({rel})", ""]
     if notes:
@@ -422,21 +506,22 @@ def render_report(
 
 
 def _probe_verdict(probe: Sequence[Mapping[str, Any]]) -> list[str]:
-    base = {int(r["held_out"]): float(r["balanced_accuracy"]) for r in probe if r["arm"] == "baseline"}
+    """Per arm and probe: in how many folds the test-patient probe is below the baseline's."""
     out = []
-    for arm in ("gan", "grl"):
-        mine = {int(r["held_out"]): float(r["balanced_accuracy"]) for r in probe if r["arm"] == arm}
-        pairs = [
-            (m, mine[m], base[m]) for m in sorted(mine) if m in base and not math.isnan(mine[m] + base[m])
-        ]
-        if not pairs:
-            continue
-        lower = sum(1 for _, a, b in pairs if a < b)
-        diff = float(np.mean([a - b for _, a, b in pairs]))
-        out.append(
-            f"- {arm} vs baseline: probe balanced accuracy lower in {lower} of {len(pairs)} folds "
-            f"(mean difference {diff:+.3f})."
-        )
+    for p in PROBES:
+        rows = [r for r in probe if r["split"] == "test_patients" and r["probe"] == p]
+        base = {int(r["held_out"]): float(r["balanced_accuracy"]) for r in rows if r["arm"] == "baseline"}
+        for arm in ("gan", "grl"):
+            mine = {int(r["held_out"]): float(r["balanced_accuracy"]) for r in rows if r["arm"] == arm}
+            pairs = [(mine[m], base[m]) for m in sorted(mine) if m in base and not math.isnan(mine[m] + base[m])]
+            if not pairs:
+                continue
+            lower = sum(1 for a, b in pairs if a < b)
+            diff = float(np.mean([a - b for a, b in pairs]))
+            out.append(
+                f"- {arm} vs baseline ({p} probe, test patients): probe balanced accuracy lower in {lower} of "
+                f"{len(pairs)} folds (mean difference {diff:+.3f})."
+            )
     return out
 
 
@@ -445,3 +530,60 @@ def write_report(path: str | Path, text: str) -> Path:
     path = Path(path)
     atomic_write_text(path, text)
     return path
+
+
+def render_repeats(config: Mapping[str, Any], summary: Sequence[Mapping[str, Any]], n_repeats: int) -> str:
+    """The top-level ``report.md`` of a ``--repeats`` run: mean ± sd over repeats, and what the intervals say."""
+    lines = [f"# Leave-one-magnification-out (BreaKHis), {n_repeats} repeats", ""]
+    for warning in config.get("report_warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
+    dirs = config.get("repeat_dirs", [])
+    lines += [
+        f"The whole protocol ran {n_repeats} times, each on its own seeded patient split, initial weights and "
+        f"batch order (seeds {config.get('seed')} to {int(config.get('seed', 0)) + n_repeats - 1}; folders "
+        + ", ".join(f"`{d}`" for d in dirs)
+        + "). Patient key: `" + str(config.get("patient_key")) + "`. Each repeat's report gives its per-fold "
+        "95% patient-bootstrap intervals; here, mean ± sd over the repeats (sd: sample standard deviation, "
+        "the spread a new split would show).",
+        "",
+    ]
+
+    def ms(row: Mapping[str, Any], metric: str, signed: bool = False) -> str:
+        m, sd = _num(row.get(f"{metric}_mean")), _num(row.get(f"{metric}_sd"))
+        if math.isnan(m):
+            return "n/a"
+        fmt = "+.3f" if signed else ".3f"
+        return f"{m:{fmt}} ± {sd:.3f}" if not math.isnan(sd) else f"{m:{fmt}}"
+
+    body = [
+        [r["arm"], f"{r['held_out']}X", str(r["n_repeats"]), ms(r, "auc"), ms(r, "brier"),
+         "" if r["arm"] == "baseline" else ms(r, "delta_auc", True),
+         "" if r["arm"] == "baseline" else ms(r, "delta_brier", True),
+         "" if r.get("delta_auc_ci_excludes_zero") is None
+         else f"{r['delta_auc_ci_excludes_zero']} of {r.get('n_delta_auc_ci', r['n_repeats'])}"]
+        for r in summary
+    ]
+    lines += _table(["arm", "held out", "repeats", "AUC", "Brier", "ΔAUC vs baseline", "ΔBrier vs baseline",
+                     "ΔAUC interval excludes 0 (of repeats with an interval)"], body)
+    lines += [""]
+    for r in summary:
+        if r["arm"] == "baseline" or math.isnan(_num(r.get("delta_auc_mean"))):
+            continue
+        k, n = r.get("delta_auc_ci_excludes_zero") or 0, int(r.get("n_delta_auc_ci", r["n_repeats"]))
+        if n == 0:
+            lines.append(
+                f"- {r['arm']} vs baseline, {r['held_out']}X held out: no repeat has an AUC-difference interval "
+                "(fewer than 2 test patients of a class); no claim can be made."
+            )
+        elif k == 0:
+            lines.append(
+                f"- {r['arm']} vs baseline, {r['held_out']}X held out: in every repeat with an interval ({n}) the AUC "
+                "difference's interval spans zero: no evidence of a difference."
+            )
+        else:
+            lines.append(
+                f"- {r['arm']} vs baseline, {r['held_out']}X held out: the AUC difference's interval excludes zero "
+                f"in {k} of the {n} repeats with an interval (mean difference {ms(r, 'delta_auc', True)})."
+            )
+    lines += ["", "`repeats.csv` holds these numbers; each `repeat_<k>/` is a complete LOMO output folder.", ""]
+    return "\n".join(lines)

@@ -17,9 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
 
-from wsi_encoder.evaluation.metrics import expected_calibration_error, reliability_curve
 from wsi_encoder.io.embedding_reader import SlideGeometry
 
 
@@ -46,6 +44,9 @@ def plot_reliability(
     Binary ``prob`` (1-D, P(positive)): frequency of the positive class. Multi-class ``(n, k)``:
     top-label confidence vs accuracy.
     """
+    # Imported here (it pulls in scikit-learn): heatmaps alone should not pay for it.
+    from wsi_encoder.evaluation.metrics import expected_calibration_error, reliability_curve
+
     y = np.asarray(y_true)
     p = np.asarray(prob, dtype=float)
     conf, freq, count = reliability_curve(y, p, n_bins)
@@ -83,6 +84,9 @@ def plot_roc(
     Binary: the pooled curve, and each fold's curve faintly when ``fold_of`` is given. Multi-class:
     one-vs-rest curves per class with the macro AUC in the title.
     """
+    # Imported here, not with the module: heatmaps (`wsienc predict`) are drawn without scikit-learn.
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     y = np.asarray(y_true)
     p = np.asarray(prob, dtype=float)
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
@@ -178,3 +182,42 @@ def plot_heatmap(
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_slide_prediction(
+    model: Any,
+    slide_id: str,
+    heat: npt.NDArray[np.floating],
+    prob: npt.NDArray[np.floating],
+    classes: Sequence[str],
+    heat_dir: str | Path,
+    thumbnail: npt.NDArray[np.uint8] | None,
+    geometry: SlideGeometry | None,
+) -> Path:
+    """``<heat_dir>/<slide_id>.npy`` (the ``(R, Q)`` float32 map, NaN outside tissue) and ``.png`` (over the thumbnail).
+
+    ``model`` is a slide classifier (its ``name``, ``heatmap_kind`` and ``heatmap_signed`` label the
+    picture); the title gives the slide's prediction.
+    """
+    heat_dir = Path(heat_dir)
+    heat_dir.mkdir(parents=True, exist_ok=True)
+    npy = heat_dir / f"{slide_id}.npy"
+    tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
+    os.replace(tmp, npy)
+    prob = np.asarray(prob, dtype=float)
+    top = int(prob.argmax())
+    if len(classes) == 2:
+        verdict = f"P({classes[1]}) = {prob[1]:.3f}"
+    else:
+        verdict = f"predicted {classes[top]} (p = {prob[top]:.3f})"
+    return plot_heatmap(
+        thumbnail,
+        heat,
+        heat_dir / f"{slide_id}.png",
+        geometry=geometry,
+        title=f"{slide_id}: {verdict}",
+        label=f"{model.name}: {model.heatmap_kind}",
+        signed=bool(model.heatmap_signed),
+    )

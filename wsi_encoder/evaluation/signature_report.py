@@ -50,13 +50,13 @@ def _safe(name: str) -> str:
 
 
 def _num(v: float, digits: int = 3) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _mean_sd(values: Sequence[float], digits: int = 3) -> str:
     arr = np.array([v for v in values if not math.isnan(v)], dtype=float)
     if arr.size == 0:
-        return "–"
+        return "n/a"
     if arr.size == 1:
         return f"{arr[0]:.{digits}f}"
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
@@ -90,9 +90,14 @@ def plot_jaccard_heatmap(jac: ArmJaccard, sizes: Mapping[str, int], path: Path) 
     for i in range(k):
         for j in range(k):
             v = jac.matrix[i, j]
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9, color="black" if v > 0.6 else "white")
+            text = "n/a" if math.isnan(v) else f"{v:.2f}\n({jac.chance[i, j]:.2f})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if v > 0.6 else "white")
     mean = jac.mean_off_diagonal
-    ax.set_title(f"{jac.arm}: signature Jaccard between folds\nmean off-diagonal {_num(mean, 2)}", fontsize=10)
+    ax.set_title(
+        f"{jac.arm}: signature Jaccard between folds (chance in brackets, D = {jac.n_dims})\n"
+        f"mean off-diagonal {_num(mean, 2)}, chance {_num(jac.mean_chance, 2)}",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="|A ∩ B| / |A ∪ B|")
     _save_png(fig, path)
     plt.close(fig)
@@ -149,9 +154,10 @@ def plot_size_vs_auc(records: Sequence[SignatureRecord], path: Path, embedding_d
 
 def _arm_summary(records: Sequence[SignatureRecord], jaccards: Sequence[ArmJaccard]) -> list[str]:
     lines = [
-        "| arm | folds | size | AUC full | AUC signature | F1 full | F1 signature | Brier full | Brier signature "
-        "| ECE full | ECE signature | AUC network | mean Jaccard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | folds | D | size | size / D | AUC full | AUC signature | F1 full | F1 signature | Brier full "
+        "| Brier signature | ECE full | ECE signature | AUC network | mean Jaccard | chance Jaccard "
+        "| corrected Jaccard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for jac in jaccards:
         recs = [r for r in records if r.arm == jac.arm]
@@ -161,10 +167,12 @@ def _arm_summary(records: Sequence[SignatureRecord], jaccards: Sequence[ArmJacca
             return _mean_sd([getattr(r, src)[metric] for r in recs])
 
         lines.append(
-            f"| {jac.arm} | {len(recs)} | {_mean_sd([float(r.size) for r in recs], 1)} | {col('auc', 'full')} "
+            f"| {jac.arm} | {len(recs)} | {jac.n_dims} | {_mean_sd([float(r.size) for r in recs], 1)} "
+            f"| {_mean_sd([r.size_fraction for r in recs])} | {col('auc', 'full')} "
             f"| {col('auc', 'sig')} | {col('f1', 'full')} | {col('f1', 'sig')} | {col('brier', 'full')} "
             f"| {col('brier', 'sig')} | {col('ece', 'full')} | {col('ece', 'sig')} "
-            f"| {_mean_sd([r.auc_network for r in recs])} | {_num(jac.mean_off_diagonal)} |"
+            f"| {_mean_sd([r.auc_network for r in recs])} | {_num(jac.mean_off_diagonal)} "
+            f"| {_num(jac.mean_chance)} | {_num(jac.mean_corrected)} |"
         )
     return lines
 
@@ -195,18 +203,43 @@ def _jaccard_tables(
         for i, fold in enumerate(jac.folds):
             lines.append(f"| **{fold}** | " + " | ".join(_num(v, 2) for v in jac.matrix[i]) + " |")
         lines.append("")
-        lines.append(f"Mean off-diagonal Jaccard: **{_num(jac.mean_off_diagonal)}**.")
+        lines.append(
+            f"Mean off-diagonal Jaccard: **{_num(jac.mean_off_diagonal)}**; two random signatures of the same sizes "
+            f"in D = {jac.n_dims} dimensions would score **{_num(jac.mean_chance)}** on average (exact hypergeometric "
+            f"expectation), so the chance-corrected Jaccard (J − E[J]) / (1 − E[J]) is **{_num(jac.mean_corrected)}** "
+            "(0 = chance, 1 = identical)."
+        )
+        lines += ["", "| fold A | fold B | Jaccard | chance | corrected |", "|---|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {_num(v)} | {_num(c)} | {_num(k)} |" for a, b, v, c, k in jac.pairs()]
+        lines.append("")
         empty = [f for f in jac.folds if sizes[(jac.arm, f)] == 0]
         if len(empty) >= 2:
             lines.append(
-                f"{len(empty)} folds ({', '.join(empty)}) have an empty signature; their pairs score 1.0 by definition, "
-                "which says nothing about reproducibility (no dimension predicted the label better than none)."
+                f"{len(empty)} folds ({', '.join(empty)}) have an empty signature; their pairs are n/a (two empty sets "
+                "share nothing to compare) and are left out of the means."
             )
         if "100X" in jac.folds and "200X" in jac.folds:
             i, j = jac.folds.index("100X"), jac.folds.index("200X")
-            lines.append(f"The 100X-held-out vs 200X-held-out pair (the paper's highlighted pair): **{_num(jac.matrix[i, j])}**.")
+            lines.append(
+                f"The 100X-held-out vs 200X-held-out pair (the paper's highlighted pair): **{_num(jac.matrix[i, j])}** "
+                f"(chance {_num(jac.chance[i, j])}, corrected {_num(jac.corrected[i, j])})."
+            )
         lines += ["", f"![Jaccard heatmap of {jac.arm}]({heatmaps[jac.arm]})", ""]
     return lines
+
+
+def _dimension_note(dims: Mapping[str, int]) -> list[str]:
+    values = sorted(set(dims.values()))
+    text = ", ".join(str(d) for d in values)
+    return [
+        f"The embeddings have D = {text} dimensions"
+        + ("" if len(values) == 1 else f" ({', '.join(f'{a}: {d}' for a, d in dims.items())})")
+        + ". Signature sizes are bounded by D, so compare `size / D` (`size_fraction`) across backbones, and read "
+        "Jaccard values against their chance level, which grows with size / D (two random 306-dimension subsets "
+        "of 512 already overlap with Jaccard ≈ 0.43). The study's mean baseline signature of 1,074 dimensions "
+        "implies D ≥ 1,074 (e.g. ResNet-50's 2,048): `wsienc lomo --backbone resnet50` is the paper-scale "
+        "setting; a 512-dimensional ResNet-18 is not."
+    ]
 
 
 def _method(ctx: ReportContext) -> list[str]:
@@ -242,7 +275,11 @@ def _method(ctx: ReportContext) -> list[str]:
         "refit avoids the L1 shrinkage that would bias the probabilities (Brier, ECE). *AUC lasso* is the L1 "
         "model's own AUC; *AUC network* (LOMO input) that of the arm's own classifier head on the same images. "
         "An empty signature predicts the training prevalence (AUC 0.5).",
-        "5. Jaccard |A ∩ B| / |A ∪ B| between the signatures of every pair of folds of an arm; 1.0 when both are empty.",
+        "5. Jaccard |A ∩ B| / |A ∪ B| between the signatures of every pair of folds of an arm (n/a when both are "
+        "empty). Its chance level is the expected Jaccard of two uniformly random subsets of the same sizes in D "
+        "dimensions: the overlap K is hypergeometric, E[J] = Σ_k P(K = k)·k / (a + b − k). The corrected value "
+        "(J − E[J]) / (1 − E[J]) is 0 at chance and 1 for identical signatures, so arms with different signature "
+        "sizes or backbones of different D can be compared.",
         "",
     ]
 
@@ -278,6 +315,7 @@ def write_report(
     ]
     for message in ctx.warnings:
         lines += [f"> **Warning:** {message}", ""]
+    lines += ["## Embedding size", "", *_dimension_note(dims), ""]
     lines += ["## Summary per arm (mean ± SD over folds)", "", *_arm_summary(records, jaccards), ""]
     lines += ["![Signature size vs AUC](size_vs_auc.png)", ""]
     lines += ["## Per fold", "", *_fold_table(records), ""]

@@ -196,33 +196,60 @@ class FoldEvaluation:
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
-    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two index sets; 1.0 when both are empty."""
+    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two index sets; nan when both are empty (nothing to compare)."""
     sa, sb = {int(i) for i in a}, {int(i) for i in b}
     union = sa | sb
     if not union:
-        return 1.0
+        return float("nan")
     return len(sa & sb) / len(union)
 
 
+def expected_jaccard(size_a: int, size_b: int, n_dims: int) -> float:
+    """Expected Jaccard of two independent uniformly random subsets of sizes ``a`` and ``b`` of ``D`` dimensions.
+
+    The overlap ``K`` is hypergeometric (``D`` dimensions, ``a`` marked, ``b`` drawn), so
+    ``E[J] = Σ_k P(K = k) · k / (a + b − k)`` exactly. Two random 306-subsets of 512 dimensions
+    already give about 0.43. nan when both sets are empty; 0 when exactly one is.
+    """
+    from scipy.stats import hypergeom
+
+    a, b, d = int(size_a), int(size_b), int(n_dims)
+    if min(a, b) < 0 or max(a, b) > d:
+        raise InvalidParameterError(f"subset sizes {a}, {b} must lie in [0, D = {d}]")
+    if a == 0 and b == 0:
+        return float("nan")
+    k = np.arange(max(0, a + b - d), min(a, b) + 1)
+    pmf = hypergeom.pmf(k, d, a, b)
+    return float(np.sum(pmf * k / (a + b - k)))
+
+
+def corrected_jaccard(value: float, chance: float) -> float:
+    """Chance-corrected Jaccard ``(J − E[J]) / (1 − E[J])``: 0 at chance, 1 for identical sets; nan when undefined."""
+    if not (np.isfinite(value) and np.isfinite(chance)) or chance >= 1.0:
+        return float("nan")
+    return float((value - chance) / (1.0 - chance))
+
+
 def jaccard_matrix(signatures: Sequence[Iterable[int]]) -> FloatArray:
-    """Symmetric ``(k, k)`` matrix of pairwise :func:`jaccard` values (ones on the diagonal)."""
+    """Symmetric ``(k, k)`` matrix of pairwise :func:`jaccard` values (diagonal 1, nan for an empty signature)."""
     sets = [set(map(int, s)) for s in signatures]
     k = len(sets)
     out = np.ones((k, k), dtype=float)
     for i in range(k):
+        out[i, i] = jaccard(sets[i], sets[i])
         for j in range(i + 1, k):
             out[i, j] = out[j, i] = jaccard(sets[i], sets[j])
     return out
 
 
 def mean_off_diagonal(matrix: npt.ArrayLike) -> float:
-    """Mean of the off-diagonal entries of a square matrix; nan when it is smaller than 2 x 2."""
+    """Mean of the finite off-diagonal entries of a square matrix; nan when there are none."""
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise InvalidParameterError(f"expected a square matrix, got shape {m.shape!r}")
-    if m.shape[0] < 2:
-        return float("nan")
-    return float(m[~np.eye(m.shape[0], dtype=bool)].mean())
+    values = m[~np.eye(m.shape[0], dtype=bool)]
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def standardise(x_train: npt.ArrayLike, *others: npt.ArrayLike) -> list[FloatArray]:
@@ -576,8 +603,10 @@ SIGNATURE_COLUMNS = (
     "n_test",
     "n_train_patients",
     "n_test_patients",
+    "n_dims",
+    "size_fraction",
 )
-JACCARD_COLUMNS = ("arm", "fold_a", "fold_b", "jaccard")
+JACCARD_COLUMNS = ("arm", "fold_a", "fold_b", "jaccard", "jaccard_chance", "jaccard_corrected")
 
 
 @dataclass(frozen=True)
@@ -610,6 +639,11 @@ class SignatureRecord:
         """Signature size (number of dimensions)."""
         return len(self.indices)
 
+    @property
+    def size_fraction(self) -> float:
+        """Signature size / embedding dimension D (comparable across backbones)."""
+        return self.size / self.n_dims if self.n_dims else float("nan")
+
     @classmethod
     def from_evaluation(cls, arm: str, fold: str, ev: FoldEvaluation, auc_network: float = float("nan")) -> SignatureRecord:
         """Build the record of ``arm``/``fold`` from :func:`evaluate_fold`'s result."""
@@ -638,7 +672,13 @@ class SignatureRecord:
 
     def row(self) -> dict[str, object]:
         """The ``signatures.csv`` row (keys :data:`SIGNATURE_COLUMNS`)."""
-        row: dict[str, object] = {"arm": self.arm, "fold": self.fold, "size": self.size}
+        row: dict[str, object] = {
+            "arm": self.arm,
+            "fold": self.fold,
+            "size": self.size,
+            "size_fraction": self.size_fraction,
+            "n_dims": self.n_dims,
+        }
         for metric in ("auc", "f1", "brier", "ece", "balanced_accuracy"):
             row[f"{metric}_full"] = self.metrics_full[metric]
             row[f"{metric}_signature"] = self.metrics_signature[metric]
@@ -713,28 +753,62 @@ class SignatureRecord:
 
 @dataclass(frozen=True)
 class ArmJaccard:
-    """Cross-fold reproducibility of one arm's signatures."""
+    """Cross-fold reproducibility of one arm's signatures, with the chance level of every pair.
+
+    ``matrix`` holds the Jaccard values, ``chance`` the expected Jaccard of random subsets of the same
+    sizes in ``n_dims`` dimensions (:func:`expected_jaccard`), ``corrected`` ``(J − E[J]) / (1 − E[J])``.
+    """
 
     arm: str
     folds: tuple[str, ...]
     matrix: FloatArray
+    chance: FloatArray
+    corrected: FloatArray
+    n_dims: int = 0
 
     @property
     def mean_off_diagonal(self) -> float:
-        """Mean Jaccard over all pairs of different folds (nan with fewer than two folds)."""
+        """Mean Jaccard over all pairs of different folds (nan pairs left out; nan with none)."""
         return mean_off_diagonal(self.matrix)
 
-    def pairs(self) -> list[tuple[str, str, float]]:
-        """``(fold_a, fold_b, jaccard)`` for every pair ``a < b`` in fold order."""
+    @property
+    def mean_chance(self) -> float:
+        """Mean chance Jaccard over the pairs."""
+        return mean_off_diagonal(self.chance)
+
+    @property
+    def mean_corrected(self) -> float:
+        """Mean chance-corrected Jaccard over the pairs."""
+        return mean_off_diagonal(self.corrected)
+
+    def pairs(self) -> list[tuple[str, str, float, float, float]]:
+        """``(fold_a, fold_b, jaccard, jaccard_chance, jaccard_corrected)`` for every pair ``a < b``."""
         k = len(self.folds)
-        return [(self.folds[i], self.folds[j], float(self.matrix[i, j])) for i in range(k) for j in range(i + 1, k)]
+        return [
+            (self.folds[i], self.folds[j], float(self.matrix[i, j]), float(self.chance[i, j]), float(self.corrected[i, j]))
+            for i in range(k)
+            for j in range(i + 1, k)
+        ]
 
 
 def arm_jaccards(records: Sequence[SignatureRecord]) -> list[ArmJaccard]:
-    """Pairwise Jaccard matrix of the fold signatures of each arm (arms and folds in record order)."""
+    """Pairwise Jaccard, chance and corrected matrices of the fold signatures of each arm (record order)."""
     arms: dict[str, list[SignatureRecord]] = {}
     for rec in records:
         arms.setdefault(rec.arm, []).append(rec)
-    return [
-        ArmJaccard(arm, tuple(r.fold for r in recs), jaccard_matrix([r.indices for r in recs])) for arm, recs in arms.items()
-    ]
+    out = []
+    for arm, recs in arms.items():
+        matrix = jaccard_matrix([r.indices for r in recs])
+        k = len(recs)
+        chance = np.full((k, k), np.nan)
+        corrected = np.full((k, k), np.nan)
+        dims = {r.n_dims for r in recs}
+        if len(dims) > 1:
+            raise DatasetError(f"arm {arm!r}: folds have different embedding sizes {sorted(dims)}")
+        d = dims.pop()
+        for i in range(k):
+            for j in range(k):
+                chance[i, j] = expected_jaccard(recs[i].size, recs[j].size, d)
+                corrected[i, j] = corrected_jaccard(matrix[i, j], chance[i, j])
+        out.append(ArmJaccard(arm, tuple(r.fold for r in recs), matrix, chance, corrected, d))
+    return out

@@ -7,12 +7,14 @@ The protocol (reconstructed from Ezuma & Medaiyese 2026, see ``docs/lomo.md``):
    A share of the training patients (``val_fraction`` of each class) is set aside for validation.
 2. For each held-out magnification ``m`` the classifier fits on the training patients' images at the
    other three magnifications, validates on the validation patients' images at those magnifications,
-   and is tested only on the test patients' images at ``m``. Every other image is ``unused`` in that
-   fold (test patients at other magnifications, training patients at ``m``). No patient is ever on
-   both sides.
+   and is tested only on the test patients' images at ``m``. The test patients' images at the
+   training magnifications are ``probe_test``: the classifier never trains on them; they only serve
+   the magnification probe, scored on patients the adversary never saw. Training patients' images
+   at ``m`` are ``unused``. No patient is ever on both sides.
 
-The patient key is BreaKHis's ``<YY>-<slideID>`` token (``14-22549AB``) or, with ``strict=True``,
-``<YY>-<number>`` (``14-22549``), which also groups slide ids that share a patient number.
+The patient key is :func:`wsi_encoder.io.breakhis.patient_key`: by default the case number
+(``14-22549``, which groups the slides ``22549AB``, ``22549CD``, ``22549G`` of one patient); with
+``key="token"`` the whole slide token (``14-22549AB``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from wsi_encoder.errors import DatasetError, InvalidParameterError
-from wsi_encoder.io.breakhis import CLASSES, MAGNIFICATIONS, BreakhisImage
+from wsi_encoder.io.breakhis import CLASSES, MAGNIFICATIONS, BreakhisImage, patient_key
 
 logger = logging.getLogger(__name__)
 
 SPLITS_COLUMNS = ("filename", "patient_id", "class", "magnification", "fold", "role")
-ROLES = ("train", "val", "test", "unused")
+ROLES = ("train", "val", "test", "probe_test", "unused")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class PatientSplit:
 class LomoFold:
     """One leave-one-magnification-out fold: indices into the image list, by role.
 
-    ``skipped`` says why the fold cannot run (no test images, no training images), else None.
+    ``probe_test`` holds the test patients' images at the training magnifications (for the
+    magnification probe only). ``skipped`` says why the fold cannot run (no test images, no
+    training images), else None.
     """
 
     held_out: int
@@ -59,18 +63,14 @@ class LomoFold:
     val: tuple[int, ...]
     test: tuple[int, ...]
     skipped: str | None = None
+    probe_test: tuple[int, ...] = ()
 
 
-def patient_key(image: BreakhisImage, strict: bool = False) -> str:
-    """The grouping key of an image: ``14-22549AB``, or ``14-22549`` when ``strict``."""
-    return image.strict_patient_id if strict else image.patient_id
-
-
-def patient_labels(images: Sequence[BreakhisImage], strict: bool = False) -> dict[str, str]:
+def patient_labels(images: Sequence[BreakhisImage], key: str = "number") -> dict[str, str]:
     """Class of each patient key (the majority class of its images; BreaKHis patients have one class)."""
     counts: dict[str, Counter[str]] = {}
     for im in images:
-        counts.setdefault(patient_key(im, strict), Counter())[im.label] += 1
+        counts.setdefault(patient_key(im, key), Counter())[im.label] += 1
     labels = {}
     for key, count in counts.items():
         if len(count) > 1:
@@ -111,7 +111,7 @@ def split_patients(
     test_fraction: float = 0.3,
     val_fraction: float = 0.2,
     seed: int = 0,
-    strict: bool = False,
+    key: str = "number",
 ) -> PatientSplit:
     """One seeded, class-stratified patient split into train / validation / test patients.
 
@@ -126,13 +126,13 @@ def split_patients(
         Share of each class's training patients held out for validation, in [0, 1).
     seed
         Seed of the permutation.
-    strict
-        Group by the strict patient key (``14-22549``) instead of the slide token (``14-22549AB``).
+    key
+        Patient key (:func:`~wsi_encoder.io.breakhis.patient_key`): ``number`` (default) or ``token``.
     """
     if not 0 < test_fraction < 1:
         raise InvalidParameterError(f"test fraction {test_fraction!r} must be in (0, 1), e.g. 0.3")
     _check_val_fraction(val_fraction)
-    labels = patient_labels(images, strict)
+    labels = patient_labels(images, key)
     if len(labels) < 2:
         raise DatasetError(f"{len(labels)} patient(s) found; a patient-disjoint split needs at least 2")
     rng = np.random.default_rng(seed)
@@ -150,7 +150,7 @@ def patient_folds(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
-    strict: bool = False,
+    key: str = "number",
 ) -> list[PatientSplit]:
     """``n_folds`` class-stratified patient folds (scikit-learn ``StratifiedKFold`` on patients).
 
@@ -160,7 +160,7 @@ def patient_folds(
     if n_folds < 2:
         raise InvalidParameterError(f"--patient-folds {n_folds!r} must be at least 2")
     _check_val_fraction(val_fraction)
-    labels = patient_labels(images, strict)
+    labels = patient_labels(images, key)
     per_class = Counter(labels.values())
     smallest = min(per_class.values())
     if n_folds > smallest:
@@ -217,32 +217,26 @@ def lomo_folds(
     images: Sequence[BreakhisImage],
     split: PatientSplit,
     *,
-    strict: bool = False,
+    key: str = "number",
     magnifications: Sequence[int] = MAGNIFICATIONS,
 ) -> list[LomoFold]:
     """The leave-one-magnification-out folds of a patient split, one per magnification.
 
     For held-out ``m``: train = training patients' images at the other magnifications, val =
-    validation patients' images at the other magnifications, test = test patients' images at ``m``.
-    A fold without test images or without training images is returned with ``skipped`` set.
+    validation patients' images at the other magnifications, test = test patients' images at ``m``,
+    probe_test = test patients' images at the other magnifications. A fold without test images or without training images is returned with ``skipped`` set.
     """
-    roles = {}
-    for key in split.train:
-        roles[key] = "train"
-    for key in split.val:
-        roles[key] = "val"
-    for key in split.test:
-        roles[key] = "test"
+    roles = {p: "train" for p in split.train} | {p: "val" for p in split.val} | {p: "test" for p in split.test}
     folds = []
     for m in magnifications:
-        by_role: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+        by_role: dict[str, list[int]] = {"train": [], "val": [], "test": [], "probe_test": []}
         for i, im in enumerate(images):
-            role = roles.get(patient_key(im, strict))
+            role = roles.get(patient_key(im, key))
             if role is None:
-                raise DatasetError(f"{im.filename}: patient {patient_key(im, strict)!r} is in no split set")
-            if role == "test" and im.magnification == m:
-                by_role["test"].append(i)
-            elif role != "test" and im.magnification != m:
+                raise DatasetError(f"{im.filename}: patient {patient_key(im, key)!r} is in no split set")
+            if role == "test":
+                by_role["test" if im.magnification == m else "probe_test"].append(i)
+            elif im.magnification != m:
                 by_role[role].append(i)
         skipped = None
         if not by_role["test"]:
@@ -260,6 +254,7 @@ def lomo_folds(
                 val=tuple(by_role["val"]),
                 test=tuple(by_role["test"]),
                 skipped=skipped,
+                probe_test=tuple(by_role["probe_test"]),
             )
         )
     return folds
@@ -275,26 +270,28 @@ def cap_fold(fold: LomoFold, max_images: int | None, seed: int = 0) -> LomoFold:
     if max_images < 1:
         raise InvalidParameterError(f"--max-images-per-split {max_images!r} must be at least 1")
     picked = {}
-    for k, name in enumerate(("train", "val", "test")):
+    for k, name in enumerate(("train", "val", "test", "probe_test")):
         rows = np.asarray(getattr(fold, name), dtype=np.int64)
         if len(rows) > max_images:
             rng = np.random.default_rng([seed, fold.held_out, k])
             rows = np.sort(rng.choice(rows, size=max_images, replace=False))
         picked[name] = tuple(int(i) for i in rows)
-    return LomoFold(fold.held_out, picked["train"], picked["val"], picked["test"], fold.skipped)
+    return LomoFold(
+        fold.held_out, picked["train"], picked["val"], picked["test"], fold.skipped, picked["probe_test"]
+    )
 
 
 def fold_roles(n_images: int, fold: LomoFold) -> list[str]:
-    """The role (train / val / test / unused) of every image index in a fold."""
+    """The role (train / val / test / probe_test / unused) of every image index in a fold."""
     roles = ["unused"] * n_images
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", "probe_test"):
         for i in getattr(fold, name):
             roles[i] = name
     return roles
 
 
 def write_splits_csv(
-    path: str | Path, images: Sequence[BreakhisImage], folds: Sequence[LomoFold], *, strict: bool = False
+    path: str | Path, images: Sequence[BreakhisImage], folds: Sequence[LomoFold], *, key: str = "number"
 ) -> Path:
     """Write ``filename,patient_id,class,magnification,fold,role`` (one row per image and fold), atomically.
 
@@ -306,7 +303,7 @@ def write_splits_csv(
         roles = fold_roles(len(images), fold)
         for im, role in zip(images, roles, strict=True):
             rows.append(
-                (im.filename, patient_key(im, strict), im.label, im.magnification, fold.held_out, role)
+                (im.filename, patient_key(im, key), im.label, im.magnification, fold.held_out, role)
             )
     _write_csv_atomic(path, SPLITS_COLUMNS, rows)
     return path

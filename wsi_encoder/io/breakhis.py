@@ -2,9 +2,14 @@
 
 BreaKHis v1 (Spanhol et al., IEEE TBME 2016) names every image
 ``SOB_<B|M>_<subtype>-<YY>-<slideID>-<mag>-<seq>.png``, e.g. ``SOB_B_A-14-22549AB-40-001.png``, and
-stores it under ``BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient>/<mag>X/``. The
-patient key is the ``<YY>-<slideID>`` token (``14-22549AB``); the strict key keeps only the number
-(``14-22549``), which groups the slide ids that share a patient number (22549AB, 22549CD ...).
+stores it under ``BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient>/<mag>X/``.
+
+A patient is the case number ``<YY>-<number>`` (``14-22549``): the letters after the number name
+slides or blocks of one case, so ``14-22549AB``, ``14-22549CD`` and ``14-22549G`` are one patient and
+``14-16184`` and ``14-16184CD`` another. :func:`patient_key` is the one place this is decided (LOMO
+splits, signatures and the train-encoder BreaKHis tasks all use it); ``key="token"`` groups by the
+whole slide token instead (``14-22549AB``), which puts one patient on both sides of a split and is
+only for reproducing work that did so.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_encoder.errors import DatasetError
+from wsi_encoder.errors import DatasetError, InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ SUBTYPES = {
 }
 CLASSES = ("benign", "malignant")
 MAGNIFICATIONS = (40, 100, 200, 400)
+PATIENT_KEYS = ("number", "token")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,28 @@ class BreakhisImage:
     def filename(self) -> str:
         """The image's file name."""
         return self.path.name
+
+
+def patient_key(image: BreakhisImage | str | Path, key: str = "number") -> str:
+    """The patient of a BreaKHis image: ``14-22549`` (``key="number"``, strict) or ``14-22549AB`` (``"token"``).
+
+    ``image`` is a parsed image or a BreaKHis file name / path.
+
+    Raises
+    ------
+    InvalidParameterError
+        ``key`` is neither ``number`` nor ``token``.
+    DatasetError
+        A name that is not a BreaKHis file name.
+    """
+    if key not in PATIENT_KEYS:
+        raise InvalidParameterError(f"patient key {key!r}: choose number (strict, default) or token")
+    if not isinstance(image, BreakhisImage):
+        parsed = parse_breakhis_name(image)
+        if parsed is None:
+            raise DatasetError(f"{image}: not a BreaKHis file name (expected SOB_B_A-14-22549AB-40-001.png)")
+        image = parsed
+    return image.strict_patient_id if key == "number" else image.patient_id
 
 
 def parse_breakhis_name(path: str | Path) -> BreakhisImage | None:

@@ -201,6 +201,11 @@ class EmbeddingStoreReader:
         (name, sha) = next(iter(seen)) if seen else (None, None)
         return {"name": name, "weights_sha256": sha}
 
+    def source_attrs(self, slide_id: str) -> dict[str, Any]:
+        """The slide's attributes over those of its patch store slide (how it was tiled; {} parts when unreadable)."""
+        attrs = self.attrs(slide_id)
+        return {**self._patch_store_attrs(attrs, slide_id), **attrs}
+
     # ------------------------------------------------------------------ arrays
     def load(self, slide_id: str) -> SlideBag:
         """Features, grid cells and grid shape of one slide (validated; cached).

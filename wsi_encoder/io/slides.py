@@ -813,3 +813,25 @@ def get_reader(path: str | Path, backend: str = "auto", mpp: float | None = None
             # Dropped, not closed: another thread may still be reading; the handle is freed with it.
             _CACHE.popitem(last=False)
     return reader
+
+
+def open_slide_with_mpp(
+    path: str | Path, backend: Backend | str, requested: float | None, source: str, label: str
+) -> tuple[SlideReader, str, str | None]:
+    """Open a slide and settle its µm/px by the one rule every command uses.
+
+    ``source`` says what ``requested`` is: ``metadata`` (nothing requested), ``fallback`` (``--slide-mpp``:
+    used only when the slide records no resolution), ``forced`` (``--force-slide-mpp``) or ``csv``
+    (``--slide-mpp-csv``); the last two replace a recorded value. Returns ``(reader, mpp_source,
+    note)``: where the slide's µm/px came from, and a line for the user when a recorded value was replaced.
+    """
+    reader = open_slide(path, backend)
+    recorded = reader.metadata_mpp
+    if source == "metadata" or requested is None or (source == "fallback" and recorded is not None):
+        return reader, "metadata", None
+    reader.override_mpp(requested)
+    note = None
+    if recorded is not None and not np.isclose(recorded, requested, rtol=1e-6):
+        flag = "--slide-mpp-csv" if source == "csv" else "--force-slide-mpp"
+        note = f"{label}: {flag} sets {requested:g} µm/px instead of the recorded {recorded:.4g}"
+    return reader, source, note

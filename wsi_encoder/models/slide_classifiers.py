@@ -31,22 +31,22 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.io.embedding_reader import SlideBag
 from wsi_encoder.models.slide_networks import GatedAttentionMIL, GridCNN
 from wsi_encoder.training.slide_trainer import FitHistory, fit_module, resolve_device
+
+if TYPE_CHECKING:  # scikit-learn is imported when a linear model is fitted, not to predict (start-up time)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
 logger = logging.getLogger(__name__)
 
@@ -647,6 +647,10 @@ class LinearPooledClassifier(SlideClassifier):
         return self.in_dim * (2 if self.config.pooling == "mean+max" else 1)
 
     def _fit_lr(self, x: FloatArray, y: IntArray, c: float, seed: int) -> tuple[StandardScaler, LogisticRegression]:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
         scaler = StandardScaler().fit(x)
         weight = "balanced" if self.config.class_weight == "balanced" else None
         lr = LogisticRegression(C=c, class_weight=weight, max_iter=self.config.max_iter, random_state=seed)
@@ -675,6 +679,8 @@ class LinearPooledClassifier(SlideClassifier):
             raise InvalidParameterError("the training slides hold a single class")
         c = float((refit or {}).get("C", self.config.C))
         if refit is None and val is not None and len(val) and y_val is not None:
+            from sklearn.metrics import log_loss
+
             xv, yv = self._matrix(val), np.asarray(y_val, dtype=np.int64)
             losses = {}
             for cand in self.config.Cs:

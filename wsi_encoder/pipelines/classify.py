@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from safetensors.numpy import load_file
-from safetensors.numpy import save as save_safetensors
 
 from wsi_encoder import __version__
-from wsi_encoder.errors import CheckpointError, DatasetError, StoreError, WsiEncoderError
+from wsi_encoder.errors import DatasetError, StoreError, WsiEncoderError
 from wsi_encoder.evaluation.crossval import (
     CrossValResult,
     FoldResult,
@@ -39,22 +37,16 @@ from wsi_encoder.evaluation.crossval import (
     nan_to_none,
 )
 from wsi_encoder.evaluation.metrics import classification_metrics
-from wsi_encoder.evaluation.plots import plot_heatmap, plot_reliability, plot_roc
+from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
 from wsi_encoder.io.labels import LabelTable, read_labels
 from wsi_encoder.io.urls import normalize
-from wsi_encoder.models.slide_classifiers import (
-    SlideClassifier,
-    create_slide_classifier,
-    slide_classifier_class,
-)
+from wsi_encoder.models.classifier_files import load_model, save_model
+from wsi_encoder.models.slide_classifiers import SlideClassifier, slide_classifier_class
 from wsi_encoder.training.slide_trainer import torch_threads
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "wsi_encoder.slide_classifier/1"
-MODEL_JSON = "model.json"
-MODEL_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -102,67 +94,58 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ---------------------------------------------------------------------------------------------- provenance
+#: Patch-store attributes that say how the training slides were tiled (recorded in ``model.json``).
+TILING_KEYS = (
+    "target_mpp", "tile_size", "stride", "mpp_tolerance", "tissue_threshold", "thumbnail_size", "tissue_method",
+    "codec", "jpeg_quality", "edge",
+)  # fmt: skip
+PROVENANCE_FORMAT = 1
 
 
-def save_model(model: SlideClassifier, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (weights as plain arrays, no pickle) and ``model.json`` (config + ``meta``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in model.state_arrays().items()}
-    tmp = _temp_for(out / MODEL_WEIGHTS)
-    tmp.write_bytes(save_safetensors(arrays, metadata={"format": MODEL_FORMAT, "model": model.name}))
-    os.replace(tmp, out / MODEL_WEIGHTS)
-    record = {
-        "format": MODEL_FORMAT,
-        **model.describe(),
-        **meta,
-        "weights": MODEL_WEIGHTS,
-        "weights_sha256": _sha256(out / MODEL_WEIGHTS),
-        "wsi_encoder_version": __version__,
-    }
-    _atomic_text(out / MODEL_JSON, json.dumps(nan_to_none(record), indent=2))
-    return out / MODEL_JSON
+def training_provenance(reader: EmbeddingStoreReader, slide_ids: Sequence[str]) -> dict[str, Any]:
+    """How the training embeddings were made: encoder (name, spec, weights sha256, config) and tile spec.
 
-
-def load_model(model_dir: str | Path, device: str = "auto") -> tuple[SlideClassifier, dict[str, Any]]:
-    """Load a model saved by :func:`save_model` (or a ``classify train`` output folder).
-
-    Raises
-    ------
-    CheckpointError
-        When the folder, ``model.json`` or the weights are missing, corrupt or do not match.
+    Read from each slide's embedding-store attributes (and its patch store's, for stores written before
+    they were copied). ``tiling`` is None, with ``tiling_note`` saying why, when the slides were tiled
+    differently or the stores do not record it; ``wsienc predict`` then asks for the tile spec explicitly.
     """
-    folder = Path(model_dir)
-    meta_path = folder / MODEL_JSON
-    if not meta_path.is_file():
-        raise CheckpointError(f"{folder}: no {MODEL_JSON} (pass the --out folder of `wsienc classify train`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from exc
-    if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
-    weights = folder / str(meta.get("weights", MODEL_WEIGHTS))
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: model weights are missing")
-    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights}: checksum differs from {MODEL_JSON} (file changed or corrupt)")
-    try:
-        arrays = load_file(str(weights))
-    except Exception as exc:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from exc
-    try:
-        model = create_slide_classifier(meta["name"], int(meta["in_dim"]), int(meta["num_classes"]), meta["config"], device)
-    except (KeyError, WsiEncoderError) as exc:
-        raise CheckpointError(f"{meta_path}: cannot rebuild the model ({exc})") from exc
-    model.load_state_arrays(arrays)
-    return model, meta
+    tilings: dict[str, list[str]] = {}
+    encoder: dict[str, Any] = {}
+    dtypes: set[str] = set()
+    for sid in slide_ids:
+        attrs = reader.source_attrs(sid)
+        tiling = {key: attrs.get(key) for key in TILING_KEYS}
+        tilings.setdefault(json.dumps(tiling, sort_keys=True), []).append(sid)
+        enc = attrs.get("encoder") or {}
+        if not encoder:
+            encoder = {key: enc.get(key) for key in ("name", "spec", "weights_sha256", "config")}
+            spec = Path(str(enc.get("spec") or ""))
+            # A checkpoint folder is recorded as given to `encode` (maybe relative): keep where it is now too.
+            encoder["folder"] = str(spec.resolve()) if enc.get("spec") and spec.is_dir() else None
+        if attrs.get("dtype"):
+            dtypes.add(str(attrs["dtype"]))
+    note = None
+    tiling_record: dict[str, Any] | None = None
+    if len(tilings) == 1:
+        tiling_record = json.loads(next(iter(tilings)))
+        missing = [k for k in ("target_mpp", "tile_size", "stride") if tiling_record.get(k) is None]
+        if missing:
+            note = f"the embedding store does not record {', '.join(missing)} (written by an older wsienc?)"
+            tiling_record = None
+    elif tilings:
+        groups = sorted(tilings.items(), key=lambda kv: -len(kv[1]))
+        note = "training slides were tiled differently: " + "; ".join(
+            f"{len(ids)} slide(s) (e.g. {ids[0]}) with {json.loads(key)}" for key, ids in groups[:3]
+        )
+    if note:
+        logger.warning("model provenance: %s; `wsienc predict` will need --mpp/--tile-size/--stride", note)
+    return {
+        "format": PROVENANCE_FORMAT,
+        "encoder": {**encoder, "embedding_dim": reader.embedding_dim, "dtype": dtypes.pop() if len(dtypes) == 1 else None},
+        "tiling": tiling_record,
+        "tiling_note": note,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -293,6 +276,7 @@ def train_classifier(
         "n_training_slides": len(train.slide_ids),
         "seed": seed,
         "refit": cv.refit_params,
+        "provenance": training_provenance(reader, train.slide_ids + test.slide_ids),
     }
     files["model"] = save_model(cv.final_model, out, meta)
     prob_rows = cv.oof_prob
@@ -449,22 +433,7 @@ def _draw_heatmap(
     classes: Sequence[str],
     heat_dir: Path,
 ) -> Path:
-    heat = model.heatmap(bag)
-    tmp = _temp_for(heat_dir / f"{bag.slide_id}.npy")
-    with tmp.open("wb") as fh:
-        np.save(fh, heat.astype(np.float32), allow_pickle=False)
-    os.replace(tmp, heat_dir / f"{bag.slide_id}.npy")
-    top = int(prob.argmax())
-    if len(classes) == 2:
-        verdict = f"P({classes[1]}) = {prob[1]:.3f}"
-    else:
-        verdict = f"predicted {classes[top]} (p = {prob[top]:.3f})"
-    return plot_heatmap(
-        reader.thumbnail(bag.slide_id),
-        heat,
-        heat_dir / f"{bag.slide_id}.png",
-        geometry=reader.geometry(bag.slide_id),
-        title=f"{bag.slide_id}: {verdict}",
-        label=f"{model.name}: {model.heatmap_kind}",
-        signed=model.heatmap_signed,
+    return plot_slide_prediction(
+        model, bag.slide_id, model.heatmap(bag), prob, classes, heat_dir, reader.thumbnail(bag.slide_id),
+        reader.geometry(bag.slide_id),
     )

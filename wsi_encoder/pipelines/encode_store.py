@@ -60,6 +60,7 @@ _BAND_BYTES = 64 * 1024**2
 _COPIED_ATTRS = (
     "source", "backend", "vendor", "width", "height", "slide_mpp", "objective_power", "target_mpp",
     "actual_mpp", "tile_size", "stride", "tile_size_l0", "stride_l0", "level", "resampled", "coords_only",
+    "mpp_tolerance", "tissue_threshold", "tissue_method", "thumbnail_size", "mpp_source", "codec", "jpeg_quality", "edge",
 )  # fmt: skip
 
 

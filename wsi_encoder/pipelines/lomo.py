@@ -3,33 +3,40 @@
 For each held-out magnification ``m`` (a fold) and each arm (``baseline``, ``gan``, ``grl``) a
 classifier is trained from the same initial weights on the training patients' images at the other
 magnifications and tested on the test patients' images at ``m`` (see
-:mod:`wsi_encoder.evaluation.splits`). A finished (arm, fold) leaves
-``runs/<arm>/heldout_<m>/metrics.json`` (written last) and is skipped when the run is repeated with
-the same settings, so an interrupted run resumes where it stopped.
+:mod:`wsi_encoder.evaluation.splits`). This module only orchestrates: the arms are strategies in
+:mod:`wsi_encoder.training.lomo_arms`, the loop is :func:`wsi_encoder.training.lomo_trainer.train_classifier`,
+the settings and their defaults are :class:`~wsi_encoder.pipelines.lomo_config.LomoConfig`.
+
+A finished (arm, fold) leaves ``runs/<arm>/heldout_<m>/metrics.json`` (written last) and is skipped
+when the run is repeated with the same settings, so an interrupted run resumes where it stopped.
 
 Output folder::
 
-    config.json             arms, held-out folds that ran, classes, backbone, embedding_dim, seed,
-                            shared_init, image_size, settings, init_sha256, skipped folds
+    config.json             arms, held-out folds that ran, classes, backbone (+ provenance),
+                            embedding_dim, seed, patient_key, selection per arm, shared_init, ...
     splits.csv              filename,patient_id,class,magnification,fold,role (every image, every fold)
-    results.csv             one row per arm × held-out magnification
-    probe.csv               magnification probe per arm × fold
+    results.csv             one row per arm × held-out magnification, with patient-bootstrap intervals
+                            and paired differences to the baseline
+    probe.csv               magnification probes per arm × fold (linear / mlp, train_cv / test_patients)
     report.md, plots/*.png  tables, AUC/Brier per fold, reliability diagrams, probe, DCGAN samples
-    embeddings/<arm>/heldout_<m>.npz   frozen embeddings (train and test) for ``wsienc signatures``
+    embeddings/<arm>/heldout_<m>.npz   frozen embeddings (train, test, probe) for ``wsienc signatures``
     runs/<arm>/heldout_<m>/metrics.json, gan/heldout_<m>/*.safetensors + trained_on.json
     init_weights.safetensors, cache/images_<size>.npy   shared initial weights, decoded images
 
 With ``patient_folds=k`` each patient fold is such a folder (``patient_fold_<i>/``) and the top-level
 ``results.csv``/``report.md`` pool the out-of-fold test predictions (every patient tested once).
+With ``repeats=R`` each repeat (seed ``seed + k``) is such a folder (``repeat_<k>/``) and the top
+level summarises the repeats (``repeats.csv``, ``report.md``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +44,35 @@ import numpy as np
 import torch
 
 from wsi_encoder import __version__
-from wsi_encoder.errors import CheckpointError, DatasetError, InvalidParameterError
+from wsi_encoder.errors import DatasetError, InvalidParameterError
 from wsi_encoder.evaluation import lomo_report
-from wsi_encoder.evaluation.lomo_outputs import (
-    fold_metrics,
-    save_fold_embeddings,
-)
+from wsi_encoder.evaluation.lomo_outputs import fold_metrics, save_fold_embeddings
 from wsi_encoder.evaluation.splits import (
     LomoFold,
     PatientSplit,
     cap_fold,
     lomo_folds,
     patient_folds,
-    patient_key,
     split_patients,
     write_splits_csv,
 )
-from wsi_encoder.io.breakhis import CLASSES, BreakhisImage, scan_breakhis
-from wsi_encoder.models.checkpoint import atomic_write_bytes, atomic_write_json
-from wsi_encoder.models.encoders import create_encoder, state_sha256
+from wsi_encoder.io.breakhis import CLASSES, BreakhisImage, patient_key, scan_breakhis
+from wsi_encoder.models.checkpoint import atomic_write_bytes, atomic_write_json, read_checkpoint_config
+from wsi_encoder.models.encoders import create_encoder, file_sha256, state_sha256
+from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
 from wsi_encoder.pipelines.lomo_summary import (
     EventHandler,
     LomoEvent,
     LomoRun,
     emit_event,
     pool_patient_folds,
+    summarise_repeats,
     write_outputs,
 )
-from wsi_encoder.training.gan_trainer import DcganSpec, generate, load_generator, save_generator, train_dcgan
-from wsi_encoder.training.lomo_data import build_image_cache, resize_batch, to_tensor
+from wsi_encoder.training.gan_trainer import DcganSpec, fold_synthetic_images
+from wsi_encoder.training.lomo_arms import BaselineArm, GanArm, GrlArm
+from wsi_encoder.training.lomo_data import build_image_cache
 from wsi_encoder.training.lomo_trainer import (
-    ARMS,
     TrainData,
     TrainSpec,
     build_classifier,
@@ -78,94 +83,7 @@ from wsi_encoder.training.lomo_trainer import (
 
 logger = logging.getLogger(__name__)
 
-GAN_SIZE = 64
-
-
-@dataclass(frozen=True)
-class LomoConfig:
-    """Settings of a LOMO run (all arms share them).
-
-    Attributes
-    ----------
-    backbone : str
-        Registered encoder name (``resnet18`` ...) or a ``wsienc train-encoder`` checkpoint folder.
-    weights : str or None
-        Local weight file for the backbone (e.g. ImageNet ResNet weights); None: seeded random init.
-    embed_dim : int or None
-        Linear embedding on top of the backbone (None: the backbone's own features).
-    image_size : int
-        Side in px of the square classifier input (the whole 700×460 image is resized to it).
-    epochs, batch_size, lr : int, int, float
-        Classifier budget and Adam learning rate (identical for every arm).
-    seed : int
-        Seed of the patient split, initial weights, batch order and GANs.
-    test_fraction : float
-        Share of each class's patients in the test set (ignored with ``patient_folds``).
-    patient_folds : int or None
-        Number of stratified patient folds (every patient tested once) instead of one split.
-    val_fraction : float
-        Share of each class's training patients used for validation (best-epoch selection).
-    strict_patients : bool
-        Group patients by number (``14-22549``) instead of slide token (``14-22549AB``).
-    gan_ratio : float
-        Synthetic images per real training image in the ``gan`` arm.
-    gan_epochs, gan_width, gan_batch_size : int
-        DCGAN training epochs, base filter count (64 in Radford et al.) and batch size (128).
-    grl_weight : float
-        Scale of the DANN λ schedule in the ``grl`` arm.
-    domain_hidden : int
-        Width of the domain head's hidden layers.
-    domain_lr_mult : float
-        Learning-rate multiplier of the domain head (10 as for DANN's new layers).
-    max_images_per_split : int or None
-        Keep at most this many images per role and fold (quick runs).
-    """
-
-    backbone: str = "resnet18"
-    weights: str | None = None
-    embed_dim: int | None = None
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-    test_fraction: float = 0.3
-    patient_folds: int | None = None
-    val_fraction: float = 0.2
-    strict_patients: bool = False
-    gan_ratio: float = 1.0
-    gan_epochs: int = 100
-    gan_width: int = 64
-    gan_batch_size: int = 128
-    grl_weight: float = 1.0
-    domain_hidden: int = 1024
-    domain_lr_mult: float = 10.0
-    max_images_per_split: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise InvalidParameterError(
-                f"image size {self.image_size!r} px is too small (use >= 16, e.g. 224)"
-            )
-        if self.gan_ratio < 0:
-            raise InvalidParameterError(f"--gan-ratio {self.gan_ratio!r} must be >= 0")
-        self.train_spec()
-        DcganSpec(epochs=self.gan_epochs, batch_size=self.gan_batch_size, width=self.gan_width)
-
-    def train_spec(self) -> TrainSpec:
-        """The classifier training settings."""
-        return TrainSpec(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            grl_weight=self.grl_weight,
-            domain_hidden=self.domain_hidden,
-            domain_lr_mult=self.domain_lr_mult,
-        )
-
-    def gan_spec(self) -> DcganSpec:
-        """The DCGAN settings."""
-        return DcganSpec(epochs=self.gan_epochs, batch_size=self.gan_batch_size, width=self.gan_width)
+__all__ = ["ARMS", "LomoConfig", "LomoEvent", "LomoRun", "make_encoder", "run_lomo"]
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -202,11 +120,18 @@ def collect_images(data: Sequence[str | Path]) -> list[BreakhisImage]:
 
 
 def make_encoder(config: LomoConfig) -> torch.nn.Module:
-    """The backbone: a registered encoder (seeded) or the encoder of a train-encoder checkpoint folder."""
+    """The backbone: a registered encoder (seeded; ``config.weights`` loaded) or a train-encoder checkpoint's encoder.
+
+    The one place the backbone is built (every arm and fold calls it, then loads the shared state).
+    """
     path = Path(config.backbone)
     if path.is_dir():
         from wsi_encoder.models.checkpoint import load_encoder
 
+        if config.weights is not None:
+            raise InvalidParameterError(
+                f"--weights {config.weights!r} cannot be combined with the checkpoint folder {config.backbone!r}"
+            )
         return load_encoder(path)
     return create_encoder(
         config.backbone,
@@ -215,6 +140,75 @@ def make_encoder(config: LomoConfig) -> torch.nn.Module:
         seed=config.seed,
         input_size=config.image_size,
     )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def backbone_provenance(config: LomoConfig, data: Sequence[str | Path]) -> dict[str, Any]:
+    """Where the backbone's weights come from, and whether it has seen BreaKHis or DATA.
+
+    Returns ``{"name", "source" (registered | weights_file | checkpoint | random_init), "weights",
+    "weights_sha256", "training_tasks", "contamination": [reasons]}``. A checkpoint folder's recorded
+    tasks and data paths are read: any BreaKHis task, or a data path overlapping a DATA folder, is a
+    contamination reason (the encoder may have seen the test patients, the held-out magnification
+    or magnification labels).
+    """
+    path = Path(config.backbone)
+    info: dict[str, Any] = {
+        "name": config.backbone,
+        "source": "random_init",
+        "weights": config.weights,
+        "weights_sha256": None,
+        "training_tasks": [],
+        "contamination": [],
+    }
+    if path.is_dir():
+        cfg = read_checkpoint_config(path)
+        tasks = [t for t in cfg.get("tasks", []) if isinstance(t, dict)]
+        info.update(
+            name=str(cfg.get("encoder", {}).get("name", cfg.get("architecture", config.backbone))),
+            source="checkpoint",
+            checkpoint=str(path.resolve()),
+            weights_sha256=cfg.get("weights_sha256"),
+            training_tasks=[{"name": t.get("name"), "task": t.get("task"), "paths": t.get("paths")} for t in tasks],
+        )
+        roots = [Path(d).resolve() for d in data]
+        for t in tasks:
+            task = str(t.get("task") or t.get("name") or "")
+            if "breakhis" in task.lower():
+                info["contamination"].append(f"it was trained on the BreaKHis task {task!r}")
+            for p in t.get("paths") or []:
+                q = Path(str(p)).resolve()
+                if any(_overlaps(q, r) for r in roots):
+                    info["contamination"].append(f"its task {task!r} was trained on {q}, which overlaps DATA")
+    elif config.weights is not None:
+        info.update(source="weights_file", weights_sha256=file_sha256(config.weights))
+    return info
+
+
+def check_backbone(config: LomoConfig, provenance: dict[str, Any]) -> list[str]:
+    """Refuse a contaminated backbone unless allowed; return the warnings the report must lead with."""
+    reasons = provenance["contamination"]
+    if reasons and not config.allow_contaminated_backbone:
+        raise InvalidParameterError(
+            f"--backbone {config.backbone}: {'; '.join(reasons)}; it may have seen the test patients or the "
+            "held-out magnification (use a backbone not trained on BreaKHis, or --allow-contaminated-backbone)"
+        )
+    lines = []
+    if reasons:
+        lines.append(
+            f"CONTAMINATED BACKBONE (allowed by --allow-contaminated-backbone): {'; '.join(reasons)}. "
+            "The encoder may have seen test patients, the held-out magnification or magnification labels; "
+            "these results do not measure generalisation to an unseen magnification."
+        )
+    if provenance["source"] == "random_init":
+        lines.append(
+            f"The backbone `{config.backbone}` starts from a seeded random initialisation (no --weights): "
+            "expect far lower accuracy than with pretrained weights; not comparable with published figures."
+        )
+    return lines
 
 
 def _settings(config: LomoConfig) -> dict[str, Any]:
@@ -232,6 +226,11 @@ def _check_resume(out_dir: Path, config: LomoConfig, filenames: Sequence[str] | 
         raise InvalidParameterError(
             f"{path}: unreadable config of a previous run ({exc}); use another --out"
         ) from exc
+    if previous.get("format") != RUN_FORMAT:
+        raise InvalidParameterError(
+            f"{out_dir} holds a LOMO run of an older wsi_encoder (before strict patients, intervals and the "
+            "fair probe); it cannot be resumed: use another --out"
+        )
     old = previous.get("settings", {})
     new = _settings(config)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -250,20 +249,29 @@ def _check_resume(out_dir: Path, config: LomoConfig, filenames: Sequence[str] | 
     return previous
 
 
-def _names_sha(filenames: Sequence[str]) -> str:
-    import hashlib
+RUN_FORMAT = "wsi_encoder.lomo/2"
 
+
+def _names_sha(filenames: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(filenames).encode()).hexdigest()
 
 
-def _init_state(out_dir: Path, config: LomoConfig) -> tuple[dict[str, torch.Tensor], int, str]:
-    """The shared initial weights (saved once in ``init_weights.safetensors``), embedding width and SHA-256."""
+def _init_state(
+    out_dir: Path, config: LomoConfig, provenance: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], int, str]:
+    """The shared initial weights (saved once in ``init_weights.safetensors``), embedding width and SHA-256.
+
+    The saved state is reused only when it was made for the same backbone *content* (the weights'
+    SHA-256, not their path), embedding, image size and seed.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
     encoder = make_encoder(config)
     path = out_dir / "init_weights.safetensors"
-    key = json.dumps([config.backbone, config.weights, config.embed_dim, config.image_size, config.seed])
+    key = json.dumps(
+        [provenance["name"], provenance["weights_sha256"], config.embed_dim, config.image_size, config.seed]
+    )
     state = None
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
@@ -303,15 +311,24 @@ def run_lomo(
         ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1`` ...
     on_event
         Progress callback.
+
+    Raises
+    ------
+    InvalidParameterError
+        A backbone trained on BreaKHis or on DATA (unless ``allow_contaminated_backbone``), other
+        settings than the run already in ``out_dir``, bad options.
     """
     arms = _check_arms(arms)
     out = Path(out_dir)
     images = collect_images(data)
+    provenance = backbone_provenance(config, data)
+    warnings = check_backbone(config, provenance)
+    for line in warnings:
+        emit_event(on_event, LomoEvent("warning", message=f"WARNING: {line}"))
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     logger.info("%d BreaKHis images; device %s", len(images), dev)
     _check_resume(out, config, None)
-    init = _init_state(out, config)  # builds the backbone first: a bad --backbone fails before decoding
     cache, failed = build_image_cache(
         [im.path for im in images],
         config.image_size,
@@ -322,39 +339,61 @@ def run_lomo(
     usable = [im for im in images if im.filename not in failed]
     if not usable:
         raise DatasetError(f"none of the {len(images)} images could be read")
-    ctx = _Context(
-        usable,
-        cache,
-        rows_of,
-        config,
-        arms,
-        dev,
-        on_event,
-        failed,
-        [str(Path(d).resolve()) for d in data],
-        init,
+    base = _Context(
+        usable, cache, rows_of, config, arms, dev, on_event, failed,
+        [str(Path(d).resolve()) for d in data], provenance, warnings,
     )
+    if config.repeats == 1:
+        return _run_seed(base, out)
+    runs = []
+    for k in range(config.repeats):
+        sub = replace(config, seed=config.seed + k, repeats=1)
+        emit_event(on_event, LomoEvent("repeat", step=k + 1, total=config.repeats,
+                                       message=f"repeat {k + 1}/{config.repeats} (seed {sub.seed})"))
+        runs.append(_run_seed(replace(base, config=sub), out / f"repeat_{k}"))
+    return summarise_repeats(out, runs, _top_config(base, config), on_event)
+
+
+def _top_config(ctx: _Context, config: LomoConfig) -> dict[str, Any]:
+    return {
+        "format": RUN_FORMAT,
+        "settings": _settings(config),
+        "backbone": config.backbone,
+        "backbone_provenance": ctx.provenance,
+        "report_warnings": ctx.warnings,
+        "patient_key": config.patient_key,
+        "seed": config.seed,
+        "classes": list(CLASSES),
+        "shared_init": True,
+        "data": ctx.data,
+        "wsi_encoder_version": __version__,
+    }
+
+
+def _run_seed(ctx: _Context, out: Path) -> LomoRun:
+    """One seed of the protocol: one patient split, or ``patient_folds`` of them pooled."""
+    config = ctx.config
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, config, None)  # before the initial weights there are (re)written
+    init = _init_state(out, config, ctx.provenance)
+    ctx = replace(ctx, init=init)
     if config.patient_folds is None:
         split = split_patients(
-            usable,
+            ctx.images,
             test_fraction=config.test_fraction,
             val_fraction=config.val_fraction,
             seed=config.seed,
-            strict=config.strict_patients,
+            key=config.patient_key,
         )
         return _run_split(ctx, split, out)
     splits = patient_folds(
-        usable,
-        config.patient_folds,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        strict=config.strict_patients,
+        ctx.images, config.patient_folds, val_fraction=config.val_fraction, seed=config.seed, key=config.patient_key
     )
     runs = [
         _run_split(ctx, split, out / f"patient_fold_{k}", patient_fold=(k, len(splits)))
         for k, split in enumerate(splits)
     ]
-    return pool_patient_folds(out, runs, arms, on_event)
+    return pool_patient_folds(out, runs, ctx.arms, ctx.on_event)
 
 
 def _check_arms(arms: Sequence[str]) -> list[str]:
@@ -377,7 +416,9 @@ class _Context:
     on_event: EventHandler | None
     failed: dict[str, str]
     data: list[str]
-    init: tuple[dict[str, torch.Tensor], int, str]
+    provenance: dict[str, Any]
+    warnings: list[str]
+    init: tuple[dict[str, torch.Tensor], int, str] | None = None
 
     def rows(self, idx: Sequence[int]) -> np.ndarray:
         """Cache rows of image indices."""
@@ -389,7 +430,15 @@ class _Context:
 
     def patients(self, idx: Sequence[int]) -> list[str]:
         """Patient keys of image indices."""
-        return [patient_key(self.images[i], self.config.strict_patients) for i in idx]
+        return [patient_key(self.images[i], self.config.patient_key) for i in idx]
+
+    def mags(self, idx: Sequence[int]) -> list[int]:
+        """Magnifications of image indices."""
+        return [self.images[i].magnification for i in idx]
+
+    def names(self, idx: Sequence[int]) -> list[str]:
+        """File names of image indices."""
+        return [self.images[i].filename for i in idx]
 
     def emit(self, event: LomoEvent) -> None:
         """Report progress."""
@@ -401,35 +450,39 @@ def _run_split(
 ) -> LomoRun:
     """Every (arm, held-out magnification) of one patient split, into ``out``."""
     images, config, arms = ctx.images, ctx.config, ctx.arms
+    assert ctx.init is not None
     out.mkdir(parents=True, exist_ok=True)
     filenames = [im.filename for im in images]
     previous = _check_resume(out, config, filenames)
     folds = [
         cap_fold(f, config.max_images_per_split, config.seed)
-        for f in lomo_folds(images, split, strict=config.strict_patients)
+        for f in lomo_folds(images, split, key=config.patient_key)
     ]
-    write_splits_csv(out / "splits.csv", images, folds, strict=config.strict_patients)
+    write_splits_csv(out / "splits.csv", images, folds, key=config.patient_key)
     _, dim, init_sha = ctx.init
     skipped = {f.held_out: f.skipped for f in folds if f.skipped}
+    refused = {
+        f"grl/{f.held_out}": f"the training side of the {f.held_out}X-held-out fold holds "
+        f"{len(set(ctx.mags(f.train)))} magnification(s) ({', '.join(f'{m}X' for m in sorted(set(ctx.mags(f.train))))}); "
+        "gradient reversal needs at least 2, so the grl arm is not run there"
+        for f in folds
+        if not f.skipped and "grl" in arms and len(set(ctx.mags(f.train))) < 2
+    }
     cfg: dict[str, Any] = {
+        **_top_config(ctx, config),
         "arms": [],
         "held_out": [],
-        "classes": list(CLASSES),
-        "backbone": config.backbone,
         "embedding_dim": dim,
-        "seed": config.seed,
-        "shared_init": True,
         "image_size": config.image_size,
         "init_sha256": init_sha,
-        "patient_key": "strict" if config.strict_patients else "slide",
+        "selection": {arm: config.selection(arm) for arm in arms},
+        "n_bootstrap": config.n_bootstrap,
         "patient_fold": None if patient_fold is None else patient_fold[0],
         "skipped_held_out": {str(m): r for m, r in skipped.items()},
+        "refused": refused,
         "unreadable_images": ctx.failed,
         "n_images": len(filenames),
         "images_sha256": _names_sha(filenames),
-        "data": ctx.data,
-        "settings": _settings(config),
-        "wsi_encoder_version": __version__,
     }
     if previous:
         cfg["arms"] = previous.get("arms", [])
@@ -438,240 +491,176 @@ def _run_split(
     tag = "" if patient_fold is None else f"patient fold {patient_fold[0] + 1}/{patient_fold[1]}, "
     trained: list[tuple[str, int]] = []
     resumed: list[tuple[str, int]] = []
-    runnable = [f for f in folds if not f.skipped]
-    total = len(runnable) * len(arms)
-    done_count = 0
+    jobs = [(f, a) for f in folds if not f.skipped for a in arms if f"{a}/{f.held_out}" not in refused]
     for fold in folds:
         if fold.skipped:
-            ctx.emit(
-                LomoEvent(
-                    "skip",
-                    held_out=fold.held_out,
-                    message=f"{tag}held-out {fold.held_out}X skipped: {fold.skipped}",
-                ),
-            )
+            ctx.emit(LomoEvent("skip", held_out=fold.held_out,
+                               message=f"{tag}held-out {fold.held_out}X skipped: {fold.skipped}"))
+    for key, reason in refused.items():
+        ctx.emit(LomoEvent("skip", "grl", int(key.split("/")[1]), message=f"{tag}grl refused: {reason}"))
+    for done_count, (fold, arm) in enumerate(jobs, start=1):
+        total = len(jobs)
+        metrics_path = out / "runs" / arm / f"heldout_{fold.held_out}" / "metrics.json"
+        npz = out / "embeddings" / arm / f"heldout_{fold.held_out}.npz"
+        if metrics_path.is_file() and npz.is_file():
+            resumed.append((arm, fold.held_out))
+            ctx.emit(LomoEvent("skip", arm, fold.held_out, done_count, total,
+                               message=f"{tag}{arm} / {fold.held_out}X held out: already done, skipped"))
             continue
-        for arm in arms:
-            done_count += 1
-            metrics_path = out / "runs" / arm / f"heldout_{fold.held_out}" / "metrics.json"
-            npz = out / "embeddings" / arm / f"heldout_{fold.held_out}.npz"
-            if metrics_path.is_file() and npz.is_file():
-                resumed.append((arm, fold.held_out))
-                ctx.emit(
-                    LomoEvent(
-                        "skip",
-                        arm,
-                        fold.held_out,
-                        done_count,
-                        total,
-                        message=f"{tag}{arm} / {fold.held_out}X held out: already done, skipped",
-                    ),
-                )
-                continue
-            ctx.emit(
-                LomoEvent(
-                    "start",
-                    arm,
-                    fold.held_out,
-                    done_count,
-                    total,
-                    message=f"{tag}[{done_count}/{total}] {arm} / {fold.held_out}X held out: "
-                    f"{len(fold.train)} train, {len(fold.val)} val, {len(fold.test)} test images",
-                ),
-            )
-            metrics = _run_arm(ctx, arm, fold, out)
-            atomic_write_json(metrics_path, metrics)
-            trained.append((arm, fold.held_out))
-            ctx.emit(
-                LomoEvent(
-                    "done",
-                    arm,
-                    fold.held_out,
-                    done_count,
-                    total,
-                    values=metrics,
-                    message=f"{tag}{arm} / {fold.held_out}X held out: AUC {_f(metrics['auc'])}, "
-                    f"Brier {_f(metrics['brier'])}, F1 {_f(metrics['f1'])}",
-                ),
-            )
+        ctx.emit(
+            LomoEvent(
+                "start", arm, fold.held_out, done_count, total,
+                message=f"{tag}[{done_count}/{total}] {arm} / {fold.held_out}X held out: "
+                f"{len(fold.train)} train, {len(fold.val)} val, {len(fold.test)} test images",
+            ),
+        )
+        metrics = _run_arm(ctx, arm, fold, out)
+        atomic_write_json(metrics_path, metrics)
+        trained.append((arm, fold.held_out))
+        ctx.emit(
+            LomoEvent(
+                "done", arm, fold.held_out, done_count, total, values=metrics,
+                message=f"{tag}{arm} / {fold.held_out}X held out: AUC {_f(metrics['auc'])}, "
+                f"Brier {_f(metrics['brier'])}, F1 {_f(metrics['f1'])} (epoch {metrics['selected_epoch']} kept)",
+            ),
+        )
     results = write_outputs(out, ctx.on_event)
-    return LomoRun(out, results, skipped, trained, resumed)
+    return LomoRun(out, results, skipped, trained, resumed, refused)
 
 
 def _f(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _fold_domains(images: list[BreakhisImage], rows: Sequence[int]) -> tuple[list[int], np.ndarray]:
-    mags = sorted({images[i].magnification for i in rows})
-    return mags, np.array([mags.index(images[i].magnification) for i in rows], dtype=np.int64)
+def _make_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path, mags: list[int]) -> BaselineArm:
+    """The strategy object of ``arm`` for ``fold``."""
+    config = ctx.config
+    if arm == "gan":
+        syn = _synthetic_images(ctx, fold, out)
+        return GanArm(syn.images, syn.labels, config.gan_ratio)
+    if arm == "grl":
+        return GrlArm(
+            len(mags),
+            hidden=config.domain_hidden,
+            lr_mult=config.domain_lr_mult,
+            seed=config.seed,
+            weight=config.grl_weight,
+        )
+    return BaselineArm()
 
 
 def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, Any]:
     """Train one arm on one fold, save its embeddings and return its metrics."""
-    images, config, device = ctx.images, ctx.config, ctx.device
-    spec = config.train_spec()
-    crow, y_of, key = ctx.rows, ctx.labels, ctx.patients
-    mags, domains = _fold_domains(images, fold.train)
-    synthetic = y_syn = None
-    if arm == "gan" and config.gan_ratio > 0:
-        synthetic, y_syn = _synthetic_images(ctx, fold, out)
+    config, device = ctx.config, ctx.device
+    assert ctx.init is not None
+    spec = TrainSpec(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, selection=config.selection(arm)
+    )
+    mags = sorted(set(ctx.mags(fold.train)))
+    domains = np.array([mags.index(m) for m in ctx.mags(fold.train)], dtype=np.int64)
+    strategy = _make_arm(ctx, arm, fold, out, mags)
     data = TrainData(
         images=ctx.cache,
-        train_rows=crow(fold.train),
-        y_train=y_of(fold.train),
+        train_rows=ctx.rows(fold.train),
+        y_train=ctx.labels(fold.train),
         domain_train=domains,
-        val_rows=crow(fold.val),
-        y_val=y_of(fold.val),
-        synthetic=synthetic,
-        y_synthetic=y_syn,
+        val_rows=ctx.rows(fold.val),
+        y_val=ctx.labels(fold.val),
     )
-    n_domains = len(mags) if arm == "grl" else 0
-    if arm == "grl" and n_domains < 2:
-        logger.warning(
-            "held-out %dX: one training magnification only; the grl arm has no domain to reverse",
-            fold.held_out,
-        )
-    model = build_classifier(
-        make_encoder(config),
-        ctx.init[0],
-        n_domains=n_domains,
-        domain_hidden=spec.domain_hidden,
-        seed=config.seed,
-    )
+    model = build_classifier(make_encoder(config), ctx.init[0], strategy)
 
     def epoch_cb(epoch: int, epochs: int, stats: dict[str, float]) -> None:
         parts = ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if k != "epoch" and not math.isnan(v))
-        ctx.emit(
-            LomoEvent(
-                "epoch",
-                arm,
-                fold.held_out,
-                epoch,
-                epochs,
-                stats,
-                f"  {arm} / {fold.held_out}X epoch {epoch}/{epochs}: {parts}",
-            ),
-        )
+        ctx.emit(LomoEvent("epoch", arm, fold.held_out, epoch, epochs, stats,
+                           f"  {arm} / {fold.held_out}X epoch {epoch}/{epochs}: {parts}"))
 
     result = train_classifier(
-        model, data, spec, seed=config.seed + fold.held_out, device=device, on_epoch=epoch_cb
+        model, data, spec, strategy, seed=config.seed + fold.held_out, device=device, on_epoch=epoch_cb
     )
-    train_side = np.array(sorted(fold.train + fold.val), dtype=np.int64)
-    x_train, _ = embed(model, ctx.cache, crow(train_side), batch_size=spec.batch_size, device=device)
-    test = np.array(fold.test, dtype=np.int64)
-    x_test, prob = embed(model, ctx.cache, crow(test), batch_size=spec.batch_size, device=device)
+    side = sorted(fold.train + fold.val)
+    bs = config.batch_size
+    x_train, _ = embed(model, ctx.cache, ctx.rows(side), batch_size=bs, device=device)
+    x_test, prob = embed(model, ctx.cache, ctx.rows(fold.test), batch_size=bs, device=device)
+    x_probe, _ = embed(model, ctx.cache, ctx.rows(fold.probe_test), batch_size=bs, device=device)
     save_fold_embeddings(
         out / "embeddings" / arm / f"heldout_{fold.held_out}.npz",
         {
             "X_train": x_train,
-            "y_train": y_of(train_side),
-            "patient_train": key(train_side),
-            "magnification_train": [images[i].magnification for i in train_side],
-            "filename_train": [images[i].filename for i in train_side],
+            "y_train": ctx.labels(side),
+            "patient_train": ctx.patients(side),
+            "magnification_train": ctx.mags(side),
+            "filename_train": ctx.names(side),
             "X_test": x_test,
-            "y_test": y_of(test),
-            "patient_test": key(test),
-            "magnification_test": [images[i].magnification for i in test],
-            "filename_test": [images[i].filename for i in test],
+            "y_test": ctx.labels(fold.test),
+            "patient_test": ctx.patients(fold.test),
+            "magnification_test": ctx.mags(fold.test),
+            "filename_test": ctx.names(fold.test),
             "prob_test": prob,
+            "X_probe": x_probe,
+            "patient_probe": ctx.patients(fold.probe_test),
+            "magnification_probe": ctx.mags(fold.probe_test),
+            "filename_probe": ctx.names(fold.probe_test),
         },
     )
-    metrics = fold_metrics(y_of(test), prob, key(test))
+    metrics = fold_metrics(ctx.labels(fold.test), prob, ctx.patients(fold.test))
     probe = lomo_report.magnification_probe(
-        x_train, [images[i].magnification for i in train_side], key(train_side)
+        x_train, ctx.mags(side), ctx.patients(side), x_probe, ctx.mags(fold.probe_test), seed=config.seed
     )
+    selected = result.history[result.selected_epoch - 1]
     return {
         "arm": arm,
         "held_out": fold.held_out,
         **metrics,
-        "best_epoch": result.best_epoch,
+        "selected_epoch": result.selected_epoch,
+        "selection": result.selection,
+        "grl_lambda": selected.get("lambda") if arm == "grl" else None,
         "steps": result.steps,
+        "real_images_per_epoch": result.real_seen,
+        "synthetic_images_per_epoch": result.extra_seen,
         "training_magnifications": mags,
         "n_train_images": len(fold.train),
         "n_val_images": len(fold.val),
-        "n_synthetic_images": 0 if synthetic is None else len(synthetic),
+        "n_probe_test_images": len(fold.probe_test),
+        "n_synthetic_images": len(strategy.images) if isinstance(strategy, GanArm) else 0,
         "probe": probe,
         "history": result.history,
         "device": str(device),
     }
 
 
-def _synthetic_images(ctx: _Context, fold: LomoFold, out: Path) -> tuple[np.ndarray, np.ndarray]:
-    """DCGAN images for a fold: one DCGAN per class trained on the fold's training images only.
+def _synthetic_images(ctx: _Context, fold: LomoFold, out: Path) -> Any:
+    """DCGAN images for a fold: one DCGAN per class trained on the fold's training-role images only.
 
-    ``gan/heldout_<m>/trained_on.json`` lists, per class, the exact files each DCGAN was trained on.
-    The number per class is ``round(gan_ratio · n_real(class))``.
+    ``gan/heldout_<m>/trained_on.json`` lists, per class, the exact files each DCGAN was trained on;
+    ``plots/gan_samples_heldout_<m>.png`` shows real and generated images side by side.
     """
-    images, config, device = ctx.images, ctx.config, ctx.device
-    gan_dir = out / "gan" / f"heldout_{fold.held_out}"
-    spec = config.gan_spec()
-    record_path = gan_dir / "trained_on.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    fakes, labels, real_grid, fake_grid, done = [], [], {}, {}, []
-    for c, cls in enumerate(CLASSES):
-        idx = [i for i in fold.train if images[i].label == cls]
-        if not idx:
-            continue
-        names = [images[i].filename for i in idx]
-        weights = gan_dir / f"{cls}.safetensors"
-        gen = None
-        if weights.is_file() and record.get(cls) == names and record.get("spec") == asdict(spec):
-            try:
-                gen, _ = load_generator(weights)
-            except CheckpointError as exc:
-                logger.warning("%s; the DCGAN is trained again", exc)
-        real64 = _to_gan_size(ctx.cache[ctx.rows(idx)], device)
-        if gen is None:
+    config = ctx.config
+    per_class = {}
+    for cls in CLASSES:
+        idx = [i for i in fold.train if ctx.images[i].label == cls]
+        if idx:
+            per_class[cls] = (np.asarray(ctx.cache[ctx.rows(idx)]), ctx.names(idx))
 
-            def gan_cb(epoch: int, epochs: int, stats: dict[str, float], cls: str = cls) -> None:
-                ctx.emit(
-                    LomoEvent(
-                        "gan_epoch",
-                        "gan",
-                        fold.held_out,
-                        epoch,
-                        epochs,
-                        stats,
-                        f"  DCGAN {cls} / {fold.held_out}X epoch {epoch}/{epochs}: "
-                        f"D {stats['loss_d']:.3f}, G {stats['loss_g']:.3f}",
-                    ),
-                )
+    def gan_cb(cls: str, epoch: int, epochs: int, stats: dict[str, float]) -> None:
+        ctx.emit(LomoEvent("gan_epoch", "gan", fold.held_out, epoch, epochs, stats,
+                           f"  DCGAN {cls} / {fold.held_out}X epoch {epoch}/{epochs}: "
+                           f"D {stats['loss_d']:.3f}, G {stats['loss_g']:.3f}"))
 
-            gen = train_dcgan(
-                real64, spec, seed=config.seed + 31 * fold.held_out + c, device=device, on_epoch=gan_cb
-            )
-            save_generator(weights, gen, {"class": cls, "held_out": fold.held_out, "n_images": len(names)})
-            record[cls] = names
-            record["spec"] = asdict(spec)
-            record["held_out"] = fold.held_out
-            atomic_write_json(record_path, record)
-        n = round(config.gan_ratio * len(idx))
-        samples = generate(gen, n, seed=config.seed + 1000 + c, device=device)
-        fakes.append(samples)
-        labels.append(np.full(n, c, dtype=np.int64))
-        real_grid[cls] = real64[:8]
-        fake_grid[cls] = generate(gen, 16, seed=config.seed + 2000 + c, device=device)
-        steps = spec.epochs * math.ceil(len(idx) / min(spec.batch_size, len(idx)))
-        done.append(f"{cls}: {len(idx)} images, {steps} steps")
+    syn = fold_synthetic_images(
+        per_class,
+        CLASSES,
+        out / "gan" / f"heldout_{fold.held_out}",
+        DcganSpec(epochs=config.gan_epochs, batch_size=config.gan_batch_size, width=config.gan_width),
+        config.gan_ratio,
+        seed=config.seed + 31 * fold.held_out,
+        device=ctx.device,
+        on_epoch=gan_cb,
+    )
     lomo_report.plot_gan_samples(
-        real_grid,
-        fake_grid,
+        syn.real_grid,
+        syn.fake_grid,
         out / "plots" / f"gan_samples_heldout_{fold.held_out}.png",
         f"DCGAN samples, {fold.held_out}X held out; trained on the fold's training images only "
-        f"({'; '.join(done)})",
+        f"({'; '.join(syn.notes)})",
     )
-    if not fakes:
-        return np.zeros((0, GAN_SIZE, GAN_SIZE, 3), np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(fakes), np.concatenate(labels)
-
-
-def _to_gan_size(images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Resize ``(N, S, S, 3)`` uint8 images to 64×64 (antialiased), the classifier's view at DCGAN size."""
-    out = np.empty((len(images), GAN_SIZE, GAN_SIZE, 3), dtype=np.uint8)
-    for start in range(0, len(images), 256):
-        x = resize_batch(to_tensor(images[start : start + 256], device), GAN_SIZE)
-        out[start : start + len(x)] = (
-            (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        )
-    return out
+    return syn

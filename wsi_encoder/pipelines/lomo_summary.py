@@ -1,41 +1,62 @@
-"""Outputs of a LOMO run assembled from its finished (arm, fold) files: tables, probe, plots, report.
+"""Outputs of a LOMO run assembled from its finished (arm, fold) files: tables, intervals, probe, plots, report.
 
-:func:`write_outputs` (re)writes ``results.csv``, ``probe.csv``, the plots and ``report.md`` of a
-run folder from whatever (arm, fold) has finished, so it can be called at any time;
-:func:`pool_patient_folds` writes the top-level results of a ``--patient-folds`` run.
+:func:`write_outputs` (re)writes ``results.csv`` (with patient-bootstrap intervals and paired
+differences to the baseline), ``probe.csv``, the plots and ``report.md`` of a run folder from
+whatever (arm, fold) has finished, so it can be called at any time; :func:`pool_patient_folds`
+writes the top-level results of a ``--patient-folds`` run and :func:`summarise_repeats` those of a
+``--repeats`` run.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsi_encoder.errors import DatasetError
 from wsi_encoder.evaluation import lomo_report
 from wsi_encoder.evaluation.lomo_outputs import (
-    RESULTS_COLUMNS,
     atomic_write_text,
     csv_text,
     fold_metrics,
     load_fold_embeddings,
     write_results_csv,
 )
+from wsi_encoder.evaluation.metrics import paired_bootstrap
 from wsi_encoder.evaluation.splits import read_splits_csv
 from wsi_encoder.models.checkpoint import atomic_write_json
-from wsi_encoder.training.lomo_trainer import ARMS
+from wsi_encoder.pipelines.lomo_config import ARMS
 
 logger = logging.getLogger(__name__)
+
+REPEAT_COLUMNS = (
+    "arm",
+    "held_out",
+    "n_repeats",
+    "auc_mean",
+    "auc_sd",
+    "brier_mean",
+    "brier_sd",
+    "delta_auc_mean",
+    "delta_auc_sd",
+    "delta_brier_mean",
+    "delta_brier_sd",
+    "delta_auc_ci_excludes_zero",
+    "delta_brier_ci_excludes_zero",
+    "n_delta_auc_ci",
+    "n_delta_brier_ci",
+)
 
 
 @dataclass(frozen=True)
 class LomoEvent:
-    """A progress report: ``kind`` is ``cache``, ``start``, ``epoch``, ``gan_epoch``, ``done``, ``skip`` or ``report``."""
+    """A progress report: ``kind`` is ``warning``, ``cache``, ``repeat``, ``start``, ``epoch``, ``gan_epoch``, ``done``, ``skip`` or ``report``."""
 
     kind: str
     arm: str | None = None
@@ -51,13 +72,15 @@ EventHandler = Callable[[LomoEvent], None]
 
 @dataclass
 class LomoRun:
-    """What a run produced."""
+    """What a run produced (``summary``: the per-arm × fold mean ± sd rows of a ``--repeats`` run)."""
 
     out_dir: Path
     results: list[dict[str, Any]]
     skipped: dict[int, str]
     trained: list[tuple[str, int]]
     resumed: list[tuple[str, int]]
+    refused: dict[str, str] = field(default_factory=dict)
+    summary: list[dict[str, Any]] = field(default_factory=list)
 
 
 def emit_event(handler: EventHandler | None, event: LomoEvent) -> None:
@@ -68,6 +91,44 @@ def emit_event(handler: EventHandler | None, event: LomoEvent) -> None:
         handler(event)
 
 
+def with_intervals(
+    rows: list[dict[str, Any]],
+    predictions: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]],
+    n_boot: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Add patient-bootstrap intervals and paired differences to the baseline to ``results`` rows.
+
+    ``predictions[arm][m]`` holds ``y``, ``prob``, ``patients`` and ``filenames`` of the test images;
+    arms of one fold must hold the same images (the pairing), else :class:`DatasetError`.
+    """
+    by_fold: dict[int, dict[str, Mapping[str, np.ndarray]]] = {}
+    for arm, folds in predictions.items():
+        for m, pred in folds.items():
+            by_fold.setdefault(m, {})[arm] = pred
+    stats: dict[tuple[str, int], dict[str, float]] = {}
+    for m, arms in by_fold.items():
+        first = next(iter(arms.values()))
+        for pred in arms.values():
+            if not np.array_equal(pred["filenames"], first["filenames"]):
+                raise DatasetError(f"held-out {m}X: the arms were tested on different images; cannot pair them")
+        boot = paired_bootstrap(
+            first["y"],
+            {a: p["prob"] for a, p in arms.items()},
+            first["patients"],
+            baseline="baseline" if "baseline" in arms else None,
+            n_boot=n_boot,
+            seed=seed + m,
+        )
+        for arm, values in boot.items():
+            stats[(arm, m)] = values
+    out = []
+    for row in rows:
+        extra = stats.get((row["arm"], int(row["held_out"])), {})
+        out.append({**row, **{k: v for k, v in extra.items() if k != "n_boot_valid"}})
+    return out
+
+
 def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> list[dict[str, Any]]:
     """(Re)write ``results.csv``, ``probe.csv``, ``config.json`` (arms, held_out), plots and ``report.md``.
 
@@ -75,7 +136,8 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
     """
     out = Path(out_dir)
     cfg = json.loads((out / "config.json").read_text())
-    results, extra, probe, predictions = [], {}, [], {}
+    results, extra, probe = [], {}, []
+    predictions: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for arm in ARMS:
         for m in sorted(
             int(p.name.split("_")[1])
@@ -83,16 +145,17 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
             if (p / "metrics.json").is_file() and (out / "embeddings" / arm / f"{p.name}.npz").is_file()
         ):
             metrics = json.loads((out / "runs" / arm / f"heldout_{m}" / "metrics.json").read_text())
-            results.append({k: metrics[k] for k in RESULTS_COLUMNS})
+            results.append(metrics)
             extra[(arm, m)] = metrics
             emb = load_fold_embeddings(out / "embeddings" / arm / f"heldout_{m}.npz")
-            predictions.setdefault(arm, {})[m] = (emb["y_test"], emb["prob_test"])
-            pr = metrics.get("probe") or lomo_report.magnification_probe(
-                emb["X_train"], emb["magnification_train"], emb["patient_train"]
-            )
-            probe.append({"arm": arm, "held_out": m, **pr})
+            predictions.setdefault(arm, {})[m] = {
+                "y": emb["y_test"], "prob": emb["prob_test"], "patients": emb["patient_test"],
+                "filenames": emb["filename_test"],
+            }
+            probe += [{"arm": arm, "held_out": m, **r} for r in metrics["probe"]]
+    results = with_intervals(results, predictions, int(cfg.get("n_bootstrap", 1000)), int(cfg.get("seed", 0)))
     write_results_csv(out / "results.csv", results)
-    _write_probe_csv(out / "probe.csv", probe)
+    write_probe_csv(out / "probe.csv", probe)
     cfg["arms"] = [a for a in ARMS if any(r["arm"] == a for r in results)]
     cfg["held_out"] = sorted({int(r["held_out"]) for r in results})
     atomic_write_json(out / "config.json", cfg)
@@ -101,9 +164,8 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
         plots["metrics"] = _rel(
             lomo_report.plot_metrics_by_fold(results, out / "plots" / "auc_brier_by_fold.png"), out
         )
-        plots["reliability"] = _rel(
-            lomo_report.plot_reliability(predictions, out / "plots" / "reliability.png"), out
-        )
+        pairs = {a: {m: (p["y"], p["prob"]) for m, p in f.items()} for a, f in predictions.items()}
+        plots["reliability"] = _rel(lomo_report.plot_reliability(pairs, out / "plots" / "reliability.png"), out)
         plots["probe"] = _rel(lomo_report.plot_probe(probe, out / "plots" / "magnification_probe.png"), out)
     grids = {
         int(p.stem.rsplit("_", 1)[1]): _rel(p, out)
@@ -131,17 +193,18 @@ def _rel(path: Path, root: Path) -> str:
     return str(Path(path).relative_to(root))
 
 
-def _write_probe_csv(path: Path, probe: list[dict[str, Any]]) -> None:
+def write_probe_csv(path: Path, probe: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``probe.csv``: ``arm,held_out,probe,split,balanced_accuracy,chance`` (nan as ``nan``)."""
     rows = [
-        [
-            str(r["arm"]),
-            str(r["held_out"]),
-            *(f"{float(r[k]):.6f}" for k in ("balanced_accuracy", "auc", "chance")),
-            *(str(int(r[k])) for k in ("n_images", "n_patients", "n_splits")),
-        ]
+        [str(r["arm"]), str(int(r["held_out"])), str(r["probe"]), str(r["split"]),
+         *(_num_text(r[k]) for k in ("balanced_accuracy", "chance"))]
         for r in probe
     ]
     atomic_write_text(path, csv_text(lomo_report.PROBE_COLUMNS, rows))
+
+
+def _num_text(v: Any) -> str:
+    return "nan" if v is None or math.isnan(float(v)) else f"{float(v):.6f}"
 
 
 def _split_summary(out: Path) -> list[str]:
@@ -154,7 +217,7 @@ def _split_summary(out: Path) -> list[str]:
     for m in folds:
         sel = [r for r in rows if r["fold"] == m and r["role"] != "unused"]
         parts = []
-        for role in ("train", "val", "test"):
+        for role in ("train", "val", "test", "probe_test"):
             rr = [r for r in sel if r["role"] == role]
             pts = {r["patient_id"]: r["class"] for r in rr}
             nb = sum(1 for c in pts.values() if c == "benign")
@@ -177,11 +240,6 @@ def _notes(cfg: dict[str, Any]) -> list[str]:
     s = cfg.get("settings", {})
     if s.get("max_images_per_split"):
         notes.append(f"quick run: at most {s['max_images_per_split']} images per role and fold were used")
-    if not s.get("weights") and not Path(str(cfg.get("backbone"))).is_dir():
-        notes.append(
-            "the backbone started from a seeded random initialisation (no --weights): expect lower "
-            "accuracy than with ImageNet-pretrained weights"
-        )
     return notes
 
 
@@ -195,18 +253,28 @@ def pool_patient_folds(
             for npz in sorted((run.out_dir / "embeddings" / arm).glob("heldout_*.npz")):
                 m = int(npz.stem.split("_")[1])
                 pooled.setdefault((arm, m), []).append(load_fold_embeddings(npz))
-    results, predictions = [], {}
+    sub_cfg = json.loads((runs[0].out_dir / "config.json").read_text())
+    results = []
+    predictions: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for arm in arms:
         for m in sorted(m for a, m in pooled if a == arm):
             parts = pooled[(arm, m)]
-            y = np.concatenate([p["y_test"] for p in parts])
-            prob = np.concatenate([p["prob_test"] for p in parts])
-            pts = np.concatenate([p["patient_test"].astype(str) for p in parts])
-            metrics = fold_metrics(y, prob, pts)
-            results.append({"arm": arm, "held_out": m, **metrics})
-            predictions.setdefault(arm, {})[m] = (y, prob)
+            pred = {
+                "y": np.concatenate([p["y_test"] for p in parts]),
+                "prob": np.concatenate([p["prob_test"] for p in parts]),
+                "patients": np.concatenate([p["patient_test"].astype(str) for p in parts]),
+                "filenames": np.concatenate([p["filename_test"].astype(str) for p in parts]),
+            }
+            results.append({"arm": arm, "held_out": m, **fold_metrics(pred["y"], pred["prob"], pred["patients"])})
+            predictions.setdefault(arm, {})[m] = pred
+    # pair only the folds every arm ran in every patient fold
+    for m in {m for _, m in pooled}:
+        counts = {len(pooled[(a, m)]) for a in arms if (a, m) in pooled}
+        if len(counts) > 1:
+            for a in arms:
+                predictions.get(a, {}).pop(m, None)
+    results = with_intervals(results, predictions, int(sub_cfg.get("n_bootstrap", 1000)), int(sub_cfg.get("seed", 0)))
     write_results_csv(out / "results.csv", results)
-    sub_cfg = json.loads((runs[0].out_dir / "config.json").read_text())
     cfg = {
         **sub_cfg,
         "arms": [a for a in ARMS if any(r["arm"] == a for r in results)],
@@ -214,6 +282,7 @@ def pool_patient_folds(
         "patient_fold": None,
         "patient_folds": len(runs),
         "fold_dirs": [_rel(r.out_dir, out) for r in runs],
+        "refused": {f"{_rel(r.out_dir, out)}/{k}": v for r in runs for k, v in r.refused.items()},
     }
     skipped: dict[int, str] = {}  # held out in no patient fold
     partial: list[str] = []  # skipped in some patient folds only
@@ -229,15 +298,15 @@ def pool_patient_folds(
     cfg["skipped_held_out"] = {str(m): r for m, r in skipped.items()}
     atomic_write_json(out / "config.json", cfg)
     plots = {}
+    probe = _mean_probe(runs)
     if results:
         plots["metrics"] = _rel(
             lomo_report.plot_metrics_by_fold(results, out / "plots" / "auc_brier_by_fold.png"), out
         )
-        plots["reliability"] = _rel(
-            lomo_report.plot_reliability(predictions, out / "plots" / "reliability.png"), out
-        )
-    probe = _mean_probe(runs)
+        pairs = {a: {m: (p["y"], p["prob"]) for m, p in f.items()} for a, f in predictions.items()}
+        plots["reliability"] = _rel(lomo_report.plot_reliability(pairs, out / "plots" / "reliability.png"), out)
     if probe:
+        write_probe_csv(out / "probe.csv", probe)
         plots["probe"] = _rel(lomo_report.plot_probe(probe, out / "plots" / "magnification_probe.png"), out)
     text = lomo_report.render_report(
         title=f"Leave-one-magnification-out (BreaKHis), {len(runs)} patient folds pooled",
@@ -252,9 +321,9 @@ def pool_patient_folds(
         plots=plots,
         gan_grids={},
         notes=[
-            "Every patient is tested once; the metrics pool the out-of-fold test predictions of the "
-            f"{len(runs)} patient folds (each fold's models, embeddings and probe are in its own folder); "
-            "the magnification probe is the mean over the patient folds.",
+            "Every patient is tested once; the metrics and intervals pool the out-of-fold test predictions of "
+            f"the {len(runs)} patient folds (each fold's models, embeddings and probe are in its own folder); "
+            "the magnification probe is the mean over the patient folds. Epoch kept: see each fold's report.",
             *partial,
             *_notes(cfg),
         ],
@@ -263,23 +332,90 @@ def pool_patient_folds(
     emit_event(on_event, LomoEvent("report", message=f"pooled report written: {out / 'report.md'}"))
     trained = [t for r in runs for t in r.trained]
     resumed = [t for r in runs for t in r.resumed]
-    return LomoRun(out, results, skipped, trained, resumed)
+    return LomoRun(out, results, skipped, trained, resumed, cfg["refused"])
 
 
 def _mean_probe(runs: list[LomoRun]) -> list[dict[str, Any]]:
-    """Probe rows averaged over patient folds (images and patients summed)."""
-    rows: dict[tuple[str, int], list[dict[str, str]]] = {}
+    """Probe rows averaged over patient folds (nan where no fold measured them)."""
+    import csv
+
+    rows: dict[tuple[str, int, str, str], list[dict[str, str]]] = {}
     for run in runs:
         path = run.out_dir / "probe.csv"
         if path.is_file():
             with path.open(newline="") as fh:
                 for row in csv.DictReader(fh):
-                    rows.setdefault((row["arm"], int(row["held_out"])), []).append(row)
+                    rows.setdefault((row["arm"], int(row["held_out"]), row["probe"], row["split"]), []).append(row)
     out = []
-    for (arm, m), parts in sorted(rows.items(), key=lambda kv: (ARMS.index(kv[0][0]), kv[0][1])):
-        mean = {
-            k: float(np.nanmean([float(p[k]) for p in parts])) for k in ("balanced_accuracy", "auc", "chance")
-        }
-        sums = {k: float(sum(float(p[k]) for p in parts)) for k in ("n_images", "n_patients")}
-        out.append({"arm": arm, "held_out": m, **mean, **sums, "n_splits": float(len(parts))})
+    for (arm, m, probe, split), parts in sorted(rows.items(), key=lambda kv: (ARMS.index(kv[0][0]), *kv[0][1:])):
+        values = [float(p["balanced_accuracy"]) for p in parts]
+        finite = [v for v in values if not math.isnan(v)]
+        out.append({"arm": arm, "held_out": m, "probe": probe, "split": split,
+                    "balanced_accuracy": float(np.mean(finite)) if finite else math.nan,
+                    "chance": float(parts[0]["chance"])})
     return out
+
+
+def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _interval(row: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
+    lo, hi = row.get(f"delta_{metric}_ci_low"), row.get(f"delta_{metric}_ci_high")
+    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return None
+    return float(lo), float(hi)
+
+
+def _excludes_zero(row: Mapping[str, Any], metric: str) -> bool:
+    ci = _interval(row, metric)
+    return ci is not None and not (ci[0] <= 0 <= ci[1])
+
+
+def summarise_repeats(
+    out: Path, runs: list[LomoRun], top_config: dict[str, Any], on_event: EventHandler | None = None
+) -> LomoRun:
+    """Mean ± sd over the repeats (one patient split per seed) per arm × held-out magnification.
+
+    Writes ``repeats.csv`` (:data:`REPEAT_COLUMNS`), ``config.json`` (``repeat_dirs``) and
+    ``report.md``; each repeat's own folder keeps its intervals and report.
+    """
+    keys = sorted(
+        {(r["arm"], int(r["held_out"])) for run in runs for r in run.results}, key=lambda k: (ARMS.index(k[0]), k[1])
+    )
+    summary = []
+    for arm, m in keys:
+        rows = [r for run in runs for r in run.results if r["arm"] == arm and int(r["held_out"]) == m]
+        row: dict[str, Any] = {"arm": arm, "held_out": m, "n_repeats": len(rows)}
+        for metric in ("auc", "brier", "delta_auc", "delta_brier"):
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd([r.get(metric) for r in rows])
+        for metric in ("auc", "brier"):
+            row[f"delta_{metric}_ci_excludes_zero"] = (
+                sum(_excludes_zero(r, metric) for r in rows) if arm != "baseline" else None
+            )
+            row[f"n_delta_{metric}_ci"] = sum(_interval(r, metric) is not None for r in rows)
+        summary.append(row)
+    lines = [
+        [str(v) if isinstance(v, int | str) else "" if v is None else _num_text(v) for v in
+         (row[c] for c in REPEAT_COLUMNS)]
+        for row in summary
+    ]
+    atomic_write_text(out / "repeats.csv", csv_text(REPEAT_COLUMNS, lines))
+    cfg = {**top_config, "repeat_dirs": [_rel(r.out_dir, out) for r in runs],
+           "arms": [a for a in ARMS if any(s["arm"] == a for s in summary)],
+           "held_out": sorted({int(s["held_out"]) for s in summary})}
+    atomic_write_json(out / "config.json", cfg)
+    lomo_report.write_report(out / "report.md", lomo_report.render_repeats(cfg, summary, len(runs)))
+    emit_event(on_event, LomoEvent("report", message=f"summary over {len(runs)} repeats: {out / 'report.md'}"))
+    return LomoRun(
+        out,
+        [r for run in runs for r in run.results],
+        {m: r for m, r in runs[0].skipped.items() if all(m in run.skipped for run in runs)},
+        [t for r in runs for t in r.trained],
+        [t for r in runs for t in r.resumed],
+        {f"{_rel(r.out_dir, out)}/{k}": v for r in runs for k, v in r.refused.items()},
+        summary,
+    )

@@ -48,6 +48,7 @@ from wsi_encoder.evaluation.signatures import (
     arm_jaccards,
     evaluate_fold,
 )
+from wsi_encoder.io.breakhis import patient_key
 from wsi_encoder.io.labels import read_labels
 
 logger = logging.getLogger(__name__)
@@ -135,12 +136,25 @@ def _read_lomo_npz(path: Path) -> FoldData:
     return FoldData(
         x_train=arrays["X_train"],
         y_train=arrays["y_train"].astype(np.int64),
-        patient_train=arrays["patient_train"].astype(str),
+        patient_train=_patients(arrays, "train"),
         x_test=arrays["X_test"],
         y_test=arrays["y_test"].astype(np.int64),
-        patient_test=arrays["patient_test"].astype(str),
+        patient_test=_patients(arrays, "test"),
         prob_test=prob,
     )
+
+
+def _patients(arrays: Mapping[str, np.ndarray], side: str) -> npt.NDArray[np.str_]:
+    """Patients of one side: the strict BreaKHis patient of each file name when the names are BreaKHis
+    names (so the inner CV never splits a case, even for a run made with ``--patient-key token``),
+    else the stored ``patient_<side>`` ids."""
+    names = arrays.get(f"filename_{side}")
+    if names is not None and len(names) == len(arrays[f"patient_{side}"]):
+        try:
+            return np.array([patient_key(str(n)) for n in names], dtype=str)
+        except DatasetError:
+            pass
+    return arrays[f"patient_{side}"].astype(str)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -156,7 +170,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _lomo_jobs(folder: Path, config: Mapping[str, Any], prefix: str = "") -> tuple[list[FoldJob], list[str]]:
+def _lomo_jobs(
+    folder: Path, config: Mapping[str, Any], prefix: str = "", arm_suffix: str = ""
+) -> tuple[list[FoldJob], list[str]]:
     """Fold jobs of one LOMO folder (arms in config order, then any other arm folder found)."""
     emb_root = folder / "embeddings"
     listed_arms = [str(a) for a in config.get("arms", [])]
@@ -174,34 +190,52 @@ def _lomo_jobs(folder: Path, config: Mapping[str, Any], prefix: str = "") -> tup
             path = files[m]
             stat = path.stat()
             input_id = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-            jobs.append(FoldJob(arm, f"{prefix}{m}X", lambda p=path: _read_lomo_npz(p), input_id))
+            jobs.append(FoldJob(f"{arm}{arm_suffix}", f"{prefix}{m}X", lambda p=path: _read_lomo_npz(p), input_id))
     for m, reason in dict(config.get("skipped_held_out") or {}).items():
         notes.append(f"{folder}: `wsienc lomo` did not run the {m}X-held-out fold ({reason})")
     return jobs, notes
+
+
+def _lomo_leaves(
+    folder: Path, config: Mapping[str, Any], prefix: str = "", suffix: str = ""
+) -> list[tuple[Path, Mapping[str, Any], str, str]]:
+    """The folders holding ``embeddings/`` under a LOMO output folder, with fold-name prefix and arm suffix."""
+    if (folder / "embeddings").is_dir() or not (config.get("fold_dirs") or config.get("repeat_dirs")):
+        return [(folder, config, prefix, suffix)]
+    out = []
+    for d in config.get("repeat_dirs", []):
+        sub = folder / str(d)
+        out += _lomo_leaves(sub, _read_config(sub), prefix, f"{suffix}@{d}")
+    for d in config.get("fold_dirs", []):
+        sub = folder / str(d)
+        out += _lomo_leaves(sub, _read_config(sub), f"{prefix}{d}/", suffix)
+    return out
 
 
 def load_lomo_inputs(src: str | Path) -> SignatureInputs:
     """The folds of a ``wsienc lomo`` output folder (``config.json`` + ``embeddings/<arm>/heldout_<m>.npz``).
 
     A run with patient folds (``config.json`` lists ``fold_dirs``) contributes the folds of every
-    patient-fold folder, named ``<fold_dir>/<m>X``.
+    patient-fold folder, named ``<fold_dir>/<m>X``. A run with repeats (``repeat_dirs``) contributes
+    each repeat's arms as ``<arm>@repeat_<k>``: repeats start from different initial weights, so their
+    dimensions are compared only within a repeat.
     """
     src = Path(src)
     config = _read_config(src)
     config_path = src / "config.json"
     warnings: list[str] = []
-    sub_dirs = [src / str(d) for d in config.get("fold_dirs", [])] if not (src / "embeddings").is_dir() else []
     jobs: list[FoldJob] = []
     inits: set[str] = set()
     shared = config.get("shared_init") is True
-    if sub_dirs:
-        for sub in sub_dirs:
-            sub_config = _read_config(sub)
-            sub_jobs, notes = _lomo_jobs(sub, sub_config, prefix=f"{sub.name}/")
+    leaves = _lomo_leaves(src, config)
+    if leaves[0][0] != src:
+        for sub, sub_config, prefix, suffix in leaves:
+            sub_jobs, notes = _lomo_jobs(sub, sub_config, prefix=prefix, arm_suffix=suffix)
             jobs += sub_jobs
             warnings += notes
             shared = shared and sub_config.get("shared_init") is True
-            inits.add(str(sub_config.get("init_sha256")))
+            if not suffix:
+                inits.add(str(sub_config.get("init_sha256")))
     else:
         jobs, warnings = _lomo_jobs(src, config)
     if not jobs:
@@ -527,7 +561,7 @@ def _write_outputs(
     jaccards = arm_jaccards(records)
     files = [out / "signatures.csv", out / "jaccard.csv", out / "signatures.json"]
     _atomic_write(files[0], _csv(SIGNATURE_COLUMNS, [list(r.row().values()) for r in records]))
-    _atomic_write(files[1], _csv(JACCARD_COLUMNS, [[j.arm, a, b, v] for j in jaccards for a, b, v in j.pairs()]))
+    _atomic_write(files[1], _csv(JACCARD_COLUMNS, [[j.arm, *pair] for j in jaccards for pair in j.pairs()]))
     payload = {
         "source": str(inputs.source.resolve()),
         "kind": inputs.kind,
@@ -543,8 +577,13 @@ def _write_outputs(
                 "folds": {r.fold: r.to_json() for r in records if r.arm == j.arm},
                 "jaccard": {
                     "folds": list(j.folds),
-                    "matrix": j.matrix.round(6).tolist(),
+                    "matrix": np.where(np.isnan(j.matrix), None, j.matrix.round(6)).tolist(),
                     "mean_off_diagonal": None if math.isnan(j.mean_off_diagonal) else j.mean_off_diagonal,
+                    "chance": np.where(np.isnan(j.chance), None, j.chance.round(6)).tolist(),
+                    "corrected": np.where(np.isnan(j.corrected), None, j.corrected.round(6)).tolist(),
+                    "mean_chance": None if math.isnan(j.mean_chance) else j.mean_chance,
+                    "mean_corrected": None if math.isnan(j.mean_corrected) else j.mean_corrected,
+                    "n_dims": j.n_dims,
                 },
             }
             for j in jaccards

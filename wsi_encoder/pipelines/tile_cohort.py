@@ -54,7 +54,7 @@ from wsi_encoder.io.patch_store import (
     write_tile_chunk,
 )
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
-from wsi_encoder.io.slides import SlideReader, get_reader, open_slide, read_slide_mpp_csv
+from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp, read_slide_mpp_csv
 from wsi_encoder.io.tissue_masks import find_mask_file
 from wsi_encoder.io.urls import normalize, zarr_store
 from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner
@@ -228,19 +228,8 @@ def _slide_attrs(config: TileConfig, reader: SlideReader, grid: SlideGrid, extra
 
 def _open_with_mpp(config: TileConfig, entry: SlideEntry) -> tuple[SlideReader, str, str | None]:
     """Open the slide and settle its µm/px: ``(reader, mpp_source, note for the user or None)``."""
-    reader = open_slide(entry.path, config.backend)
     requested, source = config.requested_mpp(entry)
-    recorded = reader.metadata_mpp
-    note = None
-    if source == "fallback" and recorded is not None:
-        return reader, "metadata", None
-    if source == "metadata":
-        return reader, "metadata", None
-    reader.override_mpp(requested)
-    if recorded is not None and not np.isclose(recorded, requested, rtol=1e-6):
-        flag = "--slide-mpp-csv" if source == "csv" else "--force-slide-mpp"
-        note = f"{entry.slide_id}: {flag} sets {requested:g} µm/px instead of the recorded {recorded:.4g}"
-    return reader, source, note
+    return open_slide_with_mpp(entry.path, config.backend, requested, source, entry.slide_id)
 
 
 def _matches(attrs: dict[str, Any], params: dict[str, Any]) -> bool:

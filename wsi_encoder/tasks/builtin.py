@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_encoder.errors import DatasetError
-from wsi_encoder.io.breakhis import MAGNIFICATIONS, SUBTYPES, scan_breakhis
+from wsi_encoder.io.breakhis import MAGNIFICATIONS, SUBTYPES, patient_key, scan_breakhis
 from wsi_encoder.tasks.data import (
     ConcatImages,
     FileImages,
@@ -44,7 +44,7 @@ BREAKHIS_LAYOUT = (
 def breakhis_malignancy(path: Path) -> Iterator[tuple[Path, str, str]]:
     """Label = benign/malignant parsed from the file name; group = the patient number."""
     for im in scan_breakhis(path):
-        yield im.path, im.label, im.strict_patient_id
+        yield im.path, im.label, patient_key(im)
 
 
 @register_task(
@@ -56,7 +56,7 @@ def breakhis_malignancy(path: Path) -> Iterator[tuple[Path, str, str]]:
 def breakhis_subtype(path: Path) -> Iterator[tuple[Path, str, str]]:
     """Label = histological subtype parsed from the file name; group = the patient number."""
     for im in scan_breakhis(path):
-        yield im.path, im.subtype, im.strict_patient_id
+        yield im.path, im.subtype, patient_key(im)
 
 
 @register_task(
@@ -68,7 +68,7 @@ def breakhis_subtype(path: Path) -> Iterator[tuple[Path, str, str]]:
 def breakhis_magnification(path: Path) -> Iterator[tuple[Path, str, str]]:
     """Label = magnification parsed from the file name; group = the patient number."""
     for im in scan_breakhis(path):
-        yield im.path, f"{im.magnification}X", im.strict_patient_id
+        yield im.path, f"{im.magnification}X", patient_key(im)
 
 
 KATHER_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")

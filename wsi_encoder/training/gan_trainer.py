@@ -182,3 +182,99 @@ def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any]]:
 def spec_dict(spec: DcganSpec) -> dict[str, Any]:
     """The spec as a JSON-serialisable dict."""
     return asdict(spec)
+
+
+@dataclass
+class FoldSynthetic:
+    """The synthetic images of one fold and what a person should look at to judge them.
+
+    ``images``/``labels`` are ``(M, 64, 64, 3)`` uint8 and ``(M,)`` class indices;
+    ``real_grid``/``fake_grid`` hold a few real and generated images per class; ``notes`` say how
+    many images and steps each class's DCGAN had.
+    """
+
+    images: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int64]
+    real_grid: dict[str, npt.NDArray[np.uint8]]
+    fake_grid: dict[str, npt.NDArray[np.uint8]]
+    notes: list[str]
+
+
+def to_gan_size(images: npt.NDArray[np.uint8], device: torch.device | str = "cpu") -> npt.NDArray[np.uint8]:
+    """Resize ``(N, S, S, 3)`` uint8 images to 64×64 (antialiased), the classifier's view at DCGAN size."""
+    from wsi_encoder.training.lomo_data import resize_batch
+
+    out = np.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for start in range(0, len(images), 256):
+        x = resize_batch(to_tensor(images[start : start + 256], device), IMAGE_SIZE)
+        out[start : start + len(x)] = (
+            (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        )
+    return out
+
+
+def fold_synthetic_images(
+    class_images: dict[str, tuple[npt.NDArray[np.uint8], list[str]]],
+    classes: tuple[str, ...],
+    gan_dir: str | Path,
+    spec: DcganSpec,
+    ratio: float,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[str, int, int, dict[str, float]], None] | None = None,
+) -> FoldSynthetic:
+    """One DCGAN per class trained on that class's training images of a fold; ``round(ratio · n)`` samples each.
+
+    Parameters
+    ----------
+    class_images
+        ``{class: (images (n, S, S, 3) uint8, file names)}``: the fold's *training-role* images only.
+    classes
+        All class names, in label-index order.
+    gan_dir
+        Where the generators (``<class>.safetensors``) and ``trained_on.json`` (the exact files each
+        DCGAN saw, and the settings) are kept; a generator whose record matches is reused.
+    spec, ratio, seed, device
+        DCGAN settings, synthetic images per real image, seed, torch device.
+    on_epoch
+        Progress: ``on_epoch(class, epoch, epochs, stats)``.
+    """
+    import json
+
+    from wsi_encoder.models.checkpoint import atomic_write_json
+
+    gan_dir = Path(gan_dir)
+    record_path = gan_dir / "trained_on.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    fakes, labels, real_grid, fake_grid, notes = [], [], {}, {}, []
+    for c, cls in enumerate(classes):
+        if cls not in class_images or len(class_images[cls][1]) == 0:
+            continue
+        pixels, names = class_images[cls]
+        weights = gan_dir / f"{cls}.safetensors"
+        gen = None
+        if weights.is_file() and record.get(cls) == names and record.get("spec") == asdict(spec):
+            try:
+                gen, _ = load_generator(weights)
+            except CheckpointError as exc:
+                logger.warning("%s; the DCGAN is trained again", exc)
+        real64 = to_gan_size(pixels, device)
+        if gen is None:
+            cb = None if on_epoch is None else (lambda e, n, st, cls=cls: on_epoch(cls, e, n, st))
+            gen = train_dcgan(real64, spec, seed=seed + c, device=device, on_epoch=cb)
+            save_generator(weights, gen, {"class": cls, "n_images": len(names)})
+            record[cls] = names
+            record["spec"] = asdict(spec)
+            atomic_write_json(record_path, record)
+        n = round(ratio * len(names))
+        fakes.append(generate(gen, n, seed=seed + 1000 + c, device=device))
+        labels.append(np.full(n, c, dtype=np.int64))
+        real_grid[cls] = real64[:8]
+        fake_grid[cls] = generate(gen, 16, seed=seed + 2000 + c, device=device)
+        steps = spec.epochs * math.ceil(len(names) / min(spec.batch_size, len(names)))
+        notes.append(f"{cls}: {len(names)} images, {steps} steps")
+    if not fakes:
+        empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        return FoldSynthetic(empty, np.zeros(0, np.int64), real_grid, fake_grid, notes)
+    return FoldSynthetic(np.concatenate(fakes), np.concatenate(labels), real_grid, fake_grid, notes)
