@@ -47,6 +47,8 @@ COMMANDS = {
     "classify-store": lambda url, s3: ["classify", "train", url, "--labels", f"{s3}/l.csv", "--model", "linear", "--out", f"{s3}/m"],
     "classify-labels": lambda url, s3: ["classify", "train", f"{s3}/e.zarr", "--labels", url, "--model", "linear", "--out", f"{s3}/m"],
     "predict-model": lambda url, s3: ["classify", "predict", f"{s3}/e.zarr", "--model", url, "--out", f"{s3}/p.csv"],
+    "predict-slides": lambda url, s3: ["predict", url, "--model", f"{s3}/clf", "--out", f"{s3}/pred"],
+    "predict-out": lambda url, s3: ["predict", f"{s3}/slides/a.tiff", "--model", f"{s3}/clf", "--out", url],
 }
 
 
@@ -117,3 +119,38 @@ def test_info_reads_s3_slide_and_refuses_openslide_for_urls(s3: str, slide_url: 
     assert "OpenSlide cannot read remote slides" in out
     code, out = _run(["info", f"{s3}/slides/missing.svs"])
     assert code != 0 and "no such file or object" in out
+
+
+def test_predict_slides_model_and_output_on_s3(s3: str, tmp_path: Path) -> None:
+    """`wsienc predict` from s3:// slides with an s3:// model into an s3:// folder equals a local run, and resumes."""
+    import s3fs
+
+    from tests.test_predict import _model
+    from wsi_encoder.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(2):
+        write_synthetic_slide(folder / f"s{i}.tif", SyntheticSlideSpec(width=1536, height=1024, mpp=0.5, seed=i, pieces=1))
+    model = _model(tmp_path / "clf")
+    fs = s3fs.S3FileSystem()
+    fs.put(str(folder) + "/", f"{s3}/slides/", recursive=True)
+    fs.put(str(model) + "/", f"{s3}/clf/", recursive=True)
+    code, out = _run(["predict", str(folder), "--model", str(model), "--out", str(tmp_path / "local"), "--threads", "1"])
+    assert code == 0, out
+    args = ["predict", f"{s3}/slides/", "--model", f"{s3}/clf", "--out", f"{s3}/pred", "--threads", "1"]
+    code, out = _run(args)
+    assert code == 0, out
+    assert f"{s3}/pred/predictions.csv" in out
+    import csv
+    import io
+
+    def rows(text: str) -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(io.StringIO(text))]
+
+    local_rows = rows((tmp_path / "local" / "predictions.csv").read_text())
+    remote_rows = rows(fs.cat_file(f"{s3}/pred/predictions.csv").decode())
+    assert local_rows == remote_rows and len(remote_rows) == 2
+    assert fs.isfile(f"{s3}/pred/geojson/s0.geojson")
+    code, out = _run(args)  # a re-run finds the finished slides in the uploaded folder
+    assert code == 0 and "earlier run" in out

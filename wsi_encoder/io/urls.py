@@ -13,6 +13,7 @@ object) and never the options: no secret is ever put in a message, a log, a stor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -281,7 +282,12 @@ def local_output(path: str | Path) -> Iterator[Path]:
     check_writable(path)
     check_bucket(str(path))
     fs, inner = filesystem(path)
-    tmp = Path(tempfile.mkdtemp(prefix="wsienc-"))
+    # The same staging folder for the same URL on every run, so records that name their files by
+    # local path (resume bookkeeping) stay valid when the folder is fetched again.
+    digest = hashlib.sha256(str(normalize(path)).encode()).hexdigest()[:16]
+    tmp = Path(tempfile.gettempdir()) / f"wsienc-output-{os.getuid()}-{digest}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     target = tmp / name_of(path)
     try:
         if fs.isdir(inner):
