@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err
+from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
+from wsi_encoder.io.urls import is_url, join, local_copy, local_output
 
 MODELS = ("gridcnn", "abmil", "linear")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
@@ -34,11 +36,11 @@ def classify() -> None:
 
 
 @classify.command()
-@click.argument("embeddings", type=click.Path(path_type=Path))
-@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+@click.argument("embeddings", type=PATH_OR_URL)
+@click.option("--labels", "labels_csv", required=True, type=PATH_OR_URL,
               help="CSV with slide_id,label[,patient_id][,split] (split: train or test).")
 @click.option("--model", type=click.Choice(MODELS), required=True, help="Slide classifier.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--out", "out_dir", required=True, type=PATH_OR_URL, help="Output folder (local, or an s3:// URL).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Patient-grouped CV folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, initialisation and batches.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -54,11 +56,12 @@ def classify() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
+@storage_options_option
 def train(
-    embeddings: Path,
-    labels_csv: Path,
+    embeddings: Path | str,
+    labels_csv: Path | str,
     model: str,
-    out_dir: Path,
+    out_dir: Path | str,
     folds: int,
     seed: int,
     epochs: int | None,
@@ -86,11 +89,12 @@ def train(
             f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
         )
 
-    result = train_classifier(
-        embeddings, labels_csv, model, out_dir, folds, seed, epochs=epochs, params=_parse_params(params),
-        allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
-        n_boot=n_boot, threads=threads, on_fold=on_fold,
-    )
+    with local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
+        result = train_classifier(
+            embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
+            allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
+            n_boot=n_boot, threads=threads, on_fold=on_fold,
+        )
     m = result.metrics
     labels = m["labels"]
     click.echo(
@@ -111,29 +115,30 @@ def train(
         t = m["test"]["metrics"]
         click.echo(f"held-out test split ({m['test']['n_slides']} slides): " + ", ".join(f"{k} {_fmt(t[k])}" for k in _SHOWN))
     for key, path in result.files.items():
-        click.echo(f"{key:<12} {path}")
+        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
 
 
 @classify.command()
-@click.argument("embeddings", type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+@click.argument("embeddings", type=PATH_OR_URL)
+@click.option("--model", "model_dir", required=True, type=PATH_OR_URL,
               help="The --out folder of `wsienc classify train`.")
-@click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV to write.")
-@click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_csv", required=True, type=PATH_OR_URL, help="Predictions CSV to write.")
+@click.option("--heatmap-dir", type=PATH_OR_URL, default=None,
               help="Write one heatmap PNG (over the thumbnail) and .npy per slide here.")
-@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), default=None,
+@click.option("--labels", "labels_csv", type=PATH_OR_URL, default=None,
               help="Optional labels CSV: adds a label column and prints metrics.")
 @click.option("--allow-encoder-mismatch", is_flag=True,
               help="Predict even if the store was encoded by another encoder than the training store.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
+@storage_options_option
 def predict(
-    embeddings: Path,
-    model_dir: Path,
-    out_csv: Path,
-    heatmap_dir: Path | None,
-    labels_csv: Path | None,
+    embeddings: Path | str,
+    model_dir: Path | str,
+    out_csv: Path | str,
+    heatmap_dir: Path | str | None,
+    labels_csv: Path | str | None,
     allow_encoder_mismatch: bool,
     device: str,
     threads: int | None,
@@ -141,13 +146,18 @@ def predict(
     """Predict every slide of EMBEDDINGS with a trained model; optionally draw per-slide heatmaps."""
     from wsi_encoder.pipelines.classify import predict as run_predict
 
-    result = run_predict(
-        embeddings, model_dir, out_csv, heatmap_dir, labels_csv=labels_csv, device=device,
-        allow_encoder_mismatch=allow_encoder_mismatch, threads=threads,
-    )
+    with ExitStack() as stack:
+        model_folder = stack.enter_context(local_copy(model_dir))
+        csv_file = stack.enter_context(local_output(out_csv))
+        heat_folder = None if heatmap_dir is None else stack.enter_context(local_output(heatmap_dir))
+        labels_file = None if labels_csv is None else stack.enter_context(local_copy(labels_csv))
+        result = run_predict(
+            embeddings, model_folder, csv_file, heat_folder, labels_csv=labels_file, device=device,
+            allow_encoder_mismatch=allow_encoder_mismatch, threads=threads,
+        )
     for slide_id, reason in result.skipped.items():
         echo_err(f"skipped {slide_id}: {reason}")
-    click.echo(f"predicted {len(result.rows)} slides -> {result.out_csv}")
+    click.echo(f"predicted {len(result.rows)} slides -> {out_csv}")
     if result.heatmaps:
         click.echo(f"heatmaps    {len(result.heatmaps)} PNG in {heatmap_dir}")
     if result.metrics:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
+from wsi_encoder.errors import WsiEncoderError
+from wsi_encoder.io.urls import as_local, check_bucket, is_url, set_storage_options
 
 T = TypeVar("T")
 
@@ -40,4 +44,50 @@ slide_mpp_option = click.option(
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Override the slides' level-0 resolution in µm/px (for files without, or with wrong, metadata).",
+)
+
+
+class PathOrURL(click.ParamType):
+    """A local path (a :class:`~pathlib.Path`) or an fsspec URL kept as a string (``s3://...``).
+
+    A URL is checked at once (its scheme, its bucket, the credentials: one HEAD request), so a bad
+    URL, a missing bucket or missing credentials is one line before any work starts.
+    """
+
+    name = "path|url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        if not is_url(value):
+            return as_local(value)
+        try:
+            check_bucket(str(value))
+        except WsiEncoderError as exc:
+            raise click.ClickException(str(exc)) from None
+        return str(value)
+
+
+#: Type of every path argument that may live on object storage.
+PATH_OR_URL = PathOrURL()
+
+
+def _set_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        try:
+            set_storage_options(value)
+        except WsiEncoderError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--storage-options "), ctx=ctx, param=param) from None
+
+
+storage_options_option = click.option(
+    "--storage-options",
+    metavar="JSON",
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_storage_options,
+    help="fsspec options for s3://, gs://, az:// paths as a JSON object, e.g. '{\"endpoint_url\": "
+    "\"https://minio.example:9000\"}' or '{\"anon\": true}'. Credentials come best from the standard environment "
+    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL); see docs/cluster.md.",
 )

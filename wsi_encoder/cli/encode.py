@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err
+from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
 
 
 class _Progress:
@@ -33,10 +33,10 @@ class _Progress:
 
 
 @click.command()
-@click.argument("patch_store", type=click.Path(path_type=Path))
+@click.argument("patch_store", type=PATH_OR_URL)
 @click.option("--encoder", required=True, help="A `wsienc train-encoder` checkpoint folder or a registered encoder name (see `wsienc encoders`: uni, virchow2, resnet50-trunc, ...).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights of a registered encoder (.safetensors preferred; .bin/.pth read with weights_only; or a snapshot folder). Default: $WSIENC_WEIGHTS_DIR/<name>/<file>. Never downloaded.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Embedding store to write (zarr v3; resumed when it exists).")
+@click.option("--out", type=PATH_OR_URL, required=True, help="Embedding store to write (zarr v3, a folder or an s3:// URL; resumed when it exists).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage type of features and grid.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--chunk-tiles", type=click.IntRange(min=1), default=1024, show_default=True, help="Tiles per task (and per stored chunk).")
@@ -49,13 +49,14 @@ class _Progress:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Forward pass precision (autocast): bf16 on CUDA or recent CPUs, fp16 on CUDA. Features are stored as --dtype.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (slower start, faster on long runs).")
 @click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
+@storage_options_option
 @click.pass_context
 def encode(
     ctx: click.Context,
-    patch_store: Path,
+    patch_store: Path | str,
     encoder: str,
     weights: Path | None,
-    out: Path,
+    out: Path | str,
     dtype: str,
     batch_size: int,
     chunk_tiles: int,

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from wsi_encoder.cli.common import echo_err, slide_backend_option, slide_mpp_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    echo_err,
+    slide_backend_option,
+    slide_mpp_option,
+    storage_options_option,
+)
 from wsi_encoder.errors import WsiEncoderError
 
 
@@ -21,12 +27,14 @@ def _fmt(value: object) -> str:
 
 
 @click.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, required=True, type=PATH_OR_URL)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per slide (null when unknown).")
 @slide_backend_option
 @slide_mpp_option
-def info(slides: tuple[Path, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
-    """Print the properties of each SLIDE: size, levels, downsamples, µm/px, objective, vendor."""
+@storage_options_option
+def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
+    """Print the properties of each SLIDE (a file, or an s3:// / https:// URL): size, levels, downsamples, µm/px,
+    objective, vendor."""
     from wsi_encoder.io.slides import open_slide
 
     failed = 0

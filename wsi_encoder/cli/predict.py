@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err, slide_mpp_option
+from wsi_encoder.cli.common import PATH_OR_URL, echo_err, slide_mpp_option, storage_options_option
+from wsi_encoder.io.urls import join, local_copy, local_output
 
 
 class _Progress:
@@ -34,11 +35,12 @@ class _Progress:
 
 
 @click.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="The --out folder of `wsienc classify train`.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output folder: predictions.csv, heatmaps/, geojson/, run.json (a re-run skips finished slides).")
+@click.argument("slides", nargs=-1, required=True, type=PATH_OR_URL)
+@click.option("--model", "model_dir", required=True, type=PATH_OR_URL,
+              help="The --out folder of `wsienc classify train` (local or an s3:// URL).")
+@click.option("--out", "-o", required=True, type=PATH_OR_URL,
+              help="Output folder: predictions.csv, heatmaps/, geojson/, run.json (a re-run skips finished slides); "
+              "an s3:// URL is written locally and uploaded at the end.")
 @click.option("--encoder", default=None,
               help="Encoder checkpoint folder or registered name [default: the one the model's training embeddings came from].")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -67,12 +69,13 @@ class _Progress:
 @click.option("--read-threads", type=click.IntRange(min=1), default=None,
               help="Threads decoding tiles ahead of the encoder [default: the CPU count, at most 4].")
 @click.option("--overwrite", is_flag=True, help="Predict every slide again, ignoring earlier results in OUT.")
+@storage_options_option
 @click.pass_context
 def predict(
     ctx: click.Context,
-    slides: tuple[Path, ...],
-    model_dir: Path,
-    out: Path,
+    slides: tuple[Path | str, ...],
+    model_dir: Path | str,
+    out: Path | str,
     encoder: str | None,
     weights: Path | None,
     mpp: float | None,
@@ -119,12 +122,14 @@ def predict(
             echo_err(f"{slide.slide_id}: {slide.pred} ({probs}), {slide.n_tiles} tiles, {slide.seconds:.1f} s{note}")
 
     try:
-        report = predict_slides(
-            slides, model_dir, out, encoder=encoder, weights=weights, mpp=mpp, tile_size=tile_size, stride=stride,
+        with local_copy(model_dir) as model_folder, local_output(out) as out_folder:
+            report = predict_slides(
+                slides, model_folder, out_folder, encoder=encoder, weights=weights, mpp=mpp, tile_size=tile_size, stride=stride,
             mpp_tolerance=mpp_tolerance, tissue_threshold=tissue_threshold, force=force, keep_stores=keep_stores,
-            heatmaps=heatmaps, geojson=geojson, slide_mpp=slide_mpp, backend=backend, device=device,
-            batch_size=batch_size, threads=threads, read_threads=read_threads, overwrite=overwrite, on_slide=on_slide, progress=bar,
-        )  # fmt: skip
+                heatmaps=heatmaps, geojson=geojson, slide_mpp=slide_mpp, backend=backend, device=device,
+                batch_size=batch_size, threads=threads, read_threads=read_threads, overwrite=overwrite, on_slide=on_slide,
+                progress=bar,
+            )  # fmt: skip
     finally:
         bar.close()
     s = report.settings
@@ -134,12 +139,12 @@ def predict(
         f"{len(report.predicted)} slide(s) predicted, {len(report.failed)} failed; encoder {s.encoder}, "
         f"{s.spec.tile_size} px tiles at {s.spec.target_mpp:g} µm/px (stride {s.spec.stride_px})"
     )
-    click.echo(f"predictions  {report.files['predictions']}")
+    click.echo(f"predictions  {join(out, Path(report.files['predictions']).name)}")
     if heatmaps:
-        click.echo(f"heatmaps     {report.out / 'heatmaps'}/<slide_id>.png")
+        click.echo(f"heatmaps     {join(out, 'heatmaps')}/<slide_id>.png")
     if geojson:
-        click.echo(f"geojson      {report.out / 'geojson'}/<slide_id>.geojson (QuPath: File > Import objects from file)")
+        click.echo(f"geojson      {join(out, 'geojson')}/<slide_id>.geojson (QuPath: File > Import objects from file)")
     if keep_stores:
-        click.echo(f"stores       {report.out / 'patches.zarr'} (coords-only), {report.out / 'embeddings.zarr'}")
+        click.echo(f"stores       {join(out, 'patches.zarr')} (coords-only), {join(out, 'embeddings.zarr')}")
     if report.failed:
         sys.exit(1)

@@ -9,12 +9,12 @@ from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err
+from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
 
 
 @click.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The patch store to write (a .zarr directory); resumed if it exists.")
+@click.argument("slides", nargs=-1, required=True, type=PATH_OR_URL)
+@click.option("--out", "-o", required=True, type=PATH_OR_URL, help="The patch store to write (a .zarr directory or an s3:// URL); resumed if it exists.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True, help="Target resolution of the tiles in µm/px (0.5 ≈ 20x, 0.25 ≈ 40x).")
 @click.option("--tile-size", type=click.IntRange(8, 8192), default=224, show_default=True, help="Tile edge in pixels at the target resolution.")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels at the target resolution [default: the tile size].")
@@ -46,9 +46,10 @@ from wsi_encoder.cli.common import echo_err
     help="Slide reader. auto: direct tile decoding via tiffslide for SVS, generic TIFF and NDPI (same pixels as "
     "OpenSlide, faster), OpenSlide for the other formats. Every command reads slides in this same order.",
 )
+@storage_options_option
 def tile(
-    slides: tuple[Path, ...],
-    out: Path,
+    slides: tuple[Path | str, ...],
+    out: Path | str,
     mpp: float,
     tile_size: int,
     stride: int | None,
@@ -68,7 +69,7 @@ def tile(
     qc_dir: Path | None,
     backend: str,
 ) -> None:
-    """Cut SLIDES (files or folders of slides) into tiles at --mpp and store them in --out.
+    """Cut SLIDES (files or folders of slides, local or s3:// URLs) into tiles at --mpp and store them in --out.
 
     Finds tissue on a thumbnail, lays a grid of --tile-size tiles at --mpp µm/px, keeps the tiles
     with enough tissue and writes them (or only their coordinates) to a zarr patch store, one group
@@ -80,6 +81,7 @@ def tile(
     \b
     Example:
       wsienc tile slides/ --out cohort.zarr --mpp 0.5 --tile-size 224 --qc-dir qc/
+      wsienc tile s3://bucket/cohort/ --out s3://bucket/stores/cohort.zarr
     """
     from wsi_encoder.pipelines.tile_cohort import tile_cohort
     from wsi_encoder.tiling import TileSpec

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import zarr
 
 from wsi_encoder.errors import StoreError
+from wsi_encoder.io.urls import exists, normalize, zarr_store
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class EmbeddingStoreReader:
         When the folder is missing, not a zarr group, or not an embedding store.
     """
 
-    path: Path
+    path: Path | str
     cache_bytes: int = 2 * 1024**3
     slide_ids: tuple[str, ...] = field(init=False)
     skipped: dict[str, str] = field(init=False)
@@ -127,11 +128,11 @@ class EmbeddingStoreReader:
     _cache: OrderedDict[str, SlideBag] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        if not self.path.exists():
+        self.path = normalize(self.path)
+        if not exists(self.path):
             raise StoreError(f"{self.path}: embedding store not found (create it with `wsienc encode`)")
         try:
-            self._root = zarr.open_group(str(self.path), mode="r")
+            self._root = zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
         except Exception as exc:
             raise StoreError(f"{self.path}: not a zarr group ({type(exc).__name__}: {exc})") from exc
         kind = self._root.attrs.get("kind")
@@ -297,7 +298,7 @@ class EmbeddingStoreReader:
         if not patch_store:
             return {}
         try:
-            return dict(zarr.open_group(str(patch_store), mode="r")[slide_id].attrs)
+            return dict(zarr.open_group(zarr_store(patch_store, read_only=True), mode="r")[slide_id].attrs)
         except Exception:
             logger.debug("patch store %s not readable for %s", patch_store, slide_id, exc_info=True)
             return {}

@@ -36,6 +36,7 @@ import numpy.typing as npt
 import zarr
 
 from wsi_encoder.errors import StoreError
+from wsi_encoder.io.urls import check_bucket, describe_error, exists, is_file, is_url, normalize, zarr_store
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +89,17 @@ def open_embedding_root(path: str | Path, *, create: bool = False) -> zarr.Group
         The path is missing (and ``create`` is False), is not a zarr group, or is another kind of
         store (e.g. a patch store).
     """
-    path = Path(path)
-    if not create and not path.exists():
+    path = normalize(path)
+    if is_url(path):
+        check_bucket(str(path))
+    if not create and not exists(path):
         raise StoreError(f"{path}: no such embedding store (run `wsienc encode ... --out {path}` first)")
-    if path.exists() and not path.is_dir():
+    if is_file(path):
         raise StoreError(f"{path}: is a file, not a zarr store directory; choose another --out")
     try:
-        root = zarr.open_group(str(path), mode="a" if create else "r")
+        root = zarr.open_group(zarr_store(path, read_only=not create), mode="a" if create else "r")
     except Exception as exc:
-        raise StoreError(f"{path}: not a readable zarr v3 group ({exc})") from exc
+        raise StoreError(f"{path}: not a readable zarr v3 group ({describe_error(path, exc)})") from None
     kind = root.attrs.get("kind")
     if kind is None and create and not list(root.keys()):
         root.attrs.update({"kind": KIND, "slides": {}})
@@ -278,7 +281,7 @@ def delete_slide(root: zarr.Group, slide_id: str) -> None:
 def slide_group(store: str | Path, slide_id: str, *, mode: str = "r") -> zarr.Group:
     """Open one slide's group of the embedding store at ``store``."""
     try:
-        group = zarr.open_group(str(Path(store) / slide_id), mode=mode)  # type: ignore[arg-type]
+        group = zarr.open_group(zarr_store(store, read_only=mode == "r"), path=slide_id, mode=mode)  # type: ignore[arg-type]
     except Exception as exc:
         raise StoreError(f"{store}: slide {slide_id!r} is not in the embedding store ({exc})") from exc
     return group

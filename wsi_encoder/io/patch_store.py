@@ -19,8 +19,10 @@ use ``grid`` for positions. With ``codec="jpeg"`` each chunk holds one JPEG per 
 (:mod:`wsi_encoder.io.jpeg_codec`); with ``codec="zstd"`` the chunks are shards of single-tile,
 zstd-compressed inner chunks (lossless).
 
-Writers hold :class:`StoreLock` (a ``<store>.lock`` file beside the store) so two runs cannot write
-one store at once. :func:`open_patch_store` gives the read API (:class:`PatchStore`,
+Writers hold :class:`StoreLock` (a ``<store>.lock`` file or object beside the store) so two runs
+cannot write one store at once. A store may live on object storage (``s3://...``, a zarr v3
+``FsspecStore``): every chunk is one whole-object PUT, so there are no partial files to clean, and a
+chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patch_store` gives the read API (:class:`PatchStore`,
 :class:`PatchSlide`) used by ``wsienc encode`` and the training tasks.
 """
 
@@ -46,6 +48,16 @@ from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
 from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
+from wsi_encoder.io.urls import (
+    check_bucket,
+    check_writable,
+    describe_error,
+    filesystem,
+    is_url,
+    join,
+    normalize,
+    zarr_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,45 +84,79 @@ def _pid_alive(pid: int) -> bool:
 
 
 class StoreLock:
-    """An exclusive writer lock on a store: the file ``<store>.lock`` beside it.
+    """An exclusive writer lock on a store: the file (or object) ``<store>.lock`` beside it.
 
-    The file records the holder's pid, host and start time. A lock left by a process that died
+    The lock records the holder's pid, host and start time. A lock left by a process that died
     (kill -9, power loss) on this host is taken over; a live holder, or one on another host, makes
-    :meth:`acquire` raise :class:`~wsi_encoder.errors.StoreError` naming it and the file to delete.
+    :meth:`acquire` raise :class:`~wsi_encoder.errors.StoreError` naming it and the lock to delete.
+    On object storage the lock object is created with a conditional PUT (``If-None-Match: *``, which
+    S3, MinIO and Ceph honour), so of two runs starting at once exactly one gets it.
     """
 
     def __init__(self, store_path: str | Path) -> None:
-        store = Path(store_path)
-        self.path = store.with_name(store.name + ".lock")
+        store = normalize(store_path)
+        check_writable(store)
+        self.remote = is_url(store)
+        self.path: Path | str = f"{store}.lock" if self.remote else Path(store).with_name(Path(store).name + ".lock")
         self._held = False
+
+    def _create(self, record: dict[str, Any]) -> None:
+        """Create the lock, raising FileExistsError when it exists."""
+        if self.remote:
+            fs, inner = filesystem(self.path)
+            try:
+                with fs.open(inner, "xb") as handle:
+                    handle.write(json.dumps(record).encode())
+            except FileExistsError:
+                raise
+            except Exception as exc:
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    raise FileExistsError(str(self.path)) from None
+                raise StoreError(describe_error(self.path, exc)) from None
+            return
+        assert isinstance(self.path, Path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+
+    def _delete(self) -> None:
+        if self.remote:
+            fs, inner = filesystem(self.path)
+            fs.rm(inner)
+        else:
+            assert isinstance(self.path, Path)
+            self.path.unlink(missing_ok=True)
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`~wsi_encoder.errors.StoreError`."""
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(record)
             except FileExistsError:
                 holder = self._holder()
                 if holder and holder.get("host") == record["host"] and not _pid_alive(int(holder.get("pid", -1))):
                     logger.warning("taking over the lock %s left by dead process %s", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
+                    self._delete()
                     continue
                 who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder else "unknown"
                 raise StoreError(
-                    f"{self.path.with_suffix('')}: another wsienc run is writing this store ({who}); wait for it to "
-                    f"finish, or if no such run is alive, delete {self.path}"
+                    f"{str(self.path)[: -len('.lock')]}: another wsienc run is writing this store ({who}); wait for it "
+                    f"to finish, or if no such run is alive, delete {self.path}"
                 ) from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle)
             self._held = True
             return
         raise StoreError(f"{self.path}: could not take the store lock; delete it if no wsienc run is writing the store")
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            value = json.loads(self.path.read_text())
+            if self.remote:
+                fs, inner = filesystem(self.path)
+                value = json.loads(fs.cat_file(inner))
+            else:
+                assert isinstance(self.path, Path)
+                value = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
@@ -119,8 +165,11 @@ class StoreLock:
         """Drop the lock (only if this process holds it)."""
         if self._held:
             holder = self._holder()
-            if holder is None or holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+            if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
+                try:
+                    self._delete()
+                except FileNotFoundError:
+                    pass
             self._held = False
 
     def __enter__(self) -> StoreLock:
@@ -140,6 +189,17 @@ def create_patch_store(path: str | Path) -> zarr.Group:
     StoreError
         ``path`` exists but is not a patch store (another zarr store, or a plain file/folder).
     """
+    if is_url(path):
+        url = str(normalize(path))
+        check_bucket(url)
+        fs, inner = filesystem(url)
+        if fs.isfile(inner) or (fs.exists(inner) and not fs.isfile(f"{inner}/zarr.json")):
+            raise StoreError(f"{url}: exists and is not a zarr store; choose another --out")
+        try:
+            root = zarr.open_group(zarr_store(url), mode="a", zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"{url}: cannot open as a zarr v3 group ({describe_error(url, exc)}); choose another --out") from None
+        return _claim_root(root, url)
     path = Path(path)
     empty_dir = path.is_dir() and not any(path.iterdir())
     if path.exists() and not (path / "zarr.json").exists() and not empty_dir:
@@ -148,12 +208,16 @@ def create_patch_store(path: str | Path) -> zarr.Group:
         root = zarr.open_group(str(path), mode="a", zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{path}: cannot open as a zarr v3 group ({exc}); choose another --out") from exc
+    _remove_partial_files(path, recursive=False)
+    return _claim_root(root, path)
+
+
+def _claim_root(root: zarr.Group, path: str | Path) -> zarr.Group:
     kind = root.attrs.get("kind")
     if kind is None:
         root.attrs.update({"kind": PATCH_STORE_KIND, "format": STORE_FORMAT, "slides": {}})
     elif kind != PATCH_STORE_KIND:
         raise StoreError(f"{path}: is a {kind!r} store, not a patch store; choose another --out")
-    _remove_partial_files(path, recursive=False)
     return root
 
 
@@ -184,6 +248,11 @@ def store_directory(root: zarr.Group) -> Path:
 
 def delete_slide_group(root: zarr.Group, slide_id: str) -> None:
     """Remove a slide's group directory (tiles and all, and any half-deleted leftovers)."""
+    if not isinstance(root.store, LocalStore):  # object storage: delete every key under the group's prefix
+        from zarr.core.sync import sync
+
+        sync(root.store.delete_dir(f"{root.path}/{slide_id}".strip("/")))
+        return
     directory = store_directory(root) / slide_id
     if directory.exists():
         shutil.rmtree(directory)
@@ -245,10 +314,11 @@ def create_slide_group(
 
 def open_slide_arrays_for_writing(store_path: str | Path, slide_id: str) -> tuple[zarr.Array, zarr.Array]:
     """The ``tiles`` and ``chunks_done`` arrays of a slide, opened for writing whole chunks."""
-    base = Path(store_path) / slide_id
+    base = join(normalize(store_path), slide_id)
     try:
-        tiles = zarr.open_array(str(base / "tiles"), mode="r+", zarr_format=3)
-        done = zarr.open_array(str(base / "chunks_done"), mode="r+", zarr_format=3)
+        store = zarr_store(store_path)
+        tiles = zarr.open_array(store, path=f"{slide_id}/tiles", mode="r+", zarr_format=3)
+        done = zarr.open_array(store, path=f"{slide_id}/chunks_done", mode="r+", zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{base}: cannot open the tile arrays for writing ({exc})") from exc
     return tiles.with_config(_WRITE_CONFIG), done.with_config(_WRITE_CONFIG)
@@ -379,7 +449,12 @@ def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
 
 
 def clean_slide_leftovers(store_path: str | Path, slide_id: str) -> None:
-    """Remove temporary files a killed run left inside a slide's group (before resuming it)."""
+    """Remove temporary files a killed run left inside a slide's group (before resuming it).
+
+    Object stores have none: an object is written whole or not at all.
+    """
+    if is_url(store_path):
+        return
     directory = Path(store_path) / slide_id
     if directory.exists():
         _remove_partial_files(directory, recursive=True)
@@ -485,7 +560,7 @@ class PatchStore:
     """A patch store opened for reading: ``store[slide_id]`` gives a :class:`PatchSlide`."""
 
     def __init__(self, path: str | Path, root: zarr.Group) -> None:
-        self.path = Path(path)
+        self.path = normalize(path)
         self.root = root
 
     def __repr__(self) -> str:
@@ -528,6 +603,19 @@ class PatchStore:
         return PatchSlide(group, slide_id)
 
 
+def _has_zarr_json(path: str | Path) -> bool:
+    """Whether ``path`` (a directory or a URL prefix) holds a zarr root; missing buckets and
+    credentials raise :class:`StoreError` with one clear line."""
+    if not is_url(path):
+        return (Path(path) / "zarr.json").exists()
+    check_bucket(str(path))
+    fs, inner = filesystem(path)
+    try:
+        return bool(fs.isfile(f"{inner}/zarr.json"))
+    except Exception as exc:
+        raise StoreError(describe_error(path, exc)) from None
+
+
 def open_patch_store(path: str | Path) -> PatchStore:
     """Open a patch store written by ``wsienc tile`` for reading.
 
@@ -536,11 +624,11 @@ def open_patch_store(path: str | Path) -> PatchStore:
     StoreError
         ``path`` is missing or not a patch store.
     """
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = normalize(path)
+    if not _has_zarr_json(path):
         raise StoreError(f"{path}: no such patch store (run `wsienc tile ... --out {path}` first)")
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        root = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{path}: cannot open as a zarr v3 group ({exc})") from exc
     kind = root.attrs.get("kind")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_encoder.errors import InvalidParameterError, SlideNotFoundError
+from wsi_encoder.io.urls import check_bucket, exists, is_file, is_url, list_files, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class SlideEntry:
     """A slide file and its id in the cohort."""
 
     slide_id: str
-    path: Path
+    #: A local path, or the slide's URL (``s3://...``) as a string.
+    path: Path | str
 
 
 def slide_id_from_path(path: str | Path) -> str:
@@ -67,12 +69,13 @@ def is_slide_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and lower.endswith(SLIDE_SUFFIXES)
 
 
-def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Path] = ()) -> list[Path]:
-    """Expand files and directories into a list of slide files.
+def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Path] = ()) -> list[Path | str]:
+    """Expand files and directories (or URLs of objects and prefixes) into a list of slide files.
 
     Files are taken as given (any suffix); directories are searched recursively for files with a
     :data:`SLIDE_SUFFIXES` suffix, in sorted order, skipping hidden entries, zarr stores and the
-    ``exclude`` paths (e.g. the output store). A file listed twice is kept once.
+    ``exclude`` paths (e.g. the output store). A file listed twice is kept once. A URL prefix
+    (``s3://bucket/cohort/``) is listed in one recursive listing (:func:`wsi_encoder.io.urls.list_files`).
 
     Raises
     ------
@@ -81,18 +84,32 @@ def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Pa
     InvalidParameterError
         No slide was found at all.
     """
-    excluded = {Path(p).resolve() for p in exclude}
-    found: list[Path] = []
-    seen: set[Path] = set()
+    excluded = {Path(p).resolve() for p in exclude if not is_url(p)}
+    excluded_urls = tuple(f"{normalize(p)}/" for p in exclude if is_url(p))
+    found: list[Path | str] = []
+    seen: set[Path | str] = set()
 
-    def add(path: Path) -> None:
-        resolved = path.resolve()
+    def add(path: Path | str) -> None:
+        resolved = normalize(path)
         if resolved not in seen:
             seen.add(resolved)
             found.append(resolved)
 
     inputs = list(inputs)
     for item in inputs:
+        if is_url(item):
+            check_bucket(str(item))
+            if is_file(item):
+                add(str(item))
+            elif exists(item):
+                listed = [u for u in list_files(str(item), SLIDE_SUFFIXES) if not u.startswith(excluded_urls)]
+                if not listed:
+                    logger.warning("no slide files (%s) under %s", ", ".join(SLIDE_SUFFIXES), item)
+                for url in listed:
+                    add(url)
+            else:
+                raise SlideNotFoundError(f"{item}: no such object or prefix")
+            continue
         path = Path(item).expanduser()
         if not path.exists():
             raise SlideNotFoundError(f"{path}: no such file or directory")
@@ -133,9 +150,9 @@ def assign_slide_ids(paths: Sequence[str | Path]) -> list[SlideEntry]:
         Two files would get the same id (compared case-insensitively).
     """
     entries: list[SlideEntry] = []
-    owners: dict[str, Path] = {}
+    owners: dict[str, Path | str] = {}
     for item in paths:
-        path = Path(item)
+        path = str(item) if is_url(item) else Path(item)
         slide_id = slide_id_from_path(path)
         key = slide_id.lower()
         if key in owners:

@@ -40,6 +40,7 @@ from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
 from wsi_encoder.io.labels import LabelTable, read_labels
+from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
 from wsi_encoder.models.slide_classifiers import SlideClassifier, slide_classifier_class
 from wsi_encoder.training.slide_trainer import torch_threads
@@ -233,7 +234,7 @@ def train_classifier(
         Called after every fold (progress).
     """
     out = Path(out_dir)
-    reader = EmbeddingStoreReader(Path(embedding_store))
+    reader = EmbeddingStoreReader(embedding_store)
     table = read_labels(
         labels_csv, reader.slide_ids, store_name=str(embedding_store), allow_missing=allow_missing,
         positive_class=positive_class, store_skipped=reader.skipped,
@@ -270,7 +271,7 @@ def train_classifier(
         "class_index": table.class_index,
         "positive_class": table.classes[1] if table.n_classes == 2 else None,
         "encoder": encoder,
-        "embedding_store": str(Path(embedding_store).resolve()),
+        "embedding_store": str(normalize(embedding_store)),
         "labels": str(Path(labels_csv).resolve()),
         "n_training_slides": len(train.slide_ids),
         "seed": seed,
@@ -309,7 +310,7 @@ def train_classifier(
         "folds": folds,
         "seed": seed,
         "val_fraction": val_fraction,
-        "embedding_store": str(Path(embedding_store).resolve()),
+        "embedding_store": str(normalize(embedding_store)),
         "encoder": encoder,
         "labels": table.to_json(),
         "n_slides": len(train.slide_ids),
@@ -353,7 +354,7 @@ def predict(
         ``allow_encoder_mismatch``) it was written by another encoder than the training store.
     """
     model, meta = load_model(model_dir, device)
-    reader = EmbeddingStoreReader(Path(embedding_store))
+    reader = EmbeddingStoreReader(embedding_store)
     if not reader.slide_ids:
         raise StoreError(f"{embedding_store}: no complete slide to predict")
     if reader.embedding_dim != model.in_dim:

@@ -45,8 +45,9 @@ from wsi_encoder.compression import (
 from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderError
 from wsi_encoder.io import embedding_store as es
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
-from wsi_encoder.io.patch_store import open_patch_store
+from wsi_encoder.io.patch_store import StoreLock, open_patch_store
 from wsi_encoder.io.slides import get_reader
+from wsi_encoder.io.urls import is_url, normalize, zarr_store
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
 from wsi_encoder.tiling import grid_from_attrs, read_tiles
 
@@ -99,7 +100,7 @@ class SlideResult:
 class EncodeResult:
     """What :func:`encode_store` did."""
 
-    out: Path
+    out: Path | str
     slides: dict[str, SlideResult] = field(default_factory=dict)
     previews: dict[str, Path] = field(default_factory=dict)
     h5_files: dict[str, Path] = field(default_factory=dict)
@@ -204,7 +205,7 @@ def encode_chunk(
         model, identity = load_encoder_cached(
             opts.encoder, opts.weights, opts.device, precision=opts.precision, compile=opts.compile
         )
-        patch_group = zarr.open_group(str(Path(opts.patch_store) / slide_id), mode="r")
+        patch_group = zarr.open_group(zarr_store(opts.patch_store, read_only=True), path=slide_id, mode="r")
         group = es.slide_group(opts.out, slide_id, mode="r+")
         layout = es.layout_of(group)
         start, stop = layout.chunk_range(chunk)
@@ -277,7 +278,7 @@ def export_h5(store: str | Path, slide_id: str, h5_dir: str | Path) -> Path:
         feature_attrs={
             "encoder": str(encoder.get("name")),
             "encoder_weights_sha256": str(encoder.get("weights_sha256")),
-            "embedding_store": str(Path(store).resolve()),
+            "embedding_store": str(normalize(store)),
         },
     )
 
@@ -379,7 +380,7 @@ def _plan_slide(
         "precision": opts.precision,
         "n_tiles": n,
         "grid_shape": list(grid_shape),
-        "patch_store": str(Path(opts.patch_store).resolve()),
+        "patch_store": str(normalize(opts.patch_store)),
         "encoder_input": {"size": plan.out_size, "mpp": plan.out_mpp, "resampled": plan.resample},
         "wsi_encoder_version": __version__,
     }
@@ -526,68 +527,71 @@ def encode_store(
     _, identity = load_encoder_cached(
         str(encoder), weights_path, device if local else "cpu", precision=precision, compile=compile
     )
-    root = es.open_embedding_root(out, create=True)
-    n_parallel = max(1, workers or (1 if local else os.cpu_count() or 1))
-    remote = client is not None or (scheduler not in (None, "", "threads", "synchronous", "processes"))
-    opts = EncodeOptions(
-        patch_store=str(Path(patch_store).resolve()),
-        out=str(Path(out).resolve()),
-        encoder=str(encoder),
-        weights=weights_path,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-        h5_dir=None if h5_dir is None else str(Path(h5_dir).resolve()),
-        # Share the local cores between parallel tasks; a remote cluster sizes its workers itself.
-        torch_threads=None if remote or n_parallel == 1 else max(1, (os.cpu_count() or 1) // n_parallel),
-        precision=precision,
-        compile=compile,
-    )
-    available = sorted(set(patch_root.group_keys()) | set((patch_root.attrs.get("slides") or {}).keys()))
-    wanted = available if slides is None else list(slides)
-    result = EncodeResult(out=Path(out))
-    plans: list[_SlidePlan] = []
-    warned: set[str] = set()
-    for slide_id in wanted:
-        if slide_id not in patch_root and slide_id not in (patch_root.attrs.get("slides") or {}):
-            result.slides[slide_id] = SlideResult(slide_id, "failed", f"not in the patch store {patch_store}")
-            continue
-        if slide_id not in patch_root:
-            planned: _SlidePlan | SlideResult = _plan_slide_missing(patch_root, slide_id)
-        else:
-            planned = _plan_slide(root, patch_root, slide_id, identity, opts, chunk_tiles, overwrite, warned)
-        if isinstance(planned, SlideResult):
-            result.slides[slide_id] = planned
-        else:
-            plans.append(planned)
-    es.update_slide_status(root, {r.slide_id: _status(r) for r in result.slides.values() if r.status in ("failed", "done")})
+    if any(folder is not None and is_url(folder) for folder in (h5_dir, preview_dir)):
+        raise InvalidParameterError("--h5-dir and --preview-dir are written to local folders; give local paths")
+    with StoreLock(out):  # one writer per embedding store (a lock file or object beside it)
+        root = es.open_embedding_root(out, create=True)
+        n_parallel = max(1, workers or (1 if local else os.cpu_count() or 1))
+        remote = client is not None or (scheduler not in (None, "", "threads", "synchronous", "processes"))
+        opts = EncodeOptions(
+            patch_store=str(normalize(patch_store)),
+            out=str(normalize(out)),
+            encoder=str(encoder),
+            weights=weights_path,
+            device=device,
+            batch_size=batch_size,
+            dtype=dtype,
+            h5_dir=None if h5_dir is None else str(Path(h5_dir).resolve()),
+            # Share the local cores between parallel tasks; a remote cluster sizes its workers itself.
+            torch_threads=None if remote or n_parallel == 1 else max(1, (os.cpu_count() or 1) // n_parallel),
+            precision=precision,
+            compile=compile,
+        )
+        available = sorted(set(patch_root.group_keys()) | set((patch_root.attrs.get("slides") or {}).keys()))
+        wanted = available if slides is None else list(slides)
+        result = EncodeResult(out=normalize(out))
+        plans: list[_SlidePlan] = []
+        warned: set[str] = set()
+        for slide_id in wanted:
+            if slide_id not in patch_root and slide_id not in (patch_root.attrs.get("slides") or {}):
+                result.slides[slide_id] = SlideResult(slide_id, "failed", f"not in the patch store {patch_store}")
+                continue
+            if slide_id not in patch_root:
+                planned: _SlidePlan | SlideResult = _plan_slide_missing(patch_root, slide_id)
+            else:
+                planned = _plan_slide(root, patch_root, slide_id, identity, opts, chunk_tiles, overwrite, warned)
+            if isinstance(planned, SlideResult):
+                result.slides[slide_id] = planned
+            else:
+                plans.append(planned)
+        es.update_slide_status(root, {r.slide_id: _status(r) for r in result.slides.values() if r.status in ("failed", "done")})
 
-    total = sum(p.n_tiles for p in plans)
-    tick = (lambda n: progress(n, total)) if progress is not None else (lambda n: None)
+        total = sum(p.n_tiles for p in plans)
+        tick = (lambda n: progress(n, total)) if progress is not None else (lambda n: None)
 
-    def record(slide: SlideResult) -> None:
-        result.slides[slide.slide_id] = slide
-        es.update_slide_status(root, {slide.slide_id: _status(slide)})
-        if slide.status == "failed":
-            logger.error("slide %s failed: %s", slide.slide_id, slide.reason)
+        def record(slide: SlideResult) -> None:
+            result.slides[slide.slide_id] = slide
+            es.update_slide_status(root, {slide.slide_id: _status(slide)})
+            if slide.status == "failed":
+                logger.error("slide %s failed: %s", slide.slide_id, slide.reason)
 
-    if plans:
-        with get_runner(n_parallel if local else workers, scheduler, client) as runner:
-            logger.info("encoding %d tiles of %d slides on %s", total, len(plans), runner.describe())
-            _run(runner, opts, plans, tick, record)
-    if h5_dir is not None:
-        for slide_id, slide in result.slides.items():
-            path = Path(h5_dir) / f"{slide_id}.h5"
-            if slide.status == "done" and not path.exists():
-                export_h5(out, slide_id, h5_dir)
-            if slide.status in ("ok", "done"):
-                result.h5_files[slide_id] = path
-    if preview_dir is not None:
-        from wsi_encoder.evaluation.embedding_previews import write_previews
+        if plans:
+            with get_runner(n_parallel if local else workers, scheduler, client) as runner:
+                logger.info("encoding %d tiles of %d slides on %s", total, len(plans), runner.describe())
+                _run(runner, opts, plans, tick, record)
+        if h5_dir is not None:
+            for slide_id, slide in result.slides.items():
+                path = Path(h5_dir) / f"{slide_id}.h5"
+                if slide.status == "done" and not path.exists():
+                    export_h5(out, slide_id, h5_dir)
+                if slide.status in ("ok", "done"):
+                    result.h5_files[slide_id] = path
+        if preview_dir is not None:
+            from wsi_encoder.evaluation.embedding_previews import write_previews
 
-        result.previews = write_previews(out, preview_dir)
-    result.slides = dict(sorted(result.slides.items()))
-    return result
+            result.previews = write_previews(out, preview_dir)
+        result.slides = dict(sorted(result.slides.items()))
+        return result
 
 
 def _plan_slide_missing(patch_root: zarr.Group, slide_id: str) -> SlideResult:

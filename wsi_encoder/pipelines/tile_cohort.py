@@ -57,6 +57,7 @@ from wsi_encoder.io.patch_store import (
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
 from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp, read_slide_mpp_csv
 from wsi_encoder.io.tissue_masks import find_mask_file
+from wsi_encoder.io.urls import normalize, zarr_store
 from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner
 from wsi_encoder.qc import save_tile_qc
 from wsi_encoder.tiling import (
@@ -98,7 +99,7 @@ class TileConfig:
     def requested_mpp(self, entry: SlideEntry) -> tuple[float | None, str]:
         """The µm/px asked for ``entry`` and its source: ``csv``, ``forced``, ``fallback`` or (None) ``metadata``."""
         table = dict(self.slide_mpp_table)
-        for key in (entry.slide_id, str(Path(entry.path).resolve())):
+        for key in (entry.slide_id, str(normalize(entry.path))):
             if key in table:
                 return table[key], "csv"
         if self.slide_mpp is not None:
@@ -169,7 +170,7 @@ class SlideOutcome:
 class TileReport:
     """The result of :func:`tile_cohort`."""
 
-    store: Path
+    store: Path | str
     outcomes: list[SlideOutcome] = field(default_factory=list)
     runner: str = ""
 
@@ -248,11 +249,11 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
             reader.validate()
             slide_mpp = reader.require_mpp()
             try:
-                root = zarr.open_group(config.store, mode="r+", zarr_format=3)
+                root = zarr.open_group(zarr_store(config.store), mode="r+", zarr_format=3)
             except FileNotFoundError as exc:
                 raise StoreError(
                     f"{config.store}: the patch store is not visible on this dask worker; on a cluster --out "
-                    "must be on a file system every worker mounts at the same path"
+                    "must be an s3:// (or gs://, az://) URL or on a file system every worker mounts at the same path"
                 ) from exc
             params = config.params(source)
             existing = root.get(entry.slide_id)
@@ -547,7 +548,7 @@ def tile_cohort(
         if not mask_dir.is_dir():
             raise InvalidParameterError(f"--tissue-mask {tissue_mask}: not a folder of per-slide PNG or GeoJSON masks")
     table = read_slide_mpp_csv(slide_mpp_csv) if slide_mpp_csv is not None else {}
-    out = Path(out).expanduser().resolve()
+    out = normalize(out)
     entries = assign_slide_ids(expand_slide_inputs(inputs, exclude=[out]))
     config = TileConfig(
         store=str(out),
@@ -565,7 +566,7 @@ def tile_cohort(
         tissue_mask_dir=None if mask_dir is None else str(mask_dir),
     )
     if table:
-        known = {e.slide_id for e in entries} | {str(Path(e.path).resolve()) for e in entries}
+        known = {e.slide_id for e in entries} | {str(normalize(e.path)) for e in entries}
         unused = sorted(set(table) - known)
         if unused:
             logger.warning("%s: %d row(s) match no slide of this run (e.g. %s)", slide_mpp_csv, len(unused), unused[0])
