@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -58,6 +59,7 @@ def main() -> None:
         slides.append(path)
 
     port = _free_port()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log, one line a request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -86,7 +88,7 @@ def main() -> None:
                             fs.rm("bench/out.zarr", recursive=True)
                     with (
                         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                     dashboard_address=None) as cluster,
+                                     dashboard_address=":0") as cluster,
                         Client(cluster) as client,
                     ):  # fmt: skip
                         t0 = time.perf_counter()
@@ -95,6 +97,7 @@ def main() -> None:
                     n_tiles = report.n_tiles
                     key = f"{where}, {workers} worker process(es)"
                     results[key] = min(results.get(key, float("inf")), seconds)
+        store_bytes = sum(fs.du("bench/out.zarr", total=False).values())
     finally:
         server.stop()
     base = n_tiles / results["local, 1 worker process(es)"]
@@ -103,7 +106,7 @@ def main() -> None:
         rate = n_tiles / seconds
         print(f"{key:<34} {rate:8.0f} tiles/s   {rate / base:5.2f}x local 1-process")
     slide_bytes = sum(p.stat().st_size for p in slides)
-    print(f"slides: {slide_bytes / 1e6:.1f} MB; store: {sum(fs.du('bench/out.zarr', total=False).values()) / 1e6:.1f} MB")
+    print(f"slides: {slide_bytes / 1e6:.1f} MB; store: {store_bytes / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
