@@ -57,6 +57,9 @@ def test_info_table_and_no_mpp(synthetic_slide: Path, synthetic_slide_no_mpp: Pa
     assert json.loads(out)["mpp_x"] is None
     code, out, _ = _run("info", "--json", "--slide-mpp", "0.25", str(synthetic_slide_no_mpp))
     assert json.loads(out)["mpp_x"] == 0.25
+    # --slide-mpp is a fallback, as in `tile`: a slide that records its resolution keeps it.
+    code, out, _ = _run("info", "--json", "--slide-mpp", "0.25", str(synthetic_slide))
+    assert code == 0 and json.loads(out)["mpp_x"] == 0.5
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:

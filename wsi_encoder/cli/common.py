@@ -43,7 +43,7 @@ slide_mpp_option = click.option(
     "--slide-mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Override the slides' level-0 resolution in µm/px (for files without, or with wrong, metadata).",
+    help="Level-0 µm/px for slides whose metadata records none (a fallback; slides that record one keep theirs).",
 )
 
 

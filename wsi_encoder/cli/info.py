@@ -35,12 +35,13 @@ def _fmt(value: object) -> str:
 def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
     """Print the properties of each SLIDE (a file, or an s3:// / https:// URL): size, levels, downsamples, µm/px,
     objective, vendor."""
-    from wsi_encoder.io.slides import open_slide
+    from wsi_encoder.io.slides import open_slide_with_mpp
 
     failed = 0
     for path in slides:
         try:
-            with open_slide(path, backend, slide_mpp) as reader:
+            source = "metadata" if slide_mpp is None else "fallback"
+            with open_slide_with_mpp(path, backend, slide_mpp, source, str(path))[0] as reader:
                 reader.validate()
                 record = reader.info()
         except WsiEncoderError as exc:
