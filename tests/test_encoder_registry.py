@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -267,10 +268,17 @@ def _save(state: dict, path: Path) -> Path:
 def _roundtrip(name: str, tmp_path: Path) -> None:
     spec = get_spec(name)
     state, filename = _official_state(name)
+    need = sum(t.numel() * t.element_size() for t in state.values()) if name in BIG else 0
+    free = shutil.disk_usage(tmp_path).free
+    if need and free < need + (1 << 30):
+        pytest.skip(f"{name}: its checkpoint needs {need / 2**30:.1f} GiB in {tmp_path}, {free / 2**30:.1f} GiB free")
     path = _save(state, tmp_path / filename)
     del state
-    enc = create_encoder(name, weights=path).eval()
-    assert enc.weights_sha256 == file_sha256(path)
+    try:
+        enc = create_encoder(name, weights=path).eval()
+        assert enc.weights_sha256 == file_sha256(path)
+    finally:
+        path.unlink()  # several GiB for the giant entries: gone before the next test writes its own
     assert not any(t.is_meta for t in list(enc.parameters()) + list(enc.buffers()))
     size = max(spec.min_input_size, 32) if name in ("ctranspath", "resnet50-trunc") else 2 * spec.min_input_size
     with torch.inference_mode():
