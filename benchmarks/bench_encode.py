@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import zarr
 
-from wsi_encoder.compression import load_encoder_cached, resolve_device
+from wsi_encoder.compression import load_encoder_cached
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.io.slides import open_slide
 from wsi_encoder.pipelines.encode_store import encode_store
 from wsi_encoder.synthetic import SyntheticSlideSpec, write_synthetic_slide

@@ -178,13 +178,3 @@ def test_encode_tiles_checks_the_tile_count(nic_model: tuple[torch.nn.Module, ni
         nic.encode_tiles(model, [tiles], n_tiles=5, embedding_dim=128, batch_size=2, out_size=128, device=torch.device("cpu"))
     with pytest.raises(InvalidParameterError):
         nic.encode_tiles(model, [tiles], n_tiles=3, embedding_dim=128, batch_size=0, out_size=128, device=torch.device("cpu"))
-
-
-def test_device_names() -> None:
-    assert nic.resolve_device("cpu").type == "cpu"
-    assert nic.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(InvalidParameterError):
-        nic.resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(InvalidParameterError, match="CUDA is not available"):
-            nic.resolve_device("cuda")

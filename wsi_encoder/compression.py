@@ -27,6 +27,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -38,25 +39,6 @@ MPP_TOLERANCE = 0.05
 
 
 # ---- devices and encoders ---------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device for ``device`` = ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:i]``.
-
-    Raises
-    ------
-    InvalidParameterError
-        CUDA was asked for but is not available, or the name is unknown.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InvalidParameterError(f"--device {device!r}: CUDA is not available here; use --device cpu or auto")
-        return torch.device(device)
-    raise InvalidParameterError(f"unknown device {device!r}; choose auto, cpu or cuda")
 
 
 @dataclass(frozen=True)

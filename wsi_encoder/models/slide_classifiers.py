@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.io.embedding_reader import SlideBag
 from wsi_encoder.models.slide_networks import GatedAttentionMIL, GridCNN
-from wsi_encoder.training.slide_trainer import FitHistory, fit_module, resolve_device
+from wsi_encoder.training.slide_trainer import FitHistory, fit_module
 
 if TYPE_CHECKING:  # scikit-learn is imported when a linear model is fitted, not to predict (start-up time)
     from sklearn.linear_model import LogisticRegression

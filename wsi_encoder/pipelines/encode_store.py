@@ -40,8 +40,8 @@ from wsi_encoder.compression import (
     iter_blocks,
     load_encoder_cached,
     plan_resample,
-    resolve_device,
 )
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderError
 from wsi_encoder.io import embedding_store as es
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features

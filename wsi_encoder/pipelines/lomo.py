@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from wsi_encoder import __version__
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import DatasetError, InvalidParameterError
 from wsi_encoder.evaluation import lomo_report
 from wsi_encoder.evaluation.lomo_outputs import fold_metrics, save_fold_embeddings
@@ -84,15 +85,6 @@ from wsi_encoder.training.lomo_trainer import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["ARMS", "LomoConfig", "LomoEvent", "LomoRun", "make_encoder", "run_lomo"]
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """``cuda`` when available (or asked), else ``cpu``."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidParameterError(f"--device {device!r} asked but CUDA is not available; use --device cpu")
-    return torch.device(device)
 
 
 def collect_images(data: Sequence[str | Path]) -> list[BreakhisImage]:

@@ -630,7 +630,8 @@ def predict_slides(
     t = time.perf_counter()
     import torch  # noqa: F401 - timed on its own: the largest fixed cost
 
-    from wsi_encoder.compression import load_encoder_cached, resolve_device
+    from wsi_encoder.compression import load_encoder_cached
+    from wsi_encoder.devices import resolve_device
     from wsi_encoder.models.classifier_files import load_model
     from wsi_encoder.training.slide_trainer import torch_threads
 

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsi_encoder import __version__
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.models.checkpoint import (
@@ -340,18 +341,6 @@ def _frozen_keys(encoder: Encoder) -> set[str]:
     return keys
 
 
-def _choose_device(cfg: TrainConfig) -> torch.device:
-    if not cfg.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"unknown device {cfg.device!r}; use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError(f"device {cfg.device!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def train_multitask(
     tasks: Sequence[PreparedTask],
     out_dir: str | Path,
@@ -394,7 +383,7 @@ def train_multitask(
         if len(t.split.train) == 0:
             raise InvalidParameterError(f"task {t.name!r} has no training images after the validation split")
     out = Path(out_dir)
-    device = _choose_device(config)
+    device = resolve_device(config.device or "auto")
     amp = bool(config.amp if config.amp is not None else device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True

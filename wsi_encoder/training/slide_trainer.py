@@ -26,27 +26,6 @@ from wsi_encoder.errors import InvalidParameterError
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when present, else CPU; ``"cpu"``/``"cuda"``/``"cuda:1"`` as given.
-
-    Raises
-    ------
-    InvalidParameterError
-        When CUDA is asked for and not available, or the name is not a device.
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
-    return resolved
-
-
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` torch CPU threads (None: leave torch's setting), then restore it.
