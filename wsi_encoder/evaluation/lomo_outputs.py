@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_encoder.errors import DatasetError
 from wsi_encoder.evaluation.metrics import classification_metrics
+from wsi_encoder.io.files import atomic_write_text
 
 RESULTS_COLUMNS = (
     "arm",
@@ -209,16 +210,3 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -37,8 +37,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from wsi_encoder.evaluation.lomo_outputs import atomic_write_text
 from wsi_encoder.evaluation.metrics import reliability_curve
+from wsi_encoder.io.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
 from wsi_encoder.models.encoders import (
     Encoder,
     EncoderConfig,
@@ -41,26 +42,6 @@ WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = "wsi_encoder.encoder_checkpoint"
 ENCODER_PREFIX = "encoder."
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_checkpoint(

@@ -58,7 +58,8 @@ from wsi_encoder.evaluation.splits import (
     write_splits_csv,
 )
 from wsi_encoder.io.breakhis import CLASSES, BreakhisImage, patient_key, scan_breakhis
-from wsi_encoder.models.checkpoint import atomic_write_bytes, atomic_write_json, read_checkpoint_config
+from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
+from wsi_encoder.models.checkpoint import read_checkpoint_config
 from wsi_encoder.models.encoders import create_encoder, file_sha256, state_sha256
 from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
 from wsi_encoder.pipelines.lomo_summary import (

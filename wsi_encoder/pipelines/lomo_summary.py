@@ -22,7 +22,6 @@ import numpy as np
 from wsi_encoder.errors import DatasetError
 from wsi_encoder.evaluation import lomo_report
 from wsi_encoder.evaluation.lomo_outputs import (
-    atomic_write_text,
     csv_text,
     fold_metrics,
     load_fold_embeddings,
@@ -30,7 +29,7 @@ from wsi_encoder.evaluation.lomo_outputs import (
 )
 from wsi_encoder.evaluation.metrics import paired_bootstrap
 from wsi_encoder.evaluation.splits import read_splits_csv
-from wsi_encoder.models.checkpoint import atomic_write_json
+from wsi_encoder.io.files import atomic_write_json, atomic_write_text
 from wsi_encoder.pipelines.lomo_config import ARMS
 
 logger = logging.getLogger(__name__)

@@ -154,7 +154,7 @@ def save_generator(path: str | Path, generator: Generator, metadata: dict[str, A
 
     from safetensors.torch import save
 
-    from wsi_encoder.models.checkpoint import atomic_write_bytes
+    from wsi_encoder.io.files import atomic_write_bytes
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     meta = {"nz": str(generator.nz), "width": str(generator.width), "info": json.dumps(metadata)}
@@ -242,7 +242,7 @@ def fold_synthetic_images(
     """
     import json
 
-    from wsi_encoder.models.checkpoint import atomic_write_json
+    from wsi_encoder.io.files import atomic_write_json
 
     gan_dir = Path(gan_dir)
     record_path = gan_dir / "trained_on.json"
