@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from wsi_encoder.io.files import atomic_write_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from wsi_encoder.io.patch_store import PatchSlide
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ def render_tile_qc(
     tissue: npt.NDArray[np.floating],
     attrs: dict[str, Any],
     title: str,
-) -> Any:
+) -> Figure:
     """A matplotlib figure: thumbnail, tissue outline (green), kept tiles coloured by tissue fraction."""
     import matplotlib
 
@@ -117,13 +123,10 @@ def render_tile_qc(
     return fig
 
 
-def save_tile_qc(slide: Any, path: str | Path) -> Path:
+def save_tile_qc(slide: PatchSlide, path: str | Path) -> Path:
     """Write the QC PNG of a :class:`~wsi_encoder.io.patch_store.PatchSlide` (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = render_tile_qc(slide.thumbnail, slide.tissue_mask, slide.coords, slide.tissue, slide.attrs, slide.slide_id)
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.1)
-    os.replace(tmp, path)
+    atomic_write_figure(path, fig, format="png", bbox_inches="tight", pad_inches=0.1)
     logger.info("wrote QC picture %s", path)
     return path

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_encoder.errors import DatasetError
 from wsi_encoder.evaluation.metrics import classification_metrics
-from wsi_encoder.io.files import atomic_write_text
+from wsi_encoder.io.files import atomic_path, atomic_write_csv
 
 RESULTS_COLUMNS = (
     "arm",
@@ -123,7 +121,7 @@ def write_results_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Pa
             else:
                 values.append(str(v))
         lines.append(values)
-    atomic_write_text(path, csv_text(RESULTS_COLUMNS, lines))
+    atomic_write_csv(path, lines, header=RESULTS_COLUMNS)
     return path
 
 
@@ -173,15 +171,8 @@ def save_fold_embeddings(path: str | Path, arrays: Mapping[str, npt.ArrayLike]) 
         for key in ("patient_probe", "filename_probe"):
             values = [str(v) for v in np.asarray(arrays[key]).reshape(-1)]
             typed[key] = np.array(values, dtype=f"<U{max([len(v) for v in values] + [1])}").reshape(len(x))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **typed)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **typed)  # type: ignore[arg-type]
     return path
 
 
@@ -199,14 +190,3 @@ def load_fold_embeddings(path: str | Path, required: Sequence[str] = EMBEDDING_K
             f"{path}: lacks array(s) {', '.join(missing)} (expected the `wsienc lomo` embeddings layout)"
         )
     return arrays
-
-
-def csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """CSV text of a header and rows (``\\n`` line ends)."""
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()

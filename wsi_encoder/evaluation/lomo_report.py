@@ -24,7 +24,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +38,10 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from wsi_encoder.evaluation.metrics import reliability_curve
-from wsi_encoder.io.files import atomic_write_text
+from wsi_encoder.io.files import atomic_write_figure, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -299,21 +302,12 @@ def plot_gan_samples(
     return _save(fig, path)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    import os
-    import tempfile
-
-    plt = _plt()
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write_figure(path, fig, dpi=110)
     finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+        _plt().close(fig)
     return path
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_encoder.evaluation.signatures import ArmJaccard, SignatureRecord
+from wsi_encoder.io.files import atomic_write_figure, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +64,8 @@ def _mean_sd(values: Sequence[float], digits: int = 3) -> str:
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_png(fig: Figure, path: Path) -> None:
+    atomic_write_figure(path, fig, dpi=120, bbox_inches="tight", format="png")
 
 
 def plot_jaccard_heatmap(jac: ArmJaccard, sizes: Mapping[str, int], path: Path) -> Path:
@@ -327,10 +322,7 @@ def write_report(
     lines += _method(ctx)
     lines += ["## For orientation", "", PAPER_REFERENCE, "", "Selected indices per fold: `signatures.json`.", ""]
     report = out / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, report)
+    atomic_write_text(report, "\n".join(lines))
     written.append(report)
     logger.info("report written to %s", report)
     return written

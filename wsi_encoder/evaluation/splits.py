@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from wsi_encoder.errors import DatasetError, InvalidParameterError
 from wsi_encoder.io.breakhis import CLASSES, MAGNIFICATIONS, BreakhisImage, patient_key
+from wsi_encoder.io.files import atomic_write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +304,7 @@ def write_splits_csv(
             rows.append(
                 (im.filename, patient_key(im, key), im.label, im.magnification, fold.held_out, role)
             )
-    _write_csv_atomic(path, SPLITS_COLUMNS, rows)
+    atomic_write_csv(path, rows, header=SPLITS_COLUMNS)
     return path
 
 
@@ -320,20 +319,6 @@ def read_splits_csv(path: str | Path) -> list[dict[str, str | int]]:
         for row in reader:
             rows.append({**row, "magnification": int(row["magnification"]), "fold": int(row["fold"])})
     return rows
-
-
-def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def class_index(label: str) -> int:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.files import atomic_write_text
 
 Ring = list[list[float]]
 
@@ -110,13 +110,9 @@ def write_feature_collection(
     QuPath ignores them).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     collection: dict[str, Any] = {"type": "FeatureCollection"}
     if properties:
         collection["properties"] = _clean(dict(properties))
     collection["features"] = list(features)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(collection, fh, allow_nan=False, separators=(",", ":"))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(collection, allow_nan=False, separators=(",", ":")))
     return path

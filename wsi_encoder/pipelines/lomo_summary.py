@@ -22,14 +22,13 @@ import numpy as np
 from wsi_encoder.errors import DatasetError
 from wsi_encoder.evaluation import lomo_report
 from wsi_encoder.evaluation.lomo_outputs import (
-    csv_text,
     fold_metrics,
     load_fold_embeddings,
     write_results_csv,
 )
 from wsi_encoder.evaluation.metrics import paired_bootstrap
 from wsi_encoder.evaluation.splits import read_splits_csv
-from wsi_encoder.io.files import atomic_write_json, atomic_write_text
+from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.pipelines.lomo_config import ARMS
 
 logger = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ def write_probe_csv(path: Path, probe: Sequence[Mapping[str, Any]]) -> None:
          *(_num_text(r[k]) for k in ("balanced_accuracy", "chance"))]
         for r in probe
     ]
-    atomic_write_text(path, csv_text(lomo_report.PROBE_COLUMNS, rows))
+    atomic_write_csv(path, rows, header=lomo_report.PROBE_COLUMNS)
 
 
 def _num_text(v: Any) -> str:
@@ -402,7 +401,7 @@ def summarise_repeats(
          (row[c] for c in REPEAT_COLUMNS)]
         for row in summary
     ]
-    atomic_write_text(out / "repeats.csv", csv_text(REPEAT_COLUMNS, lines))
+    atomic_write_csv(out / "repeats.csv", lines, header=REPEAT_COLUMNS)
     cfg = {**top_config, "repeat_dirs": [_rel(r.out_dir, out) for r in runs],
            "arms": [a for a in ARMS if any(s["arm"] == a for s in summary)],
            "held_out": sorted({int(s["held_out"]) for s in summary})}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.files import atomic_write_csv
 from wsi_encoder.synthetic.slides import SyntheticSlideSpec, write_synthetic_slide
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ def write_demo_cohort(
         slides.append(
             CohortSlide(slide_id, path, "lesion" if lesion else "normal", f"patient_{i // slides_per_patient:03d}", spec)
         )
-    with (out / "labels.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slide_id", "label", "patient_id"])
-        for s in slides:
-            writer.writerow([s.slide_id, s.label, s.patient_id])
+    atomic_write_csv(
+        out / "labels.csv", [(s.slide_id, s.label, s.patient_id) for s in slides], header=("slide_id", "label", "patient_id")
+    )
     logger.info("demo cohort of %d slides in %s", n_slides, out)
     return slides

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.files import atomic_path
 from wsi_encoder.synthetic.textures import background_texture, downsample_texture, tissue_texture
 
 logger = logging.getLogger(__name__)
@@ -263,10 +264,8 @@ def write_synthetic_slide(
     import tifffile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     renderer = SlideRenderer(spec)
-    tmp = path.with_name(path.name + ".partial")
-    with tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2**28) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2**28) as tif:
         for index, downsample in enumerate(spec.level_downsamples):
             shape = (int(np.ceil(spec.height / downsample)), int(np.ceil(spec.width / downsample)))
             kwargs: dict[str, object] = {}
@@ -292,7 +291,6 @@ def write_synthetic_slide(
             if progress is not None:
                 tiles = -(-shape[0] // spec.tile_size) * -(-shape[1] // spec.tile_size)
                 progress(tiles)
-    tmp.replace(path)
     logger.info("wrote synthetic slide %s (%dx%d, mpp=%s)", path, spec.width, spec.height, spec.mpp)
     return path
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from wsi_encoder.io.files import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,8 @@ def build_image_cache(
                 logger.info("image cache %s is current (%d images)", npy, len(names))
                 return arr, dict(meta.get("failed", {}))
     logger.info("decoding %d images to %d px into %s", len(names), size, npy)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{npy.name}.", suffix=".npy")
-    os.close(fd)
     failed: dict[str, str] = {}
-    try:
+    with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(names), size, size, 3))
         for i, path in enumerate(paths):
             try:
@@ -92,15 +90,7 @@ def build_image_cache(
                 on_image(i + 1, len(names))
         out.flush()
         del out
-        os.replace(tmp, npy)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    meta = {"format": CACHE_FORMAT, "size": size, "files": names, "failed": failed}
-    fd, tmp_meta = tempfile.mkstemp(dir=cache_dir, prefix=f".{meta_path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh)
-    os.replace(tmp_meta, meta_path)
+    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "size": size, "files": names, "failed": failed}, indent=None)
     return np.load(npy, mmap_mode="r"), failed
 
 

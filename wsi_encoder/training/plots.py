@@ -17,16 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from wsi_encoder.io.files import atomic_write_figure
 from wsi_encoder.tasks.data import TaskData
 from wsi_encoder.training.augment import AugmentConfig, colour_augment, sample_view
-
-
-def _atomic_savefig(fig: Any, path: Path) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
 
 
 def plot_augmentations(
@@ -80,7 +73,7 @@ def plot_augmentations(
     fig.suptitle(f"encoder input: {input_size} px at {input_mpp:g} µm/px", fontsize=9)
     fig.tight_layout()
     out = Path(path)
-    _atomic_savefig(fig, out)
+    atomic_write_figure(out, fig, dpi=100)
     plt.close(fig)
     return out
 
@@ -123,6 +116,6 @@ def plot_training_curves(path: str | Path, history: Sequence[dict[str, Any]], na
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path)
-    _atomic_savefig(fig, out)
+    atomic_write_figure(out, fig, dpi=100)
     plt.close(fig)
     return out
