@@ -80,11 +80,11 @@ def render_tile_qc(
     sx = w / float(attrs["width"])
     sy = h / float(attrs["height"])
     size = float(attrs["tile_size_l0"])
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    boxes = np.column_stack([coords[:, 0] * sx, coords[:, 1] * sy, (coords[:, 0] + size) * sx, (coords[:, 1] + size) * sy])
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    boxes = np.column_stack([xy[:, 0] * sx, xy[:, 1] * sy, (xy[:, 0] + size) * sx, (xy[:, 1] + size) * sy])
     # Edge tiles run past the slide (padded): draw the part inside it.
     boxes = np.minimum(boxes, [w, h, w, h])
-    n_edge = int(np.sum((coords[:, 0] + size > float(attrs["width"]) + 0.5) | (coords[:, 1] + size > float(attrs["height"]) + 0.5)))
+    n_edge = int(np.sum((xy[:, 0] + size > float(attrs["width"]) + 0.5) | (xy[:, 1] + size > float(attrs["height"]) + 0.5)))
     aspect = h / max(w, 1)
     fig = Figure(figsize=(10, max(3.0, 10 * aspect) + 0.8), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -101,9 +101,10 @@ def render_tile_qc(
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color="#00c853", linewidth=1.5, label="tissue outline")]
+    handles: list[Artist] = [Line2D([], [], color="#00c853", linewidth=1.5, label="tissue outline")]
     if len(boxes):
         handles.append(Rectangle((0, 0), 1, 1, facecolor="#35b779", alpha=0.5, edgecolor="#1f4e79", label="kept tiles"))
     ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)

@@ -140,11 +140,11 @@ class SlideGrid:
 
     def inside_fractions(self, rowcol: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
         """Fraction of each tile at ``(row, col)`` lying inside the slide (1.0 away from the edges)."""
-        rowcol = np.asarray(rowcol, dtype=np.float64).reshape(-1, 2)
+        rc = np.asarray(rowcol, dtype=np.float64).reshape(-1, 2)
         tile, stride = self.spec.tile_size, self.spec.stride_px
         width, height = self.target_size
-        fx = np.clip(width - rowcol[:, 1] * stride, 0, tile) / tile
-        fy = np.clip(height - rowcol[:, 0] * stride, 0, tile) / tile
+        fx = np.clip(width - rc[:, 1] * stride, 0, tile) / tile
+        fy = np.clip(height - rc[:, 0] * stride, 0, tile) / tile
         # Float noise in level_size * scale must not make a whole tile 0.99999.
         return np.where(np.isclose(fx * fy, 1.0, rtol=0, atol=1e-6), 1.0, fx * fy).astype(np.float32)
 
@@ -182,9 +182,9 @@ class SlideGrid:
 
     def boxes_l0(self, rowcol: npt.NDArray[np.integer]) -> npt.NDArray[np.float64]:
         """Level-0 boxes ``(x0, y0, x1, y1)`` (floats) of the tiles at ``(row, col)`` pairs."""
-        rowcol = np.asarray(rowcol, dtype=np.float64).reshape(-1, 2)
-        x0 = rowcol[:, 1] * self.stride_l0
-        y0 = rowcol[:, 0] * self.stride_l0
+        rc = np.asarray(rowcol, dtype=np.float64).reshape(-1, 2)
+        x0 = rc[:, 1] * self.stride_l0
+        y0 = rc[:, 0] * self.stride_l0
         return np.stack([x0, y0, x0 + self.tile_size_l0, y0 + self.tile_size_l0], axis=1)
 
     def all_cells(self) -> npt.NDArray[np.int32]:

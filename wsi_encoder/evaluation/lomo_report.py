@@ -469,10 +469,10 @@ def render_report(
             "",
         ]
         cell = {(r["arm"], int(r["held_out"]), r["probe"], r["split"]): float(r["balanced_accuracy"]) for r in probe}
-        keys = list(dict.fromkeys((r["arm"], int(r["held_out"])) for r in probe))
+        arm_folds = list(dict.fromkeys((str(r["arm"]), int(r["held_out"])) for r in probe))
         chance = {(r["arm"], int(r["held_out"])): float(r["chance"]) for r in probe}
         body = [[a, f"{m}X", *(_fmt(cell.get((a, m, p, s), math.nan)) for s in ("test_patients", "train_cv")
-                              for p in PROBES), _fmt(chance[(a, m)])] for a, m in keys]
+                              for p in PROBES), _fmt(chance[(a, m)])] for a, m in arm_folds]
         lines += _table(["arm", "held out", "linear, test patients", "MLP, test patients",
                          "linear, train CV", "MLP, train CV", "chance"], body)
         lines += ["", *_probe_verdict(probe), ""]

@@ -292,7 +292,7 @@ def write_report(
         name = f"jaccard_{_safe(jac.arm)}.png"
         written.append(plot_jaccard_heatmap(jac, sizes, out / name))
         heatmaps[jac.arm] = name
-    dims = {}
+    dims: dict[str, int] = {}
     for r in records:
         dims[r.arm] = max(dims.get(r.arm, 0), r.n_dims)
     written.append(plot_size_vs_auc(records, out / "size_vs_auc.png", dims))

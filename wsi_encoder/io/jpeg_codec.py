@@ -138,7 +138,7 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
         flat = out.reshape((n_tiles, *out.shape[len(lead) :]))
         body = memoryview(data)[_index_size(n_tiles) :]
         _decode_into(flat, range(n_tiles), body, offsets, 0)
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)
+        return chunk_spec.prototype.nd_buffer.from_numpy_array(out)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
@@ -156,7 +156,7 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
         prototype = chunk_spec.prototype
         if len(wanted) == 0:
             empty = np.zeros(chunk_spec.shape, dtype=np.uint8)[selection]
-            return prototype.nd_buffer.from_ndarray_like(empty)
+            return prototype.nd_buffer.from_numpy_array(empty)
         if len(wanted) == n_tiles:
             whole = await byte_getter.get(prototype=prototype)
             if whole is None:
@@ -181,7 +181,7 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
             return out
 
         out = await asyncio.to_thread(decode)
-        return prototype.nd_buffer.from_ndarray_like(out[selection])
+        return prototype.nd_buffer.from_numpy_array(out[selection])
 
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
         """JPEG output size is data dependent."""
@@ -214,7 +214,8 @@ def _decode_into(
 
     for i in wanted:
         start, stop = int(offsets[i]) - base, int(offsets[i + 1]) - base
-        flat[i] = np.asarray(imagecodecs.jpeg8_decode(body[start:stop])).reshape(flat.shape[1:])
+        tile = body[start:stop]  # a view, not a copy: imagecodecs takes any buffer (its stub says bytes)
+        flat[i] = np.asarray(imagecodecs.jpeg8_decode(tile)).reshape(flat.shape[1:])  # type: ignore[arg-type]
 
 
 def _selected_tiles(lead: tuple[int, ...], image_ndim: int, selection: SelectorTuple) -> npt.NDArray[np.intp]:

@@ -495,7 +495,7 @@ class TiffSlideReader(SlideReader):
                 return (mx, my)
         # Generic TIFF: trust the resolution tags only when their unit is a real length.
         page = self._slide.ts_tifffile.pages[0]
-        tags = page.tags  # type: ignore[union-attr]
+        tags = page.tags
         unit_tag = tags.get("ResolutionUnit")
         unit = _RESOLUTION_UNIT_UM.get(int(unit_tag.value)) if unit_tag is not None else None
         xres, yres = tags.get("XResolution"), tags.get("YResolution")

@@ -91,7 +91,7 @@ def parse_storage_options(text: str) -> dict[str, Any]:
     """Parse ``--storage-options JSON`` (an object) or raise one clear line (without echoing it)."""
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise InvalidParameterError(f"--storage-options is not valid JSON ({exc.msg} at character {exc.pos})") from None
     if not isinstance(value, dict):
         raise InvalidParameterError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")

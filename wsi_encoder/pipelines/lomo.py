@@ -60,7 +60,7 @@ from wsi_encoder.evaluation.splits import (
 from wsi_encoder.io.breakhis import CLASSES, BreakhisImage, patient_key, scan_breakhis
 from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
 from wsi_encoder.models.checkpoint import read_checkpoint_config
-from wsi_encoder.models.encoders import create_encoder, file_sha256, state_sha256
+from wsi_encoder.models.encoders import Encoder, create_encoder, file_sha256, state_sha256
 from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
 from wsi_encoder.pipelines.lomo_summary import (
     EventHandler,
@@ -112,7 +112,7 @@ def collect_images(data: Sequence[str | Path]) -> list[BreakhisImage]:
     return [by_name[k] for k in sorted(by_name)]
 
 
-def make_encoder(config: LomoConfig) -> torch.nn.Module:
+def make_encoder(config: LomoConfig) -> Encoder:
     """The backbone: a registered encoder (seeded; ``config.weights`` loaded) or a train-encoder checkpoint's encoder.
 
     The one place the backbone is built (every arm and fold calls it, then loads the shared state).
@@ -276,7 +276,7 @@ def _init_state(
             path, save({k: v.contiguous() for k, v in state.items()}, metadata={"made_for": key})
         )
     probe = build_classifier(encoder, state)
-    return state, int(encoder.num_features), state_sha256(probe)
+    return state, encoder.num_features, state_sha256(probe)
 
 
 def run_lomo(

@@ -252,7 +252,7 @@ def pool_patient_folds(
                 m = int(npz.stem.split("_")[1])
                 pooled.setdefault((arm, m), []).append(load_fold_embeddings(npz))
     sub_cfg = json.loads((runs[0].out_dir / "config.json").read_text())
-    results = []
+    results: list[dict[str, Any]] = []
     predictions: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for arm in arms:
         for m in sorted(m for a, m in pooled if a == arm):

@@ -263,7 +263,8 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
                 and existing.attrs.get("planned")
                 and _matches(dict(existing.attrs), params)
                 and existing.attrs.get("backend") == reader.backend
-                and np.isclose(float(existing.attrs.get("slide_mpp", -1.0)), slide_mpp, rtol=1e-9)
+                and isinstance(stored_mpp := existing.attrs.get("slide_mpp"), int | float)
+                and np.isclose(float(stored_mpp), slide_mpp, rtol=1e-9)
             ):
                 return _resume(config, entry, reader, existing)
             return _fresh_plan(config, entry, reader, root, mpp_source, note)

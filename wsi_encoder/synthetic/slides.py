@@ -268,12 +268,11 @@ def write_synthetic_slide(
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2**28) as tif:
         for index, downsample in enumerate(spec.level_downsamples):
             shape = (int(np.ceil(spec.height / downsample)), int(np.ceil(spec.width / downsample)))
-            kwargs: dict[str, object] = {}
             if spec.mpp is not None:
                 pixels_per_cm = 1e4 / (spec.mpp * downsample)
-                kwargs.update(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+                resolution, unit = (pixels_per_cm, pixels_per_cm), "CENTIMETER"
             else:
-                kwargs.update(resolution=(1, 1), resolutionunit="NONE")
+                resolution, unit = (1.0, 1.0), "NONE"
             tif.write(
                 _level_tiles(renderer, shape, downsample),
                 shape=(*shape, 3),
@@ -286,7 +285,8 @@ def write_synthetic_slide(
                 description=spec.to_json() if index == 0 else None,
                 metadata=None,
                 software="wsi_encoder",
-                **kwargs,
+                resolution=resolution,
+                resolutionunit=unit,
             )
             if progress is not None:
                 tiles = -(-shape[0] // spec.tile_size) * -(-shape[1] // spec.tile_size)
@@ -301,8 +301,8 @@ def read_synthetic_spec(path: str | Path) -> SyntheticSlideSpec | None:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            description = tif.pages[0].description
-    except (OSError, tifffile.TiffFileError):
+            description = tif.pages.first.description
+    except (OSError, IndexError, tifffile.TiffFileError):
         return None
     if SPEC_TAG not in description:
         return None

@@ -208,7 +208,10 @@ def pcam(path: Path) -> TaskData:
         groups_all.append(groups)
         split_all.append(np.full(len(y), part))
     if not sources:
-        return TaskData("pcam", path, ("normal", "tumor"), FileImages([]), [], [], [])
+        return TaskData(
+            "pcam", path, ("normal", "tumor"), FileImages([]),
+            np.empty(0, np.int64), np.empty(0, np.str_), np.empty(0, np.float64),
+        )
     source: ImageSource = sources[0] if len(sources) == 1 else ConcatImages(sources)
     split = np.concatenate(split_all)
     has_val = "train" in split and "val" in split

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_encoder.errors import DatasetError, InvalidParameterError
+from wsi_encoder.models.encoders import Encoder
 from wsi_encoder.training.lomo_arms import BaselineArm
 from wsi_encoder.training.lomo_data import augment, resize_batch, to_tensor
 
@@ -74,16 +75,16 @@ class TrainSpec:
 class LomoClassifier(nn.Module):
     """Encoder → label head (one logit, P(malignant)), plus an arm's extra module ``aux`` (or None)."""
 
-    def __init__(self, encoder: nn.Module, aux: nn.Module | None = None) -> None:
+    def __init__(self, encoder: Encoder, aux: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(int(encoder.num_features), 1)
+        self.head = nn.Linear(encoder.num_features, 1)
         self.aux = aux
 
     @property
     def num_features(self) -> int:
         """Embedding width."""
-        return int(self.encoder.num_features)
+        return self.encoder.num_features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (B, D), label logit (B,))`` for images in [0, 1]."""
@@ -91,7 +92,7 @@ class LomoClassifier(nn.Module):
         return feats, self.head(feats).squeeze(1)
 
 
-def shared_state(encoder: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+def shared_state(encoder: Encoder, seed: int) -> dict[str, torch.Tensor]:
     """The initial encoder + label-head state every arm and fold starts from (label head drawn from ``seed``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -100,10 +101,10 @@ def shared_state(encoder: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def build_classifier(
-    encoder: nn.Module, init_state: dict[str, torch.Tensor], arm: BaselineArm | None = None
+    encoder: Encoder, init_state: dict[str, torch.Tensor], arm: BaselineArm | None = None
 ) -> LomoClassifier:
     """A classifier loaded with ``init_state``, carrying ``arm``'s extra module (if any)."""
-    aux = None if arm is None else arm.head(int(encoder.num_features))
+    aux = None if arm is None else arm.head(encoder.num_features)
     model = LomoClassifier(encoder, aux)
     missing, unexpected = model.load_state_dict(init_state, strict=False)
     bad = [k for k in missing if not k.startswith("aux.")] + list(unexpected)

@@ -66,7 +66,8 @@ def split_task(data: TaskData, val_fraction: float, seed: int) -> Split:
         log.warning("task %s has a single group: no validation split", data.task)
         return Split(everything, everything[:0], "no validation (one group)")
     n_splits = int(min(max(2, round(1.0 / val_fraction)), len(unique_groups)))
-    train_pos = val_pos = None
+    train_pos: npt.NDArray[np.intp] | None = None
+    val_pos: npt.NDArray[np.intp] | None = None
     with warnings.catch_warnings():
         # "The least populated class in y has only k members": expected with few patients per class.
         warnings.simplefilter("ignore", UserWarning)
@@ -76,7 +77,7 @@ def split_task(data: TaskData, val_fraction: float, seed: int) -> Split:
             method = f"StratifiedGroupKFold(n_splits={n_splits}) fold 0"
         except ValueError:
             train_pos = None
-    if train_pos is None or len(val_pos) == 0 or len(train_pos) == 0:
+    if train_pos is None or val_pos is None or len(val_pos) == 0 or len(train_pos) == 0:
         gss = GroupShuffleSplit(n_splits=1, test_size=1.0 / n_splits, random_state=seed)
         train_pos, val_pos = next(gss.split(everything, labels, groups))
         method = f"GroupShuffleSplit(test_size={1.0 / n_splits:.2f})"

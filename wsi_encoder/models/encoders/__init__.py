@@ -313,7 +313,7 @@ def set_trainable(encoder: Encoder, *, freeze_backbone: bool = False, unfreeze_l
             p.requires_grad_(id(p) in keep)
         frozen = [m for m in trunk.modules() if not any(p.requires_grad for p in m.parameters(recurse=False))
                   and any(True for _ in m.parameters(recurse=False))]
-    encoder.frozen_modules = frozen
+    encoder.frozen_modules = tuple(frozen)
     n_train = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in encoder.parameters() if not p.requires_grad)
     return {"trainable": n_train, "frozen": n_frozen}

@@ -16,7 +16,7 @@ equivalent timm ViT after remapping the HF key layout; ``transformers`` is not n
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,12 +48,19 @@ KAIKO_STD = (0.5, 0.5, 0.5)
 _TIMM_FILE = "timm state dict (pytorch_model.bin or model.safetensors), keys as saved by timm; loaded as they are"
 
 
+if TYPE_CHECKING:
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+
 class TimmViTEncoder(Encoder):
     """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``) or the
     class token concatenated with the mean of the patch tokens (``pool="cls+mean"``, Virchow), both
     taken after the final norm, with an optional linear embedding on top."""
 
-    def __init__(self, config: EncoderConfig, trunk: nn.Module, *, pool: str, trunk_features: int) -> None:
+    trunk: VisionTransformer
+
+    def __init__(self, config: EncoderConfig, trunk: VisionTransformer, *, pool: str, trunk_features: int) -> None:
         super().__init__(config)
         self.trunk = trunk
         self.pool = pool
@@ -83,7 +90,9 @@ class TimmViTEncoder(Encoder):
 class SwinEncoder(Encoder):
     """A timm Swin trunk, average-pooled after the final norm, with an optional linear embedding."""
 
-    def __init__(self, config: EncoderConfig, trunk: nn.Module, *, trunk_features: int) -> None:
+    trunk: SwinTransformer
+
+    def __init__(self, config: EncoderConfig, trunk: SwinTransformer, *, trunk_features: int) -> None:
         super().__init__(config)
         self.trunk = trunk
         self.embed = nn.Linear(trunk_features, config.embed_dim) if config.embed_dim is not None else nn.Identity()
@@ -94,9 +103,9 @@ class SwinEncoder(Encoder):
     def trunk_blocks(self) -> list[nn.Module]:
         t = self.trunk
         blocks: list[nn.Module] = [t.patch_embed]
-        for stage in t.layers:
-            blocks.append(stage.downsample)
-            blocks.extend(stage.blocks)
+        for stage in t.layers.children():
+            blocks.append(stage.get_submodule("downsample"))
+            blocks.extend(stage.get_submodule("blocks").children())
         blocks[-1] = nn.ModuleList([blocks[-1], t.norm])
         return blocks
 
@@ -121,11 +130,14 @@ def _vit(
     loads strictly); other ``input_size`` values are served by ``dynamic_img_size`` interpolation.
     """
     import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     check_embed_dim(out_dim)
     trunk = timm.create_model(
         arch, pretrained=False, num_classes=0, img_size=native_size, dynamic_img_size=True, **timm_kwargs
     )
+    if not isinstance(trunk, VisionTransformer):
+        raise TypeError(f"timm {arch!r} is a {type(trunk).__name__}, not a VisionTransformer")
     cfg = EncoderConfig(name, int(input_size), float(input_mpp), mean, std, features if out_dim is None else out_dim, out_dim)
     return TimmViTEncoder(cfg, trunk, pool=pool, trunk_features=features)
 
@@ -512,12 +524,15 @@ class ConvStem(nn.Module):
 def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
     """CTransPath (Wang et al., MedIA 2022): Swin-T with a convolutional stem, 768-d, 224 px @ 1 µm/px."""
     import timm
+    from timm.models.swin_transformer import SwinTransformer
 
     check_embed_dim(embed_dim)
     trunk = timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=ConvStem, img_size=224,
         strict_img_size=False,
     )
+    if not isinstance(trunk, SwinTransformer):
+        raise TypeError(f"timm swin_tiny_patch4_window7_224 is a {type(trunk).__name__}, not a SwinTransformer")
     cfg = EncoderConfig("ctranspath", int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
                         768 if embed_dim is None else embed_dim, embed_dim)
     return SwinEncoder(cfg, trunk, trunk_features=768)

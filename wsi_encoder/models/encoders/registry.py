@@ -110,6 +110,10 @@ class Encoder(nn.Module):
     weights_sha256: str | None = None
     weights_path: str | None = None
     channels_last: bool = False
+    #: Modules frozen by :func:`~wsi_encoder.models.encoders.set_trainable` (kept in eval mode).
+    frozen_modules: tuple[nn.Module, ...] = ()
+    _mean: torch.Tensor
+    _std: torch.Tensor
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -157,7 +161,7 @@ class Encoder(nn.Module):
     def train(self, mode: bool = True) -> Encoder:
         """As ``nn.Module.train``, but modules frozen by ``set_trainable`` stay in eval mode."""
         super().train(mode)
-        for module in getattr(self, "frozen_modules", ()):
+        for module in self.frozen_modules:
             module.eval()
         return self
 
