@@ -214,7 +214,7 @@ def test_patch_store_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         load_task("patch-store", store, labels=str(tmp_path / "none.csv"))
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DatasetError, match="not a"):
+    with pytest.raises(DatasetError, match="no such patch store"):
         load_task("patch-store", tmp_path / "plain", labels=str(labels))
     nolabel = write_csv(tmp_path / "n.csv", ["slide", "class"], [["s1", "a"]])
     with pytest.raises(DatasetError, match="slide_id and label"):

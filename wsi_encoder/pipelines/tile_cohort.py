@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import zarr
 
 from wsi_encoder import __version__
 from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideReadError, StoreError
@@ -239,8 +240,6 @@ def _matches(attrs: dict[str, Any], params: dict[str, Any]) -> bool:
 
 def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
     """Worker task: plan one slide (or find what is left of an interrupted one)."""
-    import zarr
-
     config, entry = item
     source = str(entry.path)
     try:
@@ -277,28 +276,30 @@ def plan_slide(item: tuple[TileConfig, SlideEntry]) -> PlanResult:
         return PlanResult(entry.slide_id, source, error=f"{type(exc).__name__}: {_reason(exc)}")
 
 
-def _resume(config: TileConfig, entry: SlideEntry, reader: SlideReader, group: Any) -> PlanResult:
+def _resume(config: TileConfig, entry: SlideEntry, reader: SlideReader, group: zarr.Group) -> PlanResult:
     clean_slide_leftovers(config.store, entry.slide_id)
-    rowcol = np.asarray(group["grid"][...], dtype=np.int32).reshape(-1, 2)
+    slide = PatchSlide(group, entry.slide_id)
+    attrs = slide.attrs
     todo: tuple[int, ...] = ()
-    if "chunks_done" in group:
-        done = np.asarray(group["chunks_done"][...], dtype=bool)
+    done_array = group.get("chunks_done")
+    if isinstance(done_array, zarr.Array):
+        done = np.asarray(done_array[...], dtype=bool)
         todo = tuple(int(i) for i in np.flatnonzero(~done))
     logger.info("%s: resuming, %d chunk(s) left", entry.slide_id, len(todo))
     return PlanResult(
         entry.slide_id,
         str(entry.path),
         backend=reader.backend,
-        grid=grid_from_attrs(dict(group.attrs), reader),
-        rowcol=rowcol,
-        chunk_tiles=int(group.attrs["chunk_tiles"]),
-        block_size=int(group.attrs["block_size"]),
+        grid=grid_from_attrs(attrs, reader),
+        rowcol=slide.grid,
+        chunk_tiles=int(attrs["chunk_tiles"]),
+        block_size=int(attrs["block_size"]),
         todo=todo,
     )
 
 
 def _fresh_plan(
-    config: TileConfig, entry: SlideEntry, reader: SlideReader, root: Any, mpp_source: str, note: str | None
+    config: TileConfig, entry: SlideEntry, reader: SlideReader, root: zarr.Group, mpp_source: str, note: str | None
 ) -> PlanResult:
     mask_file = None
     if config.tissue_mask_dir is not None:
@@ -357,11 +358,11 @@ def _fresh_plan(
     )
 
 
-_ARRAYS: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
+_ARRAYS: OrderedDict[tuple[str, str, str], tuple[zarr.Array, zarr.Array]] = OrderedDict()
 _ARRAYS_LOCK = threading.Lock()
 
 
-def _arrays(store: str, slide_id: str, run_id: str) -> tuple[Any, Any]:
+def _arrays(store: str, slide_id: str, run_id: str) -> tuple[zarr.Array, zarr.Array]:
     key = (store, slide_id, run_id)
     with _ARRAYS_LOCK:
         if key in _ARRAYS:
@@ -401,7 +402,7 @@ class _SlideState:
 class _StatusBook:
     """Per-slide status records, flushed to the store's root attrs every few seconds and at the end."""
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: zarr.Group) -> None:
         self.root = root
         self.pending: dict[str, dict[str, Any]] = {}
         self.last = time.monotonic()
@@ -423,14 +424,14 @@ class _StatusBook:
 _LEGACY_DEFAULTS: dict[str, Any] = {"edge": "drop", "tissue_mask_dir": None}
 
 
-def _check_existing(root: Any, entries: Sequence[SlideEntry], config: TileConfig) -> tuple[list[SlideEntry], list[SlideOutcome]]:
+def _check_existing(root: zarr.Group, entries: Sequence[SlideEntry], config: TileConfig) -> tuple[list[SlideEntry], list[SlideOutcome]]:
     """Split slides into to-do and already complete; refuse complete slides tiled differently."""
     todo: list[SlideEntry] = []
     skipped: list[SlideOutcome] = []
     conflicts: list[str] = []
     for entry in entries:
         group = root.get(entry.slide_id)
-        attrs = dict(group.attrs) if group is not None else {}
+        attrs: dict[str, Any] = dict(group.attrs) if group is not None else {}
         if config.overwrite or not attrs.get("complete"):
             todo.append(entry)
             continue
@@ -597,7 +598,7 @@ def tile_cohort(
 
 def _run_round(
     runner: TaskRunner,
-    root: Any,
+    root: zarr.Group,
     config: TileConfig,
     batch: Sequence[SlideEntry],
     book: _StatusBook,
@@ -694,8 +695,11 @@ def _run_round(
             finish(state)
 
 
-def _write_qc(root: Any, slide_id: str, qc_dir: str | Path) -> None:
+def _write_qc(root: zarr.Group, slide_id: str, qc_dir: str | Path) -> None:
     try:
-        save_tile_qc(PatchSlide(root[slide_id], slide_id), Path(qc_dir) / f"{slide_id}.png")
+        group = root[slide_id]
+        if not isinstance(group, zarr.Group):
+            raise StoreError(f"{slide_id} in the store is a {type(group).__name__}, not a slide group")
+        save_tile_qc(PatchSlide(group, slide_id), Path(qc_dir) / f"{slide_id}.png")
     except Exception as exc:  # a QC picture must never fail the run
         logger.warning("%s: could not write the QC picture (%s)", slide_id, _reason(exc))

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import DatasetError
+
+if TYPE_CHECKING:
+    import zarr
+
+    from wsi_encoder.io.patch_store import PatchSlide
+
+_H = TypeVar("_H")
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +140,7 @@ class _PerProcessHandles:
         self.pid = -1
         self.handles: dict[str, Any] = {}
 
-    def get(self, key: str, opener: Any) -> Any:
+    def get(self, key: str, opener: Callable[[], _H]) -> _H:
         if self.pid != os.getpid():
             self.pid, self.handles = os.getpid(), {}
         if key not in self.handles:
@@ -171,6 +178,12 @@ class H5Images(ImageSource):
         return H5Images(self.path, self.dataset, self.rows[np.asarray(indices, dtype=np.int64)])
 
 
+def _pixels(slide: PatchSlide) -> zarr.Array:
+    if slide.tiles is None:
+        raise DatasetError(f"slide {slide.slide_id!r} is stored without pixels (--coords-only)")
+    return slide.tiles
+
+
 class PatchStoreTiles(ImageSource):
     """Tiles of a ``wsienc tile`` patch store: ``<store>/<slide_id>/tiles[row]``, read lazily with zarr."""
 
@@ -179,11 +192,11 @@ class PatchStoreTiles(ImageSource):
         self.slide_ids = np.asarray(list(slide_ids), dtype=str)
         self.rows = np.asarray(rows, dtype=np.int64)
 
-    def _tiles(self, slide_id: str) -> Any:
-        import zarr
+    def _tiles(self, slide_id: str) -> zarr.Array:
+        from wsi_encoder.io.patch_store import open_patch_store
 
-        root = _HANDLES.get(f"zarr:{self.store}", lambda: zarr.open_group(self.store, mode="r"))
-        return _HANDLES.get(f"zarr:{self.store}:{slide_id}", lambda: root[slide_id]["tiles"])
+        store = _HANDLES.get(f"zarr:{self.store}", lambda: open_patch_store(self.store))
+        return _HANDLES.get(f"zarr:{self.store}:{slide_id}", lambda: _pixels(store[slide_id]))
 
     def __len__(self) -> int:
         return len(self.rows)

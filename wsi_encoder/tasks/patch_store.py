@@ -22,11 +22,11 @@ import csv
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from wsi_encoder.errors import DatasetError
+from wsi_encoder.errors import DatasetError, StoreError
+from wsi_encoder.io.patch_store import PatchStore, open_patch_store
 from wsi_encoder.tasks.data import PatchStoreTiles, TaskData, labels_to_indices
 from wsi_encoder.tasks.registry import register_task
 
@@ -52,28 +52,23 @@ def _read_labels(labels: Path) -> tuple[str, list[dict[str, str]]]:
     return mode, rows
 
 
-def _open_store(path: Path) -> Any:
-    import zarr
-
+def _open_store(path: Path) -> PatchStore:
     try:
-        root = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for "not a group"
-        raise DatasetError(f"{str(path)!r} is not a zarr patch store (write one with wsienc tile): {exc}") from exc
-    if root.attrs.get("kind") != "patch_store":
-        raise DatasetError(f"{str(path)!r} is not a patch store (root attribute kind={root.attrs.get('kind')!r})")
-    return root
+        return open_patch_store(path)
+    except StoreError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
-def _slide_problem(root: Any, sid: str) -> str | None:
-    status = (root.attrs.get("slides") or {}).get(sid, {})
+def _slide_problem(store: PatchStore, sid: str) -> str | None:
+    status = store.status.get(sid, {})
     if status.get("status") == "failed":
         return f"tiling failed ({status.get('reason')})"
-    if sid not in root:
+    if sid not in store:
         return "not in the store"
-    group = root[sid]
-    if not group.attrs.get("complete", False):
+    slide = store[sid]
+    if not slide.complete:
         return "incomplete (re-run wsienc tile to finish it)"
-    if group.attrs.get("coords_only", False) or "tiles" not in group:
+    if slide.attrs.get("coords_only", False) or slide.tiles is None:
         return "stored without pixels (--coords-only); re-tile it with pixels"
     return None
 
@@ -119,9 +114,9 @@ def patch_store_task(path: Path, *, labels: str | None = None) -> TaskData:
         if problem is not None:
             skipped_slides[sid] = problem
             continue
-        group = root[sid]
-        n = int(group["tiles"].shape[0])
-        mpp = float(group.attrs.get("actual_mpp") or np.nan)
+        slide = root[sid]
+        n = slide.n_tiles
+        mpp = float(slide.attrs.get("actual_mpp") or np.nan)
         if mode == "slide":
             line, row = entries[-1]
             rows_here = np.arange(n, dtype=np.int64)
@@ -130,8 +125,7 @@ def patch_store_task(path: Path, *, labels: str | None = None) -> TaskData:
         else:
             lookup: dict[tuple[int, int], int] = {}
             if mode == "xy":
-                coords = np.asarray(group["coords"][...], dtype=np.int64)
-                lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
+                lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(slide.coords)}
             picked: list[int] = []
             labels_here, groups_here = [], []
             for line, row in entries:
