@@ -194,6 +194,12 @@ def test_real_breakhis_run_produces_every_output(real_run: tuple[Path, GanSpy, A
     assert "held out" in result.output and "AUC" in result.output
     assert "epoch 1/1" in result.output  # progress per arm and fold
     assert len((out / "init_weights.safetensors").read_bytes()) > 0
+    for m in config["held_out"]:
+        grl = json.loads((out / "runs" / "grl" / f"heldout_{m}" / "metrics.json").read_text())
+        gan = json.loads((out / "runs" / "gan" / f"heldout_{m}" / "metrics.json").read_text())
+        assert gan["n_synthetic_images"] == gan["n_train_images"]  # --gan-ratio 1
+        assert gan["steps"] == grl["steps"]  # the same budget in every arm
+        assert gan["real_images_per_epoch"] == grl["real_images_per_epoch"]  # the same real images
 
 
 def test_gan_arm_never_sees_test_fold_images(
@@ -229,7 +235,9 @@ def test_rerun_resumes_per_arm_and_fold(
 
 
 @pytest.fixture(scope="module")
-def nuisance_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, GanSpy]:
+def nuisance_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Ten epochs of baseline and grl on a tree whose colour cast tracks magnification (the gan arm and its
+    training sets are checked on the real run: it adds a third of the cost and nothing to this contrast)."""
     root = tmp_path_factory.mktemp("lomo_nuisance")
     data = write_breakhis_tree(root, n_benign=4, n_malignant=4, per_magnification=3, nuisance=True, seed=1)
     config = lomo_pipeline.LomoConfig(
@@ -245,34 +253,28 @@ def nuisance_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
         gan_width=4,
         gan_batch_size=16,
     )
-    spy = GanSpy()
     events: list[lomo_pipeline.LomoEvent] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gan_trainer, "train_dcgan", spy)
-        lomo_pipeline.run_lomo([data], root / "out", config, device="cpu", on_event=events.append)
-    assert {e.kind for e in events} >= {"cache", "start", "epoch", "gan_epoch", "done", "report"}
-    return root / "out", data, spy
+    lomo_pipeline.run_lomo(
+        [data], root / "out", config, arms=["baseline", "grl"], device="cpu", on_event=events.append
+    )
+    assert {e.kind for e in events} >= {"cache", "start", "epoch", "done", "report"}
+    return root / "out", data
 
 
-def test_generated_tree_with_four_magnifications_runs_every_fold(
-    nuisance_run: tuple[Path, Path, GanSpy],
-) -> None:
-    out, data, spy = nuisance_run
+def test_generated_tree_with_four_magnifications_runs_every_fold(nuisance_run: tuple[Path, Path]) -> None:
+    out, data = nuisance_run
     assert (data / "histology_slides" / "breast" / "benign" / "SOB").is_dir()
-    config = check_outputs(out, 96, ["baseline", "gan", "grl"])
+    config = check_outputs(out, 96, ["baseline", "grl"])
     assert config["held_out"] == [40, 100, 200, 400] and config["skipped_held_out"] == {}
-    check_gan_training_sets(out, spy, [data], 64)
     metrics = json.loads((out / "runs" / "grl" / "heldout_200" / "metrics.json").read_text())
     assert metrics["training_magnifications"] == [40, 100, 400]
     assert metrics["history"][-1]["lambda"] == pytest.approx(0.9999, abs=1e-3)
-    gan_metrics = json.loads((out / "runs" / "gan" / "heldout_200" / "metrics.json").read_text())
-    assert gan_metrics["n_synthetic_images"] == gan_metrics["n_train_images"]  # --gan-ratio 1
-    assert gan_metrics["steps"] == metrics["steps"]  # the same budget in every arm
-    assert gan_metrics["real_images_per_epoch"] == metrics["real_images_per_epoch"]  # the same real images
+    baseline = json.loads((out / "runs" / "baseline" / "heldout_200" / "metrics.json").read_text())
+    assert baseline["steps"] == metrics["steps"]  # the same budget in every arm
 
 
-def test_gradient_reversal_lowers_the_magnification_probe(nuisance_run: tuple[Path, Path, GanSpy]) -> None:
-    out, _, _ = nuisance_run
+def test_gradient_reversal_lowers_the_magnification_probe(nuisance_run: tuple[Path, Path]) -> None:
+    out, _ = nuisance_run
     probe = [r for r in _csv(out / "probe.csv") if r["split"] == "test_patients" and r["probe"] == "linear"]
     mean = {
         arm: np.mean([float(r["balanced_accuracy"]) for r in probe if r["arm"] == arm])
