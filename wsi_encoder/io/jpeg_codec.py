@@ -24,6 +24,7 @@ it, for environments without installed entry points.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -208,7 +209,7 @@ def encode_jpeg_chunk(array: npt.NDArray[np.uint8], quality: int, n_tiles: int |
 
 
 def _decode_into(
-    flat: npt.NDArray[np.uint8], wanted: Any, body: memoryview, offsets: npt.NDArray[np.uint64], base: int
+    flat: npt.NDArray[np.uint8], wanted: Iterable[int], body: memoryview, offsets: npt.NDArray[np.uint64], base: int
 ) -> None:
     import imagecodecs
 

@@ -18,12 +18,15 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import InvalidParameterError, SlideReadError
+
+if TYPE_CHECKING:
+    from tifffile import TiffPage
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ RGBArray = npt.NDArray[np.uint8]
 class _Level:
     """Geometry and decoder of one pyramid level (a TIFF page)."""
 
-    def __init__(self, page: Any, keyframe: Any) -> None:
+    def __init__(self, page: TiffPage, keyframe: TiffPage) -> None:
         self.height, self.width = int(page.shape[0]), int(page.shape[1])
         self.chunk_h, self.chunk_w = int(page.chunks[0]), int(page.chunks[1])
         self.rows, self.cols = int(page.chunked[0]), int(page.chunked[1])

@@ -71,7 +71,7 @@ from wsi_encoder.pipelines.lomo_summary import (
     summarise_repeats,
     write_outputs,
 )
-from wsi_encoder.training.gan_trainer import DcganSpec, fold_synthetic_images
+from wsi_encoder.training.gan_trainer import DcganSpec, FoldSynthetic, fold_synthetic_images
 from wsi_encoder.training.lomo_arms import BaselineArm, GanArm, GrlArm
 from wsi_encoder.training.lomo_data import build_image_cache
 from wsi_encoder.training.lomo_trainer import (
@@ -621,7 +621,7 @@ def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, An
     }
 
 
-def _synthetic_images(ctx: _Context, fold: LomoFold, out: Path) -> Any:
+def _synthetic_images(ctx: _Context, fold: LomoFold, out: Path) -> FoldSynthetic:
     """DCGAN images for a fold: one DCGAN per class trained on the fold's training-role images only.
 
     ``gan/heldout_<m>/trained_on.json`` lists, per class, the exact files each DCGAN was trained on;
