@@ -131,7 +131,7 @@ def test_remote_encode_equals_local(s3: str, tmp_path: Path) -> None:
 
 def test_second_writer_is_refused_on_s3(s3: str, tmp_path: Path) -> None:
     from wsi_encoder.errors import StoreError
-    from wsi_encoder.io.patch_store import StoreLock
+    from wsi_encoder.io.store_lock import StoreLock
 
     upload(s3, small_slide(tmp_path / "a.tiff"), "cohort/a.tiff")
     out = f"{s3}/p.zarr"

@@ -21,9 +21,10 @@ from skimage.transform import AffineTransform, warp
 
 from wsi_encoder.errors import InvalidParameterError, StoreError
 from wsi_encoder.io.jpeg_codec import JpegTileCodec
-from wsi_encoder.io.patch_store import StoreLock, open_patch_store
+from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slide_ids import assign_slide_ids, expand_slide_inputs, slide_id_from_path
 from wsi_encoder.io.slides import open_slide
+from wsi_encoder.io.store_lock import StoreLock
 from wsi_encoder.pipelines.tile_cohort import tile_cohort
 from wsi_encoder.tiling import TileSpec
 

@@ -19,7 +19,7 @@ use ``grid`` for positions. With ``codec="jpeg"`` each chunk holds one JPEG per 
 (:mod:`wsi_encoder.io.jpeg_codec`); with ``codec="zstd"`` the chunks are shards of single-tile,
 zstd-compressed inner chunks (lossless).
 
-Writers hold :class:`StoreLock` (a ``<store>.lock`` file or object beside the store) so two runs
+Writers hold :class:`~wsi_encoder.io.store_lock.StoreLock` (a ``<store>.lock`` file or object beside the store) so two runs
 cannot write one store at once. A store may live on object storage (``s3://...``, a zarr v3
 ``FsspecStore``): every chunk is one whole-object PUT, so there are no partial files to clean, and a
 chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patch_store` gives the read API (:class:`PatchStore`,
@@ -28,13 +28,10 @@ chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import socket
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -50,7 +47,6 @@ from wsi_encoder.errors import StoreError
 from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
 from wsi_encoder.io.urls import (
     check_bucket,
-    check_writable,
     describe_error,
     filesystem,
     is_url,
@@ -70,114 +66,6 @@ CODECS: tuple[str, ...] = ("jpeg", "zstd")
 #: attribute); readers do not need it, and a resumed slide keeps the level it was started with.
 _ZSTD_LEVEL = 1
 _WRITE_CONFIG = {"write_empty_chunks": True}
-
-
-# ---- locking -----------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class StoreLock:
-    """An exclusive writer lock on a store: the file (or object) ``<store>.lock`` beside it.
-
-    The lock records the holder's pid, host and start time. A lock left by a process that died
-    (kill -9, power loss) on this host is taken over; a live holder, or one on another host, makes
-    :meth:`acquire` raise :class:`~wsi_encoder.errors.StoreError` naming it and the lock to delete.
-    On object storage the lock object is created with a conditional PUT (``If-None-Match: *``, which
-    S3, MinIO and Ceph honour), so of two runs starting at once exactly one gets it.
-    """
-
-    def __init__(self, store_path: str | Path) -> None:
-        store = normalize(store_path)
-        check_writable(store)
-        self.remote = is_url(store)
-        self.path: Path | str = f"{store}.lock" if self.remote else Path(store).with_name(Path(store).name + ".lock")
-        self._held = False
-
-    def _create(self, record: dict[str, Any]) -> None:
-        """Create the lock, raising FileExistsError when it exists."""
-        if self.remote:
-            fs, inner = filesystem(self.path)
-            try:
-                with fs.open(inner, "xb") as handle:
-                    handle.write(json.dumps(record).encode())
-            except FileExistsError:
-                raise
-            except Exception as exc:
-                if "PreconditionFailed" in str(exc) or "412" in str(exc):
-                    raise FileExistsError(str(self.path)) from None
-                raise StoreError(describe_error(self.path, exc)) from None
-            return
-        assert isinstance(self.path, Path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-
-    def _delete(self) -> None:
-        if self.remote:
-            fs, inner = filesystem(self.path)
-            fs.rm(inner)
-        else:
-            assert isinstance(self.path, Path)
-            self.path.unlink(missing_ok=True)
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`~wsi_encoder.errors.StoreError`."""
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(2):
-            try:
-                self._create(record)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("host") == record["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                    logger.warning("taking over the lock %s left by dead process %s", self.path, holder.get("pid"))
-                    self._delete()
-                    continue
-                who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder else "unknown"
-                raise StoreError(
-                    f"{str(self.path)[: -len('.lock')]}: another wsienc run is writing this store ({who}); wait for it "
-                    f"to finish, or if no such run is alive, delete {self.path}"
-                ) from None
-            self._held = True
-            return
-        raise StoreError(f"{self.path}: could not take the store lock; delete it if no wsienc run is writing the store")
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            if self.remote:
-                fs, inner = filesystem(self.path)
-                value = json.loads(fs.cat_file(inner))
-            else:
-                assert isinstance(self.path, Path)
-                value = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def release(self) -> None:
-        """Drop the lock (only if this process holds it)."""
-        if self._held:
-            holder = self._holder()
-            if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
-                try:
-                    self._delete()
-                except FileNotFoundError:
-                    pass
-            self._held = False
-
-    def __enter__(self) -> StoreLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # ---- writing ---------------------------------------------------------------------------------
