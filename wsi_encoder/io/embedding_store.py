@@ -21,7 +21,8 @@ Layout (the contract every command relies on; plain ``zarr.open_group`` reads it
   anything else is refused with one :class:`~wsi_encoder.errors.StoreError` line naming the store.
 * A slide is *usable* when its group exists, its ``complete`` attribute is true (absent counts as false),
   the root does not record it as ``failed``, and it has a two-dimensional ``features`` with at least one row
-  and a ``rowcol``. Listing skips every other slide with one warning naming it and the reason
+  (a slide vector, :meth:`EmbeddingStore.mean`, needs nothing else; :meth:`EmbeddingStore.load` also needs
+  ``rowcol`` and the grid shape, and says so when they are missing). Listing skips every other slide with one warning naming it and the reason
   (:attr:`EmbeddingStore.skipped`), so one interrupted or failed slide does not stop a cohort; asking for a
   skipped slide by name raises :class:`~wsi_encoder.errors.StoreError` with that reason.
 * One store holds one encoder's embeddings: :meth:`EmbeddingStore.encoder_identity` and
@@ -317,10 +318,9 @@ class EmbeddingStore:
             return "not a group"
         if group.attrs.get("complete") is not True:
             return "incomplete (interrupted encode; rerun `wsienc encode` to finish it)"
-        missing = [name for name in ("features", "rowcol") if not isinstance(group.get(name), zarr.Array)]
-        if missing:
-            return f"array(s) {', '.join(missing)} missing"
-        features = _array(group, "features", self.path)
+        features = group.get("features")
+        if not isinstance(features, zarr.Array):
+            return "array 'features' missing"
         if features.ndim != 2 or features.shape[0] == 0:
             return f"no tissue tiles (features of shape {features.shape})"
         return None

@@ -1,7 +1,7 @@
 """Slide-level classifiers on embedding grids: ``gridcnn``, ``abmil`` and ``linear``, behind one interface.
 
 Every model is a :class:`SlideClassifier`: ``fit`` on bags of tile embeddings
-(:class:`~wsi_encoder.io.embedding_reader.SlideBag`) with integer labels and an optional inner
+(:class:`~wsi_encoder.io.embedding_store.SlideBag`) with integer labels and an optional inner
 validation set, ``predict_proba`` → ``(n, k)`` class probabilities, ``heatmap`` → an ``(R, Q)`` map over
 the slide's grid, and ``state_arrays`` / ``load_state_arrays`` (plain arrays, saved as safetensors,
 never pickled). Models are made by name from a registry::
@@ -41,7 +41,7 @@ from torch import nn
 
 from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
-from wsi_encoder.io.embedding_reader import SlideBag
+from wsi_encoder.io.embedding_store import SlideBag
 from wsi_encoder.models.slide_networks import GatedAttentionMIL, GridCNN
 from wsi_encoder.training.slide_trainer import FitHistory, fit_module
 

@@ -38,7 +38,7 @@ from wsi_encoder.evaluation.crossval import (
 )
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
 from wsi_encoder.io.labels import LabelTable, read_labels
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
@@ -103,7 +103,7 @@ TILING_KEYS = (
 PROVENANCE_FORMAT = 1
 
 
-def training_provenance(reader: EmbeddingStoreReader, slide_ids: Sequence[str]) -> dict[str, Any]:
+def training_provenance(reader: EmbeddingStore, slide_ids: Sequence[str]) -> dict[str, Any]:
     """How the training embeddings were made: encoder (name, spec, weights sha256, config) and tile spec.
 
     Read from each slide's embedding-store attributes (and its patch store's, for stores written before
@@ -234,7 +234,7 @@ def train_classifier(
         Called after every fold (progress).
     """
     out = Path(out_dir)
-    reader = EmbeddingStoreReader(embedding_store)
+    reader = EmbeddingStore.open(embedding_store)
     table = read_labels(
         labels_csv, reader.slide_ids, store_name=str(embedding_store), allow_missing=allow_missing,
         positive_class=positive_class, store_skipped=reader.skipped,
@@ -249,7 +249,7 @@ def train_classifier(
             logger.warning("--epochs does not apply to the %s model; ignored", model)
     train = table.select("train")
     test = table.select("test")
-    bags = SlideBags(reader, train.slide_ids)
+    bags = reader.bags(train.slide_ids)
     in_dim = reader.embedding_dim
     key = _resume_key(
         model=model, config=overrides, folds=folds, seed=seed, val_fraction=val_fraction, slides=train.slide_ids,
@@ -285,7 +285,7 @@ def train_classifier(
     title = f"{model}, {folds}-fold patient-grouped CV (out-of-fold)"
     files.update(_plots(out, "", train.y, cv.oof_prob, table.classes, title, cv.fold_of))
     if test.slide_ids:
-        test_prob = cv.final_model.predict_proba(SlideBags(reader, test.slide_ids))
+        test_prob = cv.final_model.predict_proba(reader.bags(test.slide_ids))
         y_test = test.y
         test_report = {
             "n_slides": len(test.slide_ids),
@@ -354,7 +354,7 @@ def predict(
         ``allow_encoder_mismatch``) it was written by another encoder than the training store.
     """
     model, meta = load_model(model_dir, device)
-    reader = EmbeddingStoreReader(embedding_store)
+    reader = EmbeddingStore.open(embedding_store)
     if not reader.slide_ids:
         raise StoreError(f"{embedding_store}: no complete slide to predict")
     if reader.embedding_dim != model.in_dim:
@@ -427,8 +427,8 @@ def _fmt(value: Any) -> Any:
 
 def _draw_heatmap(
     model: SlideClassifier,
-    reader: EmbeddingStoreReader,
-    bag: Any,
+    reader: EmbeddingStore,
+    bag: SlideBag,
     prob: npt.NDArray[np.float64],
     classes: Sequence[str],
     heat_dir: Path,
