@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
@@ -65,7 +66,7 @@ CODECS: tuple[str, ...] = ("jpeg", "zstd")
 #: coder). The level is recorded in each array's codec metadata (and the slide's ``zstd_level``
 #: attribute); readers do not need it, and a resumed slide keeps the level it was started with.
 _ZSTD_LEVEL = 1
-_WRITE_CONFIG = {"write_empty_chunks": True}
+_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -116,11 +117,26 @@ def _remove_partial_files(directory: Path, recursive: bool) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def _status_record(root: zarr.Group) -> dict[str, dict[str, Any]]:
+    """The root's ``slides`` attribute as a plain dict (empty when absent or malformed)."""
+    record = root.attrs.get("slides")
+    if not isinstance(record, Mapping):
+        return {}
+    return {str(k): dict(v) for k, v in record.items() if isinstance(v, Mapping)}
+
+
+def _array_of(group: zarr.Group, name: str) -> zarr.Array:
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store_path}: array {name!r} is missing (not a patch store slide)")
+    return node
+
+
 def update_slide_status(root: zarr.Group, updates: Mapping[str, Mapping[str, Any]]) -> None:
     """Merge per-slide status records (``{"status", "reason", "source"}``) into the root attrs."""
     if not updates:
         return
-    slides = dict(root.attrs.get("slides") or {})
+    slides = _status_record(root)
     for slide_id, record in updates.items():
         slides[slide_id] = {"status": record["status"], "reason": record.get("reason"), "source": record.get("source")}
     root.attrs.update({"slides": dict(sorted(slides.items()))})
@@ -212,6 +228,12 @@ def open_slide_arrays_for_writing(store_path: str | Path, slide_id: str) -> tupl
     return tiles.with_config(_WRITE_CONFIG), done.with_config(_WRITE_CONFIG)
 
 
+def _little_endian(codec: object) -> bool:
+    from zarr.codecs import BytesCodec
+
+    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
+
+
 def _direct_shard_level(tiles: zarr.Array) -> int | None:
     """The zstd level when ``tiles`` is the zstd layout this module creates (one zstd-compressed tile per
     inner chunk of a shard, index at the end with crc32c) on a local store; else None."""
@@ -231,7 +253,7 @@ def _direct_shard_level(tiles: zarr.Array) -> int | None:
         or inner[1].checksum
         or sharding.index_location != ShardingCodecIndexLocation.end
         or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
-        or sharding.index_codecs[0].endian.value != "little"  # type: ignore[attr-defined]
+        or not _little_endian(sharding.index_codecs[0])
         or tiles.dtype != np.uint8
     ):
         return None
@@ -315,7 +337,10 @@ def mark_chunk_done(done: zarr.Array, index: int) -> None:
 def _write_chunk_bytes(array: zarr.Array, index: int, payload: bytes) -> None:
     """Write one chunk's (or shard's) encoded bytes atomically under its zarr key in a local store."""
     key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-    path = Path(array.store.root) / array.path / key
+    store = array.store
+    if not isinstance(store, LocalStore):
+        raise StoreError(f"{array.path}: whole-chunk writes need a local store, not {type(store).__name__}")
+    path = Path(store.root) / array.path / key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     with open(tmp, "wb") as handle:
@@ -329,7 +354,7 @@ def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
     if not isinstance(group, zarr.Group):
         raise StoreError(f"{slide_id}: not a slide group")
     if "chunks_done" in group:
-        done = np.asarray(group["chunks_done"][:])
+        done = np.asarray(_array_of(group, "chunks_done")[...])
         if not done.all():
             missing = int((~done).sum())
             raise StoreError(f"{slide_id}: {missing} chunk(s) of tiles are not written yet")
@@ -377,7 +402,7 @@ class PatchSlide:
     @property
     def n_tiles(self) -> int:
         """Number of tiles N."""
-        return int(self.group["coords"].shape[0])
+        return int(_array_of(self.group, "coords").shape[0])
 
     @property
     def tile_size(self) -> int:
@@ -394,7 +419,7 @@ class PatchSlide:
         return array
 
     def _array(self, name: str) -> npt.NDArray[Any]:
-        return np.asarray(self.group[name][...])
+        return np.asarray(_array_of(self.group, name)[...])
 
     @cached_property
     def coords(self) -> npt.NDArray[np.int64]:
@@ -462,7 +487,7 @@ class PatchStore:
     @property
     def status(self) -> dict[str, dict[str, Any]]:
         """Per-slide status record: ``{slide_id: {"status": "ok"|"empty"|"failed", "reason", "source"}}``."""
-        return dict(self.root.attrs.get("slides") or {})
+        return _status_record(self.root)
 
     @cached_property
     def slide_ids(self) -> list[str]:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,13 @@ from wsi_encoder.errors import InvalidParameterError, WsiEncoderError
 from wsi_encoder.io.files import atomic_write_csv, atomic_write_text
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
 from wsi_encoder.tiling import SlideTiling, TileSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsi_encoder.compression import EncoderIdentity
+    from wsi_encoder.io.slides import SlideReader
+    from wsi_encoder.models.inference import InferenceModel
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +238,7 @@ def resolve_settings(
     )
 
 
-def check_encoder(identity: Any, meta: Mapping[str, Any], model_dir: str | Path, in_dim: int, force: bool) -> list[str]:
+def check_encoder(identity: EncoderIdentity, meta: Mapping[str, Any], model_dir: str | Path, in_dim: int, force: bool) -> list[str]:
     """Refuse an encoder other than the one the model's training embeddings came from (unless ``force``).
 
     Returns the differences that ``force`` let through. The embedding size must match in any case.
@@ -264,11 +271,11 @@ class _Context:
     model: Any
     meta: dict[str, Any]
     classes: list[str]
-    encoder: Any
-    identity: Any
+    encoder: InferenceModel
+    identity: EncoderIdentity
     settings: PredictSettings
     out: Path
-    device: Any
+    device: torch.device
     batch_size: int
     backend: str
     slide_mpp: float | None
@@ -282,7 +289,7 @@ class _Context:
 
 
 def _chunks(
-    reader: Any, plan: SlideTiling, spec: TileSpec, times: dict[str, float], threads: int
+    reader: SlideReader, plan: SlideTiling, spec: TileSpec, times: dict[str, float], threads: int
 ) -> Iterator[npt.NDArray[np.uint8]]:
     """Tiles of the plan, chunk by chunk and in order, read as ``wsienc tile`` reads them.
 
@@ -521,7 +528,7 @@ def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) ->
     return SlidePrediction(entry.slide_id, str(entry.path), "done", **fields_)
 
 
-def _run_key(model_sha: str | None, settings: PredictSettings, identity: Any, slide_mpp: float | None, backend: str) -> str:
+def _run_key(model_sha: str | None, settings: PredictSettings, identity: EncoderIdentity, slide_mpp: float | None, backend: str) -> str:
     parts = {"model": model_sha, "settings": settings.to_json(), "encoder": identity.weights_sha256,
              "slide_mpp": slide_mpp, "backend": backend}  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
