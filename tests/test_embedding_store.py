@@ -187,3 +187,14 @@ def test_h5_export_is_readable_by_the_group_and_leaves_nothing_behind(tmp_path: 
     with pytest.raises(StoreError, match="do not align"):
         write_h5_features(tmp_path / "h5" / "b.h5", np.zeros((3, 4)), np.zeros((2, 2)), {})
     assert [p.name for p in (tmp_path / "h5").iterdir()] == ["a.h5"]
+
+
+def test_a_folder_that_is_not_a_store_is_not_claimed(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for mode in ("r", "a"):
+        with pytest.raises(StoreError, match="results: exists and is not a zarr store"):
+            EmbeddingStore.open(folder, mode=mode)  # type: ignore[arg-type]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert EmbeddingStore.open(tmp_path / "new.zarr", mode="a").list_slides(usable_only=False) == []

@@ -265,6 +265,9 @@ class EmbeddingStore:
             raise StoreError(f"{where}: no such embedding store (run `wsienc encode ... --out {where}` first)")
         if is_file(where):
             raise StoreError(f"{where}: is a file, not a zarr store directory; choose another --out")
+        local = None if is_url(where) else Path(where)
+        if local is not None and local.is_dir() and not (local / "zarr.json").exists() and any(local.iterdir()):
+            raise StoreError(f"{where}: exists and is not a zarr store; choose another --out")
         try:
             root = zarr.open_group(zarr_store(where, read_only=mode == "r"), mode="r" if mode == "r" else "a")
         except Exception as exc:
@@ -335,9 +338,9 @@ class EmbeddingStore:
         """``{slide_id: reason}`` of the slides the store lists or holds that are not usable."""
         return dict(self._scan()[1])
 
-    def list_slides(self, *, complete_only: bool = True) -> builtins.list[str]:
+    def list_slides(self, *, usable_only: bool = True) -> builtins.list[str]:
         """Slide ids, sorted: the usable ones (default), or every slide group (complete or not)."""
-        if complete_only:
+        if usable_only:
             return builtins.list(self.slide_ids)
         return sorted(self.root.group_keys())
 
