@@ -1,6 +1,6 @@
 """The networks of the torch slide classifiers: a grid CNN and gated attention MIL (pure ``nn.Module`` s).
 
-:mod:`wsi_encoder.models.slide_classifiers` wraps them into the slide-classifier interface.
+:mod:`wsi_encoder.models.slide_classifiers` (``gridcnn``, ``abmil``) wraps them into the slide-classifier interface.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class GridCNN(nn.Module):
     Global pooling is tissue-masked mean and max.
     """
 
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
     def __init__(
         self, in_channels: int, num_classes: int, width: int, depth: int, strided: int, dropout: float, min_map: int = 4
     ) -> None:
@@ -73,6 +76,9 @@ class GridCNN(nn.Module):
 
 class GatedAttentionMIL(nn.Module):
     """Gated attention MIL (Ilse et al. 2018): ``(B, N, C)`` bags with ``(B, N)`` masks → logits, attention."""
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self, in_dim: int, num_classes: int, hidden: int, attention_dim: int, dropout: float) -> None:
         super().__init__()

@@ -42,8 +42,12 @@ from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
 from wsi_encoder.io.labels import LabelTable, read_labels
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
-from wsi_encoder.models.slide_classifiers import SlideClassifier, slide_classifier_class
-from wsi_encoder.training.slide_trainer import torch_threads
+from wsi_encoder.models.slide_classifiers import (
+    SlideClassifier,
+    config_fields,
+    slide_classifier_class,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +247,7 @@ def train_classifier(
     overrides = dict(params or {})
     cls = slide_classifier_class(model)
     if epochs is not None:
-        if "epochs" in {f for f in cls.Config.__dataclass_fields__}:
+        if "epochs" in config_fields(cls.Config):
             overrides["epochs"] = epochs
         else:
             logger.warning("--epochs does not apply to the %s model; ignored", model)
