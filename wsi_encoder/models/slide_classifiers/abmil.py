@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.embedding_reader import SlideBag
@@ -56,8 +55,9 @@ class ABMILClassifier(TorchSlideClassifier[ABMILConfig]):
     name = "abmil"
     Config = ABMILConfig
     heatmap_kind = "attention"
+    module: GatedAttentionMIL
 
-    def build_module(self) -> nn.Module:
+    def build_module(self) -> GatedAttentionMIL:
         c = self.config
         return GatedAttentionMIL(self.in_dim, self.num_classes, c.hidden, c.attention_dim, c.dropout)
 
@@ -80,13 +80,14 @@ class ABMILClassifier(TorchSlideClassifier[ABMILConfig]):
         return torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def logits(self, inputs: Inputs) -> torch.Tensor:
-        logits: torch.Tensor = self.module(*inputs)[0]
-        return logits
+        x, mask = inputs
+        return self.module(x, mask)[0]
 
     def heatmap(self, bag: SlideBag) -> FloatArray:
         """Attention weight of each tile, scaled to [0, 1] by the slide's maximum; NaN outside tissue."""
         self.module.eval()
         with torch.no_grad():
-            attention = self.module(*self.collate([bag], None))[1][0].cpu().numpy().astype(float)
+            x, mask = self.collate([bag], None)
+            attention = self.module(x, mask)[1][0].cpu().numpy().astype(float)
         peak = attention.max()
         return bag.to_grid(attention / peak if peak > 0 else attention)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.embedding_reader import SlideBag
@@ -75,8 +74,9 @@ class GridCNNClassifier(TorchSlideClassifier[GridCNNConfig]):
     Config = GridCNNConfig
     heatmap_kind = "Grad-CAM (first block)"
     min_batch = 2
+    module: GridCNN
 
-    def build_module(self) -> nn.Module:
+    def build_module(self) -> GridCNN:
         c = self.config
         return GridCNN(self.in_dim, self.num_classes, c.width, c.depth, c.strided, c.dropout)
 
@@ -136,7 +136,7 @@ class GridCNNClassifier(TorchSlideClassifier[GridCNNConfig]):
         self.module.eval()
         grid, mask = self.collate([bag], None)
         with torch.enable_grad():
-            logits, first = self.module(grid, mask, return_first=True)
+            logits, first = self.module.forward_with_first(grid, mask)
             logits = logits[0]
             target = 1 if self.num_classes == 2 else int(logits.argmax())
             score = logits[target] - (logits[0] if self.num_classes == 2 else logits.mean())
