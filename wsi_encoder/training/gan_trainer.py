@@ -7,6 +7,7 @@ class and scale unchanged) so that small classes do not collapse at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.io.files import atomic_write_json
 from wsi_encoder.models.dcgan import IMAGE_SIZE, Discriminator, Generator
 from wsi_encoder.models.weights_folder import load_folder_weights, read_folder_config, save_weights_folder
 from wsi_encoder.training.lomo_data import augment, to_tensor
@@ -188,8 +190,6 @@ def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any]]:
 
 def _load_generator_file(path: Path) -> tuple[Generator, dict[str, Any]]:
     """A generator in the single-file layout of earlier versions (settings in the safetensors metadata)."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -266,10 +266,6 @@ def fold_synthetic_images(
     on_epoch
         Progress: ``on_epoch(class, epoch, epochs, stats)``.
     """
-    import json
-
-    from wsi_encoder.io.files import atomic_write_json
-
     gan_dir = Path(gan_dir)
     record_path = gan_dir / "trained_on.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
