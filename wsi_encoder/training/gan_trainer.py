@@ -268,7 +268,14 @@ def fold_synthetic_images(
     """
     gan_dir = Path(gan_dir)
     record_path = gan_dir / "trained_on.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record: dict[str, Any] = {}
+    if record_path.is_file():
+        try:
+            loaded = json.loads(record_path.read_text())
+        except ValueError as exc:
+            loaded = None
+            logger.warning("%s: unreadable (%s); its DCGANs are trained again", record_path, exc)
+        record = loaded if isinstance(loaded, dict) else {}
     fakes, labels, real_grid, fake_grid, notes = [], [], {}, {}, []
     for c, cls in enumerate(classes):
         if cls not in class_images or len(class_images[cls][1]) == 0:
