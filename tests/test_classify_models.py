@@ -18,9 +18,9 @@ from wsi_encoder.models.slide_classifiers import (
     create_slide_classifier,
     list_slide_classifiers,
     make_config,
+    torch_threads,
 )
 from wsi_encoder.pipelines.classify import load_model, save_model
-from wsi_encoder.training.slide_trainer import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODELS = ("linear", "abmil", "gridcnn")

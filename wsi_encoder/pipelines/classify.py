@@ -13,11 +13,9 @@ Two calls do the whole job::
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +37,16 @@ from wsi_encoder.evaluation.crossval import (
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
+from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, read_labels
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
-from wsi_encoder.models.slide_classifiers import SlideClassifier, slide_classifier_class
-from wsi_encoder.training.slide_trainer import torch_threads
+from wsi_encoder.models.slide_classifiers import (
+    SlideClassifier,
+    config_fields,
+    slide_classifier_class,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +72,6 @@ class PredictResult:
     heatmaps: dict[str, Path]
     skipped: dict[str, str]
     metrics: dict[str, Any] | None
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _temp_for(path: Path) -> Path:
-    """A temporary sibling of ``path`` (created with plain ``open``, so the umask applies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = _temp_for(path)
-    with tmp.open("w", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    tmp = _temp_for(path)
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- provenance
@@ -243,7 +223,7 @@ def train_classifier(
     overrides = dict(params or {})
     cls = slide_classifier_class(model)
     if epochs is not None:
-        if "epochs" in {f for f in cls.Config.__dataclass_fields__}:
+        if "epochs" in config_fields(cls.Config):
             overrides["epochs"] = epochs
         else:
             logger.warning("--epochs does not apply to the %s model; ignored", model)
@@ -303,7 +283,7 @@ def train_classifier(
     )
     header, rows = _predictions_rows(both, prob_rows, fold_labels)
     files["predictions"] = out / "predictions.csv"
-    _write_csv(files["predictions"], header, rows)
+    atomic_write_csv(files["predictions"], rows, header)
     metrics = {
         "model": model,
         "config": cv.config,
@@ -321,7 +301,7 @@ def train_classifier(
         "wsi_encoder_version": __version__,
     }
     files["metrics"] = out / "metrics.json"
-    _atomic_text(files["metrics"], json.dumps(nan_to_none(metrics), indent=2))
+    atomic_write_json(files["metrics"], nan_to_none(metrics))
     logger.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return ClassifyResult(out, metrics, cv, table, files)
 
@@ -410,7 +390,7 @@ def predict(
             if on_slide is not None:
                 on_slide(slide_id)
     out_csv = Path(out_csv)
-    _write_csv(out_csv, header, [[_fmt(r.get(h, "")) for h in header] for r in rows])
+    atomic_write_csv(out_csv, [[_fmt(r.get(h, "")) for h in header] for r in rows], header)
     metrics = None
     scored = [r for r in rows if r.get("label")]
     if scored:

@@ -632,7 +632,7 @@ def predict_slides(
     from wsi_encoder.compression import load_encoder_cached
     from wsi_encoder.devices import resolve_device
     from wsi_encoder.models.classifier_files import load_model
-    from wsi_encoder.training.slide_trainer import torch_threads
+    from wsi_encoder.models.slide_classifiers import torch_threads
 
     startup["imports"] = time.perf_counter() - t
     t = time.perf_counter()
