@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -19,6 +19,9 @@ from matplotlib.figure import Figure
 
 from wsi_encoder.io.embedding_store import SlideGeometry
 from wsi_encoder.io.files import atomic_path, atomic_write_figure
+
+if TYPE_CHECKING:
+    from wsi_encoder.models.slide_classifiers import SlideClassifier
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -180,7 +183,7 @@ def plot_heatmap(
 
 
 def plot_slide_prediction(
-    model: Any,
+    model: SlideClassifier,
     slide_id: str,
     heat: npt.NDArray[np.floating],
     prob: npt.NDArray[np.floating],
