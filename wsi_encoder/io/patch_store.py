@@ -29,9 +29,7 @@ chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patc
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import threading
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +43,7 @@ from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
+from wsi_encoder.io.files import atomic_path
 from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
 from wsi_encoder.io.urls import (
     check_bucket,
@@ -111,10 +110,13 @@ def _claim_root(root: zarr.Group, path: str | Path) -> zarr.Group:
 
 
 def _remove_partial_files(directory: Path, recursive: bool) -> None:
-    """Delete temporary files a killed zarr write left behind (``*.partial``)."""
-    pattern = "**/*.partial" if recursive else "*.partial"
-    for leftover in directory.glob(pattern):
-        leftover.unlink(missing_ok=True)
+    """Delete temporary files a killed write left behind: zarr's (``*.partial``) and those of
+    :func:`wsi_encoder.io.files.atomic_path` (``.<name>.<random>.tmp``) for whole-chunk writes."""
+    prefix = "**/" if recursive else ""
+    for pattern in ("*.partial", ".*.tmp*"):
+        for leftover in directory.glob(prefix + pattern):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
 
 
 def _status_record(root: zarr.Group) -> dict[str, dict[str, Any]]:
@@ -341,11 +343,8 @@ def _write_chunk_bytes(array: zarr.Array, index: int, payload: bytes) -> None:
     if not isinstance(store, LocalStore):
         raise StoreError(f"{array.path}: whole-chunk writes need a local store, not {type(store).__name__}")
     path = Path(store.root) / array.path / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
