@@ -259,17 +259,18 @@ class EmbeddingStore:
             embedding store (another kind, or no ``kind`` attribute).
         """
         where = normalize(path)
-        if is_url(where):
-            check_bucket(str(where))
-        if mode != "a" and not exists(where):
-            raise StoreError(f"{where}: no such embedding store (run `wsienc encode ... --out {where}` first)")
-        if is_file(where):
-            raise StoreError(f"{where}: is a file, not a zarr store directory; choose another --out")
-        local = None if is_url(where) else Path(where)
-        if local is not None and local.is_dir() and not (local / "zarr.json").exists() and any(local.iterdir()):
-            raise StoreError(f"{where}: exists and is not a zarr store; choose another --out")
+        if mode != "r+":  # tasks (r+) open a store their driver has just checked: no extra requests per task
+            if is_url(where):
+                check_bucket(str(where))
+            if mode == "r" and not exists(where):
+                raise StoreError(f"{where}: no such embedding store (run `wsienc encode ... --out {where}` first)")
+            if is_file(where):
+                raise StoreError(f"{where}: is a file, not a zarr store directory; choose another --out")
+            local = None if is_url(where) else Path(where)
+            if local is not None and local.is_dir() and not (local / "zarr.json").exists() and any(local.iterdir()):
+                raise StoreError(f"{where}: exists and is not a zarr store; choose another --out")
         try:
-            root = zarr.open_group(zarr_store(where, read_only=mode == "r"), mode="r" if mode == "r" else "a")
+            root = zarr.open_group(zarr_store(where, read_only=mode == "r"), mode=mode)
         except Exception as exc:
             raise StoreError(f"{where}: not a readable zarr v3 group ({describe_error(where, exc)})") from None
         kind = root.attrs.get("kind")
