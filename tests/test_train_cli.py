@@ -108,13 +108,11 @@ def test_bad_data_and_options(datasets: dict[str, Path], tmp_path: Path) -> None
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--backbone", "vgg", *out],
         "unknown backbone 'vgg'",
-        code=2,
     )
     (tmp_path / "file").write_text("x")
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--out", str(tmp_path / "file"), *FAST],
         "is a file",
-        code=2,
     )
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--weights", str(tmp_path / "w.pt"), *out],
@@ -131,7 +129,7 @@ def test_bad_data_and_options(datasets: dict[str, Path], tmp_path: Path) -> None
          "--out", str(tmp_path / "o2"), *FAST[:-6], "--batch-size", "1", "--workers", "0", "--max-steps", "1"],
         "smaller than the number of tasks",
     )  # fmt: skip
-    _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, "--device", "gpu"], "unknown device 'gpu'")
+    _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, "--device", "gpu"], "device 'gpu' is not one of")
     for flag, value in [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--val-fraction", "1")]:
         _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, flag, value], flag, code=2)
 

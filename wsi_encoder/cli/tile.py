@@ -5,11 +5,38 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
+from wsi_encoder.cli.common import PATH_OR_URL, Progress, echo_err, storage_options_option
+
+if TYPE_CHECKING:
+    from wsi_encoder.pipelines.tile_cohort import ProgressEvent
+
+
+class _TileProgress(Progress):
+    """Tiles done of a total that grows as slides are planned; slide counts in the postfix."""
+
+    def __init__(self) -> None:
+        super().__init__("tiling", unit="tile", total=0)
+        self.slides = 0
+        self.counts = {"ok": 0, "empty": 0, "failed": 0, "skipped": 0}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "slides":
+            self.slides = event.count
+        elif event.kind == "tiles_planned":
+            self.add_total(event.count)
+        elif event.kind == "tiles":
+            self.update(event.count)
+        elif event.kind == "slide" and event.outcome is not None:
+            self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
+        c = self.counts
+        self.postfix(
+            f"slides {sum(c.values())}/{self.slides} (ok {c['ok']}, empty {c['empty']}, "
+            f"skipped {c['skipped']}, failed {c['failed']})"
+        )
 
 
 @click.command()
@@ -89,10 +116,9 @@ def tile(
     spec = TileSpec(target_mpp=mpp, tile_size=tile_size, stride=stride, tolerance=mpp_tolerance, edge=edge)
     ctx = click.get_current_context()
     verbosity = int((ctx.find_root().obj or {}).get("verbosity", 0))
-    quiet = verbosity < 0
     if verbosity < 2:  # a truncated TIFF makes tifffile log per page; the per-slide failure line says it once
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    bar = _Progress(disabled=quiet)
+    bar = _TileProgress()
     try:
         report = tile_cohort(
             slides,
@@ -111,7 +137,7 @@ def tile(
             qc_dir=qc_dir,
             workers=workers,
             scheduler=scheduler,
-            progress=bar.update,
+            progress=bar,
         )
     finally:
         bar.close()
@@ -131,42 +157,3 @@ def tile(
         click.echo(f"QC pictures in {qc_dir}")
     if report.failed:
         sys.exit(1)
-
-
-class _Progress:
-    """A tqdm bar over tiles whose total grows as slides are planned; slide counts in the postfix."""
-
-    def __init__(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self.bar: Any = None
-        self.slides = 0
-        self.counts = {"ok": 0, "empty": 0, "failed": 0, "skipped": 0}
-
-    def _ensure(self) -> Any:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="tile", desc="tiling", file=sys.stderr, disable=self.disabled, dynamic_ncols=True)
-        return self.bar
-
-    def update(self, event: Any) -> None:
-        bar = self._ensure()
-        if event.kind == "slides":
-            self.slides = event.count
-        elif event.kind == "tiles_planned":
-            bar.total += event.count
-            bar.refresh()
-        elif event.kind == "tiles":
-            bar.update(event.count)
-        elif event.kind == "slide" and event.outcome is not None:
-            self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
-        done = sum(self.counts.values())
-        bar.set_postfix_str(
-            f"slides {done}/{self.slides} (ok {self.counts['ok']}, empty {self.counts['empty']}, "
-            f"skipped {self.counts['skipped']}, failed {self.counts['failed']})",
-            refresh=False,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
