@@ -33,6 +33,24 @@ def _fmt(value: Any) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+class FoldProgress(Progress):
+    """Cross-validation folds done, one line per fold (test slides, AUC, the chosen epoch or C)."""
+
+    def __init__(self, folds: int) -> None:
+        super().__init__("cross-validation", unit="fold", total=folds)
+        self.folds = folds
+
+    def __call__(self, result: FoldResult) -> None:
+        note = " (resumed)" if result.resumed else ""
+        epoch = f", best epoch {result.fit.best_epoch}" if result.fit.best_epoch else ""
+        chosen = f", C={result.fit.selected['C']:g}" if result.fit.selected and "C" in result.fit.selected else ""
+        self.update()
+        self.write(
+            f"fold {result.fold + 1}/{self.folds}: {len(result.test_index)} test slides, "
+            f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
+        )
+
+
 @click.group()
 def classify() -> None:
     """Slide-level classifiers on embedding grids: cross-validated training and prediction."""
@@ -83,23 +101,12 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
-    bar = Progress("cross-validation", unit="fold", total=folds)
-
-    def on_fold(result: FoldResult) -> None:
-        note = " (resumed)" if result.resumed else ""
-        epoch = f", best epoch {result.fit.best_epoch}" if result.fit.best_epoch else ""
-        chosen = f", C={result.fit.selected['C']:g}" if result.fit.selected and "C" in result.fit.selected else ""
-        bar.update()
-        bar.write(
-            f"fold {result.fold + 1}/{folds}: {len(result.test_index)} test slides, "
-            f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
-        )
-
+    bar = FoldProgress(folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
         result = train_classifier(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
-            n_boot=n_boot, threads=threads, on_fold=on_fold,
+            n_boot=n_boot, threads=threads, on_fold=bar,
         )
     m = result.metrics
     labels = m["labels"]

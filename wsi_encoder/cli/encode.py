@@ -10,7 +10,7 @@ import click
 from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
 
 
-class _EncodeProgress(Progress):
+class EncodeProgress(Progress):
     """Tiles encoded; the total is known at the first report."""
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ def encode(
     """
     from wsi_encoder.pipelines.encode_store import encode_store
 
-    bar = _EncodeProgress()
+    bar = EncodeProgress()
     try:
         result = encode_store(
             patch_store,

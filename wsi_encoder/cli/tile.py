@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from wsi_encoder.pipelines.tile_cohort import ProgressEvent
 
 
-class _TileProgress(Progress):
+class TileProgress(Progress):
     """Tiles done of a total that grows as slides are planned; slide counts in the postfix."""
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ def tile(
     verbosity = int((ctx.find_root().obj or {}).get("verbosity", 0))
     if verbosity < 2:  # a truncated TIFF makes tifffile log per page; the per-slide failure line says it once
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    bar = _TileProgress()
+    bar = TileProgress()
     try:
         report = tile_cohort(
             slides,
