@@ -227,3 +227,55 @@ def test_help_imports_neither_torch_nor_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"wsienc --help pulled in: {out}"
+
+
+def _library_defaults(target: object) -> dict[str, object]:
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(target):
+        return {f.name: f.default for f in dataclasses.fields(target) if f.default is not dataclasses.MISSING}
+    assert callable(target)
+    return {
+        name: p.default for name, p in inspect.signature(target).parameters.items() if p.default is not p.empty
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "targets", "renamed"),
+    [
+        ("tile", ["wsi_encoder.tiling:TileSpec", "wsi_encoder.pipelines.tile_cohort:tile_cohort"],
+         {"mpp": "target_mpp", "mpp_tolerance": "tolerance"}),
+        ("encode", ["wsi_encoder.pipelines.encode_store:encode_store"], {"compile_model": "compile"}),
+        ("predict", ["wsi_encoder.pipelines.predict:predict_slides"], {}),
+        ("classify train", ["wsi_encoder.pipelines.classify:train_classifier"], {}),
+        ("classify predict", ["wsi_encoder.pipelines.classify:predict"], {}),
+        ("signatures", ["wsi_encoder.evaluation.signatures:SignatureSpec",
+                        "wsi_encoder.pipelines.signatures:run_signatures"], {}),
+    ],
+)  # fmt: skip
+def test_cli_defaults_equal_the_library_defaults(command: str, targets: list[str], renamed: dict[str, str]) -> None:
+    """Commands whose modules stay import-light (for a fast --help) repeat a default: it must be the library's."""
+    import importlib
+
+    from wsi_encoder.cli import LazyGroup
+
+    head, *sub = command.split()
+    cmd = LazyGroup._load(head)
+    if sub:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[sub[0]]
+    assert cmd is not None
+    library: dict[str, object] = {}
+    for target in targets:
+        module, name = target.split(":")
+        library.update(_library_defaults(getattr(importlib.import_module(module), name)))
+    compared = []
+    ctx = click.Context(cmd)
+    for param in cmd.params:
+        name = renamed.get(param.name or "", param.name or "")
+        default = param.get_default(ctx, call=False)
+        if name in library and library[name] is not None and default is not None and not param.required:
+            assert default == library[name], f"{command} --{name}: {default!r} != {library[name]!r}"
+            compared.append(name)
+    assert compared, f"no default of {command} compared"
