@@ -14,6 +14,7 @@ from wsi_encoder.cli.common import (
     device_option,
     echo_err,
     is_quiet,
+    slide_backend_option,
     slide_mpp_option,
     storage_options_option,
 )
@@ -50,8 +51,7 @@ if TYPE_CHECKING:
 @click.option("--geojson/--no-geojson", default=True, show_default=True,
               help="Write OUT/geojson/<slide_id>.geojson: tiles with scores and tissue outlines, for QuPath.")
 @slide_mpp_option
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True,
-              help="Slide reader (as for `wsienc tile`).")
+@slide_backend_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's choice].")

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, Progress, echo_err, storage_options_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    Progress,
+    echo_err,
+    slide_backend_option,
+    slide_mpp_option,
+    storage_options_option,
+)
 
 if TYPE_CHECKING:
     from wsi_encoder.pipelines.tile_cohort import ProgressEvent
@@ -47,7 +54,7 @@ class TileProgress(Progress):
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels at the target resolution [default: the tile size].")
 @click.option("--mpp-tolerance", type=click.FloatRange(0, 0.5, max_open=True), default=0.05, show_default=True, help="A pyramid level within this relative distance of --mpp is read as it is, without resampling.")
 @click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True, help="pad: the grid covers the whole slide, tiles crossing the right/bottom edge are kept and padded with the background; drop: only whole tiles.")
-@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Level-0 µm/px for slides whose metadata records none (a fallback; slides that record one keep theirs).")
+@slide_mpp_option
 @click.option("--force-slide-mpp", is_flag=True, help="Use --slide-mpp for every slide, replacing recorded values (each replacement is reported).")
 @click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
@@ -65,14 +72,7 @@ class TileProgress(Progress):
 )
 @click.option("--overwrite", is_flag=True, help="Re-tile slides that are already complete in the store.")
 @click.option("--qc-dir", type=click.Path(path_type=Path), default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles).")
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "openslide", "tiffslide"]),
-    default="auto",
-    show_default=True,
-    help="Slide reader. auto: direct tile decoding via tiffslide for SVS, generic TIFF and NDPI (same pixels as "
-    "OpenSlide, faster), OpenSlide for the other formats. Every command reads slides in this same order.",
-)
+@slide_backend_option
 @storage_options_option
 def tile(
     slides: tuple[Path | str, ...],
