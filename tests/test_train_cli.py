@@ -141,6 +141,7 @@ def test_resuming_a_different_run_is_refused(datasets: dict[str, Path], tmp_path
     # progress on stderr: the task's split, a bar over the steps with running losses, each epoch's validation
     assert "task kather-crc: " in first.stderr and "train-encoder: 100%" in first.stderr
     assert "2/2" in first.stderr and "kather-crc=" in first.stderr and "epoch 2 (step 2):" in first.stderr
+    assert "decoding kather-crc" in first.stderr and "validation" in first.stderr  # the phases between steps
     assert "trained 2 steps" in first.stdout and "train-encoder" not in first.stdout
     assert read_checkpoint_config(tmp_path / "o")["training"]["device"] == "cpu"  # --device auto, no GPU here
     quiet = run("-q", "train-encoder", "--task", f"kather-crc={datasets['kather']}", *out)

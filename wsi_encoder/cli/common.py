@@ -42,6 +42,7 @@ class Progress:
         self.total = total
         self.initial = initial
         self.leave = leave
+        self.done = initial
         self.quiet = is_quiet()
         self._bar: tqdm[Any] | None = None
 
@@ -79,6 +80,7 @@ class Progress:
 
     def update(self, count: int = 1) -> None:
         """``count`` more units are done."""
+        self.done += count
         self._get().update(count)
 
     def postfix(self, text: str) -> None:

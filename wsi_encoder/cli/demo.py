@@ -50,6 +50,7 @@ def demo(out: Path, n_slides: int, classifier: str, encoder_steps: int, workers:
                 train_tasks=bars.training.tasks,
                 train_step=bars.training.step,
                 train_epoch=bars.training.epoch,
+                train_phase=bars.training.phase,
                 encoded=bars.encoding,
                 fold=bars.folds,
             ),

@@ -16,7 +16,7 @@ from wsi_encoder.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from wsi_encoder.pipelines.train_encoder import TaskRequest
-    from wsi_encoder.training.multitask import EpochInfo, PreparedTask, StepInfo
+    from wsi_encoder.training.multitask import EpochInfo, PhaseInfo, PreparedTask, StepInfo
 
 D = TrainConfig.default
 
@@ -132,6 +132,7 @@ def train_encoder(task_args: list[TaskRequest], out_dir: Path, overwrite: bool, 
             on_tasks=progress.tasks,
             on_step=progress.step,
             on_epoch=progress.epoch,
+            on_phase=progress.phase,
         )
     if result.already_complete:
         click.echo(f"{out_dir}: already trained ({result.step} of {result.total_steps} steps); nothing to do")
@@ -153,6 +154,29 @@ class TrainProgress(Progress):
 
     def __init__(self, desc: str = "train-encoder") -> None:
         super().__init__(desc, unit="step")
+        self._phase: Progress | None = None
+        self._phase_key: tuple[str, str | None] | None = None
+
+    def phase(self, info: PhaseInfo) -> None:
+        """Between steps: a second, transient bar for decoding images into memory or for validation."""
+        key = (info.phase, info.task)
+        if self._phase is None or key != self._phase_key:
+            self._close_phase()
+            what = f"decoding {info.task}" if info.phase == "decoding" else info.phase
+            self._phase = Progress(what, unit="image", total=info.total, leave=False)
+            self._phase_key = key
+        self._phase.update(info.done - self._phase.done)
+        if info.done >= info.total:
+            self._close_phase()
+
+    def _close_phase(self) -> None:
+        if self._phase is not None:
+            self._phase.close()
+        self._phase, self._phase_key = None, None
+
+    def close(self) -> None:
+        self._close_phase()
+        super().close()
 
     def tasks(self, prepared: Sequence[PreparedTask]) -> None:
         """Once the tasks are loaded and split: one line each."""
@@ -163,8 +187,8 @@ class TrainProgress(Progress):
 
     def step(self, info: StepInfo) -> None:
         """After each optimisation step."""
-        if self.total is None:
-            self.total, self.initial = info.total_steps, info.step - 1
+        if self.total is None:  # the first step of this run (a resumed run starts part way)
+            self.total, self.initial, self.done = info.total_steps, info.step - 1, info.step - 1
         self.update()
         losses = " ".join(f"{n}={v:.3f}" for n, v in info.task_losses.items())
         self.postfix(f"ep {info.epoch} lr {info.lr:.2g} {losses} {info.images_per_second:.0f} img/s")

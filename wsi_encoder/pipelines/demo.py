@@ -20,7 +20,7 @@ from wsi_encoder.io.files import atomic_write_csv
 if TYPE_CHECKING:
     from wsi_encoder.evaluation.crossval import FoldResult
     from wsi_encoder.pipelines.tile_cohort import ProgressEvent
-    from wsi_encoder.training.multitask import EpochInfo, PreparedTask, StepInfo
+    from wsi_encoder.training.multitask import EpochInfo, PhaseInfo, PreparedTask, StepInfo
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DemoConfig:
 class DemoHooks:
     """Progress of :func:`run_demo`: each hook is handed to the step it belongs to (None: that step is silent).
 
-    ``say`` gets one line per step; ``tiles``, ``train_tasks``/``train_step``/``train_epoch``,
+    ``say`` gets one line per step; ``tiles``, ``train_tasks``/``train_step``/``train_epoch``/``train_phase``,
     ``encoded`` and ``fold`` are the progress callbacks of
     :func:`~wsi_encoder.pipelines.tile_cohort.tile_cohort`,
     :func:`~wsi_encoder.pipelines.train_encoder.train_encoder`,
@@ -66,6 +66,7 @@ class DemoHooks:
     train_tasks: Callable[[Sequence[PreparedTask]], None] | None = None
     train_step: Callable[[StepInfo], None] | None = None
     train_epoch: Callable[[EpochInfo], None] | None = None
+    train_phase: Callable[[PhaseInfo], None] | None = None
     encoded: Callable[[int, int], None] | None = None
     fold: Callable[[FoldResult], None] | None = None
 
@@ -183,6 +184,7 @@ def run_demo(
         on_tasks=hooks.train_tasks,
         on_step=hooks.train_step,
         on_epoch=hooks.train_epoch,
+        on_phase=hooks.train_phase,
     )
 
     tell(f"4/5 encoding every tile into embedding grids -> {paths['embeddings']} (previews in {paths['previews']})")

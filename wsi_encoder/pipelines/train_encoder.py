@@ -19,6 +19,7 @@ from wsi_encoder.tasks.data import concat_task_data
 from wsi_encoder.tasks.registry import get_task, load_task
 from wsi_encoder.training.multitask import (
     EpochInfo,
+    PhaseInfo,
     PreparedTask,
     StepInfo,
     TrainResult,
@@ -178,6 +179,7 @@ def train_encoder(
     on_tasks: Callable[[Sequence[PreparedTask]], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochInfo], None] | None = None,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> TrainResult:
     """Train a multitask encoder on ``tasks`` and write its checkpoint to ``out_dir``.
 
@@ -195,6 +197,8 @@ def train_encoder(
         Called once with the prepared tasks (loaded and split), before training starts.
     on_step, on_epoch : callable, optional
         Progress callbacks: after every optimisation step, after every epoch's validation.
+    on_phase : callable, optional
+        Progress between steps: decoding images into memory, validating.
 
     Returns
     -------
@@ -218,4 +222,6 @@ def train_encoder(
     prepared = prepare_tasks(tasks, val_fraction=config.val_fraction, seed=config.seed)
     if on_tasks is not None:
         on_tasks(prepared)
-    return train_multitask(prepared, out, config, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    return train_multitask(
+        prepared, out, config, resume=resume, on_step=on_step, on_epoch=on_epoch, on_phase=on_phase
+    )

@@ -11,6 +11,7 @@ augmentation are functions of ``(seed, step)``; optimiser state is saved).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import platform
@@ -89,6 +90,17 @@ class StepInfo:
     loss: float
     task_losses: dict[str, float]
     images_per_second: float
+
+
+@dataclass(frozen=True)
+class PhaseInfo:
+    """Progress of a phase between optimisation steps: ``decoding`` a task's images into memory, or
+    ``validation`` at an epoch's end (``done`` of ``total`` images)."""
+
+    phase: str
+    done: int
+    total: int
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,15 +199,24 @@ def _signature(
     )
 
 
-def _preload(tasks: Sequence[PreparedTask], budget_mb: int, workers: int) -> None:
+def _preload(
+    tasks: Sequence[PreparedTask], budget_mb: int, workers: int, on_phase: Callable[[PhaseInfo], None] | None = None
+) -> None:
     budget = int(budget_mb) * 2**20
     for t in sorted(tasks, key=lambda t: len(t.data)):
         if budget <= 0:
             break
-        if t.data.preload(budget, workers=max(1, workers)):
+        report = None
+        if on_phase is not None:
+            report = functools.partial(_report_decoding, on_phase, t.name)
+        if t.data.preload(budget, workers=max(1, workers), on_image=report):
             first = t.data.source.read(0)
             budget -= first.nbytes * len(t.data)
             log.info("task %s: %d images decoded into memory", t.name, len(t.data))
+
+
+def _report_decoding(on_phase: Callable[[PhaseInfo], None], task: str, done: int, total: int) -> None:
+    on_phase(PhaseInfo("decoding", done, total, task))
 
 
 def evaluate(
@@ -209,8 +230,11 @@ def evaluate(
     device: torch.device,
     workers: int = 0,
     amp: bool = False,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Validation loss and classification metrics of each task on its centred, un-augmented views.
+
+    ``on_phase`` gets a ``validation`` :class:`PhaseInfo` after every batch (progress).
 
     Returns
     -------
@@ -230,6 +254,7 @@ def evaluate(
     ys: dict[str, list[np.ndarray]] = {n: [] for n in names}
     was_training = model.training
     model.eval()
+    done = 0
     with torch.no_grad():
         for images, task_ids, labels in loader:
             x = images.to(device).float().div_(255)
@@ -239,6 +264,9 @@ def evaluate(
                 pos = out["index"][name].cpu()
                 probs[name].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
                 ys[name].append(labels[pos].numpy())
+            done += len(images)
+            if on_phase is not None:
+                on_phase(PhaseInfo("validation", done, len(keys)))
     model.train(was_training)
     result: dict[str, dict[str, float | None]] = {}
     for name in names:
@@ -292,6 +320,7 @@ def train_multitask(
     resume: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochInfo], None] | None = None,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> TrainResult:
     """Train a shared encoder with one head per task and write the checkpoint to ``out_dir``.
 
@@ -305,7 +334,9 @@ def train_multitask(
     resume : bool
         False starts afresh even when ``out_dir`` holds a checkpoint (it is overwritten).
     on_step, on_epoch : callable, optional
-        Progress callbacks.
+        Progress callbacks: after every optimisation step, after every epoch's validation.
+    on_phase : callable, optional
+        Progress between steps: decoding images into memory, validating (:class:`PhaseInfo`).
 
     Returns
     -------
@@ -385,7 +416,7 @@ def train_multitask(
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", config.lr)
 
-    _preload(tasks, config.cache_mb, config.num_workers)
+    _preload(tasks, config.cache_mb, config.num_workers, on_phase)
     train_sets = [t.train for t in tasks]
     val_sets = [t.val for t in tasks]
     if config.val_max_images is not None:
@@ -509,6 +540,7 @@ def train_multitask(
                 device=device,
                 workers=min(config.num_workers, 1),
                 amp=amp,
+                on_phase=on_phase,
             )
             train_losses = {n: sums[n] / counts[n] for n in names if counts[n]}
             epoch = math.ceil(step / steps_per_epoch)
