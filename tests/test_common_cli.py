@@ -128,6 +128,9 @@ def test_progress_is_silent_under_quiet(work_group: click.Group) -> None:
     result = CliRunner().invoke(work_group, ["-q", "work", "--items", "4"])
     assert result.exit_code == 0
     assert result.stderr == "" and result.stdout == "total 4\n"
+    grown = CliRunner().invoke(work_group, ["-q", "work", "--items", "4", "--grow"])
+    assert grown.exit_code == 0, grown.output
+    assert grown.stderr == "" and grown.stdout == "total 6\n"
 
 
 def test_progress_draws_nothing_until_work_is_reported(work_group: click.Group) -> None:
