@@ -263,7 +263,6 @@ class _LomoProgress:
     def __init__(self) -> None:
         self.bar = Progress("lomo")
         self.key: tuple[str, str | None, int | None] | None = None
-        self.done = 0
 
     def __call__(self, event: LomoEvent) -> None:
         if event.kind in _BARS:
@@ -273,9 +272,8 @@ class _LomoProgress:
                 desc, unit = _BARS[event.kind]
                 where = f"{event.arm} / {event.held_out}X " if event.arm else ""
                 self.bar = Progress(f"{where}{desc}", unit=unit, total=event.total, leave=False)
-                self.key, self.done = key, 0
-            self.bar.update(max(0, event.step - self.done))
-            self.done = max(self.done, event.step)
+                self.key = key
+            self.bar.update(max(0, event.step - self.bar.done))
             stats = [
                 f"{k} {v:.3f}"
                 for k, v in event.values.items()
