@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,8 +19,8 @@ MODELS = ("gridcnn", "abmil", "linear")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
 
 
-def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -29,7 +29,7 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 

@@ -63,7 +63,7 @@ def _parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, 
         raise click.BadParameter(str(exc), ctx, param) from exc
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: float | int | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
