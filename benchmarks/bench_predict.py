@@ -54,12 +54,12 @@ def _model(store: Path, out: Path) -> Path:
     """An abmil model (seeded weights, the store's feature statistics) saved with the store's provenance."""
     import torch
 
-    from wsi_encoder.io.embedding_reader import EmbeddingStoreReader
+    from wsi_encoder.io.embedding_store import EmbeddingStore
     from wsi_encoder.models.classifier_files import save_model
     from wsi_encoder.models.slide_classifiers import create_slide_classifier
     from wsi_encoder.pipelines.classify import training_provenance
 
-    reader = EmbeddingStoreReader(store)
+    reader = EmbeddingStore.open(store)
     torch.manual_seed(0)
     model = create_slide_classifier("abmil", reader.embedding_dim, 2, {}, "cpu")
     model._set_input_stats([reader.load(s) for s in reader.slide_ids])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBag
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
 from wsi_encoder.models.slide_classifiers import create_slide_classifier
 from wsi_encoder.pipelines.classify import save_model, training_provenance
 
@@ -21,7 +21,7 @@ CLASSES = ["normal", "tumour"]
 
 def save_store_model(store: Path, out_dir: Path, name: str = "abmil", seed: int = 0) -> Path:
     """Save a ``name`` model whose provenance is ``store``'s (every slide of it) into ``out_dir``."""
-    reader = EmbeddingStoreReader(store)
+    reader = EmbeddingStore.open(store)
     bags = [reader.load(sid) for sid in reader.slide_ids]
     torch.manual_seed(seed)
     model = create_slide_classifier(name, reader.embedding_dim, len(CLASSES), {}, "cpu")

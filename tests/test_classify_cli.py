@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsi_encoder.cli import main
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBags
 from wsi_encoder.pipelines.classify import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,7 +76,7 @@ def test_predict_round_trip_with_heatmaps(trained, tmp_path: Path) -> None:
     with (tmp_path / "p.csv").open() as fh:
         rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
     model, meta = load_model(out, device="cpu")
-    reader = EmbeddingStoreReader(new.store)
+    reader = EmbeddingStore.open(new.store)
     bags = SlideBags(reader, reader.slide_ids)
     expected = model.predict_proba(bags)[:, 1]
     np.testing.assert_allclose([float(rows[b.slide_id]["prob"]) for b in bags], expected, atol=2e-6)
@@ -148,4 +148,4 @@ def test_cli_usage_errors(cohort, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "model.json" in result.output
     result = runner.invoke(main, ["classify", "train", str(tmp_path / "none.zarr"), "--labels", str(cohort.labels_csv),
                                   "--model", "linear", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "embedding store not found" in result.output
+    assert result.exit_code == 1 and "no such embedding store" in result.output

@@ -14,7 +14,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import balanced_accuracy_score, brier_score_loss, f1_score, roc_auc_score
 
 from wsi_encoder.evaluation.crossval import cross_validate, inner_split, patient_folds
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBags
 from wsi_encoder.io.labels import read_labels
 from wsi_encoder.pipelines.classify import predict, train_classifier
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(cohort):
-    reader = EmbeddingStoreReader(cohort.store)
+    reader = EmbeddingStore.open(cohort.store)
     table = read_labels(cohort.labels_csv, reader.slide_ids)
     return SlideBags(reader, table.slide_ids), table.y, np.array(table.patient_ids)
 

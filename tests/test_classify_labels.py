@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from wsi_encoder.cli import main
 from wsi_encoder.errors import DatasetError, InvalidParameterError, StoreError
 from wsi_encoder.evaluation.crossval import patient_folds
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader
+from wsi_encoder.io.embedding_store import EmbeddingStore
 from wsi_encoder.io.labels import order_classes, read_labels
 
 
@@ -24,8 +24,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def reader(cohort) -> EmbeddingStoreReader:
-    return EmbeddingStoreReader(cohort.store)
+def reader(cohort) -> EmbeddingStore:
+    return EmbeddingStore.open(cohort.store)
 
 
 def _rows(cohort, n: int | None = None) -> list[tuple[str, str, str]]:
@@ -223,7 +223,7 @@ def _tiny_store(path: Path, slides: dict[str, dict]) -> Path:
 def test_reader_skips_incomplete_and_failed(tmp_path: Path, caplog) -> None:
     store = _tiny_store(tmp_path / "e.zarr", {"a": {}, "b": {"complete": False}})
     with caplog.at_level(logging.WARNING, logger="wsi_encoder"):
-        reader = EmbeddingStoreReader(store)
+        reader = EmbeddingStore.open(store)
     assert reader.slide_ids == ("a",)
     assert "incomplete" in reader.skipped["b"] and "unreadable slide" in reader.skipped["broken"]
     csv = write_labels(tmp_path / "l.csv", [("a", "x", "p1"), ("b", "y", "p2")])
@@ -235,26 +235,26 @@ def test_reader_skips_incomplete_and_failed(tmp_path: Path, caplog) -> None:
 
 def test_reader_rejects_mixed_encoders_and_dims(tmp_path: Path) -> None:
     other = {"name": "other", "config": {}, "weights_sha256": "0" * 64}
-    reader = EmbeddingStoreReader(_tiny_store(tmp_path / "e.zarr", {"a": {}, "b": {"encoder": other}}))
+    reader = EmbeddingStore.open(_tiny_store(tmp_path / "e.zarr", {"a": {}, "b": {"encoder": other}}))
     with pytest.raises(StoreError, match="different encoders"):
         reader.encoder_identity()
-    reader = EmbeddingStoreReader(_tiny_store(tmp_path / "f.zarr", {"a": {}, "b": {"dim": 4}}))
+    reader = EmbeddingStore.open(_tiny_store(tmp_path / "f.zarr", {"a": {}, "b": {"dim": 4}}))
     with pytest.raises(StoreError, match="different embedding sizes"):
         _ = reader.embedding_dim
 
 
 def test_reader_rejects_other_stores(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="not found"):
-        EmbeddingStoreReader(tmp_path / "missing.zarr")
+    with pytest.raises(StoreError, match="no such embedding store"):
+        EmbeddingStore.open(tmp_path / "missing.zarr")
     root = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
     root.attrs.update({"kind": "patch_store"})
-    with pytest.raises(StoreError, match="kind='patch_store'"):
-        EmbeddingStoreReader(tmp_path / "p.zarr")
+    with pytest.raises(StoreError, match="'patch_store' store, not an embedding store"):
+        EmbeddingStore.open(tmp_path / "p.zarr")
 
 
 def test_geometry_recorded_and_estimated(tmp_path: Path) -> None:
     store = _tiny_store(tmp_path / "e.zarr", {"a": {}, "b": {"record_size": False}})
-    reader = EmbeddingStoreReader(store)
+    reader = EmbeddingStore.open(store)
     exact, estimated = reader.geometry("a"), reader.geometry("b")
     assert exact is not None and estimated is not None
     assert exact.origin_l0 == (100.0, 60.0) and exact.stride_l0 == 448.0 and not exact.estimated

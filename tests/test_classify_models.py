@@ -11,16 +11,16 @@ from _classify_fixtures import FAST, cached_cohort, one_torch_thread  # noqa: F4
 from safetensors.numpy import load_file
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBag, SlideBags
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag, SlideBags
 from wsi_encoder.io.labels import read_labels
 from wsi_encoder.models.slide_classifiers import (
     GridCNNConfig,
     create_slide_classifier,
     list_slide_classifiers,
     make_config,
+    torch_threads,
 )
 from wsi_encoder.pipelines.classify import load_model, save_model
-from wsi_encoder.training.slide_trainer import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODELS = ("linear", "abmil", "gridcnn")
@@ -29,7 +29,7 @@ MODELS = ("linear", "abmil", "gridcnn")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory):
     cohort = cached_cohort(tmp_path_factory, "binary", n_patients=28)
-    reader = EmbeddingStoreReader(cohort.store)
+    reader = EmbeddingStore.open(cohort.store)
     table = read_labels(cohort.labels_csv, reader.slide_ids)
     return cohort, SlideBags(reader, table.slide_ids), table.y
 

@@ -18,7 +18,7 @@ from wsi_encoder.cli import main
 from wsi_encoder.compression import load_encoder_cached
 from wsi_encoder.errors import StoreError
 from wsi_encoder.evaluation.embedding_previews import fit_pca_rgb, rgb_grid, write_previews
-from wsi_encoder.io.embedding_store import read_slide
+from wsi_encoder.io.embedding_store import EmbeddingStore, read_slide
 from wsi_encoder.io.h5_export import read_h5_features
 from wsi_encoder.pipelines.encode_store import encode_store
 
@@ -116,14 +116,14 @@ def test_previews_are_drawn_with_one_cohort_projection(encoded: tuple[Path, Path
     # Drawing one slide alone uses the same cohort fit, hence the same colours.
     single = write_previews(store, tmp_path, slide_ids=["alpha"])
     assert list(single) == ["alpha"]
-    root = zarr.open_group(str(store), mode="r")
-    samples = [root[s]["features"][:] for s in ("alpha", "beta")]
+    embeddings = EmbeddingStore.open(store)
+    samples = [embeddings.features(s)[:] for s in ("alpha", "beta")]
     projection = fit_pca_rgb(samples)
-    image = rgb_grid(root["alpha"], projection)
-    mask = root["alpha"]["mask"][:]
+    image = rgb_grid(embeddings, "alpha", projection)
+    mask = embeddings.read("alpha").mask
     assert (image[~mask] == 255).all() and image[mask].std() > 0
     alone = fit_pca_rgb(samples[:1])
-    assert not np.array_equal(rgb_grid(root["alpha"], alone), image)
+    assert not np.array_equal(rgb_grid(embeddings, "alpha", alone), image)
 
 
 def test_rerun_skips_complete_slides_and_overwrite_redoes_them(patch_store: Path, tmp_path: Path) -> None:

@@ -28,12 +28,6 @@ SCIENCE_ORDER = {
     "compression": 3,
     "training": 4,
 }
-#: Known violations, each removed by the change named. An entry that no longer matches fails the suite.
-ALLOWED = {
-    ("wsi_encoder.models.slide_classifiers", "wsi_encoder.training.slide_trainer"): (
-        "issue 15 part 2 moves the torch fit loop into models/slide_classifiers/; delete at merge"
-    ),
-}
 
 
 def _head(module: str) -> str:
@@ -90,7 +84,7 @@ def test_imports_point_down(module: str, path: Path) -> None:
             if _layer(name) > own:
                 problems.append(f"line {line}: {module} (layer {own}) imports {name} (layer {_layer(name)})")
             science = _science_problem(module, name)
-            if science is not None and (module, name) not in ALLOWED:
+            if science is not None:
                 problems.append(f"line {line}: {science}")
         if top == "click" and own != LAYERS["cli"]:
             problems.append(f"line {line}: only wsi_encoder.cli may import click")
@@ -105,12 +99,6 @@ def test_imports_point_down(module: str, path: Path) -> None:
 def test_every_science_module_has_a_rank() -> None:
     heads = {_head(m) for m, _ in _modules() if _layer(m) == SCIENCE}
     assert heads == set(SCIENCE_ORDER), f"unranked: {sorted(heads - set(SCIENCE_ORDER))}"
-
-
-def test_allowed_violations_still_exist() -> None:
-    found = {(m, name) for m, path in _modules() for name, _ in _imports(path)}
-    stale = [f"{m} -> {name}: {why}" for (m, name), why in ALLOWED.items() if (m, name) not in found]
-    assert not stale, "ALLOWED entries no longer needed (delete them):\n" + "\n".join(stale)
 
 
 def test_science_order_catches_a_model_importing_training() -> None:

@@ -26,30 +26,6 @@ def _run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_help_lists_the_protocol_options() -> None:
-    code, out = _run("--help")
-    assert code == 0
-    for option in (
-        "--arms",
-        "--backbone",
-        "--image-size",
-        "--epochs",
-        "--seed",
-        "--test-fraction",
-        "--patient-folds",
-        "--patient-key",
-        "--repeats",
-        "--select-epoch",
-        "--bootstrap",
-        "--allow-contaminated-backbone",
-        "--gan-ratio",
-        "--gan-epochs",
-        "--grl-weight",
-        "--max-images-per-split",
-    ):
-        assert option in out
-
-
 def test_folder_without_breakhis_images_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, out = _run(str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
@@ -117,3 +93,32 @@ def test_an_output_folder_of_an_older_version_is_refused(tiny_tree: Path, tmp_pa
     code, text = _run(str(tiny_tree), "--out", str(out), "--backbone", "nic", "--image-size", "64")
     assert code == 1 and "older wsi_encoder" in text and "cannot be resumed" in text
     assert not (out / "cache").exists()
+
+
+def test_progress_events_are_drawn_on_stderr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import wsi_encoder.pipelines.lomo as pipeline
+    from wsi_encoder.pipelines.lomo_summary import LomoEvent, LomoRun
+
+    def fake(data, out_dir, config, *, arms, device, on_event):  # type: ignore[no-untyped-def]
+        for i in range(1, 4):
+            on_event(LomoEvent("cache", step=i, total=3))
+        on_event(LomoEvent("start", "baseline", 40, 1, 2, message="[1/2] baseline / 40X held out: 5 train"))
+        for e in (1, 2):
+            on_event(LomoEvent("epoch", "baseline", 40, e, 2, {"epoch": e, "val_auc": 0.75, "loss": float("nan")},
+                               message=f"  baseline / 40X epoch {e}/2: val_auc 0.750"))  # fmt: skip
+        for e in range(1, 11):
+            on_event(LomoEvent("gan_epoch", "gan", 40, e, 10, {"d_loss": 0.5}, message=f"gan epoch {e}"))
+        on_event(LomoEvent("report", message="report written: R"))
+        return LomoRun(out_dir, [], {}, [("baseline", 40)], [])
+
+    monkeypatch.setattr(pipeline, "run_lomo", fake)
+    result = CliRunner().invoke(main, ["lomo", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "decoding images" in err and "3/3" in err
+    assert "[1/2] baseline / 40X held out: 5 train" in err and "baseline / 40X epoch 2/2: val_auc 0.750" in err
+    assert "baseline / 40X epochs" in err and "val_auc 0.750" in err and "loss nan" not in err
+    assert "gan / 40X DCGAN" in err and "10/10" in err and "gan epoch 3" not in err  # DCGAN epochs: a bar only
+    assert "report written: R" in err and "1 (arm, fold) trained" in result.stdout
+    quiet = CliRunner().invoke(main, ["-q", "lomo", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -179,8 +179,9 @@ def test_train_dcgan_generate_and_save(tmp_path: Path) -> None:
     samples = generate(gen, 5, seed=2)
     assert samples.shape == (5, 64, 64, 3) and samples.dtype == np.uint8
     assert np.array_equal(samples, generate(gen, 5, seed=2))
-    save_generator(tmp_path / "g.safetensors", gen, {"class": "benign"})
-    back, meta = load_generator(tmp_path / "g.safetensors")
+    save_generator(tmp_path / "g", gen, {"class": "benign"})
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["config.json", "model.safetensors"]
+    back, meta = load_generator(tmp_path / "g")
     assert meta == {"class": "benign"}
     assert np.array_equal(generate(back, 5, seed=2), samples)
     with pytest.raises(InvalidParameterError):

@@ -91,12 +91,12 @@ def test_remote_tile_resumes_after_interruption(s3: str, tmp_path: Path) -> None
 
 
 def _features(store: Path | str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    from wsi_encoder.io.embedding_store import complete_slides, open_embedding_root, read_slide
+    from wsi_encoder.io.embedding_store import EmbeddingStore
 
-    root = open_embedding_root(store)
+    embeddings = EmbeddingStore.open(store)
     out = {}
-    for slide_id in complete_slides(root):
-        slide = read_slide(store, slide_id)
+    for slide_id in embeddings.slide_ids:
+        slide = embeddings.read(slide_id)
         out[slide_id] = (slide.features, slide.coords, slide.mask)
     return out
 
@@ -131,7 +131,7 @@ def test_remote_encode_equals_local(s3: str, tmp_path: Path) -> None:
 
 def test_second_writer_is_refused_on_s3(s3: str, tmp_path: Path) -> None:
     from wsi_encoder.errors import StoreError
-    from wsi_encoder.io.patch_store import StoreLock
+    from wsi_encoder.io.store_lock import StoreLock
 
     upload(s3, small_slide(tmp_path / "a.tiff"), "cohort/a.tiff")
     out = f"{s3}/p.zarr"

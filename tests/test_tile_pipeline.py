@@ -21,9 +21,10 @@ from skimage.transform import AffineTransform, warp
 
 from wsi_encoder.errors import InvalidParameterError, StoreError
 from wsi_encoder.io.jpeg_codec import JpegTileCodec
-from wsi_encoder.io.patch_store import StoreLock, open_patch_store
+from wsi_encoder.io.patch_store import clean_slide_leftovers, open_patch_store
 from wsi_encoder.io.slide_ids import assign_slide_ids, expand_slide_inputs, slide_id_from_path
 from wsi_encoder.io.slides import open_slide
+from wsi_encoder.io.store_lock import StoreLock
 from wsi_encoder.pipelines.tile_cohort import tile_cohort
 from wsi_encoder.tiling import TileSpec
 
@@ -166,6 +167,18 @@ def test_a_locked_store_is_refused(synthetic_slide: Path, tmp_path: Path) -> Non
     with StoreLock(out), pytest.raises(StoreError, match="another wsienc run"):
         tile_cohort([synthetic_slide], out, TileSpec(0.5, 224), workers=1)
     assert not (tmp_path / "l.zarr.lock").exists()
+
+
+def test_leftover_temporaries_of_a_killed_run_are_cleaned_before_resuming(synthetic_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "z.zarr"
+    tile_cohort([synthetic_slide], out, TileSpec(0.5, 224), codec="zstd", workers=1)
+    chunk_dir = out / "synthetic" / "tiles" / "c"
+    leftovers = [chunk_dir / ".0.0123456789ab.tmp", chunk_dir / "0.partial"]  # atomic_path's and zarr's
+    for path in leftovers:
+        path.write_bytes(b"half")
+    clean_slide_leftovers(out, "synthetic")
+    assert not any(path.exists() for path in leftovers)
+    assert open_patch_store(out)["synthetic"].complete
 
 
 def test_slide_id_clash_names_both_files(synthetic_slide: Path, tmp_path: Path) -> None:

@@ -108,13 +108,11 @@ def test_bad_data_and_options(datasets: dict[str, Path], tmp_path: Path) -> None
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--backbone", "vgg", *out],
         "unknown backbone 'vgg'",
-        code=2,
     )
     (tmp_path / "file").write_text("x")
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--out", str(tmp_path / "file"), *FAST],
         "is a file",
-        code=2,
     )
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", "--weights", str(tmp_path / "w.pt"), *out],
@@ -131,7 +129,7 @@ def test_bad_data_and_options(datasets: dict[str, Path], tmp_path: Path) -> None
          "--out", str(tmp_path / "o2"), *FAST[:-6], "--batch-size", "1", "--workers", "0", "--max-steps", "1"],
         "smaller than the number of tasks",
     )  # fmt: skip
-    _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, "--device", "gpu"], "unknown device 'gpu'")
+    _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, "--device", "gpu"], "device 'gpu' is not one of")
     for flag, value in [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--val-fraction", "1")]:
         _fails(["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, flag, value], flag, code=2)
 
@@ -140,6 +138,14 @@ def test_resuming_a_different_run_is_refused(datasets: dict[str, Path], tmp_path
     out = ["--out", str(tmp_path / "o"), *FAST]
     first = run("train-encoder", "--task", f"kather-crc={datasets['kather']}", *out)
     assert first.exit_code == 0, first.output
+    # progress on stderr: the task's split, a bar over the steps with running losses, each epoch's validation
+    assert "task kather-crc: " in first.stderr and "train-encoder: 100%" in first.stderr
+    assert "2/2" in first.stderr and "kather-crc=" in first.stderr and "epoch 2 (step 2):" in first.stderr
+    assert "decoding kather-crc" in first.stderr and "validation" in first.stderr  # the phases between steps
+    assert "trained 2 steps" in first.stdout and "train-encoder" not in first.stdout
+    assert read_checkpoint_config(tmp_path / "o")["training"]["device"] == "cpu"  # --device auto, no GPU here
+    quiet = run("-q", "train-encoder", "--task", f"kather-crc={datasets['kather']}", *out)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "nothing to do" in quiet.stdout
     _fails(
         ["train-encoder", "--task", f"kather-crc={datasets['kather']}", *out, "--lr", "0.01"],
         "holds a checkpoint of a different run (differs in: lr)",

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError, StoreError
+
+if TYPE_CHECKING:
+    from wsi_encoder.models.encoders.registry import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class EncoderIdentity:
         return {"name": self.name, "spec": self.spec, "config": self.config, "weights_sha256": self.weights_sha256}
 
 
-_MODELS: dict[tuple[str, str | None, str], tuple[torch.nn.Module, EncoderIdentity]] = {}
+_MODELS: dict[tuple[str, str | None, str], tuple[Encoder, EncoderIdentity]] = {}
 _RUNNERS: dict[tuple[str, str | None, str, str, bool], Any] = {}
 _MODELS_LOCK = threading.Lock()
 _LOADS: list[tuple[str, str | None, str]] = []
@@ -274,7 +277,7 @@ def iter_blocks(read: Callable[[int, int], TileBatch], start: int, stop: int, bl
 
 
 def encode_tiles(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     blocks: Iterable[TileBatch],
     *,
     n_tiles: int,

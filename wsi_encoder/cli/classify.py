@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
+from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
 from wsi_encoder.io.urls import is_url, join, local_copy, local_output
+
+if TYPE_CHECKING:
+    from wsi_encoder.evaluation.crossval import FoldResult
 
 MODELS = ("gridcnn", "abmil", "linear")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
 
 
-def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -26,8 +29,26 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
+
+
+class FoldProgress(Progress):
+    """Cross-validation folds done, one line per fold (test slides, AUC, the chosen epoch or C)."""
+
+    def __init__(self, folds: int) -> None:
+        super().__init__("cross-validation", unit="fold", total=folds)
+        self.folds = folds
+
+    def __call__(self, result: FoldResult) -> None:
+        note = " (resumed)" if result.resumed else ""
+        epoch = f", best epoch {result.fit.best_epoch}" if result.fit.best_epoch else ""
+        chosen = f", C={result.fit.selected['C']:g}" if result.fit.selected and "C" in result.fit.selected else ""
+        self.update()
+        self.write(
+            f"fold {result.fold + 1}/{self.folds}: {len(result.test_index)} test slides, "
+            f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
+        )
 
 
 @click.group()
@@ -53,7 +74,7 @@ def classify() -> None:
               help="Share of each training fold's patients used for early stopping / model selection.")
 @click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples (of patients) for the 95% intervals.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@device_option
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
 @storage_options_option
@@ -80,20 +101,12 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
-    def on_fold(result: Any) -> None:
-        note = " (resumed)" if result.resumed else ""
-        epoch = f", best epoch {result.fit.best_epoch}" if result.fit.best_epoch else ""
-        chosen = f", C={result.fit.selected['C']:g}" if result.fit.selected and "C" in result.fit.selected else ""
-        echo_err(
-            f"fold {result.fold + 1}/{folds}: {len(result.test_index)} test slides, "
-            f"AUC {_fmt(result.metrics['auc'])}{epoch}{chosen}{note}"
-        )
-
-    with local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
+    bar = FoldProgress(folds)
+    with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
         result = train_classifier(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
-            n_boot=n_boot, threads=threads, on_fold=on_fold,
+            n_boot=n_boot, threads=threads, on_fold=bar,
         )
     m = result.metrics
     labels = m["labels"]
@@ -129,7 +142,7 @@ def train(
               help="Optional labels CSV: adds a label column and prints metrics.")
 @click.option("--allow-encoder-mismatch", is_flag=True,
               help="Predict even if the store was encoded by another encoder than the training store.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@device_option
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
 @storage_options_option
@@ -147,6 +160,7 @@ def predict(
     from wsi_encoder.pipelines.classify import predict as run_predict
 
     with ExitStack() as stack:
+        bar = stack.enter_context(Progress("predicting", unit="slide", leave=False))
         model_folder = stack.enter_context(local_copy(model_dir))
         csv_file = stack.enter_context(local_output(out_csv))
         heat_folder = None if heatmap_dir is None else stack.enter_context(local_output(heatmap_dir))
@@ -154,6 +168,7 @@ def predict(
         result = run_predict(
             embeddings, model_folder, csv_file, heat_folder, labels_csv=labels_file, device=device,
             allow_encoder_mismatch=allow_encoder_mismatch, threads=threads,
+            on_slide=lambda slide_id: bar.update(),
         )
     for slide_id, reason in result.skipped.items():
         echo_err(f"skipped {slide_id}: {reason}")

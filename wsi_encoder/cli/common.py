@@ -2,27 +2,121 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import click
 
 from wsi_encoder.errors import WsiEncoderError
 from wsi_encoder.io.urls import as_local, check_bucket, is_url, set_storage_options
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], *, label: str, length: int | None = None) -> Iterator[T]:
-    """Wrap ``iterable`` in a progress bar on stderr (hidden when quiet or not a terminal)."""
+def is_quiet() -> bool:
+    """True under ``wsienc -q`` (the root command's verbosity is negative)."""
     ctx = click.get_current_context(silent=True)
-    quiet = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("verbosity", 0) < 0)
-    if quiet:
-        yield from iterable
-        return
-    with click.progressbar(iterable, label=label, length=length, file=click.get_text_stream("stderr")) as bar:
-        yield from bar
+    obj = ctx.find_root().obj if ctx is not None else None
+    return bool(isinstance(obj, dict) and obj.get("verbosity", 0) < 0)
+
+
+class Progress:
+    """The one progress bar of the command line: a tqdm bar on stderr, drawn from the first report.
+
+    The bar is created lazily (nothing is drawn for work that never starts), hidden under ``-q``,
+    and its total may grow while the work is planned (:meth:`add_total`). On a terminal it redraws
+    ten times a second; into a log file (a cluster job's stderr) once every 30 s. Use it as a
+    context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self, desc: str, *, unit: str = "it", total: int | None = None, initial: int = 0, leave: bool = True
+    ) -> None:
+        self.desc = desc
+        self.unit = unit
+        self.total = total
+        self.initial = initial
+        self.leave = leave
+        self.done = initial
+        self.quiet = is_quiet()
+        self._bar: tqdm[Any] | None = None
+
+    def _get(self) -> tqdm[Any]:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            stream = sys.stderr
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.initial,
+                desc=self.desc,
+                unit=self.unit,
+                file=stream,
+                leave=self.leave,
+                dynamic_ncols=True,
+                mininterval=0.1 if stream.isatty() else 30.0,
+                disable=self.quiet,
+            )
+        return self._bar
+
+    def set_total(self, total: int) -> None:
+        """Set the number of units the work is known to have."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def add_total(self, count: int) -> None:
+        """Grow the total by ``count`` units (work discovered while running)."""
+        bar = self._get()
+        bar.total = (bar.total or 0) + count
+        self.total = bar.total
+        bar.refresh()
+
+    def update(self, count: int = 1) -> None:
+        """``count`` more units are done."""
+        self.done += count
+        self._get().update(count)
+
+    def postfix(self, text: str) -> None:
+        """Show ``text`` after the bar (running losses, slide counts ...)."""
+        self._get().set_postfix_str(text, refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print ``message`` on stderr above the bar (nothing under ``-q``)."""
+        if self.quiet:
+            return
+        if self._bar is None:
+            echo_err(message)
+        else:
+            self._bar.write(message, file=sys.stderr)
+
+    def iterate(self, iterable: Iterable[T], total: int | None = None) -> Iterator[T]:
+        """Yield from ``iterable``, one unit per item."""
+        if total is not None:
+            self.set_total(total)
+        elif self.total is None and isinstance(iterable, Sized):
+            self.set_total(len(iterable))
+        for item in iterable:
+            yield item
+            self.update()
+
+    def close(self) -> None:
+        """Remove (or keep, with ``leave``) the bar; a later report draws a new one."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def echo_err(message: str, **kwargs: Any) -> None:
@@ -90,4 +184,22 @@ storage_options_option = click.option(
     help="fsspec options for s3://, gs://, az:// paths as a JSON object, e.g. '{\"endpoint_url\": "
     "\"https://minio.example:9000\"}' or '{\"anon\": true}'. Credentials come best from the standard environment "
     "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL); see docs/cluster.md.",
+)
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from wsi_encoder.devices import resolve_device
+
+    resolve_device(value)  # a bad name or a missing device: one line (WsiEncoderError), before any work
+    return value
+
+
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_check_device,
+    metavar="DEVICE",
+    # the names of wsi_encoder.devices.DEVICE_CHOICES, written out so that --help does not import torch
+    help="Torch device: auto, cpu, cuda, cuda:N, mps. auto: CUDA when present, then Apple MPS, else CPU.",
 )

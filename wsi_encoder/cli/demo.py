@@ -6,26 +6,55 @@ from pathlib import Path
 
 import click
 
+from wsi_encoder.cli.classify import FoldProgress
+from wsi_encoder.cli.common import Progress, device_option
+from wsi_encoder.cli.encode import EncodeProgress
+from wsi_encoder.cli.tile import TileProgress
+from wsi_encoder.cli.train import TrainProgress
+from wsi_encoder.pipelines.demo import DemoConfig
+
+D = DemoConfig()
+
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True, help="Output folder.")
-@click.option("--slides", "n_slides", type=click.IntRange(min=6), default=12, show_default=True, help="Slides in the cohort.")
+@click.option("--slides", "n_slides", type=click.IntRange(min=6), default=D.n_slides, show_default=True, help="Slides in the cohort.")
 @click.option(
     "--model",
+    "classifier",
     type=click.Choice(["abmil", "gridcnn", "linear"]),
-    default="abmil",
+    default=D.classifier,
     show_default=True,
     help="Slide-level classifier.",
 )
-@click.option("--encoder-steps", type=click.IntRange(min=1), default=150, show_default=True, help="Encoder training steps.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local dask workers for tiling.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cohort and of training.")
-def demo(out: Path, n_slides: int, model: str, encoder_steps: int, workers: int, seed: int) -> None:
+@click.option("--encoder-steps", type=click.IntRange(min=1), default=D.encoder_steps, show_default=True, help="Encoder training steps.")
+@click.option("--workers", type=click.IntRange(min=1), default=D.workers, show_default=True, help="Local dask workers for tiling.")
+@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the generated cohort and of training.")
+@device_option
+def demo(out: Path, n_slides: int, classifier: str, encoder_steps: int, workers: int, seed: int, device: str) -> None:
     """Generate a demo cohort (label: a lesion texture) and run tile -> train-encoder -> encode -> classify."""
-    from wsi_encoder.pipelines.demo import DemoConfig, run_demo
+    from wsi_encoder.pipelines.demo import DemoHooks, run_demo
 
-    config = DemoConfig(n_slides=n_slides, classifier=model, encoder_steps=encoder_steps, workers=workers, seed=seed)
-    result = run_demo(out, config, say=click.echo)
+    config = DemoConfig(
+        n_slides=n_slides, classifier=classifier, encoder_steps=encoder_steps, workers=workers, seed=seed, device=device
+    )
+    model = config.classifier
+    bars = _DemoProgress(config.folds)
+    with bars:
+        result = run_demo(
+            out,
+            config,
+            hooks=DemoHooks(
+                say=bars.say,
+                tiles=bars.tiles,
+                train_tasks=bars.training.tasks,
+                train_step=bars.training.step,
+                train_epoch=bars.training.epoch,
+                train_phase=bars.training.phase,
+                encoded=bars.encoding,
+                fold=bars.folds,
+            ),
+        )
     metrics = result.metrics
     click.echo("")
     click.echo(f"cross-validated slide-level metrics ({model}, {config.folds} patient-grouped folds, {metrics['n_slides']} slides):")
@@ -45,3 +74,29 @@ def demo(out: Path, n_slides: int, model: str, encoder_steps: int, workers: int,
         if str(path).endswith(".png"):
             click.echo(f"  {key:<10} {path}")
     click.echo(f"everything is in {result.out}")
+
+
+class _DemoProgress:
+    """One bar per step of the demo (tiling, encoder training, encoding, cross-validation)."""
+
+    def __init__(self, folds: int) -> None:
+        self.tiles = TileProgress()
+        self.training = TrainProgress("encoder training")
+        self.encoding = EncodeProgress()
+        self.folds = FoldProgress(folds)
+        self._bars: tuple[Progress, ...] = (self.tiles, self.training, self.encoding, self.folds)
+
+    def say(self, message: str) -> None:
+        """A new step starts: the previous step's bar is finished first."""
+        self.close()
+        click.echo(message)
+
+    def close(self) -> None:
+        for bar in self._bars:
+            bar.close()
+
+    def __enter__(self) -> _DemoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
+from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
 
 
-class _Progress:
-    """A tqdm bar on stderr created at the first report (the total is known only then)."""
+class EncodeProgress(Progress):
+    """Tiles encoded; the total is known at the first report."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
+    def __init__(self) -> None:
+        super().__init__("encoding", unit="tile")
 
     def __call__(self, n: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="tile", desc="encoding", file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.total != total:
+            self.set_total(total)
+        self.update(n)
 
 
 @click.command()
@@ -45,14 +35,12 @@ class _Progress:
 @click.option("--h5-dir", type=click.Path(path_type=Path), default=None, help="Also write <slide_id>.h5 (features, coords; CLAM/TRIDENT layout) here.")
 @click.option("--preview-dir", type=click.Path(path_type=Path), default=None, help="Also write a PNG per slide: PCA-RGB grid beside the thumbnail.")
 @click.option("--overwrite", is_flag=True, help="Re-encode slides that are already complete.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:i].")
+@device_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Forward pass precision (autocast): bf16 on CUDA or recent CPUs, fp16 on CUDA. Features are stored as --dtype.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (slower start, faster on long runs).")
 @click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
 @storage_options_option
-@click.pass_context
 def encode(
-    ctx: click.Context,
     patch_store: Path | str,
     encoder: str,
     weights: Path | None,
@@ -83,8 +71,7 @@ def encode(
     """
     from wsi_encoder.pipelines.encode_store import encode_store
 
-    quiet = (ctx.find_root().obj or {}).get("verbosity", 0) < 0
-    bar = _Progress(enabled=not quiet)
+    bar = EncodeProgress()
     try:
         result = encode_store(
             patch_store,

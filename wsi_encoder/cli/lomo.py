@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err
+from wsi_encoder.cli.common import Progress, device_option
 from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
+
+if TYPE_CHECKING:
+    from wsi_encoder.pipelines.lomo_summary import LomoEvent
 
 D = LomoConfig.default
 
@@ -178,35 +182,13 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     default=None,
     help="Quick runs: at most this many images per role (train/val/test) and fold.",
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ..."
-)
+@device_option
 def lomo(
     data: tuple[Path, ...],
     out_dir: Path,
     arms: list[str],
-    backbone: str,
-    weights: Path | None,
-    embed_dim: int | None,
-    image_size: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    repeats: int,
-    test_fraction: float | None,
-    patient_folds: int | None,
-    val_fraction: float,
-    patient_key: str,
-    select_epoch: str | None,
-    n_bootstrap: int,
-    allow_contaminated_backbone: bool,
-    gan_ratio: float,
-    gan_epochs: int,
-    gan_width: int,
-    grl_weight: float,
-    max_images_per_split: int | None,
     device: str,
+    **settings: Any,
 ) -> None:
     """Magnification shift on BreaKHis: train on three magnifications, test on the fourth.
 
@@ -216,49 +198,17 @@ def lomo(
     the other magnifications and is tested on the test patients' images at the held-out one.
     Writes results.csv, report.md, plots/, splits.csv, config.json and embeddings/ under --out.
     """
-    from wsi_encoder.pipelines.lomo import LomoEvent, run_lomo
+    from wsi_encoder.pipelines.lomo import run_lomo
 
-    if test_fraction is not None and patient_folds is not None:
+    if settings["test_fraction"] is not None and settings["patient_folds"] is not None:
         raise click.UsageError("use either --test-fraction or --patient-folds, not both")
-    config = LomoConfig(
-        backbone=backbone,
-        weights=None if weights is None else str(weights.resolve()),
-        embed_dim=embed_dim,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        repeats=repeats,
-        test_fraction=D("test_fraction") if test_fraction is None else test_fraction,
-        patient_folds=patient_folds,
-        val_fraction=val_fraction,
-        patient_key=patient_key,
-        select_epoch=select_epoch,
-        n_bootstrap=n_bootstrap,
-        allow_contaminated_backbone=allow_contaminated_backbone,
-        gan_ratio=gan_ratio,
-        gan_epochs=gan_epochs,
-        gan_width=gan_width,
-        grl_weight=grl_weight,
-        max_images_per_split=max_images_per_split,
-    )
-    ctx = click.get_current_context()
-    quiet = (ctx.find_root().obj or {}).get("verbosity", 0) < 0
-
-    def on_event(event: LomoEvent) -> None:
-        if quiet:
-            return
-        if event.kind == "cache":
-            if event.step == 1 or event.step == event.total or event.step % 500 == 0:
-                echo_err(f"decoding images {event.step}/{event.total}")
-            return
-        if event.kind == "gan_epoch" and event.step % max(1, event.total // 10) and event.step != event.total:
-            return
-        if event.message:
-            echo_err(event.message)
-
-    run = run_lomo(data, out_dir, config, arms=arms, device=device, on_event=on_event)
+    if settings["test_fraction"] is None:
+        del settings["test_fraction"]  # LomoConfig's default (None on the command line: exclusive with folds)
+    if settings["weights"] is not None:
+        settings["weights"] = str(settings["weights"].resolve())
+    config = LomoConfig(**settings)  # every option is a LomoConfig field of the same name
+    with _LomoProgress() as on_event:
+        run = run_lomo(data, out_dir, config, arms=arms, device=device, on_event=on_event)
     click.echo(
         f"{len(run.trained)} (arm, fold) trained, {len(run.resumed)} already done; "
         f"report: {out_dir / 'report.md'}"
@@ -301,3 +251,43 @@ def _ms(row: dict, metric: str) -> str:
     if mean is None or math.isnan(mean):
         return "n/a"
     return f"{mean:.3f} ± {sd:.3f}" if sd is not None and not math.isnan(sd) else f"{mean:.3f}"
+
+
+#: Events drawn as a bar: kind -> (label, unit).
+_BARS = {"cache": ("decoding images", "image"), "epoch": ("epochs", "epoch"), "gan_epoch": ("DCGAN", "epoch")}
+
+
+class _LomoProgress:
+    """Draws ``run_lomo``'s events: a bar for image decoding, classifier and DCGAN epochs; lines above it."""
+
+    def __init__(self) -> None:
+        self.bar = Progress("lomo")
+        self.key: tuple[str, str | None, int | None] | None = None
+
+    def __call__(self, event: LomoEvent) -> None:
+        if event.kind in _BARS:
+            key = (event.kind, event.arm, event.held_out)
+            if key != self.key:
+                self.bar.close()
+                desc, unit = _BARS[event.kind]
+                where = f"{event.arm} / {event.held_out}X " if event.arm else ""
+                self.bar = Progress(f"{where}{desc}", unit=unit, total=event.total, leave=False)
+                self.key = key
+            self.bar.update(max(0, event.step - self.bar.done))
+            stats = [
+                f"{k} {v:.3f}"
+                for k, v in event.values.items()
+                if k != "epoch" and isinstance(v, float) and not math.isnan(v)
+            ]
+            if stats:
+                self.bar.postfix(", ".join(stats))
+            if event.kind != "epoch":
+                return
+        if event.message:
+            self.bar.write(event.message)
+
+    def __enter__(self) -> _LomoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

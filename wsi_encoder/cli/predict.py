@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, echo_err, slide_mpp_option, storage_options_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    Progress,
+    device_option,
+    echo_err,
+    is_quiet,
+    slide_backend_option,
+    slide_mpp_option,
+    storage_options_option,
+)
 from wsi_encoder.io.urls import join, local_copy, local_output
 
-
-class _Progress:
-    """A tqdm bar over encoded tiles on stderr (created at the first batch)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def __call__(self, n: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit="tile", desc="predicting", file=sys.stderr, dynamic_ncols=True, leave=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+if TYPE_CHECKING:
+    from wsi_encoder.pipelines.predict import SlidePrediction
 
 
 @click.command()
@@ -61,18 +51,15 @@ class _Progress:
 @click.option("--geojson/--no-geojson", default=True, show_default=True,
               help="Write OUT/geojson/<slide_id>.geojson: tiles with scores and tissue outlines, for QuPath.")
 @slide_mpp_option
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True,
-              help="Slide reader (as for `wsienc tile`).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:i].")
+@slide_backend_option
+@device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's choice].")
 @click.option("--read-threads", type=click.IntRange(min=1), default=None,
               help="Threads decoding tiles ahead of the encoder [default: the CPU count, at most 4].")
 @click.option("--overwrite", is_flag=True, help="Predict every slide again, ignoring earlier results in OUT.")
 @storage_options_option
-@click.pass_context
 def predict(
-    ctx: click.Context,
     slides: tuple[Path | str, ...],
     model_dir: Path | str,
     out: Path | str,
@@ -109,10 +96,10 @@ def predict(
     """
     from wsi_encoder.pipelines.predict import predict_slides
 
-    quiet = (ctx.find_root().obj or {}).get("verbosity", 0) < 0
-    bar = _Progress(enabled=not quiet)
+    quiet = is_quiet()
+    bar = Progress("predicting", unit="tile", leave=False)
 
-    def on_slide(slide: Any) -> None:
+    def on_slide(slide: SlidePrediction) -> None:
         bar.close()
         if slide.status == "failed":
             echo_err(f"failed: {slide.reason}")
@@ -128,7 +115,7 @@ def predict(
             mpp_tolerance=mpp_tolerance, tissue_threshold=tissue_threshold, force=force, keep_stores=keep_stores,
                 heatmaps=heatmaps, geojson=geojson, slide_mpp=slide_mpp, backend=backend, device=device,
                 batch_size=batch_size, threads=threads, read_threads=read_threads, overwrite=overwrite, on_slide=on_slide,
-                progress=bar,
+                progress=bar.update,
             )  # fmt: skip
     finally:
         bar.close()

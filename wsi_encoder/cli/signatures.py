@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_encoder.cli.common import echo_err, progress
+from wsi_encoder.cli.common import Progress, echo_err
 
 
 @click.command()
@@ -74,16 +74,17 @@ def signatures(
         solver=solver,
         seed=seed,
     )
-    run = run_signatures(
-        src,
-        out_dir,
-        labels=labels,
-        n_folds=n_folds,
-        spec=spec,
-        positive_class=positive_class,
-        allow_missing=allow_missing,
-        iterate=lambda jobs: progress(jobs, label="signatures"),
-    )
+    with Progress("signatures", unit="fold") as bar:
+        run = run_signatures(
+            src,
+            out_dir,
+            labels=labels,
+            n_folds=n_folds,
+            spec=spec,
+            positive_class=positive_class,
+            allow_missing=allow_missing,
+            iterate=bar.iterate,
+        )
     arms = dict.fromkeys(r.arm for r in run.records)
     for arm in arms:
         recs = [r for r in run.records if r.arm == arm]

@@ -5,11 +5,45 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    Progress,
+    echo_err,
+    slide_backend_option,
+    slide_mpp_option,
+    storage_options_option,
+)
+
+if TYPE_CHECKING:
+    from wsi_encoder.pipelines.tile_cohort import ProgressEvent
+
+
+class TileProgress(Progress):
+    """Tiles done of a total that grows as slides are planned; slide counts in the postfix."""
+
+    def __init__(self) -> None:
+        super().__init__("tiling", unit="tile", total=0)
+        self.slides = 0
+        self.counts = {"ok": 0, "empty": 0, "failed": 0, "skipped": 0}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "slides":
+            self.slides = event.count
+        elif event.kind == "tiles_planned":
+            self.add_total(event.count)
+        elif event.kind == "tiles":
+            self.update(event.count)
+        elif event.kind == "slide" and event.outcome is not None:
+            self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
+        c = self.counts
+        self.postfix(
+            f"slides {sum(c.values())}/{self.slides} (ok {c['ok']}, empty {c['empty']}, "
+            f"skipped {c['skipped']}, failed {c['failed']})"
+        )
 
 
 @click.command()
@@ -20,7 +54,7 @@ from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels at the target resolution [default: the tile size].")
 @click.option("--mpp-tolerance", type=click.FloatRange(0, 0.5, max_open=True), default=0.05, show_default=True, help="A pyramid level within this relative distance of --mpp is read as it is, without resampling.")
 @click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True, help="pad: the grid covers the whole slide, tiles crossing the right/bottom edge are kept and padded with the background; drop: only whole tiles.")
-@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Level-0 µm/px for slides whose metadata records none (a fallback; slides that record one keep theirs).")
+@slide_mpp_option
 @click.option("--force-slide-mpp", is_flag=True, help="Use --slide-mpp for every slide, replacing recorded values (each replacement is reported).")
 @click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
@@ -38,14 +72,7 @@ from wsi_encoder.cli.common import PATH_OR_URL, echo_err, storage_options_option
 )
 @click.option("--overwrite", is_flag=True, help="Re-tile slides that are already complete in the store.")
 @click.option("--qc-dir", type=click.Path(path_type=Path), default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles).")
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "openslide", "tiffslide"]),
-    default="auto",
-    show_default=True,
-    help="Slide reader. auto: direct tile decoding via tiffslide for SVS, generic TIFF and NDPI (same pixels as "
-    "OpenSlide, faster), OpenSlide for the other formats. Every command reads slides in this same order.",
-)
+@slide_backend_option
 @storage_options_option
 def tile(
     slides: tuple[Path | str, ...],
@@ -89,10 +116,9 @@ def tile(
     spec = TileSpec(target_mpp=mpp, tile_size=tile_size, stride=stride, tolerance=mpp_tolerance, edge=edge)
     ctx = click.get_current_context()
     verbosity = int((ctx.find_root().obj or {}).get("verbosity", 0))
-    quiet = verbosity < 0
     if verbosity < 2:  # a truncated TIFF makes tifffile log per page; the per-slide failure line says it once
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    bar = _Progress(disabled=quiet)
+    bar = TileProgress()
     try:
         report = tile_cohort(
             slides,
@@ -111,7 +137,7 @@ def tile(
             qc_dir=qc_dir,
             workers=workers,
             scheduler=scheduler,
-            progress=bar.update,
+            progress=bar,
         )
     finally:
         bar.close()
@@ -131,42 +157,3 @@ def tile(
         click.echo(f"QC pictures in {qc_dir}")
     if report.failed:
         sys.exit(1)
-
-
-class _Progress:
-    """A tqdm bar over tiles whose total grows as slides are planned; slide counts in the postfix."""
-
-    def __init__(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self.bar: Any = None
-        self.slides = 0
-        self.counts = {"ok": 0, "empty": 0, "failed": 0, "skipped": 0}
-
-    def _ensure(self) -> Any:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="tile", desc="tiling", file=sys.stderr, disable=self.disabled, dynamic_ncols=True)
-        return self.bar
-
-    def update(self, event: Any) -> None:
-        bar = self._ensure()
-        if event.kind == "slides":
-            self.slides = event.count
-        elif event.kind == "tiles_planned":
-            bar.total += event.count
-            bar.refresh()
-        elif event.kind == "tiles":
-            bar.update(event.count)
-        elif event.kind == "slide" and event.outcome is not None:
-            self.counts[event.outcome.status] = self.counts.get(event.outcome.status, 0) + 1
-        done = sum(self.counts.values())
-        bar.set_postfix_str(
-            f"slides {done}/{self.slides} (ok {self.counts['ok']}, empty {self.counts['empty']}, "
-            f"skipped {self.counts['skipped']}, failed {self.counts['failed']})",
-            refresh=False,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from wsi_encoder.cli.common import echo_err
+from wsi_encoder.cli.common import Progress, device_option
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.training.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from wsi_encoder.pipelines.train_encoder import TaskRequest
+    from wsi_encoder.training.multitask import EpochInfo, PhaseInfo, PreparedTask, StepInfo
+
+D = TrainConfig.default
 
 
 @click.command()
@@ -44,7 +52,7 @@ def tasks(as_json: bool) -> None:
     click.echo("Use: wsienc train-encoder --task NAME=PATH[,weight=W][,name=ALIAS][,mpp=UM][,option=VALUE] ...")
 
 
-def _parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+def _parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[TaskRequest]:
     from wsi_encoder.pipelines.train_encoder import parse_task_argument
 
     if not values:
@@ -55,7 +63,7 @@ def _parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, 
         raise click.BadParameter(str(exc), ctx, param) from exc
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: float | int | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
@@ -70,40 +78,40 @@ def _fmt(value: Any) -> str:
     "mpp=UM (images' µm/px), and the task's own (labels=CSV for patch-store). See `wsienc tasks`.",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--backbone", default="nic", show_default=True,
+@click.option("--backbone", default=D("backbone"), show_default=True,
               help="Encoder (see `wsienc encoders`): nic, resnet18/34/50, or a pretrained one (uni, virchow2, ...) with --weights.")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None,
-              help="Linear embedding on top of the backbone (default: 128 for nic/resnets, the pretrained backbone's own features otherwise).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps (overrides --epochs).")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: all training images once.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help=f"Linear embedding on top of the backbone (default: {D('embed_dim')} for nic/resnets, the pretrained backbone's own features otherwise).")
+@click.option("--epochs", type=click.IntRange(min=1), default=D("epochs"), show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=D("max_steps"), help="Stop after N steps (overrides --epochs).")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=D("steps_per_epoch"), help="Default: all training images once.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=D("batch_size"), show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D("lr"), show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=D("weight_decay"), show_default=True)
+@click.option("--seed", type=int, default=D("seed"), show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=D("val_fraction"), show_default=True,
               help="Fraction of patients per task held out for validation.")
-@click.option("--val-max-images", type=click.IntRange(min=1), default=None, help="Cap validation images per task.")
-@click.option("--input-size", type=click.IntRange(min=16), default=None, help="Tile side in px (default: encoder's).")
-@click.option("--input-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--val-max-images", type=click.IntRange(min=1), default=D("val_max_images"), help="Cap validation images per task.")
+@click.option("--input-size", type=click.IntRange(min=16), default=D("input_size"), help="Tile side in px (default: encoder's).")
+@click.option("--input-mpp", type=click.FloatRange(min=0, min_open=True), default=D("input_mpp"),
               help="µm/px of the encoder's input (default: encoder's, 0.5).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="Pretrained backbone weights: a local file in the backbone's official layout (never downloaded; default $WSIENC_WEIGHTS_DIR/<name>/).")
-@click.option("--freeze-backbone", is_flag=True, help="Train only the heads (and --embed-dim layer) on a frozen pretrained backbone.")
-@click.option("--unfreeze-last", type=click.IntRange(min=0), default=None, metavar="N",
+@click.option("--freeze-backbone", is_flag=True, default=D("freeze_backbone"),
+              help="Train only the heads (and --embed-dim layer) on a frozen pretrained backbone.")
+@click.option("--unfreeze-last", type=click.IntRange(min=0), default=D("unfreeze_last"), metavar="N",
               help="Freeze the backbone except its last N blocks (ViT blocks / ResNet stages).")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--workers", type=click.IntRange(min=0), default=D("workers"),
               help="DataLoader worker processes (default: one per spare CPU core, at most 4; 0 = load in-process).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on with CUDA).")
-@click.option("--cache-mb", type=click.IntRange(min=0), default=1024, show_default=True,
+@device_option
+@click.option("--amp/--no-amp", default=D("amp"), help="Mixed precision (default: on with CUDA).")
+@click.option("--cache-mb", type=click.IntRange(min=0), default=D("cache_mb"), show_default=True,
               help="Decode small datasets into memory up to this size.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=D("checkpoint_every"), show_default=True,
               help="Also checkpoint every N steps (0: epoch ends only).")
-@click.option("--no-augment", is_flag=True, help="Disable flips/rotations/colour/scale augmentation.")
+@click.option("--augment/--no-augment", default=True, help="Flips/rotations/colour/scale augmentation (default: on).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds a checkpoint (default: resume).")
-@click.pass_context
-def train_encoder(ctx: click.Context, task_args: list[Any], out_dir: Path, **opts: Any) -> None:
+def train_encoder(task_args: list[TaskRequest], out_dir: Path, overwrite: bool, **settings: Any) -> None:
     """Train a multitask supervised patch encoder on several labelled datasets.
 
     Every --task gets its own head on a shared encoder; batches mix tasks evenly; each task is split
@@ -111,77 +119,21 @@ def train_encoder(ctx: click.Context, task_args: list[Any], out_dir: Path, **opt
     --out (model.safetensors + config.json) loads with wsi_encoder.load_encoder(OUT); running the same
     command again resumes it.
     """
-    from tqdm import tqdm
+    from wsi_encoder.pipelines.train_encoder import train_config
+    from wsi_encoder.pipelines.train_encoder import train_encoder as run_training
 
-    from wsi_encoder.pipelines.train_encoder import prepare_tasks
-    from wsi_encoder.training.augment import NO_AUGMENT, AugmentConfig
-    from wsi_encoder.training.multitask import EpochInfo, StepInfo, TrainConfig, train_multitask
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise click.BadParameter(f"{str(out_dir)!r} is a file, not a directory", param_hint="--out")
-    from wsi_encoder.models.encoders import get_spec, list_encoders
-
-    if opts["backbone"] not in list_encoders():
-        raise click.BadParameter(
-            f"unknown backbone {opts['backbone']!r}; known: {', '.join(list_encoders())}", param_hint="--backbone"
+    config = train_config(**settings)
+    with TrainProgress() as progress:
+        result = run_training(
+            task_args,
+            out_dir,
+            config,
+            resume=not overwrite,
+            on_tasks=progress.tasks,
+            on_step=progress.step,
+            on_epoch=progress.epoch,
+            on_phase=progress.phase,
         )
-    if opts["freeze_backbone"] and opts["unfreeze_last"] is not None:
-        raise click.BadParameter("--freeze-backbone and --unfreeze-last N are exclusive", param_hint="--unfreeze-last")
-    if opts["embed_dim"] is None and not get_spec(opts["backbone"]).requires_weights:
-        opts["embed_dim"] = 128
-    overwrite = opts.pop("overwrite")
-    augment = NO_AUGMENT if opts.pop("no_augment") else AugmentConfig()
-    weights = opts.pop("weights")
-    config = TrainConfig(**opts, weights=None if weights is None else str(weights), augment=augment)
-    quiet = (ctx.find_root().obj or {}).get("verbosity", 0) < 0
-
-    prepared = prepare_tasks(task_args, val_fraction=config.val_fraction, seed=config.seed)
-    if not quiet:
-        for t in prepared:
-            counts = ", ".join(f"{c} {n}" for c, n in t.data.class_counts().items())
-            echo_err(
-                f"task {t.name}: {len(t.split.train)} train / {len(t.split.val)} val images, "
-                f"{len(set(t.data.groups.tolist()))} groups ({t.split.method}); {counts}"
-            )
-    bar: Any = None
-
-    def on_step(info: StepInfo) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=info.total_steps, initial=info.step - 1, desc="train-encoder", unit="step",
-                       file=click.get_text_stream("stderr"), dynamic_ncols=True)
-        bar.update(1)
-        losses = " ".join(f"{n}={v:.3f}" for n, v in info.task_losses.items())
-        bar.set_postfix_str(f"ep {info.epoch} lr {info.lr:.2g} {losses} {info.images_per_second:.0f} img/s")
-
-    def on_epoch(info: EpochInfo) -> None:
-        if quiet:
-            return
-        lines = [f"epoch {info.epoch} (step {info.step}):"]
-        for name, loss in info.train_losses.items():
-            m = info.metrics.get(name)
-            val = (
-                f"val loss {_fmt(m.get('loss'))} acc {_fmt(m.get('accuracy'))} auc {_fmt(m.get('auc'))} "
-                f"f1 {_fmt(m.get('f1'))} (n={m.get('n')})"
-                if m
-                else "no validation images"
-            )
-            lines.append(f"  {name}: train loss {loss:.3f}; {val}")
-        text = "\n".join(lines)
-        if bar is not None:
-            bar.write(text, file=click.get_text_stream("stderr"))
-        else:
-            echo_err(text)
-
-    try:
-        result = train_multitask(
-            prepared, out_dir, config, resume=not overwrite, on_step=on_step, on_epoch=on_epoch
-        )
-    finally:
-        if bar is not None:
-            bar.close()
     if result.already_complete:
         click.echo(f"{out_dir}: already trained ({result.step} of {result.total_steps} steps); nothing to do")
     else:
@@ -192,3 +144,65 @@ def train_encoder(ctx: click.Context, task_args: list[Any], out_dir: Path, **opt
             f"  {name}: val accuracy {_fmt(m.get('accuracy'))}  auc {_fmt(m.get('auc'))}  f1 {_fmt(m.get('f1'))}"
         )
     click.echo(f"load it with: wsi_encoder.load_encoder({str(out_dir)!r})")
+
+
+class TrainProgress(Progress):
+    """Draws encoder training: a bar over steps (losses, lr, speed as postfix), each epoch's validation above it.
+
+    Also used by ``wsienc demo`` for its encoder-training step.
+    """
+
+    def __init__(self, desc: str = "train-encoder") -> None:
+        super().__init__(desc, unit="step")
+        self._phase: Progress | None = None
+        self._phase_key: tuple[str, str | None] | None = None
+
+    def phase(self, info: PhaseInfo) -> None:
+        """Between steps: a second, transient bar for decoding images into memory or for validation."""
+        key = (info.phase, info.task)
+        if self._phase is None or key != self._phase_key:
+            self._close_phase()
+            what = f"decoding {info.task}" if info.phase == "decoding" else info.phase
+            self._phase = Progress(what, unit="image", total=info.total, leave=False)
+            self._phase_key = key
+        self._phase.update(info.done - self._phase.done)
+        if info.done >= info.total:
+            self._close_phase()
+
+    def _close_phase(self) -> None:
+        if self._phase is not None:
+            self._phase.close()
+        self._phase, self._phase_key = None, None
+
+    def close(self) -> None:
+        self._close_phase()
+        super().close()
+
+    def tasks(self, prepared: Sequence[PreparedTask]) -> None:
+        """Once the tasks are loaded and split: one line each."""
+        from wsi_encoder.pipelines.train_encoder import describe_task
+
+        for task in prepared:
+            self.write(describe_task(task))
+
+    def step(self, info: StepInfo) -> None:
+        """After each optimisation step."""
+        if self.total is None:  # the first step of this run (a resumed run starts part way)
+            self.total, self.initial, self.done = info.total_steps, info.step - 1, info.step - 1
+        self.update()
+        losses = " ".join(f"{n}={v:.3f}" for n, v in info.task_losses.items())
+        self.postfix(f"ep {info.epoch} lr {info.lr:.2g} {losses} {info.images_per_second:.0f} img/s")
+
+    def epoch(self, info: EpochInfo) -> None:
+        """After each epoch's validation: one line per task."""
+        lines = [f"epoch {info.epoch} (step {info.step}):"]
+        for name, loss in info.train_losses.items():
+            m = info.metrics.get(name)
+            val = (
+                f"val loss {_fmt(m.get('loss'))} acc {_fmt(m.get('accuracy'))} auc {_fmt(m.get('auc'))} "
+                f"f1 {_fmt(m.get('f1'))} (n={m.get('n')})"
+                if m
+                else "no validation images"
+            )
+            lines.append(f"  {name}: train loss {loss:.3f}; {val}")
+        self.write("\n".join(lines))

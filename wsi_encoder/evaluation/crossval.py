@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.evaluation.metrics import classification_metrics
-from wsi_encoder.io.embedding_reader import SlideBag
+from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.files import atomic_write_json
 from wsi_encoder.models.slide_classifiers import FitInfo, SlideClassifier, create_slide_classifier
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,6 @@ def bootstrap_metrics(
 
 
 def _save_fold(state_dir: Path, key: str, result: FoldResult, prob: FloatArray) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "key": key,
         "fold": result.fold,
@@ -212,10 +211,7 @@ def _save_fold(state_dir: Path, key: str, result: FoldResult, prob: FloatArray) 
         "prob": prob.tolist(),
         "fit": result.fit.to_json(),
     }
-    path = state_dir / f"fold_{result.fold}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    atomic_write_json(state_dir / f"fold_{result.fold}.json", record, indent=None)
 
 
 def _load_fold(state_dir: Path | None, key: str, fold: int, test: IntArray) -> dict[str, Any] | None:

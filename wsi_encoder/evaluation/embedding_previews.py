@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zarr
 
-from wsi_encoder.io.embedding_store import complete_slides, iter_feature_rows, open_embedding_root
+from wsi_encoder.io.embedding_store import EmbeddingStore
+from wsi_encoder.io.files import atomic_write_figure
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +73,21 @@ def fit_pca_rgb(samples: Sequence[npt.NDArray[np.floating[Any]]], seed: int = 0)
     return PcaRgb(pca.mean_, pca.components_, np.atleast_1d(low), np.atleast_1d(high), len(samples))
 
 
-def _sample_rows(group: zarr.Group, max_rows: int, rng: np.random.Generator) -> npt.NDArray[np.floating[Any]]:
-    features = group["features"]
-    n = features.shape[0]
+def _sample_rows(store: EmbeddingStore, slide_id: str, max_rows: int, rng: np.random.Generator) -> npt.NDArray[np.floating[Any]]:
+    features = store.features(slide_id)
+    n = int(features.shape[0])
     if n <= max_rows:
-        return np.asarray(features[:])
+        return np.asarray(features[...])
     index = np.sort(rng.choice(n, size=max_rows, replace=False))
     return np.asarray(features.get_orthogonal_selection((index, slice(None))))
 
 
-def rgb_grid(group: zarr.Group, projection: PcaRgb) -> npt.NDArray[np.uint8]:
-    """``(R, Q, 3)`` RGB picture of one slide's grid (white outside tissue)."""
-    rows, cols = (int(v) for v in group["mask"].shape)
-    rowcol = np.asarray(group["rowcol"][:], dtype=np.int64)
+def rgb_grid(store: EmbeddingStore, slide_id: str, projection: PcaRgb) -> npt.NDArray[np.uint8]:
+    """``(R, Q, 3)`` RGB picture of one usable slide's grid (white outside tissue)."""
+    rows, cols = store.grid_shape(slide_id)
+    rowcol = store.rowcol(slide_id)
     image = np.full((rows, cols, 3), 255, dtype=np.uint8)
-    for start, block in iter_feature_rows(group, _BLOCK_ROWS):
+    for start, block in store.iter_feature_rows(slide_id, _BLOCK_ROWS):
         rc = rowcol[start : start + block.shape[0]]
         image[rc[:, 0], rc[:, 1]] = projection.to_rgb(block)
     return image
@@ -148,19 +148,18 @@ def render_preview(
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, color="0.3")
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write_figure(path, fig, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
-def _grid_extent(group: zarr.Group, attrs: dict[str, Any]) -> tuple[float, float, float, float]:
-    rows, cols = (int(v) for v in group["mask"].shape)
+def _grid_extent(store: EmbeddingStore, slide_id: str, attrs: dict[str, Any]) -> tuple[float, float, float, float]:
+    rows, cols = store.grid_shape(slide_id)
     stride = float(attrs.get("stride_l0") or attrs.get("tile_size_l0") or 1.0)
-    coords = np.asarray(group["coords"][:], dtype=np.float64)
-    rowcol = np.asarray(group["rowcol"][:], dtype=np.float64)
+    coords = store.coords(slide_id).astype(np.float64)
+    rowcol = store.rowcol(slide_id).astype(np.float64)
     if coords.shape[0]:
         ox = float(np.median(coords[:, 0] - rowcol[:, 1] * stride))
         oy = float(np.median(coords[:, 1] - rowcol[:, 0] * stride))
@@ -177,42 +176,40 @@ def write_previews(
     max_tiles_per_slide: int = 2000,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write ``<out_dir>/<slide_id>.png`` for the complete slides of an embedding store.
+    """Write ``<out_dir>/<slide_id>.png`` for the usable slides of an embedding store.
 
-    The PCA is fit on up to ``max_tiles_per_slide`` random tiles of every complete slide of the
+    The PCA is fit on up to ``max_tiles_per_slide`` random tiles of every usable slide of the
     store (the cohort), whichever slides are drawn, so colours are comparable across slides and
-    across runs on the same store.
+    across runs on the same store. Slides the store skips (incomplete, failed, without tiles) are
+    not drawn.
 
     Returns
     -------
     dict
         ``{slide_id: png path}``.
     """
-    root = open_embedding_root(store)
-    cohort = complete_slides(root)
+    embeddings = EmbeddingStore.open(store)
+    cohort = embeddings.slide_ids
     wanted = cohort if slide_ids is None else [s for s in slide_ids if s in cohort]
     if not wanted:
         return {}
     rng = np.random.default_rng(seed)
-    samples = [_sample_rows(root[s], max_tiles_per_slide, rng) for s in cohort]  # type: ignore[arg-type]
+    samples = [_sample_rows(embeddings, s, max_tiles_per_slide, rng) for s in cohort]
     projection = fit_pca_rgb(samples, seed=seed)
     out: dict[str, Path] = {}
     for slide_id in wanted:
-        group = root[slide_id]
-        if not isinstance(group, zarr.Group):
-            continue
-        attrs = dict(group.attrs)
-        image = rgb_grid(group, projection)
-        thumbnail = np.asarray(group["thumbnail"][:]) if "thumbnail" in group else None
+        attrs = embeddings.attrs(slide_id)
+        image = rgb_grid(embeddings, slide_id, projection)
+        thumbnail = embeddings.thumbnail(slide_id)
         rows, cols = image.shape[:2]
         width = float(attrs.get("width") or 0)
         height = float(attrs.get("height") or 0)
-        extent = _grid_extent(group, attrs)
+        extent = _grid_extent(embeddings, slide_id, attrs)
         if not width or not height:
             width, height = extent[1], extent[2]
-        encoder = attrs.get("encoder", {}).get("name", "?")
+        encoder = (attrs.get("encoder") or {}).get("name", "?")
         title = (
-            f"{slide_id}: {group['features'].shape[0]} tiles → grid {attrs.get('embedding_dim')} × {rows} × {cols} "
+            f"{slide_id}: {embeddings.features(slide_id).shape[0]} tiles → grid {attrs.get('embedding_dim')} × {rows} × {cols} "
             f"({encoder}, {attrs.get('target_mpp')} µm/px)"
         )
         caption = f"colours: PCA of the embeddings fit on the whole cohort ({projection.n_slides} slides); white = no tissue tile"

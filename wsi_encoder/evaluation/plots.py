@@ -5,10 +5,9 @@ All figures are drawn with matplotlib's Agg backend (no display needed) and writ
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -18,21 +17,20 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
-from wsi_encoder.io.embedding_reader import SlideGeometry
+from wsi_encoder.io.embedding_store import SlideGeometry
+from wsi_encoder.io.files import atomic_path, atomic_write_figure
+
+if TYPE_CHECKING:
+    from wsi_encoder.models.slide_classifiers import SlideClassifier
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` as PNG (temp file then rename) and close it."""
+    """Write ``fig`` to ``path`` as PNG (atomically, :func:`wsi_encoder.io.files.atomic_write_figure`) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask applies
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write_figure(path, fig, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -185,7 +183,7 @@ def plot_heatmap(
 
 
 def plot_slide_prediction(
-    model: Any,
+    model: SlideClassifier,
     slide_id: str,
     heat: npt.NDArray[np.floating],
     prob: npt.NDArray[np.floating],
@@ -200,12 +198,8 @@ def plot_slide_prediction(
     picture); the title gives the slide's prediction.
     """
     heat_dir = Path(heat_dir)
-    heat_dir.mkdir(parents=True, exist_ok=True)
-    npy = heat_dir / f"{slide_id}.npy"
-    tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
+    with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
         np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
-    os.replace(tmp, npy)
     prob = np.asarray(prob, dtype=float)
     top = int(prob.argmax())
     if len(classes) == 2:

@@ -22,13 +22,12 @@ The frame of ``coords`` is written as attributes on the ``coords`` dataset (wher
 ``level0_width`` / ``level0_height``, ``overlap`` (px at ``mpp``), ``name`` (the slide id),
 ``resampled``, ``encoder``, ``embedding_dim``.
 
-Files are written to a temporary name and moved into place, so a reader never sees half a file.
+Files are written with :func:`wsi_encoder.io.files.atomic_path` (a unique temporary beside the target, normal
+permissions, moved into place), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import StoreError
+from wsi_encoder.io.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -129,22 +129,14 @@ def write_h5_features(
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or features.shape[0] != coords.shape[0]:
         raise StoreError(f"{path}: features {features.shape} and coords {coords.shape} do not align")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fset = fh.create_dataset("features", data=features)
-            cset = fh.create_dataset("coords", data=coords)
-            for key, value in attrs.items():
-                cset.attrs[key] = _attr_value(value)
-                fh.attrs[key] = _attr_value(value)
-            for key, value in (feature_attrs or {}).items():
-                fset.attrs[key] = _attr_value(value)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        fset = fh.create_dataset("features", data=features)
+        cset = fh.create_dataset("coords", data=coords)
+        for key, value in attrs.items():
+            cset.attrs[key] = _attr_value(value)
+            fh.attrs[key] = _attr_value(value)
+        for key, value in (feature_attrs or {}).items():
+            fset.attrs[key] = _attr_value(value)
     return path
 
 

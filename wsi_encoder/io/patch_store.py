@@ -19,7 +19,7 @@ use ``grid`` for positions. With ``codec="jpeg"`` each chunk holds one JPEG per 
 (:mod:`wsi_encoder.io.jpeg_codec`); with ``codec="zstd"`` the chunks are shards of single-tile,
 zstd-compressed inner chunks (lossless).
 
-Writers hold :class:`StoreLock` (a ``<store>.lock`` file or object beside the store) so two runs
+Writers hold :class:`~wsi_encoder.io.store_lock.StoreLock` (a ``<store>.lock`` file or object beside the store) so two runs
 cannot write one store at once. A store may live on object storage (``s3://...``, a zarr v3
 ``FsspecStore``): every chunk is one whole-object PUT, so there are no partial files to clean, and a
 chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patch_store` gives the read API (:class:`PatchStore`,
@@ -28,13 +28,8 @@ chunk is marked in ``chunks_done`` only after its PUT returned. :func:`open_patc
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -44,13 +39,14 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
+from wsi_encoder.io.files import atomic_path
 from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
 from wsi_encoder.io.urls import (
     check_bucket,
-    check_writable,
     describe_error,
     filesystem,
     is_url,
@@ -69,115 +65,7 @@ CODECS: tuple[str, ...] = ("jpeg", "zstd")
 #: coder). The level is recorded in each array's codec metadata (and the slide's ``zstd_level``
 #: attribute); readers do not need it, and a resumed slide keeps the level it was started with.
 _ZSTD_LEVEL = 1
-_WRITE_CONFIG = {"write_empty_chunks": True}
-
-
-# ---- locking -----------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class StoreLock:
-    """An exclusive writer lock on a store: the file (or object) ``<store>.lock`` beside it.
-
-    The lock records the holder's pid, host and start time. A lock left by a process that died
-    (kill -9, power loss) on this host is taken over; a live holder, or one on another host, makes
-    :meth:`acquire` raise :class:`~wsi_encoder.errors.StoreError` naming it and the lock to delete.
-    On object storage the lock object is created with a conditional PUT (``If-None-Match: *``, which
-    S3, MinIO and Ceph honour), so of two runs starting at once exactly one gets it.
-    """
-
-    def __init__(self, store_path: str | Path) -> None:
-        store = normalize(store_path)
-        check_writable(store)
-        self.remote = is_url(store)
-        self.path: Path | str = f"{store}.lock" if self.remote else Path(store).with_name(Path(store).name + ".lock")
-        self._held = False
-
-    def _create(self, record: dict[str, Any]) -> None:
-        """Create the lock, raising FileExistsError when it exists."""
-        if self.remote:
-            fs, inner = filesystem(self.path)
-            try:
-                with fs.open(inner, "xb") as handle:
-                    handle.write(json.dumps(record).encode())
-            except FileExistsError:
-                raise
-            except Exception as exc:
-                if "PreconditionFailed" in str(exc) or "412" in str(exc):
-                    raise FileExistsError(str(self.path)) from None
-                raise StoreError(describe_error(self.path, exc)) from None
-            return
-        assert isinstance(self.path, Path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-
-    def _delete(self) -> None:
-        if self.remote:
-            fs, inner = filesystem(self.path)
-            fs.rm(inner)
-        else:
-            assert isinstance(self.path, Path)
-            self.path.unlink(missing_ok=True)
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`~wsi_encoder.errors.StoreError`."""
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(2):
-            try:
-                self._create(record)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("host") == record["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                    logger.warning("taking over the lock %s left by dead process %s", self.path, holder.get("pid"))
-                    self._delete()
-                    continue
-                who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder else "unknown"
-                raise StoreError(
-                    f"{str(self.path)[: -len('.lock')]}: another wsienc run is writing this store ({who}); wait for it "
-                    f"to finish, or if no such run is alive, delete {self.path}"
-                ) from None
-            self._held = True
-            return
-        raise StoreError(f"{self.path}: could not take the store lock; delete it if no wsienc run is writing the store")
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            if self.remote:
-                fs, inner = filesystem(self.path)
-                value = json.loads(fs.cat_file(inner))
-            else:
-                assert isinstance(self.path, Path)
-                value = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def release(self) -> None:
-        """Drop the lock (only if this process holds it)."""
-        if self._held:
-            holder = self._holder()
-            if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
-                try:
-                    self._delete()
-                except FileNotFoundError:
-                    pass
-            self._held = False
-
-    def __enter__(self) -> StoreLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -222,17 +110,35 @@ def _claim_root(root: zarr.Group, path: str | Path) -> zarr.Group:
 
 
 def _remove_partial_files(directory: Path, recursive: bool) -> None:
-    """Delete temporary files a killed zarr write left behind (``*.partial``)."""
-    pattern = "**/*.partial" if recursive else "*.partial"
-    for leftover in directory.glob(pattern):
-        leftover.unlink(missing_ok=True)
+    """Delete temporary files a killed write left behind: zarr's (``*.partial``) and those of
+    :func:`wsi_encoder.io.files.atomic_path` (``.<name>.<random>.tmp``) for whole-chunk writes."""
+    prefix = "**/" if recursive else ""
+    for pattern in ("*.partial", ".*.tmp*"):
+        for leftover in directory.glob(prefix + pattern):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+
+def _status_record(root: zarr.Group) -> dict[str, dict[str, Any]]:
+    """The root's ``slides`` attribute as a plain dict (empty when absent or malformed)."""
+    record = root.attrs.get("slides")
+    if not isinstance(record, Mapping):
+        return {}
+    return {str(k): dict(v) for k, v in record.items() if isinstance(v, Mapping)}
+
+
+def _array_of(group: zarr.Group, name: str) -> zarr.Array:
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store_path}: array {name!r} is missing (not a patch store slide)")
+    return node
 
 
 def update_slide_status(root: zarr.Group, updates: Mapping[str, Mapping[str, Any]]) -> None:
     """Merge per-slide status records (``{"status", "reason", "source"}``) into the root attrs."""
     if not updates:
         return
-    slides = dict(root.attrs.get("slides") or {})
+    slides = _status_record(root)
     for slide_id, record in updates.items():
         slides[slide_id] = {"status": record["status"], "reason": record.get("reason"), "source": record.get("source")}
     root.attrs.update({"slides": dict(sorted(slides.items()))})
@@ -324,6 +230,12 @@ def open_slide_arrays_for_writing(store_path: str | Path, slide_id: str) -> tupl
     return tiles.with_config(_WRITE_CONFIG), done.with_config(_WRITE_CONFIG)
 
 
+def _little_endian(codec: object) -> bool:
+    from zarr.codecs import BytesCodec
+
+    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
+
+
 def _direct_shard_level(tiles: zarr.Array) -> int | None:
     """The zstd level when ``tiles`` is the zstd layout this module creates (one zstd-compressed tile per
     inner chunk of a shard, index at the end with crc32c) on a local store; else None."""
@@ -343,7 +255,7 @@ def _direct_shard_level(tiles: zarr.Array) -> int | None:
         or inner[1].checksum
         or sharding.index_location != ShardingCodecIndexLocation.end
         or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
-        or sharding.index_codecs[0].endian.value != "little"  # type: ignore[attr-defined]
+        or not _little_endian(sharding.index_codecs[0])
         or tiles.dtype != np.uint8
     ):
         return None
@@ -427,12 +339,12 @@ def mark_chunk_done(done: zarr.Array, index: int) -> None:
 def _write_chunk_bytes(array: zarr.Array, index: int, payload: bytes) -> None:
     """Write one chunk's (or shard's) encoded bytes atomically under its zarr key in a local store."""
     key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-    path = Path(array.store.root) / array.path / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-    os.replace(tmp, path)
+    store = array.store
+    if not isinstance(store, LocalStore):
+        raise StoreError(f"{array.path}: whole-chunk writes need a local store, not {type(store).__name__}")
+    path = Path(store.root) / array.path / key
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
@@ -441,7 +353,7 @@ def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:
     if not isinstance(group, zarr.Group):
         raise StoreError(f"{slide_id}: not a slide group")
     if "chunks_done" in group:
-        done = np.asarray(group["chunks_done"][:])
+        done = np.asarray(_array_of(group, "chunks_done")[...])
         if not done.all():
             missing = int((~done).sum())
             raise StoreError(f"{slide_id}: {missing} chunk(s) of tiles are not written yet")
@@ -489,7 +401,7 @@ class PatchSlide:
     @property
     def n_tiles(self) -> int:
         """Number of tiles N."""
-        return int(self.group["coords"].shape[0])
+        return int(_array_of(self.group, "coords").shape[0])
 
     @property
     def tile_size(self) -> int:
@@ -506,7 +418,7 @@ class PatchSlide:
         return array
 
     def _array(self, name: str) -> npt.NDArray[Any]:
-        return np.asarray(self.group[name][...])
+        return np.asarray(_array_of(self.group, name)[...])
 
     @cached_property
     def coords(self) -> npt.NDArray[np.int64]:
@@ -574,7 +486,7 @@ class PatchStore:
     @property
     def status(self) -> dict[str, dict[str, Any]]:
         """Per-slide status record: ``{slide_id: {"status": "ok"|"empty"|"failed", "reason", "source"}}``."""
-        return dict(self.root.attrs.get("slides") or {})
+        return _status_record(self.root)
 
     @cached_property
     def slide_ids(self) -> list[str]:

@@ -7,24 +7,21 @@ A checkpoint directory written by ``wsienc train-encoder --out DIR`` holds::
                             tasks and classes, per-task validation metrics, versions, weights SHA-256
     DIR/train_state.pt      optimiser/scaler state and position, for ``--resume`` (tensors only)
 
-``config.json`` is written last and records the SHA-256 of ``model.safetensors``, so a reader never
-pairs a config with weights from another step.
+The folder is a weights folder (:mod:`wsi_encoder.models.weights_folder`): ``config.json`` is written
+last and records the SHA-256 of ``model.safetensors``, so a reader never pairs a config with weights
+from another step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
-from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
 from wsi_encoder.models.encoders import (
     Encoder,
     EncoderConfig,
@@ -34,11 +31,17 @@ from wsi_encoder.models.encoders import (
     file_sha256,
     list_encoders,
 )
+from wsi_encoder.models.weights_folder import (
+    WEIGHTS_FILE,
+    load_folder_weights,
+    read_folder_config,
+    save_weights_folder,
+)
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = WEIGHTS_FILE
 STATE_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = "wsi_encoder.encoder_checkpoint"
 ENCODER_PREFIX = "encoder."
@@ -50,7 +53,7 @@ def save_checkpoint(
     config: Mapping[str, Any],
     train_state: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write weights, optional resume state, then the config (last), each atomically.
+    """Write weights, optional resume state, then the config (last), each atomically (a weights folder).
 
     Parameters
     ----------
@@ -60,7 +63,7 @@ def save_checkpoint(
         Model tensors; encoder tensors under ``encoder.``.
     config : mapping
         JSON-serialisable config; must contain ``encoder`` (an :meth:`EncoderConfig.to_dict`).
-        ``format`` and ``weights_sha256`` are filled in.
+        ``format``, ``weights`` and ``weights_sha256`` are filled in.
     train_state : mapping, optional
         Tensors/plain values for resuming (saved with ``torch.save``, read with ``weights_only=True``).
 
@@ -69,42 +72,19 @@ def save_checkpoint(
     str
         SHA-256 of the weights file.
     """
-    from safetensors.torch import save
-
-    out = Path(out_dir)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(out / WEIGHTS_NAME, save(tensors))
-    sha = file_sha256(out / WEIGHTS_NAME)
+    extra: dict[str, Callable[[Path], None]] = {}
     if train_state is not None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
-            torch.save(dict(train_state), tmp)
-            os.replace(tmp, out / STATE_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    cfg = {"format": CHECKPOINT_FORMAT, "format_version": 1, **config, "weights_sha256": sha}
-    atomic_write_json(out / CONFIG_NAME, cfg)
-    return sha
+        state = dict(train_state)
+        extra[STATE_NAME] = lambda tmp: torch.save(state, tmp)
+    cfg = {"format": CHECKPOINT_FORMAT, "format_version": 1, **config}
+    return save_weights_folder(out_dir, state_dict, cfg, config_name=CONFIG_NAME, extra_files=extra)
 
 
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict[str, Any]:
     """Read and check ``DIR/config.json`` of a train-encoder checkpoint."""
-    d = Path(ckpt_dir)
-    cfg_path = d / CONFIG_NAME
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(d)!r} does not exist")
-    if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{str(d)!r} is not an encoder checkpoint: no {CONFIG_NAME} (write one with wsienc train-encoder)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {str(cfg_path)!r}: {exc}") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT or "encoder" not in cfg:
-        raise CheckpointError(f"{str(cfg_path)!r} is not a wsi_encoder encoder checkpoint config")
+    cfg = read_folder_config(ckpt_dir, CONFIG_NAME, hint="not an encoder checkpoint; write one with wsienc train-encoder")
+    if cfg.get("format") != CHECKPOINT_FORMAT or "encoder" not in cfg:
+        raise CheckpointError(f"{Path(ckpt_dir) / CONFIG_NAME}: not a wsi_encoder encoder checkpoint config")
     return cfg
 
 
@@ -121,23 +101,10 @@ def read_train_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
 
 def read_model_state(ckpt_dir: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of ``DIR/model.safetensors``, checked against the config's SHA-256."""
-    from safetensors.torch import load_file
-
-    d = Path(ckpt_dir)
-    cfg = read_checkpoint_config(d) if cfg is None else cfg
-    w = d / WEIGHTS_NAME
-    if not w.is_file():
-        raise CheckpointError(f"checkpoint {str(d)!r} has no {WEIGHTS_NAME}")
-    sha = file_sha256(w)
-    if cfg.get("weights_sha256") and cfg["weights_sha256"] != sha:
-        raise CheckpointError(
-            f"{str(w)!r} does not match {CONFIG_NAME} (SHA-256 differs): the checkpoint was modified or "
-            "partly written; re-run wsienc train-encoder with --resume"
-        )
-    try:
-        return load_file(str(w), device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {str(w)!r}: {exc}") from exc
+    cfg = read_checkpoint_config(ckpt_dir) if cfg is None else cfg
+    return load_folder_weights(
+        ckpt_dir, cfg, config_name=CONFIG_NAME, hint="re-run wsienc train-encoder with --resume"
+    )
 
 
 def load_encoder(ckpt_dir: str | Path) -> Encoder:
@@ -167,7 +134,7 @@ def load_encoder(ckpt_dir: str | Path) -> Encoder:
         )
     backbone = cfg.get("backbone") or {}
     partial = backbone.get("stored") == "trainable"
-    size = {"embed_dim": enc_cfg.embed_dim, "input_size": enc_cfg.input_size, "input_mpp": enc_cfg.input_mpp}
+    size: dict[str, Any] = {"embed_dim": enc_cfg.embed_dim, "input_size": enc_cfg.input_size, "input_mpp": enc_cfg.input_mpp}
     if partial:  # the pretrained backbone file, then the trained tensors on top
         encoder = create_encoder(enc_cfg.name, weights=_backbone_file(ckpt_dir, backbone), require_weights=False, **size)
     else:  # every tensor comes from the checkpoint

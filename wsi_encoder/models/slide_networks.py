@@ -1,11 +1,9 @@
 """The networks of the torch slide classifiers: a grid CNN and gated attention MIL (pure ``nn.Module`` s).
 
-:mod:`wsi_encoder.models.slide_classifiers` wraps them into the slide-classifier interface.
+:mod:`wsi_encoder.models.slide_classifiers` (``gridcnn``, ``abmil``) wraps them into the slide-classifier interface.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +37,9 @@ class GridCNN(nn.Module):
     Global pooling is tissue-masked mean and max.
     """
 
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
     def __init__(
         self, in_channels: int, num_classes: int, width: int, depth: int, strided: int, dropout: float, min_map: int = 4
     ) -> None:
@@ -52,9 +53,14 @@ class GridCNN(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.Linear(2 * width, width), nn.LeakyReLU(0.2), nn.Dropout(dropout), nn.Linear(width, num_classes))
 
-    def forward(self, grid: torch.Tensor, mask: torch.Tensor, return_first: bool = False) -> Any:
+    def forward(self, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, k)`` logits."""
+        return self.forward_with_first(grid, mask)[0]
+
+    def forward_with_first(self, grid: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the masked ``(B, width, H, W)`` output of block 0 (full resolution, for Grad-CAM)."""
         x = (grid - self.input_mean[:, None, None]) / self.input_std[:, None, None] * mask
-        first = None
+        first = x
         m = mask
         for i, block in enumerate(self.blocks):
             stride = 2 if 1 <= i <= self.strided and min(x.shape[-2:]) >= 2 * self.min_map else 1
@@ -68,11 +74,14 @@ class GridCNN(nn.Module):
         mean = x.sum(dim=(2, 3)) / count
         peak = x.masked_fill(m < 0.5, -1e4).amax(dim=(2, 3))
         logits = self.head(torch.cat([mean, peak], dim=1))
-        return (logits, first) if return_first else logits
+        return logits, first
 
 
 class GatedAttentionMIL(nn.Module):
     """Gated attention MIL (Ilse et al. 2018): ``(B, N, C)`` bags with ``(B, N)`` masks → logits, attention."""
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self, in_dim: int, num_classes: int, hidden: int, attention_dim: int, dropout: float) -> None:
         super().__init__()

@@ -13,11 +13,9 @@ Two calls do the whole job::
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +36,17 @@ from wsi_encoder.evaluation.crossval import (
 )
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
-from wsi_encoder.io.embedding_reader import EmbeddingStoreReader, SlideBags
+from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
+from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, read_labels
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
-from wsi_encoder.models.slide_classifiers import SlideClassifier, slide_classifier_class
-from wsi_encoder.training.slide_trainer import torch_threads
+from wsi_encoder.models.slide_classifiers import (
+    SlideClassifier,
+    config_fields,
+    slide_classifier_class,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,29 +74,6 @@ class PredictResult:
     metrics: dict[str, Any] | None
 
 
-# ---------------------------------------------------------------------------------------------- files
-def _temp_for(path: Path) -> Path:
-    """A temporary sibling of ``path`` (created with plain ``open``, so the umask applies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = _temp_for(path)
-    with tmp.open("w", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    tmp = _temp_for(path)
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- provenance
 #: Patch-store attributes that say how the training slides were tiled (recorded in ``model.json``).
 TILING_KEYS = (
@@ -103,7 +83,7 @@ TILING_KEYS = (
 PROVENANCE_FORMAT = 1
 
 
-def training_provenance(reader: EmbeddingStoreReader, slide_ids: Sequence[str]) -> dict[str, Any]:
+def training_provenance(reader: EmbeddingStore, slide_ids: Sequence[str]) -> dict[str, Any]:
     """How the training embeddings were made: encoder (name, spec, weights sha256, config) and tile spec.
 
     Read from each slide's embedding-store attributes (and its patch store's, for stores written before
@@ -234,7 +214,7 @@ def train_classifier(
         Called after every fold (progress).
     """
     out = Path(out_dir)
-    reader = EmbeddingStoreReader(embedding_store)
+    reader = EmbeddingStore.open(embedding_store)
     table = read_labels(
         labels_csv, reader.slide_ids, store_name=str(embedding_store), allow_missing=allow_missing,
         positive_class=positive_class, store_skipped=reader.skipped,
@@ -243,13 +223,13 @@ def train_classifier(
     overrides = dict(params or {})
     cls = slide_classifier_class(model)
     if epochs is not None:
-        if "epochs" in {f for f in cls.Config.__dataclass_fields__}:
+        if "epochs" in config_fields(cls.Config):
             overrides["epochs"] = epochs
         else:
             logger.warning("--epochs does not apply to the %s model; ignored", model)
     train = table.select("train")
     test = table.select("test")
-    bags = SlideBags(reader, train.slide_ids)
+    bags = reader.bags(train.slide_ids)
     in_dim = reader.embedding_dim
     key = _resume_key(
         model=model, config=overrides, folds=folds, seed=seed, val_fraction=val_fraction, slides=train.slide_ids,
@@ -285,7 +265,7 @@ def train_classifier(
     title = f"{model}, {folds}-fold patient-grouped CV (out-of-fold)"
     files.update(_plots(out, "", train.y, cv.oof_prob, table.classes, title, cv.fold_of))
     if test.slide_ids:
-        test_prob = cv.final_model.predict_proba(SlideBags(reader, test.slide_ids))
+        test_prob = cv.final_model.predict_proba(reader.bags(test.slide_ids))
         y_test = test.y
         test_report = {
             "n_slides": len(test.slide_ids),
@@ -303,7 +283,7 @@ def train_classifier(
     )
     header, rows = _predictions_rows(both, prob_rows, fold_labels)
     files["predictions"] = out / "predictions.csv"
-    _write_csv(files["predictions"], header, rows)
+    atomic_write_csv(files["predictions"], rows, header)
     metrics = {
         "model": model,
         "config": cv.config,
@@ -321,7 +301,7 @@ def train_classifier(
         "wsi_encoder_version": __version__,
     }
     files["metrics"] = out / "metrics.json"
-    _atomic_text(files["metrics"], json.dumps(nan_to_none(metrics), indent=2))
+    atomic_write_json(files["metrics"], nan_to_none(metrics))
     logger.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return ClassifyResult(out, metrics, cv, table, files)
 
@@ -354,7 +334,7 @@ def predict(
         ``allow_encoder_mismatch``) it was written by another encoder than the training store.
     """
     model, meta = load_model(model_dir, device)
-    reader = EmbeddingStoreReader(embedding_store)
+    reader = EmbeddingStore.open(embedding_store)
     if not reader.slide_ids:
         raise StoreError(f"{embedding_store}: no complete slide to predict")
     if reader.embedding_dim != model.in_dim:
@@ -410,7 +390,7 @@ def predict(
             if on_slide is not None:
                 on_slide(slide_id)
     out_csv = Path(out_csv)
-    _write_csv(out_csv, header, [[_fmt(r.get(h, "")) for h in header] for r in rows])
+    atomic_write_csv(out_csv, [[_fmt(r.get(h, "")) for h in header] for r in rows], header)
     metrics = None
     scored = [r for r in rows if r.get("label")]
     if scored:
@@ -427,8 +407,8 @@ def _fmt(value: Any) -> Any:
 
 def _draw_heatmap(
     model: SlideClassifier,
-    reader: EmbeddingStoreReader,
-    bag: Any,
+    reader: EmbeddingStore,
+    bag: SlideBag,
     prob: npt.NDArray[np.float64],
     classes: Sequence[str],
     heat_dir: Path,

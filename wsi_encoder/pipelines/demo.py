@@ -8,19 +8,23 @@ classifier then learns from slide labels alone.
 
 from __future__ import annotations
 
-import csv
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import zarr
+from wsi_encoder.errors import StoreError, WsiEncoderError
+from wsi_encoder.io.files import atomic_write_csv
 
-from wsi_encoder.errors import WsiEncoderError
-from wsi_encoder.synthetic import SlideLayout, write_demo_cohort
+if TYPE_CHECKING:
+    from wsi_encoder.evaluation.crossval import FoldResult
+    from wsi_encoder.pipelines.tile_cohort import ProgressEvent
+    from wsi_encoder.training.multitask import EpochInfo, PhaseInfo, PreparedTask, StepInfo
 
 logger = logging.getLogger(__name__)
+
+# numpy, zarr and the generator are imported where used: `wsienc --help` reads DemoConfig's defaults.
 
 #: Tiles with at least this lesion fraction are labelled ``lesion``; at most ``_NORMAL_MAX``, ``normal``.
 _LESION_MIN = 0.5
@@ -42,6 +46,29 @@ class DemoConfig:
     folds: int = 3
     workers: int = 2
     seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DemoHooks:
+    """Progress of :func:`run_demo`: each hook is handed to the step it belongs to (None: that step is silent).
+
+    ``say`` gets one line per step; ``tiles``, ``train_tasks``/``train_step``/``train_epoch``/``train_phase``,
+    ``encoded`` and ``fold`` are the progress callbacks of
+    :func:`~wsi_encoder.pipelines.tile_cohort.tile_cohort`,
+    :func:`~wsi_encoder.pipelines.train_encoder.train_encoder`,
+    :func:`~wsi_encoder.pipelines.encode_store.encode_store` and
+    :func:`~wsi_encoder.pipelines.classify.train_classifier`.
+    """
+
+    say: Callable[[str], None] | None = None
+    tiles: Callable[[ProgressEvent], None] | None = None
+    train_tasks: Callable[[Sequence[PreparedTask]], None] | None = None
+    train_step: Callable[[StepInfo], None] | None = None
+    train_epoch: Callable[[EpochInfo], None] | None = None
+    train_phase: Callable[[PhaseInfo], None] | None = None
+    encoded: Callable[[int, int], None] | None = None
+    fold: Callable[[FoldResult], None] | None = None
 
 
 @dataclass
@@ -59,45 +86,58 @@ def write_tile_labels(patch_store: str | Path, slides: dict[str, Path], out_csv:
     Returns the number of tiles per label. Ambiguous tiles (lesion fraction between the thresholds)
     are left out.
     """
-    from wsi_encoder.synthetic import read_synthetic_spec
+    import numpy as np
+    import zarr
+
+    from wsi_encoder.synthetic import SlideLayout, read_synthetic_spec
 
     root = zarr.open_group(str(patch_store), mode="r")
     counts = {"lesion": 0, "normal": 0}
-    out_csv = Path(out_csv)
-    with out_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slide_id", "tile_index", "label", "group"])
-        for slide_id, path in slides.items():
-            spec = read_synthetic_spec(path)
-            if spec is None or slide_id not in root:
-                continue
-            layout = SlideLayout(spec)
-            group = root[slide_id]
-            size_l0 = float(group.attrs["tile_size_l0"])
-            for index, (x, y) in enumerate(group["coords"][:]):
-                fraction = layout.fraction("lesion", float(x), float(y), size_l0, size_l0)
-                label = "lesion" if fraction >= _LESION_MIN else "normal" if fraction <= _NORMAL_MAX else None
-                if label is not None:
-                    writer.writerow([slide_id, index, label, slide_id])
-                    counts[label] += 1
+    rows: list[tuple[str, int, str, str]] = []
+    for slide_id, path in slides.items():
+        spec = read_synthetic_spec(path)
+        if spec is None or slide_id not in root:
+            continue
+        layout = SlideLayout(spec)
+        group = root[slide_id]
+        coords = group["coords"] if isinstance(group, zarr.Group) and "coords" in group else None
+        if not isinstance(group, zarr.Group) or not isinstance(coords, zarr.Array):
+            raise StoreError(f"{patch_store}: slide {slide_id!r} is not a patch-store slide group with coords")
+        size_l0 = float(str(group.attrs["tile_size_l0"]))
+        for index, (x, y) in enumerate(np.asarray(coords[:], dtype=np.float64).tolist()):
+            fraction = layout.fraction("lesion", x, y, size_l0, size_l0)
+            label = "lesion" if fraction >= _LESION_MIN else "normal" if fraction <= _NORMAL_MAX else None
+            if label is not None:
+                rows.append((slide_id, index, label, slide_id))
+                counts[label] += 1
+    atomic_write_csv(out_csv, rows, header=["slide_id", "tile_index", "label", "group"])
     return counts
 
 
 def run_demo(
-    out: str | Path, config: DemoConfig | None = None, say: Callable[[str], None] | None = None
+    out: str | Path,
+    config: DemoConfig | None = None,
+    say: Callable[[str], None] | None = None,
+    *,
+    hooks: DemoHooks | None = None,
 ) -> DemoResult:
-    """Run the whole main job on a generated cohort in ``out``; re-running resumes every step."""
+    """Run the whole main job on a generated cohort in ``out``; re-running resumes every step.
+
+    ``say`` (or ``hooks.say``) gets one line per step; the other ``hooks`` report each step's progress.
+    """
     from wsi_encoder.pipelines.classify import train_classifier
     from wsi_encoder.pipelines.encode_store import encode_store
     from wsi_encoder.pipelines.tile_cohort import tile_cohort
     from wsi_encoder.pipelines.train_encoder import train_encoder
+    from wsi_encoder.synthetic import write_demo_cohort
     from wsi_encoder.tiling import TileSpec
-    from wsi_encoder.training.multitask import TrainConfig
+    from wsi_encoder.training.train_config import TrainConfig
 
     cfg = config or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tell = say or (lambda message: logger.info("%s", message))
+    hooks = hooks or DemoHooks()
+    tell = say or hooks.say or (lambda message: logger.info("%s", message))
     paths = {
         "slides": out / "slides",
         "patches": out / "patches.zarr",
@@ -120,6 +160,7 @@ def run_demo(
         TileSpec(target_mpp=cfg.mpp, tile_size=cfg.tile_size),
         qc_dir=paths["qc"],
         workers=cfg.workers,
+        progress=hooks.tiles,
     )
     if report.failed:
         raise WsiEncoderError(f"demo tiling failed for {[o.slide_id for o in report.failed]}")
@@ -138,7 +179,12 @@ def run_demo(
             seed=cfg.seed,
             workers=0,
             checkpoint_every=cfg.encoder_steps,
+            device=cfg.device,
         ),
+        on_tasks=hooks.train_tasks,
+        on_step=hooks.train_step,
+        on_epoch=hooks.train_epoch,
+        on_phase=hooks.train_phase,
     )
 
     tell(f"4/5 encoding every tile into embedding grids -> {paths['embeddings']} (previews in {paths['previews']})")
@@ -150,6 +196,8 @@ def run_demo(
         workers=1,
         preview_dir=paths["previews"],
         h5_dir=paths["h5"],
+        device=cfg.device,
+        progress=hooks.encoded,
     )
     bad = [sid for sid, r in encoded.slides.items() if r.status == "failed"]
     if bad:
@@ -165,5 +213,7 @@ def run_demo(
         seed=cfg.seed,
         positive_class="lesion",
         n_boot=200,
+        device=cfg.device,
+        on_fold=hooks.fold,
     )
     return DemoResult(out=out, metrics=result.metrics, paths={**paths, **result.files})

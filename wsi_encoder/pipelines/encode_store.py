@@ -34,6 +34,7 @@ import zarr
 from wsi_encoder import __version__
 from wsi_encoder.compression import (
     MPP_TOLERANCE,
+    EncoderIdentity,
     ResamplePlan,
     encode_tiles,
     grid_bands,
@@ -43,9 +44,9 @@ from wsi_encoder.compression import (
 )
 from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderError
-from wsi_encoder.io import embedding_store as es
+from wsi_encoder.io.embedding_store import FEATURE_DTYPES, GRID_CHUNK, EmbeddingStore, SlideLayout
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
-from wsi_encoder.io.patch_store import StoreLock, open_patch_store
+from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import get_reader
 from wsi_encoder.io.urls import is_url, normalize, zarr_store
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
@@ -154,14 +155,14 @@ class _SlideTiles:
     """
 
     def __init__(self, group: zarr.Group, batch_size: int) -> None:
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)
         source = attrs.get("source")
-        if not source:
+        if not isinstance(source, str) or not source:
             raise StoreError(f"{group.path}: coords-only slide without a 'source' slide path to read pixels from")
         self.block = batch_size
         self._reader = get_reader(source, str(attrs.get("backend") or "auto"))
         self._grid = grid_from_attrs(attrs, self._reader)
-        self._rowcol = np.asarray(group["grid"][:], dtype=np.int64).reshape(-1, 2)
+        self._rowcol = _read_array(group, "grid").astype(np.int64).reshape(-1, 2)
 
     def read(self, a: int, b: int) -> npt.NDArray[np.uint8]:
         return read_tiles(self._reader, self._grid, self._rowcol[a:b])
@@ -175,7 +176,7 @@ def _tile_reader(group: zarr.Group, batch_size: int) -> _StoreTiles | _SlideTile
     return _SlideTiles(group, batch_size)
 
 
-def _plan(attrs: Mapping[str, Any], identity: Any) -> ResamplePlan:
+def _plan(attrs: Mapping[str, Any], identity: EncoderIdentity) -> ResamplePlan:
     """Tiles of a slide → the encoder's input size; µm/px compared within the tile spec's tolerance."""
     tolerance = attrs.get("mpp_tolerance")
     return plan_resample(
@@ -206,8 +207,8 @@ def encode_chunk(
             opts.encoder, opts.weights, opts.device, precision=opts.precision, compile=opts.compile
         )
         patch_group = zarr.open_group(zarr_store(opts.patch_store, read_only=True), path=slide_id, mode="r")
-        group = es.slide_group(opts.out, slide_id, mode="r+")
-        layout = es.layout_of(group)
+        store = EmbeddingStore.open(opts.out, mode="r+")  # under the lock the driving process holds
+        layout = store.layout(slide_id)
         start, stop = layout.chunk_range(chunk)
         reader = _tile_reader(patch_group, opts.batch_size)
         plan = _plan(patch_group.attrs, identity)
@@ -221,14 +222,14 @@ def encode_chunk(
             device=resolve_device(opts.device),
             progress=progress,
         )
-        es.write_features_chunk(group, layout, chunk, features)
+        store.write_features_chunk(slide_id, layout, chunk, features)
         return _ChunkOutcome(slide_id, chunk, stop - start, None)
     except Exception as exc:  # a task boundary: the slide is reported failed, the run goes on
         logger.debug("chunk %d of %s failed", chunk, slide_id, exc_info=True)
         return _ChunkOutcome(slide_id, chunk, 0, _reason(exc))
 
 
-def _read_rows(features: Any, index: npt.NDArray[np.intp]) -> npt.NDArray[np.floating[Any]]:
+def _read_rows(features: zarr.Array, index: npt.NDArray[np.intp]) -> npt.NDArray[np.floating[Any]]:
     if index.size == 0:
         return np.zeros((0, features.shape[1]), dtype=features.dtype)
     if index[-1] - index[0] + 1 == index.size:
@@ -239,46 +240,49 @@ def _read_rows(features: Any, index: npt.NDArray[np.intp]) -> npt.NDArray[np.flo
 def finalize_slide(opts: EncodeOptions, slide_id: str, outcomes: Sequence[_ChunkOutcome]) -> SlideResult:
     """Assemble the grid of a slide whose chunks are encoded, mark it complete, export the .h5."""
     errors = [o.error for o in outcomes if o.error]
-    group = None
+    source: str | None = None
     try:
-        group = es.slide_group(opts.out, slide_id, mode="r+")
-        source = group.attrs.get("source")
+        store = EmbeddingStore.open(opts.out, mode="r+")
+        group = store.group(slide_id)
+        source = _text(group.attrs.get("source"))
         if errors:
             return SlideResult(slide_id, "failed", errors[0], source=source)
-        layout = es.layout_of(group)
-        rowcol = np.asarray(group["rowcol"][:], dtype=np.int64)
+        layout = store.layout(slide_id)
+        rowcol = _read_array(group, "rowcol").astype(np.int64)
         rows, cols = layout.grid_shape
         band = max(1, _BAND_BYTES // max(1, 4 * layout.embedding_dim * max(cols, 1)))
-        band = max(es.GRID_CHUNK, band // es.GRID_CHUNK * es.GRID_CHUNK)
-        features = group["features"]
+        band = max(GRID_CHUNK, band // GRID_CHUNK * GRID_CHUNK)
+        features = store.features(slide_id)
         for row0, grid, mask in grid_bands(
             rowcol, (rows, cols), lambda index: _read_rows(features, index), band_rows=band, dtype=np.float32
         ):
-            es.write_grid_band(group, row0, grid, mask)
-        es.mark_complete(group)
+            store.write_grid_band(slide_id, row0, grid, mask)
+        store.mark_complete(slide_id)
         if opts.h5_dir:
-            export_h5(opts.out, slide_id, opts.h5_dir)
+            export_h5(store, slide_id, opts.h5_dir)
         return SlideResult(slide_id, "ok", None, layout.n_tiles, source)
     except Exception as exc:  # a task boundary
         logger.debug("finalizing %s failed", slide_id, exc_info=True)
-        source = None if group is None else group.attrs.get("source")
         return SlideResult(slide_id, "failed", _reason(exc), source=source)
 
 
-def export_h5(store: str | Path, slide_id: str, h5_dir: str | Path) -> Path:
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def export_h5(store: EmbeddingStore, slide_id: str, h5_dir: str | Path) -> Path:
     """Write ``<h5_dir>/<slide_id>.h5`` (CLAM/TRIDENT layout) from a complete slide of an embedding store."""
-    group = es.slide_group(store, slide_id)
-    attrs = dict(group.attrs)
-    encoder = attrs.get("encoder", {})
+    attrs = store.attrs(slide_id)
+    encoder = attrs.get("encoder") or {}
     return write_h5_features(
         Path(h5_dir) / f"{slide_id}.h5",
-        np.asarray(group["features"][:]),
-        np.asarray(group["coords"][:]),
+        np.asarray(store.features(slide_id)[...]),
+        store.coords(slide_id),
         {**coords_attrs(slide_id, attrs), "encoder": str(encoder.get("name")), "embedding_dim": attrs.get("embedding_dim")},
         feature_attrs={
             "encoder": str(encoder.get("name")),
             "encoder_weights_sha256": str(encoder.get("weights_sha256")),
-            "embedding_store": str(normalize(store)),
+            "embedding_store": str(store.path),
         },
     )
 
@@ -295,39 +299,55 @@ class _SlidePlan:
 
 
 def _chunk_tiles_for(patch_group: zarr.Group, requested: int) -> int:
-    if "tiles" not in patch_group or patch_group.attrs.get("coords_only", False):
+    tiles = patch_group.get("tiles")
+    if not isinstance(tiles, zarr.Array) or patch_group.attrs.get("coords_only", False):
         return requested
-    tiles = patch_group["tiles"]
     rows = int(tiles.shards[0] if tiles.shards is not None else tiles.chunks[0])
     return max(rows, round(requested / rows) * rows)
 
 
+def _patch_status(patch_root: zarr.Group, slide_id: str) -> dict[str, Any]:
+    slides = patch_root.attrs.get("slides")
+    record = slides.get(slide_id) if isinstance(slides, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else {}
+
+
+def _read_array(group: zarr.Group, name: str) -> npt.NDArray[Any]:
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store_path}: slide group without a {name!r} array")
+    return np.asarray(node[...])
+
+
 def _plan_slide(
-    root: zarr.Group,
+    store: EmbeddingStore,
     patch_root: zarr.Group,
     slide_id: str,
-    identity: Any,
+    identity: EncoderIdentity,
     opts: EncodeOptions,
     chunk_tiles: int,
     overwrite: bool,
     warned: set[str],
 ) -> _SlidePlan | SlideResult:
-    status = (patch_root.attrs.get("slides") or {}).get(slide_id, {})
+    status = _patch_status(patch_root, slide_id)
     if status.get("status") == "failed":
         return SlideResult(slide_id, "skipped", f"tiling failed: {status.get('reason')}", source=status.get("source"))
-    patch_group = patch_root[slide_id]
+    patch_group = patch_root.get(slide_id)
     if not isinstance(patch_group, zarr.Group):
         return SlideResult(slide_id, "skipped", "not a slide group")
-    pattrs = dict(patch_group.attrs)
-    source = pattrs.get("source")
+    pattrs: dict[str, Any] = dict(patch_group.attrs)
+    source = _text(pattrs.get("source"))
     if not pattrs.get("complete", False):
         return SlideResult(
             slide_id, "failed", f"the patch store's slide {slide_id!r} is incomplete; re-run `wsienc tile` to finish it", source=source
         )
-    n_patch = int(patch_group["coords"].shape[0])
-    if es.is_complete(root, slide_id) and not overwrite:
-        old = root[slide_id].attrs
-        old_encoder = old.get("encoder", {})
+    coords_array = patch_group.get("coords")
+    if not isinstance(coords_array, zarr.Array):
+        return SlideResult(slide_id, "failed", "the patch store's slide has no 'coords' array", source=source)
+    n_patch = int(coords_array.shape[0])
+    if store.is_complete(slide_id) and not overwrite:
+        old: dict[str, Any] = dict(store.group(slide_id).attrs)
+        old_encoder = old.get("encoder") or {}
         if (old_encoder.get("name"), old_encoder.get("weights_sha256"), old.get("dtype"), old.get("precision", "fp32")) != (
             identity.name,
             identity.weights_sha256,
@@ -340,7 +360,7 @@ def _plan_slide(
                 f"not with {identity.name!r} ({str(identity.weights_sha256)[:12]}, {opts.dtype}, {opts.precision}); one store holds one encoder's "
                 "embeddings: pass --overwrite to re-encode or choose another --out"
             )
-        n_done = int(root[slide_id]["features"].shape[0])
+        n_done = int(store.features(slide_id).shape[0])
         if n_done != n_patch:
             return SlideResult(
                 slide_id, "failed",
@@ -349,23 +369,25 @@ def _plan_slide(
             )  # fmt: skip
         return SlideResult(slide_id, "done", None, n_done, source)
     if overwrite:
-        es.delete_slide(root, slide_id)
-    coords = np.asarray(patch_group["coords"][:], dtype=np.int64).reshape(-1, 2)
-    rowcol = np.asarray(patch_group["grid"][:], dtype=np.int64).reshape(-1, 2)
-    n = coords.shape[0]
+        store.delete_slide(slide_id)
+    coords = np.asarray(coords_array[...], dtype=np.int64).reshape(-1, 2)
+    rowcol = _read_array(patch_group, "grid").astype(np.int64).reshape(-1, 2)
+    n = n_patch
     if rowcol.shape[0] != n:
         return SlideResult(slide_id, "failed", f"coords ({n}) and grid ({rowcol.shape[0]}) differ in length", source=source)
     shape = pattrs.get("grid_shape")
     grid_shape = (
-        (int(shape[0]), int(shape[1])) if shape else (int(rowcol[:, 0].max() + 1) if n else 0, int(rowcol[:, 1].max() + 1) if n else 0)
+        (int(shape[0]), int(shape[1]))
+        if isinstance(shape, Sequence) and len(shape) == 2
+        else (int(rowcol[:, 0].max() + 1) if n else 0, int(rowcol[:, 1].max() + 1) if n else 0)
     )
     plan = _plan(pattrs, identity)
     message = plan.describe()
     if message and message not in warned:
         warned.add(message)
         logger.warning("%s (encoder %s)", message, identity.name)
-    existing = es.existing_chunk_tiles(root, slide_id)
-    layout = es.SlideLayout(
+    existing = store.existing_chunk_tiles(slide_id)
+    layout = SlideLayout(
         n_tiles=n,
         embedding_dim=identity.embedding_dim,
         grid_shape=grid_shape,
@@ -384,9 +406,9 @@ def _plan_slide(
         "encoder_input": {"size": plan.out_size, "mpp": plan.out_mpp, "resampled": plan.resample},
         "wsi_encoder_version": __version__,
     }
-    thumbnail = np.asarray(patch_group["thumbnail"][:]) if "thumbnail" in patch_group else None
+    thumbnail = _read_array(patch_group, "thumbnail").astype(np.uint8) if "thumbnail" in patch_group else None
     try:
-        chunks = es.prepare_slide(root, slide_id, layout, coords=coords, rowcol=rowcol, thumbnail=thumbnail, attrs=attrs)
+        chunks = store.prepare_slide(slide_id, layout, coords=coords, rowcol=rowcol, thumbnail=thumbnail, attrs=attrs)
     except WsiEncoderError as exc:
         return SlideResult(slide_id, "failed", str(exc), source=source)
     n_todo = sum(stop - start for start, stop in map(layout.chunk_range, chunks))
@@ -511,8 +533,8 @@ def encode_store(
     StoreError, InvalidParameterError, CheckpointError
         When the inputs as a whole are unusable (missing stores, unknown encoder, bad options).
     """
-    if dtype not in es.FEATURE_DTYPES:
-        raise InvalidParameterError(f"--dtype {dtype!r}: choose one of {', '.join(es.FEATURE_DTYPES)}")
+    if dtype not in FEATURE_DTYPES:
+        raise InvalidParameterError(f"--dtype {dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}")
     if batch_size < 1 or chunk_tiles < 1:
         raise InvalidParameterError(f"batch size {batch_size!r} and chunk tiles {chunk_tiles!r} must be at least 1")
     if workers is not None and workers < 1:
@@ -529,8 +551,7 @@ def encode_store(
     )
     if any(folder is not None and is_url(folder) for folder in (h5_dir, preview_dir)):
         raise InvalidParameterError("--h5-dir and --preview-dir are written to local folders; give local paths")
-    with StoreLock(out):  # one writer per embedding store (a lock file or object beside it)
-        root = es.open_embedding_root(out, create=True)
+    with EmbeddingStore.writer(out) as store:  # one writer per embedding store (a lock file or object beside it)
         n_parallel = max(1, workers or (1 if local else os.cpu_count() or 1))
         remote = client is not None or (scheduler not in (None, "", "threads", "synchronous", "processes"))
         opts = EncodeOptions(
@@ -547,31 +568,33 @@ def encode_store(
             precision=precision,
             compile=compile,
         )
-        available = sorted(set(patch_root.group_keys()) | set((patch_root.attrs.get("slides") or {}).keys()))
+        listed = patch_root.attrs.get("slides")
+        listed_ids = set(listed) if isinstance(listed, Mapping) else set()
+        available = sorted(set(patch_root.group_keys()) | listed_ids)
         wanted = available if slides is None else list(slides)
         result = EncodeResult(out=normalize(out))
         plans: list[_SlidePlan] = []
         warned: set[str] = set()
         for slide_id in wanted:
-            if slide_id not in patch_root and slide_id not in (patch_root.attrs.get("slides") or {}):
+            if slide_id not in patch_root and slide_id not in listed_ids:
                 result.slides[slide_id] = SlideResult(slide_id, "failed", f"not in the patch store {patch_store}")
                 continue
             if slide_id not in patch_root:
                 planned: _SlidePlan | SlideResult = _plan_slide_missing(patch_root, slide_id)
             else:
-                planned = _plan_slide(root, patch_root, slide_id, identity, opts, chunk_tiles, overwrite, warned)
+                planned = _plan_slide(store, patch_root, slide_id, identity, opts, chunk_tiles, overwrite, warned)
             if isinstance(planned, SlideResult):
                 result.slides[slide_id] = planned
             else:
                 plans.append(planned)
-        es.update_slide_status(root, {r.slide_id: _status(r) for r in result.slides.values() if r.status in ("failed", "done")})
+        store.update_status({r.slide_id: _status(r) for r in result.slides.values() if r.status in ("failed", "done")})
 
         total = sum(p.n_tiles for p in plans)
         tick = (lambda n: progress(n, total)) if progress is not None else (lambda n: None)
 
         def record(slide: SlideResult) -> None:
             result.slides[slide.slide_id] = slide
-            es.update_slide_status(root, {slide.slide_id: _status(slide)})
+            store.update_status({slide.slide_id: _status(slide)})
             if slide.status == "failed":
                 logger.error("slide %s failed: %s", slide.slide_id, slide.reason)
 
@@ -583,7 +606,7 @@ def encode_store(
             for slide_id, slide in result.slides.items():
                 path = Path(h5_dir) / f"{slide_id}.h5"
                 if slide.status == "done" and not path.exists():
-                    export_h5(out, slide_id, h5_dir)
+                    export_h5(store, slide_id, h5_dir)
                 if slide.status in ("ok", "done"):
                     result.h5_files[slide_id] = path
         if preview_dir is not None:
@@ -595,7 +618,7 @@ def encode_store(
 
 
 def _plan_slide_missing(patch_root: zarr.Group, slide_id: str) -> SlideResult:
-    status = (patch_root.attrs.get("slides") or {}).get(slide_id, {})
+    status = _patch_status(patch_root, slide_id)
     if status.get("status") == "failed":
         return SlideResult(slide_id, "skipped", f"tiling failed: {status.get('reason')}", source=status.get("source"))
     return SlideResult(slide_id, "failed", "listed in the patch store but has no group; re-run `wsienc tile`", source=status.get("source"))

@@ -20,7 +20,7 @@ Output folder::
     probe.csv               magnification probes per arm × fold (linear / mlp, train_cv / test_patients)
     report.md, plots/*.png  tables, AUC/Brier per fold, reliability diagrams, probe, DCGAN samples
     embeddings/<arm>/heldout_<m>.npz   frozen embeddings (train, test, probe) for ``wsienc signatures``
-    runs/<arm>/heldout_<m>/metrics.json, gan/heldout_<m>/*.safetensors + trained_on.json
+    runs/<arm>/heldout_<m>/metrics.json, gan/heldout_<m>/<class>/ (weights folders) + trained_on.json
     init_weights.safetensors, cache/images_<size>.npy   shared initial weights, decoded images
 
 With ``patient_folds=k`` each patient fold is such a folder (``patient_fold_<i>/``) and the top-level

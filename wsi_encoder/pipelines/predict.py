@@ -22,7 +22,6 @@ timings; a re-run skips slides whose record matches), ``run.json``; with ``keep_
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -32,15 +31,23 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder import __version__
 from wsi_encoder.errors import InvalidParameterError, WsiEncoderError
+from wsi_encoder.io.files import atomic_write_csv, atomic_write_text
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
 from wsi_encoder.tiling import SlideTiling, TileSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsi_encoder.compression import EncoderIdentity
+    from wsi_encoder.io.slides import SlideReader
+    from wsi_encoder.models.inference import InferenceModel
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +238,7 @@ def resolve_settings(
     )
 
 
-def check_encoder(identity: Any, meta: Mapping[str, Any], model_dir: str | Path, in_dim: int, force: bool) -> list[str]:
+def check_encoder(identity: EncoderIdentity, meta: Mapping[str, Any], model_dir: str | Path, in_dim: int, force: bool) -> list[str]:
     """Refuse an encoder other than the one the model's training embeddings came from (unless ``force``).
 
     Returns the differences that ``force`` let through. The embedding size must match in any case.
@@ -264,11 +271,11 @@ class _Context:
     model: Any
     meta: dict[str, Any]
     classes: list[str]
-    encoder: Any
-    identity: Any
+    encoder: InferenceModel
+    identity: EncoderIdentity
     settings: PredictSettings
     out: Path
-    device: Any
+    device: torch.device
     batch_size: int
     backend: str
     slide_mpp: float | None
@@ -282,7 +289,7 @@ class _Context:
 
 
 def _chunks(
-    reader: Any, plan: SlideTiling, spec: TileSpec, times: dict[str, float], threads: int
+    reader: SlideReader, plan: SlideTiling, spec: TileSpec, times: dict[str, float], threads: int
 ) -> Iterator[npt.NDArray[np.uint8]]:
     """Tiles of the plan, chunk by chunk and in order, read as ``wsienc tile`` reads them.
 
@@ -320,7 +327,7 @@ def _chunks(
 
 def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     from wsi_encoder.compression import encode_tiles, plan_resample
-    from wsi_encoder.io.embedding_reader import SlideBag, SlideGeometry
+    from wsi_encoder.io.embedding_store import SlideBag, SlideGeometry
     from wsi_encoder.io.slides import open_slide_with_mpp
     from wsi_encoder.tiling import plan_tiles
 
@@ -439,14 +446,14 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
     attributes; no pixels); the embedding store what ``wsienc encode`` would, so ``classify`` reads it.
     """
     from wsi_encoder.compression import assemble_grid
-    from wsi_encoder.io import embedding_store as es
+    from wsi_encoder.io.embedding_store import EmbeddingStore, SlideLayout
     from wsi_encoder.io.patch_store import (
-        StoreLock,
         create_patch_store,
         create_slide_group,
         mark_slide_complete,
         update_slide_status,
     )
+    from wsi_encoder.io.store_lock import StoreLock
     from wsi_encoder.tiling import grid_attrs
 
     grid, spec, settings = plan.grid, ctx.settings.spec, ctx.settings
@@ -472,10 +479,9 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
         mark_slide_complete(root, entry.slide_id)
         update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
 
-    store = ctx.out / "embeddings.zarr"
-    root = es.open_embedding_root(store, create=True)
+    path = ctx.out / "embeddings.zarr"
     n, dim = features.shape
-    layout = es.SlideLayout(n_tiles=n, embedding_dim=dim, grid_shape=grid.shape, dtype=settings.dtype,
+    layout = SlideLayout(n_tiles=n, embedding_dim=dim, grid_shape=grid.shape, dtype=settings.dtype,
                             chunk_tiles=max(1, n))  # fmt: skip
     attrs = {
         **{k: tiling[k] for k in ("source", "backend", "width", "height", "slide_mpp", "actual_mpp", "level",
@@ -485,17 +491,17 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
         "encoder": ctx.identity.to_attrs(), "embedding_dim": dim, "dtype": settings.dtype, "n_tiles": n,
         "grid_shape": list(grid.shape), "patch_store": str(patches), "wsi_encoder_version": __version__,
     }  # fmt: skip
-    es.delete_slide(root, entry.slide_id)
-    es.prepare_slide(root, entry.slide_id, layout, coords=coords, rowcol=plan.rowcol, thumbnail=plan.thumbnail,
-                     attrs=attrs)  # fmt: skip
-    group = es.slide_group(store, entry.slide_id, mode="r+")
-    if n:
-        es.write_features_chunk(group, layout, 0, features)
-    values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=settings.dtype)
-    es.write_grid_band(group, 0, values, mask)
-    es.mark_complete(group)
-    es.update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
-    return store
+    with EmbeddingStore.writer(path) as store:
+        store.delete_slide(entry.slide_id)
+        store.prepare_slide(entry.slide_id, layout, coords=coords, rowcol=plan.rowcol, thumbnail=plan.thumbnail,
+                            attrs=attrs)  # fmt: skip
+        if n:
+            store.write_features_chunk(entry.slide_id, layout, 0, features)
+        values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=settings.dtype)
+        store.write_grid_band(entry.slide_id, 0, values, mask)
+        store.mark_complete(entry.slide_id)
+        store.update_status({entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -504,10 +510,7 @@ def _record_path(out: Path, slide_id: str) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) -> SlidePrediction | None:
@@ -525,7 +528,7 @@ def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) ->
     return SlidePrediction(entry.slide_id, str(entry.path), "done", **fields_)
 
 
-def _run_key(model_sha: str | None, settings: PredictSettings, identity: Any, slide_mpp: float | None, backend: str) -> str:
+def _run_key(model_sha: str | None, settings: PredictSettings, identity: EncoderIdentity, slide_mpp: float | None, backend: str) -> str:
     parts = {"model": model_sha, "settings": settings.to_json(), "encoder": identity.weights_sha256,
              "slide_mpp": slide_mpp, "backend": backend}  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -534,20 +537,16 @@ def _run_key(model_sha: str | None, settings: PredictSettings, identity: Any, sl
 def _write_csv(path: Path, classes: list[str], slides: list[SlidePrediction]) -> None:
     multi = len(classes) > 2
     header = ["slide_id", "prob", "pred", "n_tiles", "seconds"] + ([f"prob_{c}" for c in classes] if multi else [])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for s in slides:
-            if s.pred is None:
-                continue
-            prob = s.probabilities[classes[1]] if not multi else s.probabilities[s.pred]
-            row = [s.slide_id, f"{prob:.6f}", s.pred, s.n_tiles, f"{s.seconds:.2f}"]
-            if multi:
-                row += [f"{s.probabilities[c]:.6f}" for c in classes]
-            writer.writerow(row)
-    os.replace(tmp, path)
+    rows: list[list[Any]] = []
+    for s in slides:
+        if s.pred is None:
+            continue
+        prob = s.probabilities[classes[1]] if not multi else s.probabilities[s.pred]
+        row: list[Any] = [s.slide_id, f"{prob:.6f}", s.pred, s.n_tiles, f"{s.seconds:.2f}"]
+        if multi:
+            row += [f"{s.probabilities[c]:.6f}" for c in classes]
+        rows.append(row)
+    atomic_write_csv(path, rows, header)
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -633,7 +632,7 @@ def predict_slides(
     from wsi_encoder.compression import load_encoder_cached
     from wsi_encoder.devices import resolve_device
     from wsi_encoder.models.classifier_files import load_model
-    from wsi_encoder.training.slide_trainer import torch_threads
+    from wsi_encoder.models.slide_classifiers import torch_threads
 
     startup["imports"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -17,14 +17,13 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zarr
 from sklearn.model_selection import StratifiedGroupKFold
 
 from wsi_encoder import __version__
@@ -49,6 +47,8 @@ from wsi_encoder.evaluation.signatures import (
     evaluate_fold,
 )
 from wsi_encoder.io.breakhis import patient_key
+from wsi_encoder.io.embedding_store import EmbeddingStore
+from wsi_encoder.io.files import atomic_write_text
 from wsi_encoder.io.labels import read_labels
 
 logger = logging.getLogger(__name__)
@@ -182,15 +182,20 @@ def _lomo_jobs(
     notes: list[str] = []
     for arm in listed_arms + [a for a in found_arms if a not in listed_arms]:
         arm_dir = emb_root / arm
-        files = {int(m.group(1)): p for p in (arm_dir.iterdir() if arm_dir.is_dir() else []) if (m := _HELDOUT_RE.match(p.name))}
-        for m in held_out:
-            if m not in files:
-                notes.append(f"arm {arm!r}: {arm_dir / f'heldout_{m}.npz'} is missing; that fold is left out")
-        for m in [m for m in held_out if m in files] + sorted(m for m in files if m not in held_out):
-            path = files[m]
+        files: dict[int, Path] = {}
+        for p in arm_dir.iterdir() if arm_dir.is_dir() else []:
+            match = _HELDOUT_RE.match(p.name)
+            if match:
+                files[int(match.group(1))] = p
+        for mag in held_out:
+            if mag not in files:
+                notes.append(f"arm {arm!r}: {arm_dir / f'heldout_{mag}.npz'} is missing; that fold is left out")
+        for mag in [m for m in held_out if m in files] + sorted(m for m in files if m not in held_out):
+            path = files[mag]
             stat = path.stat()
             input_id = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-            jobs.append(FoldJob(f"{arm}{arm_suffix}", f"{prefix}{m}X", lambda p=path: _read_lomo_npz(p), input_id))
+            load = functools.partial(_read_lomo_npz, path)
+            jobs.append(FoldJob(f"{arm}{arm_suffix}", f"{prefix}{mag}X", load, input_id))
     for m, reason in dict(config.get("skipped_held_out") or {}).items():
         notes.append(f"{folder}: `wsienc lomo` did not run the {m}X-held-out fold ({reason})")
     return jobs, notes
@@ -281,68 +286,38 @@ def load_lomo_inputs(src: str | Path) -> SignatureInputs:
 # ----------------------------------------------------------------------------- embedding stores
 
 
-def _slide_mean(features: Any, block_rows: int) -> npt.NDArray[np.float64]:
-    n = features.shape[0]
-    total = np.zeros(features.shape[1], dtype=np.float64)
-    for start in range(0, n, block_rows):
-        total += np.asarray(features[start : start + block_rows], dtype=np.float64).sum(axis=0)
-    return total / n
+def _given(data: FoldData) -> FoldData:
+    return data
 
 
-def read_slide_vectors(store: str | Path) -> tuple[list[str], npt.NDArray[np.float64], dict[str, str], set[str]]:
-    """Mean tile feature of every usable slide of an embedding store, read with plain zarr.
+def slide_vectors(store: EmbeddingStore) -> tuple[list[str], npt.NDArray[np.float64], dict[str, str]]:
+    """Mean tile feature of every usable slide of an embedding store (:meth:`EmbeddingStore.mean`).
 
-    Returns ``(slide_ids, X (n, C), skipped {slide_id: reason}, encoder identities)``. Slides whose
-    root status is ``failed``, whose ``complete`` attr is false, or that hold no tiles or non-finite
-    features are skipped with a reason.
+    Returns ``(slide_ids, X (n, C), skipped {slide_id: reason})``: the store's skipped slides (incomplete,
+    failed, without tiles) and those whose features are unreadable or not finite, each reported once.
+
+    Raises
+    ------
+    StoreError
+        No slide is usable, or the usable slides come from different encoders or embedding sizes.
     """
-    store = Path(store)
-    try:
-        root = zarr.open_group(str(store), mode="r")
-    except Exception as exc:
-        raise StoreError(f"{store}: not a readable zarr group ({exc})") from exc
-    kind = root.attrs.get("kind")
-    if kind not in (None, "embedding_store"):
-        raise StoreError(f"{store}: is a {kind!r}, not an embedding store; run `wsienc encode` on it first")
-    status = dict(root.attrs.get("slides", {}) or {})
+    skipped = store.skipped
     ids: list[str] = []
     vectors: list[npt.NDArray[np.float64]] = []
-    skipped: dict[str, str] = {}
-    encoders: set[str] = set()
-    for name in sorted(root.group_keys()):
-        group = root[name]
-        info = status.get(name) or {}
-        if isinstance(info, dict) and info.get("status") == "failed":
-            skipped[name] = f"failed when encoded: {info.get('reason')}"
+    for slide_id in store.slide_ids:
+        try:
+            vectors.append(store.mean(slide_id))
+        except StoreError as exc:  # one bad slide of a cohort is reported and skipped
+            logger.warning("%s: slide %s skipped: %s", store.path, slide_id, exc)
+            skipped[slide_id] = str(exc)
             continue
-        if "features" not in group.array_keys():
-            skipped[name] = "no features array"
-            continue
-        if group.attrs.get("complete") is False:
-            skipped[name] = "incomplete (complete: false); rerun `wsienc encode` to finish it"
-            continue
-        features = group["features"]
-        if features.ndim != 2 or features.shape[0] == 0:
-            skipped[name] = f"features of shape {features.shape} hold no tiles"
-            continue
-        mean = _slide_mean(features, max(int(features.chunks[0]), 4096))
-        if not np.isfinite(mean).all():
-            skipped[name] = "features contain NaN or infinite values"
-            continue
-        encoder = group.attrs.get("encoder")
-        if isinstance(encoder, dict):
-            encoders.add(json.dumps({k: encoder.get(k) for k in ("name", "weights_sha256")}, sort_keys=True))
-        ids.append(name)
-        vectors.append(mean)
+        ids.append(slide_id)
     if not ids:
         detail = f" ({len(skipped)} skipped: {next(iter(skipped.items()))})" if skipped else ""
-        raise StoreError(f"{store}: no usable slide groups with a features array{detail}")
-    dims = {len(v) for v in vectors}
-    if len(dims) > 1:
-        raise StoreError(f"{store}: slides have different feature sizes {sorted(dims)}; one encoder per store is expected")
-    for sid, reason in skipped.items():
-        logger.warning("%s: slide %s skipped: %s", store, sid, reason)
-    return ids, np.stack(vectors), skipped, encoders
+        raise StoreError(f"{store.path}: no usable slide with tile features{detail}")
+    store.encoder_identity()  # one encoder per store, or one clear line
+    store.embedding_dim  # noqa: B018 - one embedding size, or one clear line
+    return ids, np.stack(vectors), dict(sorted(skipped.items()))
 
 
 def load_store_inputs(
@@ -358,7 +333,7 @@ def load_store_inputs(
     store = Path(store)
     if n_folds < 2:
         raise InvalidParameterError(f"--folds must be >= 2, got {n_folds!r}")
-    ids, x_all, skipped, encoders = read_slide_vectors(store)
+    ids, x_all, skipped = slide_vectors(EmbeddingStore.open(store))
     table = read_labels(
         labels, ids, store_name=str(store), allow_missing=allow_missing, positive_class=positive_class, store_skipped=skipped
     )
@@ -383,13 +358,9 @@ def load_store_inputs(
     for k, (tr, te) in enumerate(splitter.split(x, y, patients), start=1):
         fold_data = FoldData(x[tr], y[tr], patients[tr], x[te], y[te], patients[te])
         members = hashlib.sha256(",".join(map(str, te)).encode()).hexdigest()[:12]
-        jobs.append(FoldJob(arm, f"fold{k}", lambda d=fold_data: d, f"{store.resolve()}:{data_hash}:{n_folds}:{seed}:{members}"))
-    warnings = []
-    if len(encoders) > 1:
-        warnings.append(
-            f"{store}: slides were encoded by {len(encoders)} different encoders ({', '.join(sorted(encoders))}); "
-            "their dimensions are not comparable, so signatures and Jaccard values are meaningless"
-        )
+        load_fold = functools.partial(_given, fold_data)
+        jobs.append(FoldJob(arm, f"fold{k}", load_fold, f"{store.resolve()}:{data_hash}:{n_folds}:{seed}:{members}"))
+    warnings: list[str] = []
     basis = (
         "All folds use the same frozen encoder (the one that wrote the embedding store), so dimension *i* is "
         "the same feature in every fold; the cross-fold Jaccard measures only how stable the selection is "
@@ -439,16 +410,12 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _rounded_or_none(values: npt.NDArray[np.floating[Any]]) -> Any:
+    """Nested lists of ``values`` rounded to 6 decimals, NaN as None (JSON null)."""
+    array = np.asarray(values, dtype=np.float64)
+    out = array.round(6).astype(object)
+    out[np.isnan(array)] = None
+    return out.tolist()
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -547,7 +514,7 @@ def run_signatures(
             logger.info("%s / %s skipped: %s", job.arm, job.fold, exc)
             continue
         records.append(record)
-        _atomic_write(partial, json.dumps({"fingerprint": fingerprint, "record": record.to_json()}))
+        atomic_write_text(partial, json.dumps({"fingerprint": fingerprint, "record": record.to_json()}))
         logger.info("%s / %s: signature of %d dims", job.arm, job.fold, record.size)
     if not records:
         first = next(iter(failed.items()))
@@ -560,8 +527,8 @@ def _write_outputs(
 ) -> SignatureRun:
     jaccards = arm_jaccards(records)
     files = [out / "signatures.csv", out / "jaccard.csv", out / "signatures.json"]
-    _atomic_write(files[0], _csv(SIGNATURE_COLUMNS, [list(r.row().values()) for r in records]))
-    _atomic_write(files[1], _csv(JACCARD_COLUMNS, [[j.arm, *pair] for j in jaccards for pair in j.pairs()]))
+    atomic_write_text(files[0], _csv(SIGNATURE_COLUMNS, [list(r.row().values()) for r in records]))
+    atomic_write_text(files[1], _csv(JACCARD_COLUMNS, [[j.arm, *pair] for j in jaccards for pair in j.pairs()]))
     payload = {
         "source": str(inputs.source.resolve()),
         "kind": inputs.kind,
@@ -577,10 +544,10 @@ def _write_outputs(
                 "folds": {r.fold: r.to_json() for r in records if r.arm == j.arm},
                 "jaccard": {
                     "folds": list(j.folds),
-                    "matrix": np.where(np.isnan(j.matrix), None, j.matrix.round(6)).tolist(),
+                    "matrix": _rounded_or_none(j.matrix),
                     "mean_off_diagonal": None if math.isnan(j.mean_off_diagonal) else j.mean_off_diagonal,
-                    "chance": np.where(np.isnan(j.chance), None, j.chance.round(6)).tolist(),
-                    "corrected": np.where(np.isnan(j.corrected), None, j.corrected.round(6)).tolist(),
+                    "chance": _rounded_or_none(j.chance),
+                    "corrected": _rounded_or_none(j.corrected),
                     "mean_chance": None if math.isnan(j.mean_chance) else j.mean_chance,
                     "mean_corrected": None if math.isnan(j.mean_corrected) else j.mean_corrected,
                     "n_dims": j.n_dims,
@@ -589,7 +556,7 @@ def _write_outputs(
             for j in jaccards
         },
     }
-    _atomic_write(files[2], json.dumps(payload, indent=1))
+    atomic_write_text(files[2], json.dumps(payload, indent=1))
     context = ReportContext(
         source=str(inputs.source),
         kind=inputs.kind,

@@ -45,7 +45,6 @@ from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideRead
 from wsi_encoder.io.patch_store import (
     CODECS,
     PatchSlide,
-    StoreLock,
     clean_slide_leftovers,
     create_patch_store,
     create_slide_group,
@@ -57,6 +56,7 @@ from wsi_encoder.io.patch_store import (
 )
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
 from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp, read_slide_mpp_csv
+from wsi_encoder.io.store_lock import StoreLock
 from wsi_encoder.io.tissue_masks import find_mask_file
 from wsi_encoder.io.urls import normalize, zarr_store
 from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner

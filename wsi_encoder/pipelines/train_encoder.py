@@ -12,19 +12,21 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.tasks.data import concat_task_data
 from wsi_encoder.tasks.registry import get_task, load_task
 from wsi_encoder.training.multitask import (
     EpochInfo,
+    PhaseInfo,
     PreparedTask,
     StepInfo,
-    TrainConfig,
     TrainResult,
     train_multitask,
 )
 from wsi_encoder.training.task_splits import split_task
+from wsi_encoder.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +132,54 @@ def prepare_tasks(
     return prepared
 
 
+def train_config(
+    *, embed_dim: int | None = None, augment: bool = True, weights: str | Path | None = None, **settings: Any
+) -> TrainConfig:
+    """A :class:`TrainConfig` from ``wsienc train-encoder``'s settings (the options of the same names).
+
+    ``embed_dim=None`` means 128 for the encoders trained from scratch (nic, resnets) and the
+    pretrained backbone's own features otherwise; ``augment=False`` turns augmentation off.
+
+    Raises
+    ------
+    InvalidParameterError
+        An unknown backbone (the message lists the known ones) or settings TrainConfig refuses.
+    """
+    from wsi_encoder.models.encoders import get_spec, list_encoders
+    from wsi_encoder.training.augment import NO_AUGMENT, AugmentConfig
+
+    backbone = settings.get("backbone", TrainConfig.default("backbone"))
+    if backbone not in list_encoders():
+        raise InvalidParameterError(f"unknown backbone {backbone!r}; known: {', '.join(list_encoders())}")
+    if embed_dim is None and not get_spec(backbone).requires_weights:
+        embed_dim = TrainConfig.default("embed_dim")
+    return TrainConfig(
+        **settings,
+        embed_dim=embed_dim,
+        weights=None if weights is None else str(weights),
+        augment=AugmentConfig() if augment else NO_AUGMENT,
+    )
+
+
+def describe_task(task: PreparedTask) -> str:
+    """One line on a prepared task: its split and class counts."""
+    counts = ", ".join(f"{c} {n}" for c, n in task.data.class_counts().items())
+    return (
+        f"task {task.name}: {len(task.split.train)} train / {len(task.split.val)} val images, "
+        f"{len(set(task.data.groups.tolist()))} groups ({task.split.method}); {counts}"
+    )
+
+
 def train_encoder(
     tasks: Sequence[TaskRequest | str],
     out_dir: str | Path,
     config: TrainConfig | None = None,
     *,
     resume: bool = True,
+    on_tasks: Callable[[Sequence[PreparedTask]], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochInfo], None] | None = None,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> TrainResult:
     """Train a multitask encoder on ``tasks`` and write its checkpoint to ``out_dir``.
 
@@ -148,22 +190,38 @@ def train_encoder(
     out_dir : path
         Checkpoint directory, loadable with :func:`wsi_encoder.load_encoder`.
     config : TrainConfig, optional
+        See :func:`train_config` to build one from command-line settings.
     resume : bool
         Resume a checkpoint of the same run found in ``out_dir`` (False: start afresh).
+    on_tasks : callable, optional
+        Called once with the prepared tasks (loaded and split), before training starts.
     on_step, on_epoch : callable, optional
-        Progress callbacks.
+        Progress callbacks: after every optimisation step, after every epoch's validation.
+    on_phase : callable, optional
+        Progress between steps: decoding images into memory, validating.
 
     Returns
     -------
     TrainResult
 
+    Raises
+    ------
+    InvalidParameterError
+        ``out_dir`` is a file, or a task argument, the data or the settings are unusable (one line each).
+
     Examples
     --------
-    >>> from wsi_encoder.pipelines.train_encoder import train_encoder
-    >>> from wsi_encoder.training.multitask import TrainConfig
+    >>> from wsi_encoder.pipelines.train_encoder import train_config, train_encoder
     >>> train_encoder(["breakhis-malignancy=BreaKHis_v1", "kather-crc=NCT-CRC-HE-100K"],
-    ...               "encoder_out", TrainConfig(epochs=2))  # doctest: +SKIP
+    ...               "encoder_out", train_config(epochs=2))  # doctest: +SKIP
     """
     config = config or TrainConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"--out {str(out)!r} is a file, not a directory")
     prepared = prepare_tasks(tasks, val_fraction=config.val_fraction, seed=config.seed)
-    return train_multitask(prepared, out_dir, config, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    if on_tasks is not None:
+        on_tasks(prepared)
+    return train_multitask(
+        prepared, out, config, resume=resume, on_step=on_step, on_epoch=on_epoch, on_phase=on_phase
+    )

@@ -328,19 +328,24 @@ class TaskData:
         """The same items declared at ``mpp`` µm/px."""
         return replace(self, mpp=np.full(len(self), float(mpp)))
 
-    def preload(self, max_bytes: int, workers: int = 4) -> bool:
+    def preload(self, max_bytes: int, workers: int = 4, on_image: Callable[[int, int], None] | None = None) -> bool:
         """Decode every image into memory when the total fits in ``max_bytes``.
 
         The estimate uses the first image's size. Returns whether the images were loaded; DataLoader
-        workers forked afterwards share the decoded pixels.
+        workers forked afterwards share the decoded pixels. ``on_image(done, total)`` is called as
+        images are decoded (progress).
         """
         if isinstance(self.source, MemoryImages) or len(self) == 0 or max_bytes <= 0:
             return isinstance(self.source, MemoryImages)
         first = self.source.read(0)
         if first.nbytes * len(self) > max_bytes:
             return False
+        images = []
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            images = list(pool.map(self.source.read, range(len(self))))
+            for done, image in enumerate(pool.map(self.source.read, range(len(self))), start=1):
+                images.append(image)
+                if on_image is not None:
+                    on_image(done, len(self))
         self.source = MemoryImages(images, [self.source.describe(i) for i in range(len(self))])
         return True
 

@@ -7,6 +7,7 @@ class and scale unchanged) so that small classes do not collapse at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -20,7 +21,9 @@ import torch
 from torch import nn
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.io.files import atomic_write_json
 from wsi_encoder.models.dcgan import IMAGE_SIZE, Discriminator, Generator
+from wsi_encoder.models.weights_folder import load_folder_weights, read_folder_config, save_weights_folder
 from wsi_encoder.training.lomo_data import augment, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -148,35 +151,57 @@ def generate(
     return out
 
 
-def save_generator(path: str | Path, generator: Generator, metadata: dict[str, Any]) -> None:
-    """Write the generator's weights as safetensors (atomically) with its settings in the metadata."""
-    import json
+GENERATOR_FORMAT = "wsi_encoder.dcgan_generator/1"
+GENERATOR_CONFIG = "config.json"
 
-    from safetensors.torch import save
 
-    from wsi_encoder.io.files import atomic_write_bytes
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    meta = {"nz": str(generator.nz), "width": str(generator.width), "info": json.dumps(metadata)}
-    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+def save_generator(folder: str | Path, generator: Generator, metadata: dict[str, Any]) -> None:
+    """Write the generator as a weights folder: ``model.safetensors``, then ``config.json`` (nz, width, ``metadata``)."""
+    config = {"format": GENERATOR_FORMAT, "nz": generator.nz, "width": generator.width, "info": metadata}
+    save_weights_folder(folder, generator.state_dict(), config, config_name=GENERATOR_CONFIG)
 
 
 def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any]]:
-    """Read a generator written by :func:`save_generator`; returns it (eval mode) and its metadata."""
-    import json
+    """Read a generator written by :func:`save_generator`; returns it (eval mode) and its metadata.
 
+    ``path`` is the generator's folder, or a single ``<class>.safetensors`` file as wsienc wrote them
+    before generators were weights folders (settings in the safetensors header).
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the file: missing, changed since it was written, or not a DCGAN generator.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _load_generator_file(path)
+    config = read_folder_config(path, GENERATOR_CONFIG, hint="delete it to retrain the DCGAN")
+    if config.get("format") != GENERATOR_FORMAT:
+        raise CheckpointError(f"{path / GENERATOR_CONFIG}: not a DCGAN generator config; delete the folder to retrain")
+    state = load_folder_weights(path, config, config_name=GENERATOR_CONFIG, hint="delete the folder to retrain")
+    try:
+        gen = Generator(int(config["nz"]), int(config["width"]))
+        gen.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit a DCGAN generator ({exc}); delete the folder to retrain") from exc
+    info = config.get("info")
+    return gen.eval(), dict(info) if isinstance(info, dict) else {}
+
+
+def _load_generator_file(path: Path) -> tuple[Generator, dict[str, Any]]:
+    """A generator in the single-file layout of earlier versions (settings in the safetensors metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         gen = Generator(int(meta["nz"]), int(meta["width"]))
         gen.load_state_dict(load_file(str(path)))
+        info = json.loads(meta.get("info", "{}"))
     except Exception as exc:  # any decoding failure (SafetensorError, missing keys, shapes) is a bad file
         raise CheckpointError(f"{path}: not a DCGAN generator file ({exc}); delete it to retrain") from exc
-    return gen.eval(), json.loads(meta.get("info", "{}"))
+    return gen.eval(), info if isinstance(info, dict) else {}
 
 
 def spec_dict(spec: DcganSpec) -> dict[str, Any]:
@@ -233,30 +258,36 @@ def fold_synthetic_images(
     classes
         All class names, in label-index order.
     gan_dir
-        Where the generators (``<class>.safetensors``) and ``trained_on.json`` (the exact files each
-        DCGAN saw, and the settings) are kept; a generator whose record matches is reused.
+        Where the generators (weights folders ``<class>/``) and ``trained_on.json`` (the exact files
+        each DCGAN saw, and the settings) are kept; a generator whose record matches is reused (also a
+        ``<class>.safetensors`` file written by an earlier version).
     spec, ratio, seed, device
         DCGAN settings, synthetic images per real image, seed, torch device.
     on_epoch
         Progress: ``on_epoch(class, epoch, epochs, stats)``.
     """
-    import json
-
-    from wsi_encoder.io.files import atomic_write_json
-
     gan_dir = Path(gan_dir)
     record_path = gan_dir / "trained_on.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record: dict[str, Any] = {}
+    if record_path.is_file():
+        try:
+            loaded = json.loads(record_path.read_text())
+        except ValueError as exc:
+            loaded = None
+            logger.warning("%s: unreadable (%s); its DCGANs are trained again", record_path, exc)
+        record = loaded if isinstance(loaded, dict) else {}
     fakes, labels, real_grid, fake_grid, notes = [], [], {}, {}, []
     for c, cls in enumerate(classes):
         if cls not in class_images or len(class_images[cls][1]) == 0:
             continue
         pixels, names = class_images[cls]
-        weights = gan_dir / f"{cls}.safetensors"
+        weights = gan_dir / cls
+        earlier = gan_dir / f"{cls}.safetensors"  # the single-file layout of earlier versions
+        saved = weights if (weights / GENERATOR_CONFIG).is_file() else earlier if earlier.is_file() else None
         gen = None
-        if weights.is_file() and record.get(cls) == names and record.get("spec") == asdict(spec):
+        if saved is not None and record.get(cls) == names and record.get("spec") == asdict(spec):
             try:
-                gen, _ = load_generator(weights)
+                gen, _ = load_generator(saved)
             except CheckpointError as exc:
                 logger.warning("%s; the DCGAN is trained again", exc)
         real64 = to_gan_size(pixels, device)

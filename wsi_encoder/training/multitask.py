@@ -11,14 +11,14 @@ augmentation are functions of ``(seed, step)``; optimiser state is saved).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-import os
 import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from wsi_encoder.models.checkpoint import (
 from wsi_encoder.models.encoders import Encoder, create_encoder, set_trainable
 from wsi_encoder.models.heads import MultiTaskModel
 from wsi_encoder.tasks.data import TaskData
-from wsi_encoder.training.augment import AugmentConfig
 from wsi_encoder.training.plots import plot_augmentations, plot_training_curves
 from wsi_encoder.training.task_sampling import (
     MultiTaskImages,
@@ -51,67 +50,12 @@ from wsi_encoder.training.task_sampling import (
     worker_init,
 )
 from wsi_encoder.training.task_splits import Split
+from wsi_encoder.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS_PNG = "augmentations.png"
 CURVES_PNG = "training_curves.png"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of a train-encoder run (units in the names: px, µm/px, MB).
-
-    ``max_steps`` (when set) overrides ``epochs``; an epoch is ``steps_per_epoch`` steps, by default
-    enough batches to show every training image once on average.
-    """
-
-    backbone: str = "nic"
-    embed_dim: int | None = 128
-    input_size: int | None = None
-    input_mpp: float | None = None
-    epochs: int = 10
-    max_steps: int | None = None
-    steps_per_epoch: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int | None = None
-    seed: int = 0
-    val_fraction: float = 0.2
-    val_max_images: int | None = None
-    workers: int | None = None
-    device: str | None = None
-    amp: bool | None = None
-    weights: str | None = None
-    freeze_backbone: bool = False
-    unfreeze_last: int | None = None
-    cache_mb: int = 1024
-    checkpoint_every: int = 500
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    plots: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidParameterError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InvalidParameterError(f"max_steps must be at least 1, got {self.max_steps!r}")
-        if not self.lr > 0:
-            raise InvalidParameterError(f"lr must be positive, got {self.lr!r}")
-        if self.freeze_backbone and self.unfreeze_last is not None:
-            raise InvalidParameterError("--freeze-backbone and --unfreeze-last N are exclusive")
-        if self.unfreeze_last is not None and self.unfreeze_last < 0:
-            raise InvalidParameterError(f"unfreeze_last must be >= 0, got {self.unfreeze_last!r}")
-        if self.workers is not None and self.workers < 0:
-            raise InvalidParameterError(f"workers must be >= 0, got {self.workers!r}")
-
-    @property
-    def num_workers(self) -> int:
-        """DataLoader workers: ``workers``, or by default one per spare CPU core (at most 4)."""
-        if self.workers is not None:
-            return self.workers
-        return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
@@ -146,6 +90,17 @@ class StepInfo:
     loss: float
     task_losses: dict[str, float]
     images_per_second: float
+
+
+@dataclass(frozen=True)
+class PhaseInfo:
+    """Progress of a phase between optimisation steps: ``decoding`` a task's images into memory, or
+    ``validation`` at an epoch's end (``done`` of ``total`` images)."""
+
+    phase: str
+    done: int
+    total: int
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,15 +199,24 @@ def _signature(
     )
 
 
-def _preload(tasks: Sequence[PreparedTask], budget_mb: int, workers: int) -> None:
+def _preload(
+    tasks: Sequence[PreparedTask], budget_mb: int, workers: int, on_phase: Callable[[PhaseInfo], None] | None = None
+) -> None:
     budget = int(budget_mb) * 2**20
     for t in sorted(tasks, key=lambda t: len(t.data)):
         if budget <= 0:
             break
-        if t.data.preload(budget, workers=max(1, workers)):
+        report = None
+        if on_phase is not None:
+            report = functools.partial(_report_decoding, on_phase, t.name)
+        if t.data.preload(budget, workers=max(1, workers), on_image=report):
             first = t.data.source.read(0)
             budget -= first.nbytes * len(t.data)
             log.info("task %s: %d images decoded into memory", t.name, len(t.data))
+
+
+def _report_decoding(on_phase: Callable[[PhaseInfo], None], task: str, done: int, total: int) -> None:
+    on_phase(PhaseInfo("decoding", done, total, task))
 
 
 def evaluate(
@@ -266,8 +230,11 @@ def evaluate(
     device: torch.device,
     workers: int = 0,
     amp: bool = False,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Validation loss and classification metrics of each task on its centred, un-augmented views.
+
+    ``on_phase`` gets a ``validation`` :class:`PhaseInfo` after every batch (progress).
 
     Returns
     -------
@@ -287,6 +254,7 @@ def evaluate(
     ys: dict[str, list[np.ndarray]] = {n: [] for n in names}
     was_training = model.training
     model.eval()
+    done = 0
     with torch.no_grad():
         for images, task_ids, labels in loader:
             x = images.to(device).float().div_(255)
@@ -296,6 +264,9 @@ def evaluate(
                 pos = out["index"][name].cpu()
                 probs[name].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
                 ys[name].append(labels[pos].numpy())
+            done += len(images)
+            if on_phase is not None:
+                on_phase(PhaseInfo("validation", done, len(keys)))
     model.train(was_training)
     result: dict[str, dict[str, float | None]] = {}
     for name in names:
@@ -349,6 +320,7 @@ def train_multitask(
     resume: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochInfo], None] | None = None,
+    on_phase: Callable[[PhaseInfo], None] | None = None,
 ) -> TrainResult:
     """Train a shared encoder with one head per task and write the checkpoint to ``out_dir``.
 
@@ -362,7 +334,9 @@ def train_multitask(
     resume : bool
         False starts afresh even when ``out_dir`` holds a checkpoint (it is overwritten).
     on_step, on_epoch : callable, optional
-        Progress callbacks.
+        Progress callbacks: after every optimisation step, after every epoch's validation.
+    on_phase : callable, optional
+        Progress between steps: decoding images into memory, validating (:class:`PhaseInfo`).
 
     Returns
     -------
@@ -442,7 +416,7 @@ def train_multitask(
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", config.lr)
 
-    _preload(tasks, config.cache_mb, config.num_workers)
+    _preload(tasks, config.cache_mb, config.num_workers, on_phase)
     train_sets = [t.train for t in tasks]
     val_sets = [t.val for t in tasks]
     if config.val_max_images is not None:
@@ -566,6 +540,7 @@ def train_multitask(
                 device=device,
                 workers=min(config.num_workers, 1),
                 amp=amp,
+                on_phase=on_phase,
             )
             train_losses = {n: sums[n] / counts[n] for n in names if counts[n]}
             epoch = math.ceil(step / steps_per_epoch)

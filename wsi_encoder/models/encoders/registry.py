@@ -104,12 +104,15 @@ class Encoder(nn.Module):
         The local weights file it was loaded from (``None``: seeded initialisation).
     channels_last : bool
         Whether the trunk is a CNN that runs faster in ``torch.channels_last`` memory format.
+    checkpoint_config : dict or None
+        The whole ``config.json`` of the ``train-encoder`` checkpoint it was loaded from, else ``None``.
     """
 
     config: EncoderConfig
     weights_sha256: str | None = None
     weights_path: str | None = None
     channels_last: bool = False
+    checkpoint_config: dict[str, Any] | None = None
     #: Modules frozen by :func:`~wsi_encoder.models.encoders.set_trainable` (kept in eval mode).
     frozen_modules: tuple[nn.Module, ...] = ()
     _mean: torch.Tensor

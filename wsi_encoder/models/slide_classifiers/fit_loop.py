@@ -1,4 +1,4 @@
-"""A seeded PyTorch training loop with early stopping on a validation loss (for slide-level models).
+"""A seeded PyTorch training loop with early stopping on a validation loss (the torch slide classifiers' loop).
 
 The loop knows nothing of models or losses: it is given a module, a function producing one epoch of
 batches, a function turning a batch into a scalar loss, and optionally a function computing the
