@@ -152,7 +152,8 @@ def test_second_writer_is_refused_on_s3(s3: str, tmp_path: Path) -> None:
 def test_remote_region_reads_are_few_merged_range_requests(s3: str, tmp_path: Path) -> None:
     """A region's TIFF tiles arrive in one batch of merged ranges (at most one per TIFF tile row), and
     the pixels equal the local direct-decoding path's."""
-    from wsi_encoder.io.slides import RemoteTiffSlideReader, open_slide
+    from wsi_encoder.io.remote_slides import RemoteTiffSlideReader
+    from wsi_encoder.io.slides import open_slide
 
     local = small_slide(tmp_path / "big.tiff", width=6000, height=5000)
     remote_reader = open_slide(upload(s3, local, "slides/big.tiff"))
