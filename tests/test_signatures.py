@@ -7,10 +7,9 @@ import pytest
 from _signatures_fixtures import patient_embeddings
 
 from wsi_encoder.errors import DatasetError, InvalidParameterError
+from wsi_encoder.evaluation.signature_records import SignatureRecord, arm_jaccards
 from wsi_encoder.evaluation.signatures import (
-    SignatureRecord,
     SignatureSpec,
-    arm_jaccards,
     corrected_jaccard,
     evaluate_fold,
     expected_jaccard,

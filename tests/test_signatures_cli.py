@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsi_encoder.cli import main
-from wsi_encoder.evaluation.signatures import SIGNATURE_COLUMNS, expected_jaccard, jaccard
+from wsi_encoder.evaluation.signature_records import SIGNATURE_COLUMNS
+from wsi_encoder.evaluation.signatures import expected_jaccard, jaccard
 
 CONTRACT = ["arm", "fold", "size", "auc_full", "auc_signature", "f1_full", "f1_signature", "brier_full", "brier_signature"]
 GRL_DIMS = (1, 5, 9, 13, 17)

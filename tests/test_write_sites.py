@@ -17,8 +17,8 @@ from PIL import Image
 
 from wsi_encoder.evaluation.lomo_outputs import save_fold_embeddings, write_results_csv
 from wsi_encoder.evaluation.lomo_report import plot_metrics_by_fold
+from wsi_encoder.evaluation.signature_records import ArmJaccard
 from wsi_encoder.evaluation.signature_report import plot_jaccard_heatmap
-from wsi_encoder.evaluation.signatures import ArmJaccard
 from wsi_encoder.io.geojson import write_feature_collection
 from wsi_encoder.synthetic.slides import SyntheticSlideSpec, write_synthetic_slide
 from wsi_encoder.training.lomo_data import build_image_cache

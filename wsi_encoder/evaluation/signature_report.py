@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_encoder.evaluation.signatures import ArmJaccard, SignatureRecord
+from wsi_encoder.evaluation.signature_records import ArmJaccard, SignatureRecord
 from wsi_encoder.io.files import atomic_write_figure, atomic_write_text
 
 if TYPE_CHECKING:

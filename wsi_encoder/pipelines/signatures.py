@@ -37,15 +37,14 @@ from wsi_encoder import __version__
 from wsi_encoder.errors import DatasetError, InvalidParameterError, StoreError, WsiEncoderError
 from wsi_encoder.evaluation.lomo_outputs import load_fold_embeddings
 from wsi_encoder.evaluation.metrics import classification_metrics
-from wsi_encoder.evaluation.signature_report import ReportContext, write_report
-from wsi_encoder.evaluation.signatures import (
+from wsi_encoder.evaluation.signature_records import (
     JACCARD_COLUMNS,
     SIGNATURE_COLUMNS,
     SignatureRecord,
-    SignatureSpec,
     arm_jaccards,
-    evaluate_fold,
 )
+from wsi_encoder.evaluation.signature_report import ReportContext, write_report
+from wsi_encoder.evaluation.signatures import SignatureSpec, evaluate_fold
 from wsi_encoder.io.breakhis import patient_key
 from wsi_encoder.io.embedding_store import EmbeddingStore
 from wsi_encoder.io.files import atomic_write_text

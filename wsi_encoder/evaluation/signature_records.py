@@ -1,0 +1,263 @@
+"""What ``wsienc signatures`` keeps of each arm × fold, and the cross-fold Jaccard of an arm's signatures.
+
+:class:`SignatureRecord` is one row of ``signatures.csv`` plus the signature itself (JSON in
+``signatures.json``); :func:`arm_jaccards` compares the signatures of every pair of folds of an arm,
+with the overlap two random signatures of the same sizes would have by chance and the chance-corrected
+value (see :mod:`wsi_encoder.evaluation.signatures` for how a signature is selected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_encoder.errors import DatasetError
+from wsi_encoder.evaluation.signatures import (
+    FoldEvaluation,
+    corrected_jaccard,
+    expected_jaccard,
+    jaccard_matrix,
+    mean_off_diagonal,
+)
+
+__all__ = ["JACCARD_COLUMNS", "SIGNATURE_COLUMNS", "ArmJaccard", "SignatureRecord", "arm_jaccards"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+#: Columns of ``signatures.csv``: the contract's nine first, then the extras.
+SIGNATURE_COLUMNS = (
+    "arm",
+    "fold",
+    "size",
+    "auc_full",
+    "auc_signature",
+    "f1_full",
+    "f1_signature",
+    "brier_full",
+    "brier_signature",
+    "ece_full",
+    "ece_signature",
+    "balanced_accuracy_full",
+    "balanced_accuracy_signature",
+    "auc_lasso",
+    "auc_network",
+    "lasso_size",
+    "lambda",
+    "n_train",
+    "n_test",
+    "n_train_patients",
+    "n_test_patients",
+    "n_dims",
+    "size_fraction",
+)
+JACCARD_COLUMNS = ("arm", "fold_a", "fold_b", "jaccard", "jaccard_chance", "jaccard_corrected")
+
+
+@dataclass(frozen=True)
+class SignatureRecord:
+    """Everything kept about one arm × fold: the signature, its selection and the test metrics.
+
+    ``auc_network`` is the AUC of the arm's own predictions (``prob_test`` of a LOMO fold; nan when
+    there are none); ``frequencies`` maps dimension -> stability-selection frequency (non-zero only).
+    """
+
+    arm: str
+    fold: str
+    indices: tuple[int, ...]
+    lasso_indices: tuple[int, ...]
+    lam: float
+    c: float
+    metrics_full: dict[str, float]
+    metrics_signature: dict[str, float]
+    auc_lasso: float
+    auc_network: float
+    n_train: int
+    n_test: int
+    n_train_patients: int
+    n_test_patients: int
+    n_dims: int
+    frequencies: dict[int, float] | None = None
+
+    @property
+    def size(self) -> int:
+        """Signature size (number of dimensions)."""
+        return len(self.indices)
+
+    @property
+    def size_fraction(self) -> float:
+        """Signature size / embedding dimension D (comparable across backbones)."""
+        return self.size / self.n_dims if self.n_dims else float("nan")
+
+    @classmethod
+    def from_evaluation(cls, arm: str, fold: str, ev: FoldEvaluation, auc_network: float = float("nan")) -> SignatureRecord:
+        """Build the record of ``arm``/``fold`` from :func:`evaluate_fold`'s result."""
+        sel = ev.selection
+        freq = None
+        if sel.frequencies is not None:
+            freq = {int(i): float(sel.frequencies[i]) for i in np.flatnonzero(sel.frequencies > 0)}
+        return cls(
+            arm=arm,
+            fold=fold,
+            indices=sel.indices,
+            lasso_indices=sel.lasso_indices,
+            lam=sel.lam,
+            c=sel.c,
+            metrics_full=dict(ev.metrics_full),
+            metrics_signature=dict(ev.metrics_signature),
+            auc_lasso=ev.auc_lasso,
+            auc_network=float(auc_network),
+            n_train=ev.n_train,
+            n_test=ev.n_test,
+            n_train_patients=ev.n_train_groups,
+            n_test_patients=ev.n_test_groups,
+            n_dims=ev.n_dims,
+            frequencies=freq,
+        )
+
+    def row(self) -> dict[str, object]:
+        """The ``signatures.csv`` row (keys :data:`SIGNATURE_COLUMNS`)."""
+        row: dict[str, object] = {
+            "arm": self.arm,
+            "fold": self.fold,
+            "size": self.size,
+            "size_fraction": self.size_fraction,
+            "n_dims": self.n_dims,
+        }
+        for metric in ("auc", "f1", "brier", "ece", "balanced_accuracy"):
+            row[f"{metric}_full"] = self.metrics_full[metric]
+            row[f"{metric}_signature"] = self.metrics_signature[metric]
+        row.update(
+            auc_lasso=self.auc_lasso,
+            auc_network=self.auc_network,
+            lasso_size=len(self.lasso_indices),
+            n_train=self.n_train,
+            n_test=self.n_test,
+            n_train_patients=self.n_train_patients,
+            n_test_patients=self.n_test_patients,
+        )
+        row["lambda"] = self.lam
+        return {k: row[k] for k in SIGNATURE_COLUMNS}
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready dict (the inverse of :meth:`from_json`); nan becomes None."""
+
+        def clean(d: dict[str, float]) -> dict[str, float | None]:
+            return {k: (None if not np.isfinite(v) else float(v)) for k, v in d.items()}
+
+        return {
+            "arm": self.arm,
+            "fold": self.fold,
+            "size": self.size,
+            "indices": list(self.indices),
+            "lasso_indices": list(self.lasso_indices),
+            "lambda": self.lam,
+            "C": None if not np.isfinite(self.c) else self.c,
+            "metrics_full": clean(self.metrics_full),
+            "metrics_signature": clean(self.metrics_signature),
+            "auc_lasso": None if not np.isfinite(self.auc_lasso) else self.auc_lasso,
+            "auc_network": None if not np.isfinite(self.auc_network) else self.auc_network,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "n_train_patients": self.n_train_patients,
+            "n_test_patients": self.n_test_patients,
+            "n_dims": self.n_dims,
+            "stability_frequencies": None if self.frequencies is None else {str(k): v for k, v in self.frequencies.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SignatureRecord:
+        """Rebuild a record written by :meth:`to_json`."""
+
+        def num(v: Any) -> float:
+            return float("nan") if v is None else float(v)
+
+        def metrics(d: Mapping[str, Any]) -> dict[str, float]:
+            return {str(k): num(v) for k, v in d.items()}
+
+        freq = data.get("stability_frequencies")
+        return cls(
+            arm=str(data["arm"]),
+            fold=str(data["fold"]),
+            indices=tuple(int(i) for i in data["indices"]),
+            lasso_indices=tuple(int(i) for i in data["lasso_indices"]),
+            lam=num(data["lambda"]),
+            c=num(data["C"]),
+            metrics_full=metrics(data["metrics_full"]),
+            metrics_signature=metrics(data["metrics_signature"]),
+            auc_lasso=num(data["auc_lasso"]),
+            auc_network=num(data["auc_network"]),
+            n_train=int(data["n_train"]),
+            n_test=int(data["n_test"]),
+            n_train_patients=int(data["n_train_patients"]),
+            n_test_patients=int(data["n_test_patients"]),
+            n_dims=int(data["n_dims"]),
+            frequencies=None if freq is None else {int(k): float(v) for k, v in freq.items()},
+        )
+
+
+@dataclass(frozen=True)
+class ArmJaccard:
+    """Cross-fold reproducibility of one arm's signatures, with the chance level of every pair.
+
+    ``matrix`` holds the Jaccard values, ``chance`` the expected Jaccard of random subsets of the same
+    sizes in ``n_dims`` dimensions (:func:`expected_jaccard`), ``corrected`` ``(J − E[J]) / (1 − E[J])``.
+    """
+
+    arm: str
+    folds: tuple[str, ...]
+    matrix: FloatArray
+    chance: FloatArray
+    corrected: FloatArray
+    n_dims: int = 0
+
+    @property
+    def mean_off_diagonal(self) -> float:
+        """Mean Jaccard over all pairs of different folds (nan pairs left out; nan with none)."""
+        return mean_off_diagonal(self.matrix)
+
+    @property
+    def mean_chance(self) -> float:
+        """Mean chance Jaccard over the pairs."""
+        return mean_off_diagonal(self.chance)
+
+    @property
+    def mean_corrected(self) -> float:
+        """Mean chance-corrected Jaccard over the pairs."""
+        return mean_off_diagonal(self.corrected)
+
+    def pairs(self) -> list[tuple[str, str, float, float, float]]:
+        """``(fold_a, fold_b, jaccard, jaccard_chance, jaccard_corrected)`` for every pair ``a < b``."""
+        k = len(self.folds)
+        return [
+            (self.folds[i], self.folds[j], float(self.matrix[i, j]), float(self.chance[i, j]), float(self.corrected[i, j]))
+            for i in range(k)
+            for j in range(i + 1, k)
+        ]
+
+
+def arm_jaccards(records: Sequence[SignatureRecord]) -> list[ArmJaccard]:
+    """Pairwise Jaccard, chance and corrected matrices of the fold signatures of each arm (record order)."""
+    arms: dict[str, list[SignatureRecord]] = {}
+    for rec in records:
+        arms.setdefault(rec.arm, []).append(rec)
+    out = []
+    for arm, recs in arms.items():
+        matrix = jaccard_matrix([r.indices for r in recs])
+        k = len(recs)
+        chance = np.full((k, k), np.nan)
+        corrected = np.full((k, k), np.nan)
+        dims = {r.n_dims for r in recs}
+        if len(dims) > 1:
+            raise DatasetError(f"arm {arm!r}: folds have different embedding sizes {sorted(dims)}")
+        d = dims.pop()
+        for i in range(k):
+            for j in range(k):
+                chance[i, j] = expected_jaccard(recs[i].size, recs[j].size, d)
+                corrected[i, j] = corrected_jaccard(matrix[i, j], chance[i, j])
+        out.append(ArmJaccard(arm, tuple(r.fold for r in recs), matrix, chance, corrected, d))
+    return out
