@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.urls import STORAGE_OPTIONS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ def _unless_stopped(stop: threading.Event, fn: Callable[..., Any], item: Any) ->
     return _guarded(fn, item)
 
 
-def _guarded(fn: Callable[..., Any], item: Any) -> Any:
+def _guarded(fn: Callable[..., Any], item: Any, storage_options: str | None = None) -> Any:
+    if storage_options is not None:  # the driver's --storage-options, on a worker started elsewhere
+        os.environ[STORAGE_OPTIONS_ENV] = storage_options
     try:
         return fn(item)
     except Exception as exc:  # reported per task; the job goes on
@@ -177,6 +180,9 @@ class DistributedRunner(TaskRunner):
         if not items:
             return
         prefix = f"{name}-{uuid.uuid4().hex[:8]}-"
+        # Workers of an external scheduler were started without this process's environment: every task
+        # carries the --storage-options it was given (WSIENC_STORAGE_OPTIONS), so remote paths open alike.
+        storage_options = os.environ.get(STORAGE_OPTIONS_ENV)
         window = max(16, 4 * self.workers)
         pending = iter(enumerate(items))
         index_of: dict[str, int] = {}
@@ -186,7 +192,9 @@ class DistributedRunner(TaskRunner):
                 i, item = next(pending)
             except StopIteration:
                 return None
-            future = self.client.submit(_guarded, fn, item, key=f"{prefix}{i}", pure=False, retries=0)
+            future = self.client.submit(
+                _guarded, fn, item, storage_options, key=f"{prefix}{i}", pure=False, retries=0
+            )
             index_of[future.key] = i
             return future
 
