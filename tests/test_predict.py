@@ -195,3 +195,23 @@ def test_the_prediction_path_does_not_import_scikit_learn() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"the prediction path imports {out}"
+
+
+def test_keep_stores_locks_both_stores_for_the_whole_run(slide_dir: Path, tmp_path: Path) -> None:
+    """--keep-stores writes a patch store and an embedding store classify reads; a second writer of either is
+    refused before any slide is predicted, with one line naming the lock."""
+    from wsi_encoder.io.embedding_store import EmbeddingStore
+    from wsi_encoder.io.store_lock import StoreLock
+
+    model = _model(tmp_path / "clf")
+    out = tmp_path / "pred"
+    args = ["predict", str(slide_dir / "s0.tif"), str(slide_dir / "s1.tif"), "--model", str(model), "--out", str(out),
+            "--threads", "1", "--keep-stores", "--no-heatmaps", "--no-geojson"]  # fmt: skip
+    _run(args)
+    assert EmbeddingStore.open(out / "embeddings.zarr").slide_ids == ("s0", "s1")
+    assert not (out / "embeddings.zarr.lock").exists() and not (out / "patches.zarr.lock").exists()
+    for store in ("embeddings.zarr", "patches.zarr"):
+        with StoreLock(out / store):
+            refused = _run([*args, "--overwrite"], code=1)
+        assert f"{store}.lock" in refused.output and "predicted" not in refused.output
+        assert len([line for line in refused.output.splitlines() if line.strip()]) == 1

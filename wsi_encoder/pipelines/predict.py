@@ -22,6 +22,7 @@ timings; a re-run skips slides whose record matches), ``run.json``; with ``keep_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,8 +45,10 @@ from wsi_encoder.tiling import SlideTiling, TileSpec
 
 if TYPE_CHECKING:
     import torch
+    import zarr
 
     from wsi_encoder.compression import EncoderIdentity
+    from wsi_encoder.io.embedding_store import EmbeddingStore
     from wsi_encoder.io.slides import SlideReader
     from wsi_encoder.models.inference import InferenceModel
 
@@ -286,6 +289,8 @@ class _Context:
     progress: Callable[[int], None]
     read_threads: int = 2
     warned: set[str] = field(default_factory=set)
+    #: with ``keep_stores``: the patch-store root and the embedding store, both locked for the whole run
+    stores: tuple[zarr.Group, EmbeddingStore] | None = None
 
 
 def _chunks(
@@ -446,15 +451,12 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
     attributes; no pixels); the embedding store what ``wsienc encode`` would, so ``classify`` reads it.
     """
     from wsi_encoder.compression import assemble_grid
-    from wsi_encoder.io.embedding_store import EmbeddingStore, SlideLayout
-    from wsi_encoder.io.patch_store import (
-        create_patch_store,
-        create_slide_group,
-        mark_slide_complete,
-        update_slide_status,
-    )
-    from wsi_encoder.io.store_lock import StoreLock
+    from wsi_encoder.io.embedding_store import SlideLayout
+    from wsi_encoder.io.patch_store import create_slide_group, mark_slide_complete, update_slide_status
     from wsi_encoder.tiling import grid_attrs
+
+    assert ctx.stores is not None, "predict_slides opens and locks the stores before the first slide"
+    root, store = ctx.stores
 
     grid, spec, settings = plan.grid, ctx.settings.spec, ctx.settings
     coords = grid.coords_l0(plan.rowcol)
@@ -469,17 +471,14 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
         "chunk_tiles": plan.chunk_tiles, "block_size": plan.block_size, "wsi_encoder_version": __version__,
     }  # fmt: skip
     patches = ctx.out / "patches.zarr"
-    with StoreLock(patches):
-        root = create_patch_store(patches)
-        create_slide_group(
-            root, entry.slide_id, tiling, coords=coords, grid=plan.rowcol, tissue=plan.tissue, thumbnail=plan.thumbnail,
-            tissue_mask=plan.tissue_mask.mask, tile_size=spec.tile_size, chunk_tiles=plan.chunk_tiles, codec=None,
-            jpeg_quality=0, inside=plan.inside,
-        )  # fmt: skip
-        mark_slide_complete(root, entry.slide_id)
-        update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
+    create_slide_group(
+        root, entry.slide_id, tiling, coords=coords, grid=plan.rowcol, tissue=plan.tissue, thumbnail=plan.thumbnail,
+        tissue_mask=plan.tissue_mask.mask, tile_size=spec.tile_size, chunk_tiles=plan.chunk_tiles, codec=None,
+        jpeg_quality=0, inside=plan.inside,
+    )  # fmt: skip
+    mark_slide_complete(root, entry.slide_id)
+    update_slide_status(root, {entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
 
-    path = ctx.out / "embeddings.zarr"
     n, dim = features.shape
     layout = SlideLayout(n_tiles=n, embedding_dim=dim, grid_shape=grid.shape, dtype=settings.dtype,
                             chunk_tiles=max(1, n))  # fmt: skip
@@ -491,17 +490,16 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
         "encoder": ctx.identity.to_attrs(), "embedding_dim": dim, "dtype": settings.dtype, "n_tiles": n,
         "grid_shape": list(grid.shape), "patch_store": str(patches), "wsi_encoder_version": __version__,
     }  # fmt: skip
-    with EmbeddingStore.writer(path) as store:
-        store.delete_slide(entry.slide_id)
-        store.prepare_slide(entry.slide_id, layout, coords=coords, rowcol=plan.rowcol, thumbnail=plan.thumbnail,
-                            attrs=attrs)  # fmt: skip
-        if n:
-            store.write_features_chunk(entry.slide_id, layout, 0, features)
-        values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=settings.dtype)
-        store.write_grid_band(entry.slide_id, 0, values, mask)
-        store.mark_complete(entry.slide_id)
-        store.update_status({entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
-    return path
+    store.delete_slide(entry.slide_id)
+    store.prepare_slide(entry.slide_id, layout, coords=coords, rowcol=plan.rowcol, thumbnail=plan.thumbnail,
+                        attrs=attrs)  # fmt: skip
+    if n:
+        store.write_features_chunk(entry.slide_id, layout, 0, features)
+    values, mask = assemble_grid(features, plan.rowcol, grid.shape, dtype=settings.dtype)
+    store.write_grid_band(entry.slide_id, 0, values, mask)
+    store.mark_complete(entry.slide_id)
+    store.update_status({entry.slide_id: {"status": "ok", "reason": None, "source": str(entry.path)}})
+    return Path(str(store.path))
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -663,7 +661,15 @@ def predict_slides(
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     startup["total"] = time.perf_counter() - t0
-    with torch_threads(threads):
+    with contextlib.ExitStack() as held, torch_threads(threads):
+        if keep_stores:  # both stores locked before the first slide: a second run is refused at once
+            from wsi_encoder.io.embedding_store import EmbeddingStore
+            from wsi_encoder.io.patch_store import create_patch_store
+            from wsi_encoder.io.store_lock import StoreLock
+
+            held.enter_context(StoreLock(out_dir / "patches.zarr"))
+            store = held.enter_context(EmbeddingStore.writer(out_dir / "embeddings.zarr"))
+            ctx.stores = (create_patch_store(out_dir / "patches.zarr"), store)
         for entry in entries:
             previous = None if overwrite else _load_record(out_dir, entry, ctx.key, want)
             if previous is not None:
