@@ -210,6 +210,13 @@ class EncoderSpec:
         random initialisation of a billion parameters only to overwrite it).
     min_input_size
         Smallest input side (px) the architecture accepts.
+    interpolation
+        How a tile of another size is resized to ``input_size`` (``bilinear`` or ``bicubic``), as the card says.
+    crop
+        ``None`` (resize the whole tile) or ``"center"`` (resize the short side, then centre-crop), as the card says.
+    output
+        What the embedding is: ``cls``, ``cls+mean(patch)``, ``mean(patch)``, ``pooler``, ``gap`` (global average
+        pool of a CNN), ``attn-pool`` ...
     """
 
     name: str
@@ -227,6 +234,9 @@ class EncoderSpec:
     remap: Remap = _identity
     lazy_init: bool = False
     min_input_size: int = 1
+    interpolation: str = "bilinear"
+    crop: str | None = None
+    output: str = "gap"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable listing (``wsienc encoders --json``)."""
@@ -242,6 +252,9 @@ class EncoderSpec:
             "source": self.source,
             "license": self.license,
             "requires_weights": self.requires_weights,
+            "interpolation": self.interpolation,
+            "crop": self.crop,
+            "output": self.output,
             "description": self.description,
         }
 
@@ -266,6 +279,9 @@ def register_encoder(
     remap: Remap | None = None,
     lazy_init: bool = False,
     min_input_size: int = 1,
+    interpolation: str = "bilinear",
+    crop: str | None = None,
+    output: str = "gap",
 ) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
     """Register a builder ``fn(*, embed_dim=None, input_size=..., input_mpp=...) -> Encoder`` under ``name``.
 
@@ -294,6 +310,9 @@ def register_encoder(
             remap=remap or _identity,
             lazy_init=lazy_init,
             min_input_size=int(min_input_size),
+            interpolation=interpolation,
+            crop=crop,
+            output=output,
         )
         return fn
 
