@@ -9,7 +9,8 @@ weights: callers never normalise themselves.
 
 Entries (``wsienc encoders`` lists them with their sizes, µm/px, sources and licences):
 
-- :mod:`~wsi_encoder.models.encoders.cnn`: ``nic``, ``resnet18/34/50``, ``resnet50-trunc`` (CLAM);
+- :mod:`~wsi_encoder.models.encoders.cnn`: ``nic``, the NIC authors' published ``nic-multitask-4``, ``nic-bigan``
+  and ``nic-mean-rgb`` (their Keras files ship with the package), ``resnet18/34/50``, ``resnet50-trunc`` (CLAM);
 - :mod:`~wsi_encoder.models.encoders.foundation`: ``uni``, ``uni2-h``, ``virchow``, ``virchow2``,
   ``h-optimus-0``, ``h-optimus-1``, ``prov-gigapath``, ``phikon``, ``phikon-v2``, ``hibou-b``,
   ``lunit-vits8``, ``kaiko-vitb8``, ``ctranspath``.
@@ -36,6 +37,7 @@ from torch import nn
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.models.encoders import cnn as _cnn  # noqa: F401  (registers the entries)
 from wsi_encoder.models.encoders import foundation as _foundation  # noqa: F401
+from wsi_encoder.models.encoders.nic_keras import is_keras_h5, keras_state_dict
 from wsi_encoder.models.encoders.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -123,18 +125,22 @@ def resolve_weights(name: str, weights: str | Path | None, *, required: bool | N
 def load_weights(encoder: Encoder, path: str | Path, *, assign: bool = False) -> None:
     """Load a local weight file into ``encoder``, strictly.
 
-    Three layouts are recognised: a ``wsienc train-encoder`` model file (keys ``encoder.*``), this
-    module's own state dict (keys as ``encoder.state_dict()``), or the entry's official layout, which
-    is remapped (:attr:`EncoderSpec.remap`) and loaded into the pretrained trunk.
+    Four layouts are recognised: a ``wsienc train-encoder`` model file (keys ``encoder.*``), this
+    module's own state dict (keys as ``encoder.state_dict()``), the entry's official layout, which
+    is remapped (:attr:`EncoderSpec.remap`) and loaded into the pretrained trunk, and (NIC encoders) the
+    authors' Keras 2 HDF5 model file (:mod:`~wsi_encoder.models.encoders.nic_keras`).
 
     Raises
     ------
     CheckpointError
         When the file is unreadable or its keys/shapes do not fit (one line naming them).
     """
-    state = read_state_dict(path)
     name = encoder.config.name
     what = f"weights file {str(path)!r} does not fit encoder {name!r}"
+    if is_keras_h5(path):  # the NIC authors' Keras 2 files: the whole network, converted layer by layer
+        load_strict(encoder, keras_state_dict(encoder, path), what=what)
+        return
+    state = read_state_dict(path)
     if state and all(k.startswith(_CHECKPOINT_PREFIX) for k in state):
         state = {k[len(_CHECKPOINT_PREFIX) :]: v for k, v in state.items()}
     own = encoder.state_dict()

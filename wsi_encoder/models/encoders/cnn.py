@@ -5,7 +5,14 @@
     (Tellez et al., TPAMI 2019 / MIDL 2020): 128-px input at 0.5 µm/px, average-pooled ×2 to 64 px,
     four valid 3×3 stride-2 convolutions of 128 filters each followed by LeakyReLU(0.2) and
     BatchNorm, flatten (3×3×128) and a dense embedding of ``embed_dim`` (default 128). 595,968
-    parameters at the defaults; fast on a CPU. Trained here with ``wsienc train-encoder``.
+    parameters at the defaults; fast on a CPU. Trained here with ``wsienc train-encoder``; also loads the
+    authors' Keras files.
+``nic-multitask-4`` / ``nic-bigan`` / ``nic-mean-rgb``
+    The NIC authors' published encoders (davidtellez/neural-image-compression, MIT): the MIDL 2020 supervised
+    multitask encoder, the TPAMI 2019 BiGAN encoder (both the ``nic`` architecture with 128 features) and the
+    mean-RGB baseline (3 features). Their Keras 2 HDF5 files ship with the package and are read with h5py
+    (:mod:`~wsi_encoder.models.encoders.nic_keras`); preprocessing as the authors': 128 px at 0.5 µm/px,
+    ``x / 255 * 2 - 1``, a 2×2 average pool in front of the 64-px networks.
 ``resnet18`` / ``resnet34`` / ``resnet50``
     torchvision ResNets (global-average-pooled trunk, 512/512/2048 features) with an optional linear
     embedding of ``embed_dim``. 224-px input at 0.5 µm/px, ImageNet normalisation. Random
@@ -76,6 +83,13 @@ class NICEncoder(Encoder):
         return [nn.ModuleList(mods[1 + 3 * i : 4 + 3 * i]) for i in range(4)] + [self.embed]
 
 
+class MeanRGBEncoder(Encoder):
+    """The NIC mean-RGB baseline: the spatial mean of each normalised channel (3 features, no weights)."""
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class ResNetEncoder(Encoder):
     """A torchvision ResNet trunk (optionally cut after ``layer3``), global-average-pooled, with an
     optional linear embedding."""
@@ -111,7 +125,7 @@ class ResNetEncoder(Encoder):
     mpp=0.5,
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
-    weights_format="a `wsienc train-encoder` checkpoint folder, or this module's state dict",
+    weights_format="a `wsienc train-encoder` checkpoint folder, this module's state dict, or a NIC Keras file",
     source="trained here (`wsienc train-encoder`)",
     license="yours",
     min_input_size=62,
@@ -122,6 +136,69 @@ def _nic(*, embed_dim: int | None = None, input_size: int = 128, input_mpp: floa
     dim = 128 if embed_dim is None else embed_dim
     cfg = EncoderConfig("nic", int(input_size), float(input_mpp), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), dim, dim)
     return NICEncoder(cfg)
+
+
+_NIC_SOURCE = "https://github.com/davidtellez/neural-image-compression (models/encoders_patches_pathology/)"
+_NIC_LICENSE = "MIT (Diagnostic Image Analysis Group); shipped with wsi_encoder"
+_NIC_FORMAT = "Keras 2.0.9 HDF5 model file, read with h5py (layers converted; channels-last Flatten permuted)"
+
+
+def _published_nic(name: str, embed_dim: int | None, input_size: int, input_mpp: float) -> Encoder:
+    check_embed_dim(embed_dim)
+    if embed_dim not in (None, 128):
+        raise InvalidParameterError(f"{name} has a fixed 128-feature embedding; --embed-dim {embed_dim!r} does not apply")
+    cfg = EncoderConfig(name, int(input_size), float(input_mpp), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 128, 128)
+    return NICEncoder(cfg)
+
+
+for _name, _file, _what in (
+    ("nic-multitask-4", "encoder_multitask-4.h5", "supervised multitask (4-task) NIC encoder, Tellez et al. MIDL 2020"),
+    ("nic-bigan", "encoder_bigan.h5", "BiGAN NIC encoder, Tellez et al. IEEE TPAMI 2019"),
+):
+
+    def _build(
+        *, embed_dim: int | None = None, input_size: int = 128, input_mpp: float = 0.5, _n: str = _name
+    ) -> Encoder:
+        return _published_nic(_n, embed_dim, input_size, input_mpp)
+
+    _build.__doc__ = f"The authors' {_what}: 128 px @ 0.5 µm/px, 128 features (weights shipped)."
+    register_encoder(
+        _name,
+        embed_dim=128,
+        input_size=128,
+        mpp=0.5,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        weights_format=_NIC_FORMAT,
+        weights_file=_file,
+        source=_NIC_SOURCE,
+        license=_NIC_LICENSE,
+        requires_weights=True,
+        min_input_size=62,
+        output="dense (flatten of the last conv block → linear 128)",
+    )(_build)
+
+
+@register_encoder(
+    "nic-mean-rgb",
+    embed_dim=3,
+    input_size=128,
+    mpp=0.5,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    weights_format=_NIC_FORMAT + "; the file holds no weights, only the GlobalAveragePooling2D network",
+    weights_file="encoder_mean-rgb.h5",
+    source=_NIC_SOURCE,
+    license=_NIC_LICENSE,
+    requires_weights=True,
+    output="mean over the tile of each channel scaled to [-1, 1]",
+)
+def _nic_mean_rgb(*, embed_dim: int | None = None, input_size: int = 128, input_mpp: float = 0.5) -> Encoder:
+    """The authors' mean-RGB baseline (TPAMI 2019): 128 px @ 0.5 µm/px, 3 features."""
+    if embed_dim not in (None, 3):
+        raise InvalidParameterError(f"nic-mean-rgb has 3 features; --embed-dim {embed_dim!r} does not apply")
+    cfg = EncoderConfig("nic-mean-rgb", int(input_size), float(input_mpp), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 3, None)
+    return MeanRGBEncoder(cfg)
 
 
 def _resnet_builder(arch: str, trunk_features: int, *, truncate: bool = False, name: str | None = None) -> Callable[..., Encoder]:

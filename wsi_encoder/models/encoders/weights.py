@@ -28,6 +28,8 @@ from wsi_encoder.errors import CheckpointError
 WEIGHTS_DIR_ENV = "WSIENC_WEIGHTS_DIR"
 _SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Weights shipped with the package, laid out as ``$WSIENC_WEIGHTS_DIR`` (``<name>/<official file>``).
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "data" / "weights"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -62,19 +64,19 @@ def weights_file_in(path: Path) -> Path:
 
 
 def find_in_weights_dir(name: str, official_file: str | None) -> Path | None:
-    """The conventional file for encoder ``name`` under ``$WSIENC_WEIGHTS_DIR``, or None."""
-    root = os.environ.get(WEIGHTS_DIR_ENV)
-    if not root:
-        return None
-    base = Path(root).expanduser()
-    candidates = [base / f"{name}{suffix}" for suffix in _SUFFIXES]
-    folder = base / name
-    if official_file:
-        candidates.append(folder / official_file)
-    candidates += [folder / f for f in _SNAPSHOT_FILES]
-    for c in candidates:
-        if c.is_file():
-            return c
+    """The conventional file for encoder ``name`` under ``$WSIENC_WEIGHTS_DIR``, else the copy shipped with the
+    package (:data:`BUNDLED_WEIGHTS_DIR`, the same layout; the NIC authors' MIT-licensed encoders), or None."""
+    roots = [Path(root).expanduser()] if (root := os.environ.get(WEIGHTS_DIR_ENV)) else []
+    roots.append(BUNDLED_WEIGHTS_DIR)
+    for base in roots:
+        candidates = [base / f"{name}{suffix}" for suffix in _SUFFIXES]
+        folder = base / name
+        if official_file:
+            candidates.append(folder / official_file)
+        candidates += [folder / f for f in _SNAPSHOT_FILES]
+        for c in candidates:
+            if c.is_file():
+                return c
     return None
 
 
