@@ -39,6 +39,7 @@ class EncodeProgress(Progress):
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Forward pass precision (autocast): bf16 on CUDA or recent CPUs, fp16 on CUDA. Features are stored as --dtype.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (slower start, faster on long runs).")
 @click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
+@click.option("--dihedral", is_flag=True, help="Also encode every tile in its 8 rotations/flips (features_dihedral, rotation-true NIC augmentation; 8x the time). gridcnn then trains and predicts on true views.")
 @storage_options_option
 def encode(
     patch_store: Path | str,
@@ -57,6 +58,7 @@ def encode(
     precision: str,
     compile_model: bool,
     slide_ids: tuple[str, ...],
+    dihedral: bool,
 ) -> None:
     """Encode every tile of PATCH_STORE and lay the embeddings out as each slide's grid (C x R x Q).
 
@@ -91,6 +93,7 @@ def encode(
             progress=bar,
             precision=precision,
             compile=compile_model,
+            dihedral=dihedral,
         )
     finally:
         bar.close()

@@ -109,6 +109,21 @@ class SlideBag:
     features: FloatArray
     rowcol: npt.NDArray[np.integer[Any]]
     grid_shape: tuple[int, int]
+    #: ``(8, N, C)`` embeddings of the tiles' 8 dihedral views (``encode --dihedral``), when loaded; view 0 is
+    #: ``features``. See :func:`dihedral_cells` for the order.
+    dihedral: FloatArray | None = None
+
+    def view(self, v: int) -> SlideBag:
+        """The slide as its dihedral view ``v`` sees it: the view's embeddings at the rotated/flipped cells.
+
+        ``bag.view(v).grid()`` equals the grid of the slide image transformed as view ``v`` transforms a tile
+        (``np.rot90(image, v)``, or ``np.rot90(np.fliplr(image), v - 4)`` for ``v >= 4``), each tile encoded as
+        it appears there. Needs :attr:`dihedral` (``EmbeddingStore.load(..., dihedral=True)``).
+        """
+        if self.dihedral is None:
+            raise StoreError(f"slide {self.slide_id!r} was not encoded with --dihedral (no features_dihedral)")
+        rowcol, shape = dihedral_cells(self.rowcol, self.grid_shape, v)
+        return SlideBag(self.slide_id, self.dihedral[v], rowcol, shape)
 
     @property
     def n_tiles(self) -> int:
@@ -137,7 +152,33 @@ class SlideBag:
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays, in bytes."""
-        return int(self.features.nbytes + self.rowcol.nbytes)
+        return int(self.features.nbytes + self.rowcol.nbytes + (0 if self.dihedral is None else self.dihedral.nbytes))
+
+
+#: The number of dihedral views of a square tile (4 rotations × with and without a mirror).
+DIHEDRAL_VIEWS = 8
+
+
+def dihedral_cells(
+    rowcol: npt.NDArray[np.integer[Any]], grid_shape: tuple[int, int], v: int
+) -> tuple[npt.NDArray[np.int64], tuple[int, int]]:
+    """Where each grid cell ``(row, col)`` goes, and the grid's new shape, under dihedral view ``v``.
+
+    Views ``v = 0..3`` are ``np.rot90(·, v)`` (counter-clockwise quarter turns) and ``v = 4..7`` are
+    ``np.rot90(np.fliplr(·), v - 4)``, applied to the whole slide (and so to the grid of cells) exactly as
+    ``encode --dihedral`` applies them to each tile's pixels.
+    """
+    if not 0 <= v < DIHEDRAL_VIEWS:
+        raise StoreError(f"dihedral view {v!r} is not one of 0..{DIHEDRAL_VIEWS - 1}")
+    r = np.asarray(rowcol, dtype=np.int64)[:, 0].copy()
+    c = np.asarray(rowcol, dtype=np.int64)[:, 1].copy()
+    rows, cols = int(grid_shape[0]), int(grid_shape[1])
+    if v >= 4:  # fliplr mirrors the columns
+        c = cols - 1 - c
+    for _ in range(v % 4):  # np.rot90: cell (r, c) of an R×Q array goes to (Q-1-c, r) of a Q×R one
+        r, c = cols - 1 - c, r
+        rows, cols = cols, rows
+    return np.stack([r, c], axis=1), (rows, cols)
 
 
 @dataclass(frozen=True)
@@ -201,6 +242,8 @@ class SlideLayout:
     grid_shape: tuple[int, int]
     dtype: str
     chunk_tiles: int
+    #: 1, or :data:`DIHEDRAL_VIEWS` when every tile is also encoded in its 8 dihedral views.
+    views: int = 1
 
     @property
     def n_chunks(self) -> int:
@@ -400,8 +443,11 @@ class EmbeddingStore:
         return {**self._patch_store_attrs(attrs, slide_id), **attrs}
 
     # ------------------------------------------------------------------ arrays
-    def load(self, slide_id: str) -> SlideBag:
+    def load(self, slide_id: str, *, dihedral: bool = False) -> SlideBag:
         """Features, grid cells and grid shape of one usable slide (validated; cached).
+
+        ``dihedral`` also reads the ``(8, N, C)`` views of ``encode --dihedral`` into ``SlideBag.dihedral``
+        (a :class:`StoreError` when the slide has none: check :meth:`has_dihedral`).
 
         Raises
         ------
@@ -410,7 +456,7 @@ class EmbeddingStore:
             non-finite features).
         """
         cached = self._cache.get(slide_id)
-        if cached is not None:
+        if cached is not None and (cached.dihedral is not None or not dihedral):
             self._cache.move_to_end(slide_id)
             return cached
         group = self._usable_group(slide_id)
@@ -427,7 +473,15 @@ class EmbeddingStore:
         _check_finite(features, where)
         if not np.issubdtype(features.dtype, np.floating):
             features = features.astype(np.float32)
-        bag = SlideBag(slide_id, features, rowcol, grid_shape)
+        views = None
+        if dihedral:
+            if "features_dihedral" not in group:
+                raise StoreError(f"{where}: was not encoded with --dihedral (no features_dihedral); re-encode with --dihedral")
+            views = np.asarray(_array(group, "features_dihedral", self.path)[...])
+            if views.shape != (DIHEDRAL_VIEWS, *features.shape):
+                raise StoreError(f"{where}: features_dihedral {views.shape} does not align with features {features.shape}")
+            _check_finite(views, where)
+        bag = SlideBag(slide_id, features, rowcol, grid_shape, views)
         self._remember(bag)
         return bag
 
@@ -464,6 +518,14 @@ class EmbeddingStore:
         mean: npt.NDArray[np.float64] = total / features.shape[0]
         _check_finite(mean, f"{self.path}/{slide_id}")
         return mean
+
+    def has_dihedral(self, slide_id: str) -> bool:
+        """Whether the slide holds the 8 dihedral views of every tile (``features_dihedral``)."""
+        return "features_dihedral" in self.group(slide_id)
+
+    def dihedral_grid(self, slide_id: str, v: int) -> FloatArray:
+        """``(C, R', Q')`` NIC grid of dihedral view ``v`` of one usable slide (see :meth:`SlideBag.view`)."""
+        return self.load(slide_id, dihedral=True).view(v).grid()
 
     def features(self, slide_id: str) -> zarr.Array:
         """The ``features`` array of a slide group, unread (sampling rows, streaming; writers use it on
@@ -564,6 +626,7 @@ class EmbeddingStore:
             grid_shape=(rows, cols),
             dtype=str(features.dtype),
             chunk_tiles=int(features.chunks[0]),
+            views=DIHEDRAL_VIEWS if "features_dihedral" in group else 1,
         )
 
     def prepare_slide(
@@ -616,6 +679,15 @@ class EmbeddingStore:
             fill_value=0,
             config={"write_empty_chunks": True},
         )
+        if layout.views == DIHEDRAL_VIEWS:
+            group.create_array(
+                "features_dihedral",
+                shape=(DIHEDRAL_VIEWS, n, c),
+                chunks=(1, max(1, layout.chunk_tiles), max(1, c)),
+                dtype=layout.dtype,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
         rows_chunk = (max(1, min(n, 65536)), 2)
         group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=rows_chunk)
         group.create_array("rowcol", data=np.asarray(rowcol, dtype=np.int32).reshape(n, 2), chunks=rows_chunk)
@@ -636,8 +708,11 @@ class EmbeddingStore:
         self._cache.pop(slide_id, None)
         self._listing = None
 
-    def write_features_chunk(self, slide_id: str, layout: SlideLayout, k: int, features: FloatArray) -> None:
-        """Write row chunk ``k`` of ``features`` and then mark it encoded (in that order, for resuming).
+    def write_features_chunk(
+        self, slide_id: str, layout: SlideLayout, k: int, features: FloatArray, dihedral: FloatArray | None = None
+    ) -> None:
+        """Write row chunk ``k`` of ``features`` (and of ``features_dihedral``, ``(8, n, C)``, when the layout has
+        the views) and then mark it encoded (in that order, for resuming).
 
         Raises
         ------
@@ -649,15 +724,26 @@ class EmbeddingStore:
         expected = (stop - start, layout.embedding_dim)
         if features.shape != expected:
             raise StoreError(f"{self.path}/{slide_id}: chunk {k} has features of shape {features.shape}, expected {expected}")
-        cast = features.astype(layout.dtype)
-        if not np.isfinite(cast).all():
-            peak = float(np.nanmax(np.abs(features))) if np.isfinite(features).any() else float("nan")
-            raise StoreError(
-                f"{self.path}/{slide_id}: embeddings do not fit {layout.dtype} (largest magnitude {peak:.4g}, or NaN); "
-                "re-run with --dtype float32 or check the encoder"
-            )
+        if (dihedral is not None) != (layout.views == DIHEDRAL_VIEWS) or (
+            dihedral is not None and dihedral.shape != (DIHEDRAL_VIEWS, *expected)
+        ):
+            got = None if dihedral is None else dihedral.shape
+            raise StoreError(f"{self.path}/{slide_id}: chunk {k} has dihedral views {got}, the layout has {layout.views} view(s)")
+        cast = self._fits(slide_id, features, layout.dtype)
+        if dihedral is not None:
+            _array(group, "features_dihedral", self.path)[:, start:stop] = self._fits(slide_id, dihedral, layout.dtype)
         _array(group, "features", self.path)[start:stop] = cast
         _array(group, "encoded_chunks", self.path)[k] = True
+
+    def _fits(self, slide_id: str, values: FloatArray, dtype: str) -> FloatArray:
+        cast: FloatArray = values.astype(dtype)
+        if not np.isfinite(cast).all():
+            peak = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else float("nan")
+            raise StoreError(
+                f"{self.path}/{slide_id}: embeddings do not fit {dtype} (largest magnitude {peak:.4g}, or NaN); "
+                "re-run with --dtype float32 or check the encoder"
+            )
+        return cast
 
     def pending_chunks(self, slide_id: str) -> builtins.list[int]:
         """Row chunks of ``features`` not yet written."""
@@ -776,8 +862,10 @@ def _check_finite(values: npt.NDArray[Any], where: str) -> None:
 def _matches(group: zarr.Group, layout: SlideLayout, identity: Mapping[str, Any]) -> bool:
     features, done = group.get("features"), group.get("encoded_chunks")
     old = group.attrs.get("encoder") or {}
+    views = group.get("features_dihedral")
     return (
-        isinstance(features, zarr.Array)
+        (views is None) == (layout.views == 1)
+        and isinstance(features, zarr.Array)
         and isinstance(done, zarr.Array)
         and isinstance(old, Mapping)
         and features.shape == (layout.n_tiles, layout.embedding_dim)

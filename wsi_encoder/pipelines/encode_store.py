@@ -44,11 +44,18 @@ from wsi_encoder.compression import (
 )
 from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import InvalidParameterError, StoreError, WsiEncoderError
-from wsi_encoder.io.embedding_store import FEATURE_DTYPES, GRID_CHUNK, EmbeddingStore, SlideLayout
+from wsi_encoder.io.embedding_store import (
+    DIHEDRAL_VIEWS,
+    FEATURE_DTYPES,
+    GRID_CHUNK,
+    EmbeddingStore,
+    SlideLayout,
+)
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
 from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import get_reader
 from wsi_encoder.io.urls import is_url, normalize, zarr_store
+from wsi_encoder.models.dihedral import DihedralEncoder
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
 from wsi_encoder.tiling import grid_from_attrs, read_tiles
 
@@ -63,6 +70,15 @@ _COPIED_ATTRS = (
     "actual_mpp", "tile_size", "stride", "tile_size_l0", "stride_l0", "level", "resampled", "coords_only",
     "mpp_tolerance", "tissue_threshold", "tissue_method", "thumbnail_size", "mpp_source", "codec", "jpeg_quality", "edge",
 )  # fmt: skip
+
+
+#: What ``features_dihedral`` holds (recorded on every slide encoded with ``dihedral``).
+_DIHEDRAL_ATTR = {
+    "views": DIHEDRAL_VIEWS,
+    "array": "features_dihedral (8, N, C)",
+    "order": "v in 0..3: np.rot90(tile, v); v in 4..7: np.rot90(np.fliplr(tile), v - 4); view 0 = features",
+    "grid": "the grid of view v is the cells moved the same way: EmbeddingStore.dihedral_grid(slide, v)",
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,8 @@ class EncodeOptions:
     torch_threads: int | None = None
     precision: str = "fp32"
     compile: bool = False
+    #: Also encode every tile in its 8 dihedral views (``features_dihedral``).
+    dihedral: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,17 +230,22 @@ def encode_chunk(
         start, stop = layout.chunk_range(chunk)
         reader = _tile_reader(patch_group, opts.batch_size)
         plan = _plan(patch_group.attrs, identity)
+        views = DIHEDRAL_VIEWS if opts.dihedral else 1
         features = encode_tiles(
-            model,
+            DihedralEncoder(model) if opts.dihedral else model,
             iter_blocks(reader.read, start, stop, reader.block),
             n_tiles=stop - start,
-            embedding_dim=identity.embedding_dim,
+            embedding_dim=identity.embedding_dim * views,
             batch_size=opts.batch_size,
             out_size=plan.out_size,
             device=resolve_device(opts.device),
             progress=progress,
         )
-        store.write_features_chunk(slide_id, layout, chunk, features)
+        dihedral = None
+        if opts.dihedral:  # (n, 8 * C) view-major per tile -> (8, n, C); view 0 is the plain embedding
+            dihedral = features.reshape(stop - start, views, identity.embedding_dim).transpose(1, 0, 2)
+            features = np.ascontiguousarray(dihedral[0])
+        store.write_features_chunk(slide_id, layout, chunk, features, dihedral)
         return _ChunkOutcome(slide_id, chunk, stop - start, None)
     except Exception as exc:  # a task boundary: the slide is reported failed, the run goes on
         logger.debug("chunk %d of %s failed", chunk, slide_id, exc_info=True)
@@ -348,6 +371,11 @@ def _plan_slide(
     if store.is_complete(slide_id) and not overwrite:
         old: dict[str, Any] = dict(store.group(slide_id).attrs)
         old_encoder = old.get("encoder") or {}
+        if opts.dihedral and "features_dihedral" not in store.group(slide_id):
+            raise StoreError(
+                f"{opts.out}: slide {slide_id!r} is already encoded without --dihedral; pass --overwrite to re-encode "
+                "it with the 8 views or choose another --out"
+            )
         if (old_encoder.get("name"), old_encoder.get("weights_sha256"), old.get("dtype"), old.get("precision", "fp32")) != (
             identity.name,
             identity.weights_sha256,
@@ -393,6 +421,7 @@ def _plan_slide(
         grid_shape=grid_shape,
         dtype=opts.dtype,
         chunk_tiles=existing or _chunk_tiles_for(patch_group, chunk_tiles),
+        views=DIHEDRAL_VIEWS if opts.dihedral else 1,
     )
     attrs = {
         **{key: pattrs.get(key) for key in _COPIED_ATTRS},
@@ -404,6 +433,7 @@ def _plan_slide(
         "grid_shape": list(grid_shape),
         "patch_store": str(normalize(opts.patch_store)),
         "encoder_input": {"size": plan.out_size, "mpp": plan.out_mpp, "resampled": plan.resample},
+        **({"dihedral": _DIHEDRAL_ATTR} if opts.dihedral else {}),
         "wsi_encoder_version": __version__,
     }
     thumbnail = _read_array(patch_group, "thumbnail").astype(np.uint8) if "thumbnail" in patch_group else None
@@ -478,6 +508,7 @@ def encode_store(
     progress: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    dihedral: bool = False,
 ) -> EncodeResult:
     """Compress every slide of a patch store into an embedding grid.
 
@@ -522,6 +553,9 @@ def encode_store(
         ``fp32``, ``bf16`` (CUDA, or recent CPUs) or ``fp16`` (CUDA): autocast of the forward pass.
     compile
         ``torch.compile`` the encoder (each worker process compiles once).
+    dihedral
+        Also encode every tile in its 8 dihedral views into ``features_dihedral`` ``(8, N, C)`` (rotation-true
+        compression as the NIC authors do it; 8× the encoding time, 9× the feature storage).
 
     Returns
     -------
@@ -567,6 +601,7 @@ def encode_store(
             torch_threads=None if remote or n_parallel == 1 else max(1, (os.cpu_count() or 1) // n_parallel),
             precision=precision,
             compile=compile,
+            dihedral=dihedral,
         )
         listed = patch_root.attrs.get("slides")
         listed_ids = set(listed) if isinstance(listed, Mapping) else set()
