@@ -21,7 +21,7 @@ def dihedral_view(x: torch.Tensor, v: int) -> torch.Tensor:
     """View ``v`` of a ``(B, C, H, W)`` batch: ``np.rot90(tile, v)`` or ``np.rot90(np.fliplr(tile), v - 4)``."""
     if v >= 4:
         x = torch.flip(x, dims=(3,))
-    return torch.rot90(x, v % 4, dims=(2, 3))
+    return torch.rot90(x, v % 4, dims=(2, 3)).contiguous()
 
 
 class DihedralEncoder(nn.Module):
