@@ -68,6 +68,8 @@ def classify() -> None:
               help="Maximum epochs (gridcnn, abmil; early stopping on the inner validation split).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Model setting, repeatable (e.g. --param crop=64 --param lr=0.001); see docs/classify.md.")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Named model settings, overridden by --param: gridcnn 'tellez2019' (the NIC paper's grid CNN and protocol) or 'light' (the default).")
 @click.option("--positive-class", default=None, help="For two classes: the label reported as positive.")
 @click.option("--allow-missing", is_flag=True, help="Skip (with a warning) slides only in the CSV or only in the store.")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
@@ -87,6 +89,7 @@ def train(
     seed: int,
     epochs: int | None,
     params: tuple[str, ...],
+    preset: str | None,
     positive_class: str | None,
     allow_missing: bool,
     val_fraction: float,
@@ -106,7 +109,7 @@ def train(
         result = train_classifier(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
-            n_boot=n_boot, threads=threads, on_fold=bar,
+            n_boot=n_boot, threads=threads, on_fold=bar, preset=preset,
         )
     m = result.metrics
     labels = m["labels"]

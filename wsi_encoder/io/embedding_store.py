@@ -519,6 +519,10 @@ class EmbeddingStore:
         _check_finite(mean, f"{self.path}/{slide_id}")
         return mean
 
+    def all_dihedral(self, slide_ids: Sequence[str]) -> bool:
+        """Whether every one of ``slide_ids`` holds its 8 dihedral views (and there is at least one)."""
+        return bool(slide_ids) and all(self.has_dihedral(s) for s in slide_ids)
+
     def has_dihedral(self, slide_id: str) -> bool:
         """Whether the slide holds the 8 dihedral views of every tile (``features_dihedral``)."""
         return "features_dihedral" in self.group(slide_id)
@@ -592,9 +596,9 @@ class EmbeddingStore:
             extent = (width, width / aspect)
         return SlideGeometry(origin, stride, extent, estimated=True)
 
-    def bags(self, slide_ids: Sequence[str] | None = None) -> SlideBags:
-        """A lazy sequence of :class:`SlideBag` (default: every usable slide)."""
-        return SlideBags(self, self.slide_ids if slide_ids is None else slide_ids)
+    def bags(self, slide_ids: Sequence[str] | None = None, *, dihedral: bool = False) -> SlideBags:
+        """A lazy sequence of :class:`SlideBag` (default: every usable slide); ``dihedral`` loads their 8 views."""
+        return SlideBags(self, self.slide_ids if slide_ids is None else slide_ids, dihedral=dihedral)
 
     # ------------------------------------------------------------------ writing
     def update_status(self, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -822,23 +826,24 @@ class EmbeddingStore:
 class SlideBags(Sequence[SlideBag]):
     """A lazy sequence of slides from a store, in a fixed order (what the slide classifiers consume)."""
 
-    def __init__(self, store: EmbeddingStore, slide_ids: Iterable[str]) -> None:
+    def __init__(self, store: EmbeddingStore, slide_ids: Iterable[str], *, dihedral: bool = False) -> None:
         self.store = store
         self.slide_ids = tuple(slide_ids)
+        self.dihedral = dihedral
 
     def __len__(self) -> int:
         return len(self.slide_ids)
 
     def __getitem__(self, index: int) -> SlideBag:  # type: ignore[override]
-        return self.store.load(self.slide_ids[index])
+        return self.store.load(self.slide_ids[index], dihedral=self.dihedral)
 
     def __iter__(self) -> Iterator[SlideBag]:
         for sid in self.slide_ids:
-            yield self.store.load(sid)
+            yield self.store.load(sid, dihedral=self.dihedral)
 
     def subset(self, indices: npt.ArrayLike) -> SlideBags:
         """The slides at ``indices`` (positions in this sequence)."""
-        return SlideBags(self.store, [self.slide_ids[int(i)] for i in np.asarray(indices).ravel()])
+        return SlideBags(self.store, [self.slide_ids[int(i)] for i in np.asarray(indices).ravel()], dihedral=self.dihedral)
 
 
 def read_slide(store: str | Path, slide_id: str) -> EncodedSlide:

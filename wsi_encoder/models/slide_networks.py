@@ -99,3 +99,47 @@ class GatedAttentionMIL(nn.Module):
         attention = torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=1)
         pooled = torch.einsum("bn,bnh->bh", attention, h)
         return self.classifier(pooled), attention
+
+
+class TellezGridCNN(nn.Module):
+    """The grid CNN of Tellez et al. (TPAMI 2019, appendix): ``(B, C, H, W)`` grid + ``(B, 1, H, W)`` mask → logits.
+
+    8 depthwise-separable 3×3 convolutions of ``width`` (128) filters, each with BatchNorm, LeakyReLU(0.2) and
+    feature-wise (spatial) dropout; stride 2 except the last two ("same" padding: a 400-cell crop goes
+    400 → 200 → 100 → 50 → 25 → 13 → 7 → 7 → 7); then dense ``width`` with BatchNorm and LeakyReLU, and the
+    output layer. The paper does not say what joins the last convolution to the dense layer; a tissue-masked
+    global average pool is used here, so the same weights score a crop of any size and the whole grid (Grad-CAM).
+    """
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+    #: Stride of each of the 8 layers.
+    strides = (2, 2, 2, 2, 2, 2, 1, 1)
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 128, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_channels))
+        self.register_buffer("input_std", torch.ones(in_channels))
+        chans = [in_channels] + [width] * len(self.strides)
+        self.blocks = nn.ModuleList(SeparableConvBlock(chans[i], chans[i + 1], dropout) for i in range(len(self.strides)))
+        self.dense = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(width, num_classes)
+
+    def forward(self, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, k)`` logits."""
+        return self.forward_with_first(grid, mask)[0]
+
+    def forward_with_first(self, grid: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the masked output of the first layer (half the grid's resolution; the paper's Grad-CAM layer)."""
+        x = (grid - self.input_mean[:, None, None]) / self.input_std[:, None, None] * mask
+        m = mask
+        first = x
+        for i, (block, stride) in enumerate(zip(self.blocks, self.strides, strict=True)):
+            x = block(x, stride)
+            if stride > 1:
+                m = F.max_pool2d(m, 3, stride=stride, padding=1)
+            x = x * m
+            if i == 0:
+                first = x
+        pooled = x.sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1.0)
+        return self.out(self.dense(pooled)), first

@@ -44,6 +44,7 @@ from wsi_encoder.models.classifier_files import load_model, save_model
 from wsi_encoder.models.slide_classifiers import (
     SlideClassifier,
     config_fields,
+    model_preset,
     slide_classifier_class,
     torch_threads,
 )
@@ -178,6 +179,7 @@ def train_classifier(
     n_boot: int = 1000,
     threads: int | None = None,
     on_fold: Callable[[FoldResult], None] | None = None,
+    preset: str | None = None,
 ) -> ClassifyResult:
     """Cross-validate a slide classifier, refit it on all training slides, and write the report.
 
@@ -212,6 +214,9 @@ def train_classifier(
         Torch CPU threads while training (None: torch's default).
     on_fold
         Called after every fold (progress).
+    preset
+        Named settings of the model (``gridcnn``: ``light`` or ``tellez2019``, the TPAMI 2019 network and
+        protocol); ``params`` override them one by one.
     """
     out = Path(out_dir)
     reader = EmbeddingStore.open(embedding_store)
@@ -220,8 +225,8 @@ def train_classifier(
         positive_class=positive_class, store_skipped=reader.skipped,
     )
     encoder = reader.encoder_identity()
-    overrides = dict(params or {})
     cls = slide_classifier_class(model)
+    overrides = {**model_preset(model, preset), **dict(params or {})}
     if epochs is not None:
         if "epochs" in config_fields(cls.Config):
             overrides["epochs"] = epochs
@@ -229,7 +234,8 @@ def train_classifier(
             logger.warning("--epochs does not apply to the %s model; ignored", model)
     train = table.select("train")
     test = table.select("test")
-    bags = reader.bags(train.slide_ids)
+    dihedral = cls.uses_dihedral and reader.all_dihedral(train.slide_ids + test.slide_ids)
+    bags = reader.bags(train.slide_ids, dihedral=dihedral)
     in_dim = reader.embedding_dim
     key = _resume_key(
         model=model, config=overrides, folds=folds, seed=seed, val_fraction=val_fraction, slides=train.slide_ids,
@@ -265,7 +271,7 @@ def train_classifier(
     title = f"{model}, {folds}-fold patient-grouped CV (out-of-fold)"
     files.update(_plots(out, "", train.y, cv.oof_prob, table.classes, title, cv.fold_of))
     if test.slide_ids:
-        test_prob = cv.final_model.predict_proba(reader.bags(test.slide_ids))
+        test_prob = cv.final_model.predict_proba(reader.bags(test.slide_ids, dihedral=dihedral))
         y_test = test.y
         test_report = {
             "n_slides": len(test.slide_ids),
@@ -286,6 +292,8 @@ def train_classifier(
     atomic_write_csv(files["predictions"], rows, header)
     metrics = {
         "model": model,
+        "preset": preset,
+        "dihedral_views": dihedral,
         "config": cv.config,
         "folds": folds,
         "seed": seed,
@@ -369,7 +377,7 @@ def predict(
     with torch_threads(threads):
         for slide_id in reader.slide_ids:
             try:
-                bag = reader.load(slide_id)
+                bag = reader.load(slide_id, dihedral=model.uses_dihedral and reader.has_dihedral(slide_id))
                 prob = model.predict_proba([bag])[0]
             except StoreError as exc:
                 logger.warning("%s: skipped (%s)", slide_id, exc)

@@ -33,6 +33,7 @@ from wsi_encoder.models.slide_classifiers.base import (
     create_slide_classifier,
     list_slide_classifiers,
     make_config,
+    model_preset,
     register_slide_classifier,
     slide_classifier_class,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "fit_module",
     "list_slide_classifiers",
     "make_config",
+    "model_preset",
     "register_slide_classifier",
     "slide_classifier_class",
     "torch_threads",

@@ -58,6 +58,10 @@ class SlideClassifier(ABC, Generic[ConfigT]):
     heatmap_kind: ClassVar[str]
     #: True when heatmap values are signed (drawn with a diverging colour map centred on 0).
     heatmap_signed: ClassVar[bool] = False
+    #: True when the model uses the 8 dihedral views of ``encode --dihedral`` (``SlideBag.dihedral``) when present.
+    uses_dihedral: ClassVar[bool] = False
+    #: Named sets of config overrides (``classify train --preset NAME``).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     config: ConfigT
 
     def __init__(
@@ -156,6 +160,23 @@ def create_slide_classifier(
 ) -> SlideClassifier[Any]:
     """Make the model ``name`` with ``config`` overrides of its defaults."""
     return slide_classifier_class(name)(in_dim, num_classes, config, device)
+
+
+def model_preset(name: str, preset: str | None) -> dict[str, Any]:
+    """The config overrides of ``preset`` of model ``name`` (``{}`` for None).
+
+    Raises
+    ------
+    InvalidParameterError
+        The model has no preset of that name.
+    """
+    if preset is None:
+        return {}
+    presets = slide_classifier_class(name).presets
+    if preset not in presets:
+        have = ", ".join(presets) or "none"
+        raise InvalidParameterError(f"model {name!r} has no preset {preset!r} (presets: {have})")
+    return dict(presets[preset])
 
 
 def config_fields(config_type: type[Any]) -> list[str]:

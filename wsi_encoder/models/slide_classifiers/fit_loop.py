@@ -2,7 +2,8 @@
 
 The loop knows nothing of models or losses: it is given a module, a function producing one epoch of
 batches, a function turning a batch into a scalar loss, and optionally a function computing the
-validation loss. AdamW at a constant learning rate; the weights of the epoch with the lowest validation
+validation loss. AdamW at a constant learning rate by default (Adam with an L2 penalty and a learning rate
+reduced on plateau for the ``gridcnn`` ``tellez2019`` preset); the weights of the epoch with the lowest validation
 loss are restored at the end (so the epoch count is comparable when a final model is refit on all data
 for that many epochs, without a validation set).
 """
@@ -73,6 +74,10 @@ def fit_module(
     patience: int = 10,
     seed: int = 0,
     max_grad_norm: float = 5.0,
+    optimizer: str = "adamw",
+    lr_plateau: float = 0.0,
+    plateau_patience: int = 5,
+    min_lr: float = 0.0,
 ) -> FitHistory:
     """Train ``module`` in place.
 
@@ -89,7 +94,13 @@ def fit_module(
     epochs
         Maximum number of passes over the training data.
     lr, weight_decay
-        AdamW settings (constant learning rate).
+        Learning rate and weight decay.
+    optimizer
+        ``adamw`` (decoupled weight decay on every parameter), or ``adam`` with ``weight_decay`` as an L2
+        penalty on the weight matrices and kernels only (Keras ``kernel_regularizer=l2(weight_decay / 2)``).
+    lr_plateau, plateau_patience, min_lr
+        With ``lr_plateau`` > 0, the learning rate is multiplied by it after ``plateau_patience`` epochs without
+        a lower validation (else training) loss, down to ``min_lr`` (Keras ``ReduceLROnPlateau``).
     patience
         Stop after this many epochs without a lower validation loss.
     seed
@@ -101,7 +112,22 @@ def fit_module(
         raise InvalidParameterError(f"epochs must be >= 1, got {epochs!r}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    else:
+        raise InvalidParameterError(f"optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+    scheduler = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=lr_plateau, patience=plateau_patience, min_lr=min_lr)
+        if lr_plateau > 0
+        else None
+    )
     train_losses: list[float] = []
     val_losses: list[float] = []
     best_loss, best_epoch, best_state = math.inf, 0, None
@@ -110,20 +136,24 @@ def fit_module(
         module.train()
         total, count = 0.0, 0
         for batch in batches(rng):
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss = batch_loss(module, batch)
             loss.backward()
             nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
-            optimizer.step()
+            opt.step()
             total += float(loss.detach())
             count += 1
         train_losses.append(total / max(count, 1))
         if val_loss is None:
+            if scheduler is not None:
+                scheduler.step(train_losses[-1])
             continue
         module.eval()
         with torch.no_grad():
             current = float(val_loss(module))
         val_losses.append(current)
+        if scheduler is not None:
+            scheduler.step(current)
         logger.debug("epoch %d train loss %.4f val loss %.4f", epoch, train_losses[-1], current)
         if current < best_loss - 1e-6:
             best_loss, best_epoch = current, epoch

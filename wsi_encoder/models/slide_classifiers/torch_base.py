@@ -161,6 +161,10 @@ class TorchSlideClassifier(SlideClassifier[TorchConfigT]):
             weight_decay=self.config.weight_decay,
             patience=self.config.patience,
             seed=seed,
+            optimizer=getattr(self.config, "optimizer", "adamw"),
+            lr_plateau=getattr(self.config, "lr_plateau", 0.0),
+            plateau_patience=getattr(self.config, "plateau_patience", 5),
+            min_lr=getattr(self.config, "min_lr", 0.0),
         )
         return FitInfo(best_epoch=history.best_epoch, epochs_run=history.epochs_run, stopped_early=history.stopped_early)
 
