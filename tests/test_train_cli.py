@@ -11,7 +11,8 @@ from _train_fixtures import make_kather, make_patch_store, make_pcam, write_csv
 from click.testing import CliRunner
 
 from wsi_encoder.cli import main
-from wsi_encoder.models.checkpoint import load_encoder, read_checkpoint_config
+from wsi_encoder.models.checkpoint import load_encoder, read_checkpoint_config, training_record
+from wsi_encoder.tasks.data import PIXEL_DIGEST, pixel_digest, read_image_file
 
 torch.set_num_threads(2)
 
@@ -65,6 +66,12 @@ def test_train_encoder_writes_a_loadable_checkpoint_and_resumes(datasets: dict[s
     assert [t["name"] for t in cfg["tasks"]] == ["kather-crc", "pcam", "patch-store"]
     assert cfg["tasks"][1]["loss_weight"] == 0.5 and cfg["tasks"][1]["split"] == "dataset's own split"
     assert cfg["tasks"][2]["classes"] == ["normal", "lesion"]
+    # what it was trained on, by content, travels inside the weights file (the LOMO guard reads it)
+    content = cfg["training_content"]
+    assert content["digest"] == PIXEL_DIGEST
+    kather_image = next(p for p in sorted(datasets["kather"].rglob("*")) if p.is_file())
+    assert pixel_digest(read_image_file(kather_image)) in content["images"]
+    assert training_record(out / "model.safetensors")["training_content"] == content
     assert load_encoder(out)(torch.rand(1, 3, 64, 64)).shape == (1, 8)
     for png in ("augmentations.png", "training_curves.png"):
         assert (out / png).stat().st_size > 10_000

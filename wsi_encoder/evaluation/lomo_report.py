@@ -378,6 +378,8 @@ def render_report(
         f"{config.get('seed')}; every arm and fold started from the same initial weights (SHA-256 "
         f"`{str(config.get('init_sha256', ''))[:16]}`).",
         "",
+        _contamination_line(prov),
+        "",
         "Patients: "
         + (
             "grouped by case number (`patient_key: number`; slides 14-22549AB, 14-22549CD and 14-22549G are one "
@@ -581,3 +583,24 @@ def render_repeats(config: Mapping[str, Any], summary: Sequence[Mapping[str, Any
             )
     lines += ["", "`repeats.csv` holds these numbers; each `repeat_<k>/` is a complete LOMO output folder.", ""]
     return "\n".join(lines)
+
+
+def _contamination_line(prov: Mapping[str, Any]) -> str:
+    """What the backbone guard could check (see ``backbone_provenance``)."""
+    if prov.get("source") == "random_init":
+        return "Contamination: none possible (random initialisation)."
+    if prov.get("content_checked"):
+        return (
+            "Contamination: the backbone's training record was checked against DATA by task, by path and by "
+            "the pixel content of every image; "
+            + ("; ".join(prov.get("contamination", [])) or "no overlap found.")
+        )
+    if prov.get("training_tasks"):
+        return (
+            "Contamination: checked by the backbone's training tasks and paths only (its record holds no image "
+            "digests: trained before wsienc recorded them)."
+        )
+    return (
+        "Contamination: the weights carry no wsienc training record, so what they were trained on cannot be "
+        "checked here; the user vouches that they never saw these images."
+    )

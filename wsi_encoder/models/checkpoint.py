@@ -7,6 +7,10 @@ A checkpoint directory written by ``wsienc train-encoder --out DIR`` holds::
                             tasks and classes, per-task validation metrics, versions, weights SHA-256
     DIR/train_state.pt      optimiser/scaler state and position, for ``--resume`` (tensors only)
 
+``model.safetensors`` also carries the training record (tasks, their data paths and the pixel
+digests of every training image) in its metadata, so that a copy of the weights file alone still
+says what it was trained on (:func:`training_record`).
+
 The folder is a weights folder (:mod:`wsi_encoder.models.weights_folder`): ``config.json`` is written
 last and records the SHA-256 of ``model.safetensors``, so a reader never pairs a config with weights
 from another step.
@@ -14,6 +18,7 @@ from another step.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +49,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = WEIGHTS_FILE
 STATE_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = "wsi_encoder.encoder_checkpoint"
+#: The safetensors metadata key holding the training record (the config's TRAINING_RECORD_KEYS).
+TRAINING_RECORD_META = "wsi_encoder.training_record"
+TRAINING_RECORD_KEYS = ("format", "architecture", "tasks", "training_content")
 ENCODER_PREFIX = "encoder."
 
 
@@ -77,7 +85,43 @@ def save_checkpoint(
         state = dict(train_state)
         extra[STATE_NAME] = lambda tmp: torch.save(state, tmp)
     cfg = {"format": CHECKPOINT_FORMAT, "format_version": 1, **config}
-    return save_weights_folder(out_dir, state_dict, cfg, config_name=CONFIG_NAME, extra_files=extra)
+    record = {k: cfg[k] for k in TRAINING_RECORD_KEYS if k in cfg}
+    return save_weights_folder(
+        out_dir,
+        state_dict,
+        cfg,
+        config_name=CONFIG_NAME,
+        extra_files=extra,
+        metadata={TRAINING_RECORD_META: json.dumps(record)},
+    )
+
+
+def training_record(weights_file: str | Path) -> dict[str, Any] | None:
+    """What a ``wsienc train-encoder`` model was trained on (``format``, ``tasks``, ``training_content``).
+
+    Read from the weights file itself (its safetensors metadata travel with any copy of the file),
+    else from the checkpoint ``config.json`` beside it; ``None`` for weights that are not a
+    train-encoder model.
+    """
+    p = Path(weights_file)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                text = (fh.metadata() or {}).get(TRAINING_RECORD_META)
+        except Exception as exc:  # not a safetensors file after all
+            raise CheckpointError(f"{p}: unreadable safetensors file ({exc})") from exc
+        if text:
+            record = json.loads(text)
+            if isinstance(record, dict):
+                return record
+    if (p.parent / CONFIG_NAME).is_file():
+        try:
+            return read_checkpoint_config(p.parent)
+        except CheckpointError:
+            return None
+    return None
 
 
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,8 +60,9 @@ from wsi_encoder.evaluation.splits import (
 )
 from wsi_encoder.io.breakhis import CLASSES, BreakhisImage, patient_key, scan_breakhis
 from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
-from wsi_encoder.models.checkpoint import read_checkpoint_config
-from wsi_encoder.models.encoders import Encoder, create_encoder, file_sha256, state_sha256
+from wsi_encoder.models.checkpoint import read_checkpoint_config, training_record
+from wsi_encoder.models.encoders import Encoder, create_encoder, state_sha256
+from wsi_encoder.models.encoders.weights import BUNDLED_WEIGHTS_DIR
 from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
 from wsi_encoder.pipelines.lomo_summary import (
     EventHandler,
@@ -71,6 +73,7 @@ from wsi_encoder.pipelines.lomo_summary import (
     summarise_repeats,
     write_outputs,
 )
+from wsi_encoder.tasks.data import PIXEL_DIGEST, pixel_digest, read_image_file
 from wsi_encoder.training.gan_trainer import DcganSpec, FoldSynthetic, fold_synthetic_images
 from wsi_encoder.training.lomo_arms import BaselineArm, GanArm, GrlArm
 from wsi_encoder.training.lomo_data import build_image_cache
@@ -142,43 +145,89 @@ def _overlaps(a: Path, b: Path) -> bool:
 def backbone_provenance(config: LomoConfig, data: Sequence[str | Path]) -> dict[str, Any]:
     """Where the backbone's weights come from, and whether it has seen BreaKHis or DATA.
 
-    Returns ``{"name", "source" (registered | weights_file | checkpoint | random_init), "weights",
-    "weights_sha256", "training_tasks", "contamination": [reasons]}``. A checkpoint folder's recorded
-    tasks and data paths are read: any BreaKHis task, or a data path overlapping a DATA folder, is a
-    contamination reason (the encoder may have seen the test patients, the held-out magnification
-    or magnification labels).
+    The provenance is read from the encoder actually built (:func:`make_encoder`), so weights found
+    through ``$WSIENC_WEIGHTS_DIR`` or shipped with the package are identified by their file and
+    SHA-256 like a ``--weights`` file. Returns ``{"name", "source" (checkpoint | weights_file |
+    weights_dir | bundled | random_init), "weights", "weights_sha256", "training_tasks",
+    "contamination": [reasons]}``. The training record of a ``wsienc train-encoder`` model, whether
+    given as its folder or as its weights file, is read: any BreaKHis task, or a data path
+    overlapping a DATA folder, is a contamination reason (the encoder may have seen the test
+    patients, the held-out magnification or magnification labels), and so is any DATA image whose
+    pixels are among the record's training-image digests (``content_checked``): a copy of the data
+    under another name or folder is found by its content.
     """
-    path = Path(config.backbone)
+    encoder = make_encoder(config)
+    weights_path = getattr(encoder, "weights_path", None)
     info: dict[str, Any] = {
         "name": config.backbone,
         "source": "random_init",
-        "weights": config.weights,
-        "weights_sha256": None,
+        "weights": weights_path,
+        "weights_sha256": encoder.weights_sha256 if weights_path else None,
         "training_tasks": [],
         "contamination": [],
     }
+    path = Path(config.backbone)
+    record: dict[str, Any] | None = None
     if path.is_dir():
-        cfg = read_checkpoint_config(path)
-        tasks = [t for t in cfg.get("tasks", []) if isinstance(t, dict)]
+        record = read_checkpoint_config(path)
         info.update(
-            name=str(cfg.get("encoder", {}).get("name", cfg.get("architecture", config.backbone))),
+            name=str(record.get("encoder", {}).get("name", record.get("architecture", config.backbone))),
             source="checkpoint",
             checkpoint=str(path.resolve()),
-            weights_sha256=cfg.get("weights_sha256"),
-            training_tasks=[{"name": t.get("name"), "task": t.get("task"), "paths": t.get("paths")} for t in tasks],
+            weights_sha256=record.get("weights_sha256"),
         )
-        roots = [Path(d).resolve() for d in data]
-        for t in tasks:
-            task = str(t.get("task") or t.get("name") or "")
-            if "breakhis" in task.lower():
-                info["contamination"].append(f"it was trained on the BreaKHis task {task!r}")
-            for p in t.get("paths") or []:
-                q = Path(str(p)).resolve()
-                if any(_overlaps(q, r) for r in roots):
-                    info["contamination"].append(f"its task {task!r} was trained on {q}, which overlaps DATA")
-    elif config.weights is not None:
-        info.update(source="weights_file", weights_sha256=file_sha256(config.weights))
+    elif weights_path is not None:
+        info["source"] = _weights_source(config, Path(weights_path))
+        record = training_record(weights_path)
+    if record is not None:
+        tasks = [t for t in record.get("tasks", []) if isinstance(t, dict)]
+        info["training_tasks"] = [{"name": t.get("name"), "task": t.get("task"), "paths": t.get("paths")} for t in tasks]
+        info["contamination"] = _contamination(tasks, data)
+        content = record.get("training_content") or {}
+        if content.get("digest") == PIXEL_DIGEST:
+            shared = _shared_images(set(content.get("images") or []), data)
+            info["content_checked"] = True
+            if shared:
+                info["contamination"].append(
+                    f"{len(shared)} of the DATA images (e.g. {shared[0]}) are, pixel for pixel, among its training images"
+                )
+        else:
+            info["content_checked"] = False
     return info
+
+
+def _shared_images(digests: set[str], data: Sequence[str | Path]) -> list[str]:
+    """File names of the DATA images whose pixels (:func:`pixel_digest`) are among ``digests``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not digests:
+        return []
+    images = collect_images(data)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        found = pool.map(lambda im: pixel_digest(read_image_file(im.path)) in digests, images)
+        return [im.filename for im, hit in zip(images, found, strict=True) if hit]
+
+
+def _weights_source(config: LomoConfig, weights_path: Path) -> str:
+    """How a registered backbone's weights file was found: ``--weights``, the weights folder or the package."""
+    if config.weights is not None:
+        return "weights_file"
+    return "bundled" if BUNDLED_WEIGHTS_DIR.resolve() in weights_path.resolve().parents else "weights_dir"
+
+
+def _contamination(tasks: Sequence[dict[str, Any]], data: Sequence[str | Path]) -> list[str]:
+    """Why an encoder trained on ``tasks`` may have seen DATA: a BreaKHis task, or task data overlapping DATA."""
+    reasons = []
+    roots = [Path(d).resolve() for d in data]
+    for t in tasks:
+        task = str(t.get("task") or t.get("name") or "")
+        if "breakhis" in task.lower():
+            reasons.append(f"it was trained on the BreaKHis task {task!r}")
+        for p in t.get("paths") or []:
+            q = Path(str(p)).resolve()
+            if any(_overlaps(q, r) for r in roots):
+                reasons.append(f"its task {task!r} was trained on {q}, which overlaps DATA")
+    return reasons
 
 
 def check_backbone(config: LomoConfig, provenance: dict[str, Any]) -> list[str]:

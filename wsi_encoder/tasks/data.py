@@ -9,6 +9,7 @@ workers. Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 _H = TypeVar("_H")
 
 log = logging.getLogger(__name__)
+
+#: How :func:`pixel_digest` fingerprints an image (recorded beside the digests).
+PIXEL_DIGEST = "sha256 of the shape and RGB uint8 pixels, first 16 hex digits"
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 
@@ -415,3 +419,29 @@ def concat_task_data(parts: Sequence[TaskData]) -> TaskData:
         split=np.concatenate([d.split for d in parts if d.split is not None]) if keep_split else None,
         notes=notes,
     )
+
+
+def pixel_digest(pixels: npt.NDArray[np.uint8]) -> str:
+    """A fingerprint of an image's content (:data:`PIXEL_DIGEST`): the same for a copy under any name or
+    path, or re-saved losslessly (PNG/TIFF), different for other pixels."""
+    a = np.ascontiguousarray(pixels, dtype=np.uint8)
+    h = hashlib.sha256(repr(tuple(a.shape)).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def content_digests(
+    source: ImageSource, *, workers: int = 1, on_image: Callable[[int, int], None] | None = None
+) -> list[str]:
+    """The sorted distinct :func:`pixel_digest` of every image of ``source`` (read ``workers`` at a time).
+
+    ``on_image(done, total)`` reports progress.
+    """
+    n = len(source)
+    found: set[str] = set()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for done, digest in enumerate(pool.map(lambda i: pixel_digest(source.read(i)), range(n)), start=1):
+            found.add(digest)
+            if on_image is not None:
+                on_image(done, n)
+    return sorted(found)

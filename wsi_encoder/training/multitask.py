@@ -40,7 +40,7 @@ from wsi_encoder.models.checkpoint import (
 )
 from wsi_encoder.models.encoders import Encoder, create_encoder, set_trainable
 from wsi_encoder.models.heads import MultiTaskModel
-from wsi_encoder.tasks.data import TaskData
+from wsi_encoder.tasks.data import PIXEL_DIGEST, TaskData, content_digests
 from wsi_encoder.training.plots import plot_augmentations, plot_training_curves
 from wsi_encoder.training.task_sampling import (
     MultiTaskImages,
@@ -417,6 +417,12 @@ def train_multitask(
         group.setdefault("initial_lr", config.lr)
 
     _preload(tasks, config.cache_mb, config.num_workers, on_phase)
+    training_content = {
+        "digest": PIXEL_DIGEST,
+        "images": sorted(
+            {d for t in tasks for d in content_digests(t.data.source, workers=max(1, config.num_workers))}
+        ),
+    }
     train_sets = [t.train for t in tasks]
     val_sets = [t.val for t in tasks]
     if config.val_max_images is not None:
@@ -487,6 +493,7 @@ def train_multitask(
             },
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "training_content": training_content,
         }
         train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}
         state = {k: v for k, v in model.state_dict().items() if k not in frozen_keys}
