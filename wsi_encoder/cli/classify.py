@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from wsi_encoder.evaluation.crossval import FoldResult
 
 MODELS = ("gridcnn", "abmil", "linear")
+#: ``wsi_encoder.evaluation.crossval.CV_SCHEMES`` (named here so that ``--help`` does not import scikit-learn; a test
+#: checks they agree).
+CV_SCHEMES = ("kfold", "rotate4")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
 
 
@@ -70,6 +73,10 @@ def classify() -> None:
               help="Model setting, repeatable (e.g. --param crop=64 --param lr=0.001); see docs/classify.md.")
 @click.option("--preset", default=None, metavar="NAME",
               help="Named model settings, overridden by --param: gridcnn 'tellez2019' (the NIC paper's grid CNN and protocol) or 'light' (the default).")
+@click.option("--cv-scheme", type=click.Choice(CV_SCHEMES), default="kfold", show_default=True,
+              help="kfold: --folds folds, each with an inner validation split, final model refit on all slides; "
+              "rotate4 (TPAMI 2019): 4 patient partitions, 2 train / 1 validate / 1 test, rotating, final model "
+              "= mean of the 4 fold models (--folds and --val-fraction do not apply).")
 @click.option("--positive-class", default=None, help="For two classes: the label reported as positive.")
 @click.option("--allow-missing", is_flag=True, help="Skip (with a warning) slides only in the CSV or only in the store.")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
@@ -90,6 +97,7 @@ def train(
     epochs: int | None,
     params: tuple[str, ...],
     preset: str | None,
+    cv_scheme: str,
     positive_class: str | None,
     allow_missing: bool,
     val_fraction: float,
@@ -104,12 +112,12 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
-    bar = FoldProgress(folds)
+    bar = FoldProgress(4 if cv_scheme == "rotate4" else folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
         result = train_classifier(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, positive_class=positive_class, device=device, val_fraction=val_fraction,
-            n_boot=n_boot, threads=threads, on_fold=bar, preset=preset,
+            n_boot=n_boot, threads=threads, on_fold=bar, preset=preset, cv_scheme=cv_scheme,
         )
     m = result.metrics
     labels = m["labels"]

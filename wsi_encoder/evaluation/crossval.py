@@ -8,6 +8,8 @@
   reported per fold, as mean ± sd over folds, and on the pooled out-of-fold predictions with
   percentile-bootstrap 95% intervals that resample whole patients.
 * A final model is refit on all slides with what the folds selected (median best epoch, most chosen C).
+* ``scheme="rotate4"`` is the protocol of Tellez et al. (TPAMI 2019) instead: 4 patient partitions,
+  2 train, 1 validates, 1 tests, rotating; the final model averages the 4 fold models.
 * Finished folds are saved in ``state_dir`` and reused when the same run is restarted.
 """
 
@@ -24,11 +26,13 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import StratifiedGroupKFold
 
-from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.io.embedding_store import SlideBag
 from wsi_encoder.io.files import atomic_write_json
+from wsi_encoder.models.classifier_files import MODEL_JSON, load_model, save_model
 from wsi_encoder.models.slide_classifiers import FitInfo, SlideClassifier, create_slide_classifier
+from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +103,9 @@ class CrossValResult:
     pooled_ci95: dict[str, tuple[float, float]]
     n_boot: int
     refit_params: dict[str, Any]
-    final_model: SlideClassifier | None
+    final_model: SlideClassifier | FoldEnsemble | None
     final_fit: FitInfo | None
+    scheme: str = "kfold"
 
     def summary_json(self) -> dict[str, Any]:
         """The metrics part of ``metrics.json``."""
@@ -112,6 +117,7 @@ class CrossValResult:
             "pooled_ci95": {k: nan_to_none(list(v)) for k, v in self.pooled_ci95.items()},
             "bootstrap": {"n_boot": self.n_boot, "unit": "patient", "interval": "percentile 95%"},
             "refit": {"params": self.refit_params, "fit": None if self.final_fit is None else self.final_fit.to_json()},
+            "cv_scheme": self.scheme,
         }
 
 
@@ -150,6 +156,44 @@ def patient_folds(y: npt.ArrayLike, groups: npt.ArrayLike, folds: int, seed: int
         )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.asarray(tr, np.int64), np.asarray(te, np.int64)) for tr, te in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+#: Cross-validation schemes: ``kfold`` (k outer folds, an inner validation split in each) and ``rotate4``.
+CV_SCHEMES = ("kfold", "rotate4")
+
+
+def rotating_folds(y: npt.ArrayLike, groups: npt.ArrayLike, seed: int) -> list[tuple[IntArray, IntArray, IntArray]]:
+    """The ``rotate4`` scheme of Tellez et al. (TPAMI 2019): ``(train, val, test)`` position arrays of 4 folds.
+
+    The patients are cut into 4 stratified partitions P0..P3; fold ``k`` tests on ``P[k]``, validates on
+    ``P[k+1]`` and trains on the other two (indices mod 4), so every partition is tested once and
+    validates once.
+
+    Raises
+    ------
+    InvalidParameterError
+        A class has fewer than 4 patients.
+    """
+    parts = [test for _, test in patient_folds(y, groups, 4, seed)]
+    return [
+        (np.sort(np.concatenate([parts[(k + 2) % 4], parts[(k + 3) % 4]])), parts[(k + 1) % 4], parts[k])
+        for k in range(4)
+    ]
+
+
+def _fold_plan(
+    y: IntArray, groups: npt.NDArray[Any], folds: int, seed: int, val_fraction: float, scheme: str
+) -> list[tuple[IntArray, IntArray, IntArray]]:
+    """``(train, val, test)`` per outer fold under ``scheme``."""
+    if scheme == "rotate4":
+        return rotating_folds(y, groups, seed)
+    if scheme != "kfold":
+        raise InvalidParameterError(f"unknown --cv-scheme {scheme!r}; choose from {', '.join(CV_SCHEMES)}")
+    plan = []
+    for fold, (train_all, test) in enumerate(patient_folds(y, groups, folds, seed)):
+        inner_train, inner_val = inner_split(y[train_all], groups[train_all], val_fraction, seed + 1000 + fold)
+        plan.append((train_all[inner_train], train_all[inner_val], test))
+    return plan
 
 
 def inner_split(
@@ -246,6 +290,7 @@ def cross_validate(
     state_dir: str | Path | None = None,
     resume_key: str = "",
     on_fold: Callable[[FoldResult], None] | None = None,
+    scheme: str = "kfold",
 ) -> CrossValResult:
     """Cross-validate ``model`` on ``bags`` and refit it on all of them.
 
@@ -277,6 +322,11 @@ def cross_validate(
         Finished folds are saved there under ``resume_key`` and reused when the key matches.
     on_fold
         Called after each fold (progress).
+    scheme
+        ``kfold`` (``folds`` outer folds, an inner validation split of ``val_fraction`` in each; the
+        final model is refit on all slides) or ``rotate4`` (:func:`rotating_folds`; ``folds`` and
+        ``val_fraction`` do not apply; the final model is the :class:`FoldEnsemble` of the 4 fold
+        models, saved in ``state_dir`` so that a restarted run reuses them).
     """
     y = np.asarray(y, dtype=np.int64)
     groups = np.asarray(groups).astype(str)
@@ -289,8 +339,14 @@ def cross_validate(
     oof = np.full((len(y), k), np.nan)
     fold_of = np.full(len(y), -1, dtype=np.int64)
     results: list[FoldResult] = []
-    for fold, (train_all, test) in enumerate(patient_folds(y, groups, folds, seed)):
+    members: list[SlideClassifier[Any]] = []
+    for fold, (train, val, test) in enumerate(_fold_plan(y, groups, folds, seed, val_fraction, scheme)):
         record = _load_fold(state, resume_key, fold, test)
+        member_dir = None if state is None else state / f"fold_{fold}_model"
+        clf: SlideClassifier[Any] | None = None
+        if record is not None and scheme == "rotate4":
+            clf = _load_member(member_dir, device)
+            record = None if clf is None else record
         if record is not None:
             prob = np.asarray(record["prob"], dtype=float)
             fit = FitInfo(**record["fit"])
@@ -298,8 +354,6 @@ def cross_validate(
             resumed = True
             logger.info("fold %d: reusing the saved result in %s", fold, state)
         else:
-            inner_train, inner_val = inner_split(y[train_all], groups[train_all], val_fraction, seed + 1000 + fold)
-            train, val = train_all[inner_train], train_all[inner_val]
             clf = create_slide_classifier(model, in_dim, k, probe.config, device)
             fit = clf.fit(
                 Take(bags, train), y[train], Take(bags, val) if len(val) else None, y[val] if len(val) else None,
@@ -320,7 +374,11 @@ def cross_validate(
             resumed=resumed,
         )
         if state is not None and not resumed:
+            if scheme == "rotate4" and member_dir is not None and clf is not None:
+                save_model(clf, member_dir, {"fold": fold})  # before the record that says the fold is done
             _save_fold(state, resume_key, result, prob)
+        if scheme == "rotate4" and clf is not None:
+            members.append(clf)
         results.append(result)
         logger.info("fold %d: %d test slides, AUC %.3f", fold, len(test), result.metrics["auc"])
         if on_fold is not None:
@@ -332,15 +390,20 @@ def cross_validate(
     pooled = {m: pooled_all[m] for m in REPORTED}
     ci = bootstrap_metrics(y, oof, groups, n_boot, seed)
     params = type(probe).refit_params([r.fit for r in results])
-    final_model, final_fit = None, None
-    if refit:
+    final_model: SlideClassifier[Any] | FoldEnsemble | None = None
+    final_fit = None
+    if scheme == "rotate4":
+        params = {"ensemble": len(members)}
+        final_model = FoldEnsemble(members) if refit else None
+        logger.info("final %s model: the mean of the %d fold models (rotate4)", model, len(members))
+    elif refit:
         final_model = create_slide_classifier(model, in_dim, k, probe.config, device)
         final_fit = final_model.fit(bags, y, None, None, seed=seed, refit=params)
         logger.info("final %s model refit on all %d slides with %s", model, len(y), params)
     return CrossValResult(
         model=model,
         config=probe.describe()["config"],
-        folds=folds,
+        folds=len(results),
         seed=seed,
         oof_prob=oof,
         fold_of=fold_of,
@@ -353,4 +416,16 @@ def cross_validate(
         refit_params=params,
         final_model=final_model,
         final_fit=final_fit,
+        scheme=scheme,
     )
+
+
+def _load_member(folder: Path | None, device: str) -> SlideClassifier[Any] | None:
+    """A saved ``rotate4`` fold model, or None when it is missing or unreadable (the fold is then retrained)."""
+    if folder is None or not (folder / MODEL_JSON).is_file():
+        return None
+    try:
+        model, _ = load_model(folder, device)
+    except CheckpointError:
+        return None
+    return model if isinstance(model, SlideClassifier) else None

@@ -22,6 +22,7 @@ from wsi_encoder.io.files import atomic_path, atomic_write_figure
 
 if TYPE_CHECKING:
     from wsi_encoder.models.slide_classifiers import SlideClassifier
+    from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -183,7 +184,7 @@ def plot_heatmap(
 
 
 def plot_slide_prediction(
-    model: SlideClassifier,
+    model: SlideClassifier | FoldEnsemble,
     slide_id: str,
     heat: npt.NDArray[np.floating],
     prob: npt.NDArray[np.floating],

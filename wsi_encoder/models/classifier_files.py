@@ -18,6 +18,7 @@ import torch
 from wsi_encoder import __version__
 from wsi_encoder.errors import CheckpointError, WsiEncoderError
 from wsi_encoder.models.slide_classifiers import SlideClassifier, create_slide_classifier
+from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble, split_member_arrays
 from wsi_encoder.models.weights_folder import (
     WEIGHTS_FILE,
     load_folder_weights,
@@ -31,8 +32,11 @@ MODEL_WEIGHTS = WEIGHTS_FILE
 _HINT = "pass the --out folder of `wsienc classify train`"
 
 
-def save_model(model: SlideClassifier[Any], out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (weights as plain arrays, no pickle), then ``model.json`` (config + ``meta``)."""
+def save_model(model: SlideClassifier[Any] | FoldEnsemble, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` (weights as plain arrays, no pickle), then ``model.json`` (config + ``meta``).
+
+    A :class:`FoldEnsemble` is one folder too: its members' arrays side by side, ``ensemble`` = their number.
+    """
     out = Path(out_dir)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.state_arrays().items()}
     record = {"format": MODEL_FORMAT, **model.describe(), **meta, "wsi_encoder_version": __version__}
@@ -42,7 +46,9 @@ def save_model(model: SlideClassifier[Any], out_dir: str | Path, meta: dict[str,
     return out / MODEL_JSON
 
 
-def load_model(model_dir: str | Path, device: str = "auto") -> tuple[SlideClassifier[Any], dict[str, Any]]:
+def load_model(
+    model_dir: str | Path, device: str = "auto"
+) -> tuple[SlideClassifier[Any] | FoldEnsemble, dict[str, Any]]:
     """Load a model saved by :func:`save_model` (or a ``classify train`` output folder).
 
     Raises
@@ -56,8 +62,15 @@ def load_model(model_dir: str | Path, device: str = "auto") -> tuple[SlideClassi
         raise CheckpointError(f"{folder / MODEL_JSON}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
     arrays = {k: v.numpy() for k, v in load_folder_weights(folder, meta, config_name=MODEL_JSON).items()}
     try:
-        model = create_slide_classifier(meta["name"], int(meta["in_dim"]), int(meta["num_classes"]), meta["config"], device)
+        n = int(meta.get("ensemble") or 0)
+        parts = split_member_arrays(arrays, n) if n else [arrays]
+        members = []
+        for part in parts:
+            member = create_slide_classifier(
+                meta["name"], int(meta["in_dim"]), int(meta["num_classes"]), meta["config"], device
+            )
+            member.load_state_arrays(part)
+            members.append(member)
     except (KeyError, TypeError, ValueError, WsiEncoderError) as exc:
         raise CheckpointError(f"{folder / MODEL_JSON}: cannot rebuild the model ({exc})") from exc
-    model.load_state_arrays(arrays)
-    return model, meta
+    return (FoldEnsemble(members) if n else members[0]), meta

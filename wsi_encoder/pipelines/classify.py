@@ -48,6 +48,7 @@ from wsi_encoder.models.slide_classifiers import (
     slide_classifier_class,
     torch_threads,
 )
+from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def train_classifier(
     threads: int | None = None,
     on_fold: Callable[[FoldResult], None] | None = None,
     preset: str | None = None,
+    cv_scheme: str = "kfold",
 ) -> ClassifyResult:
     """Cross-validate a slide classifier, refit it on all training slides, and write the report.
 
@@ -217,6 +219,10 @@ def train_classifier(
     preset
         Named settings of the model (``gridcnn``: ``light`` or ``tellez2019``, the TPAMI 2019 network and
         protocol); ``params`` override them one by one.
+    cv_scheme
+        ``kfold`` (``folds`` folds, an inner validation split, a final model refit on all slides) or
+        ``rotate4`` (TPAMI 2019: 4 patient partitions, 2 train / 1 validate / 1 test, rotating; the final
+        model averages the 4 fold models; ``folds`` and ``val_fraction`` do not apply).
     """
     out = Path(out_dir)
     reader = EmbeddingStore.open(embedding_store)
@@ -239,6 +245,7 @@ def train_classifier(
     in_dim = reader.embedding_dim
     key = _resume_key(
         model=model, config=overrides, folds=folds, seed=seed, val_fraction=val_fraction, slides=train.slide_ids,
+        **({"cv_scheme": cv_scheme} if cv_scheme != "kfold" else {}),
         labels=train.labels, patients=train.patient_ids, classes=table.classes, encoder=encoder, in_dim=in_dim,
     )
     logger.info("%s: %d training slides (%d patients), %d test slides, classes %s",
@@ -247,7 +254,7 @@ def train_classifier(
         cv = cross_validate(
             bags, train.y, train.patient_ids, model, num_classes=table.n_classes, config=overrides, folds=folds,
             seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot, state_dir=out / "cv_state",
-            resume_key=key, on_fold=on_fold,
+            resume_key=key, on_fold=on_fold, scheme=cv_scheme,
         )
     if cv.final_model is None:  # cross_validate refits by default
         raise WsiEncoderError("internal: no final model was refit")
@@ -262,13 +269,17 @@ def train_classifier(
         "n_training_slides": len(train.slide_ids),
         "seed": seed,
         "refit": cv.refit_params,
+        "cv_scheme": cv_scheme,
         "provenance": training_provenance(reader, train.slide_ids + test.slide_ids),
     }
     files["model"] = save_model(cv.final_model, out, meta)
     prob_rows = cv.oof_prob
     fold_labels: list[Any] = [int(f) for f in cv.fold_of]
     test_report = None
-    title = f"{model}, {folds}-fold patient-grouped CV (out-of-fold)"
+    title = (
+        f"{model}, rotate4 patient-grouped CV (out-of-fold)" if cv_scheme == "rotate4"
+        else f"{model}, {folds}-fold patient-grouped CV (out-of-fold)"
+    )
     files.update(_plots(out, "", train.y, cv.oof_prob, table.classes, title, cv.fold_of))
     if test.slide_ids:
         test_prob = cv.final_model.predict_proba(reader.bags(test.slide_ids, dihedral=dihedral))
@@ -295,9 +306,9 @@ def train_classifier(
         "preset": preset,
         "dihedral_views": dihedral,
         "config": cv.config,
-        "folds": folds,
+        "folds": cv.folds,
         "seed": seed,
-        "val_fraction": val_fraction,
+        "val_fraction": None if cv_scheme == "rotate4" else val_fraction,
         "embedding_store": str(normalize(embedding_store)),
         "encoder": encoder,
         "labels": table.to_json(),
@@ -414,7 +425,7 @@ def _fmt(value: Any) -> Any:
 
 
 def _draw_heatmap(
-    model: SlideClassifier,
+    model: SlideClassifier | FoldEnsemble,
     reader: EmbeddingStore,
     bag: SlideBag,
     prob: npt.NDArray[np.float64],
