@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.stats import norm
 
 from tests._lomo_fixtures import write_breakhis_tree
 from wsi_encoder.cli import main
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.evaluation.metrics import paired_bootstrap
 from wsi_encoder.evaluation.splits import lomo_folds, split_patients
 from wsi_encoder.io.breakhis import scan_breakhis
 from wsi_encoder.models import grl as grl_module
@@ -130,40 +128,6 @@ def test_random_init_is_warned_and_weights_are_identified_by_content(tmp_path: P
 
 
 # ----------------------------------------------------------------------------- intervals
-
-
-def _simulate(rng: np.random.Generator, n_patients: int, per_patient: int) -> tuple[np.ndarray, ...]:
-    y_pat = np.arange(n_patients) % 2
-    u = rng.normal(size=n_patients)  # patient effect: images of a patient are correlated
-    y = np.repeat(y_pat, per_patient)
-    score = y * 1.0 + np.repeat(u, per_patient) + rng.normal(scale=0.5, size=len(y))
-    return y, score, np.repeat(np.arange(n_patients), per_patient).astype(str)
-
-
-def test_patient_bootstrap_intervals_cover_the_true_auc_at_the_nominal_rate() -> None:
-    true_auc = norm.cdf(1.0 / np.sqrt(2 * (1 + 0.25)))  # P(s_pos > s_neg), images of different patients
-    rng = np.random.default_rng(0)
-    hits = {"patient": 0, "image": 0}
-    n_sim = 120
-    for k in range(n_sim):
-        y, score, patients = _simulate(rng, 40, 6)
-        for kind, groups in (("patient", patients), ("image", np.arange(len(y)).astype(str))):
-            ci = paired_bootstrap(y, {"m": score}, groups, n_boot=1000, seed=k)["m"]
-            hits[kind] += ci["auc_ci_low"] <= true_auc <= ci["auc_ci_high"]
-    assert 0.88 <= hits["patient"] / n_sim <= 0.99, hits
-    assert hits["image"] / n_sim < 0.85, hits  # resampling images ignores the clustering and undercovers
-
-
-def test_paired_differences_use_the_same_patients() -> None:
-    rng = np.random.default_rng(3)
-    y, score, patients = _simulate(rng, 60, 4)
-    noisy = rng.normal(size=len(y))  # a useless model
-    out = paired_bootstrap(y, {"baseline": score, "same": score.copy(), "noisy": noisy}, patients, baseline="baseline")
-    assert out["same"]["delta_auc"] == 0 and out["same"]["delta_auc_ci_low"] == out["same"]["delta_auc_ci_high"] == 0
-    assert out["noisy"]["delta_auc"] < 0 and out["noisy"]["delta_auc_ci_high"] < 0  # a real loss is detected
-    assert "delta_auc" not in out["baseline"]
-    few = paired_bootstrap(np.array([0, 0, 1, 1]), {"m": np.array([0.1, 0.2, 0.8, 0.9])}, ["a", "a", "b", "b"])
-    assert np.isnan(few["m"]["auc_ci_low"])  # one patient per class: no honest AUC interval
 
 
 # ----------------------------------------------------------------------------- arms
@@ -289,6 +253,18 @@ def test_results_carry_intervals_paired_deltas_and_the_kept_epoch(small_run: tup
     assert report.index("random initialisation") < report.index("## Results")
     assert "grouped by case number" in report
     assert "the interval spans zero" in report or "the interval excludes zero" in report
+    # one overall estimate per arm and metric, one joint interval each, and the pre-specified primary endpoint
+    overall = _rows(out / "results_overall.csv")
+    assert list(overall[0])[:6] == ["arm", "metric", "estimate", "ci_low", "ci_high", "method"]
+    pairs = {(r["arm"], r["metric"]) for r in overall}
+    assert {("baseline", m) for m in ("auc", "brier", "f1", "balanced_accuracy")} <= pairs
+    assert {("grl", "delta_auc"), ("grl", "delta_brier")} <= pairs and ("baseline", "delta_auc") not in pairs
+    folds = [r for r in rows if r["arm"] == "baseline"]
+    auc = next(r for r in overall if (r["arm"], r["metric"]) == ("baseline", "auc"))
+    assert float(auc["estimate"]) == pytest.approx(np.nanmean([float(r["auc"]) for r in folds]), abs=1e-6)
+    assert int(auc["n_folds"]) == len(folds)
+    assert report.index("## Primary endpoint") < report.index("## Results per held-out")
+    assert "mean over the" in report and "grl − baseline" in report
 
 
 def test_the_probe_is_scored_on_test_patients_only(small_run: tuple[Path, list[dict]]) -> None:
@@ -345,4 +321,12 @@ def test_repeats_summarise_mean_and_sd(tmp_path: Path, monkeypatch: pytest.Monke
     assert [json.loads((tmp_path / "o" / d / "config.json").read_text())["seed"] for d in top["repeat_dirs"]] == [0, 1]
     rows = _rows(tmp_path / "o" / "repeats.csv")
     assert rows and all(r["n_repeats"] == "2" for r in rows)
-    assert run.summary and "± " in (tmp_path / "o" / "report.md").read_text()
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert run.summary and "± " in report and "## Primary endpoint" in report
+    overall = _rows(tmp_path / "o" / "results_overall.csv")
+    per_repeat = [_rows(tmp_path / "o" / d / "results_overall.csv") for d in top["repeat_dirs"]]
+    pooled = next(r for r in overall if (r["arm"], r["metric"]) == ("grl", "delta_auc"))
+    assert int(pooled["n_folds"]) == sum(int(p[0]["n_folds"]) for p in per_repeat)  # every repeat's folds pooled
+    mean = np.mean([float(next(r for r in p if (r["arm"], r["metric"]) == ("grl", "delta_auc"))["estimate"])
+                    for p in per_repeat])
+    assert float(pooled["estimate"]) == pytest.approx(mean, abs=1e-6)

@@ -4,14 +4,12 @@ Binary problems take the probability of the positive class ``prob`` of shape ``(
 problems take ``prob`` of shape ``(n, k)`` and report macro AUC (one-vs-rest) and macro F1. A metric
 that is undefined on the data (AUC with one class present) is ``nan``, never an exception.
 
-Intervals (:func:`paired_bootstrap`) always resample *patients* (every image of a drawn patient comes
+Intervals (:mod:`wsi_encoder.evaluation.patient_intervals`, and the classify bootstrap) always resample *patients* (every image of a drawn patient comes
 along): images of one patient are correlated, and resampling images gives intervals that are too
 narrow.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -146,62 +144,3 @@ def patient_resample_weights(groups: npt.ArrayLike, n_boot: int = 1000, seed: in
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=n_boot)
     return counts[:, inv].astype(float)
-
-
-def paired_bootstrap(
-    y_true: npt.ArrayLike,
-    probs: Mapping[str, npt.ArrayLike],
-    groups: npt.ArrayLike,
-    *,
-    baseline: str | None = None,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Patient-grouped percentile bootstrap of AUC and Brier for several models on the same images.
-
-    Every model is scored on the *same* resampled patients, so the differences to ``baseline`` are
-    paired. Returns per model ``auc_ci_low, auc_ci_high, brier_ci_low, brier_ci_high`` and, for the
-    models other than ``baseline``, ``delta_auc, delta_auc_ci_low, delta_auc_ci_high, delta_brier,
-    delta_brier_ci_low, delta_brier_ci_high`` (model minus baseline), plus ``n_boot_valid`` (resamples
-    where AUC is defined). AUC intervals are nan unless each class has at least 2 patients (with one,
-    every defined resample holds the same patients of that class).
-    """
-    y = np.asarray(y_true).astype(int)
-    g = np.asarray(groups).astype(str)
-    w = patient_resample_weights(g, n_boot, seed)
-    # AUC needs both classes; with a single patient of a class every defined resample holds the same
-    # patients of that class, and the interval would be a meaningless zero width.
-    per_class = [len(np.unique(g[y == c])) for c in (0, 1)]
-    auc_ok = min(per_class) >= 2
-    total = w.sum(axis=1)
-    lo_q, hi_q = alpha / 2, 1 - alpha / 2
-
-    def ci(values: FloatArray) -> tuple[float, float]:
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            return (float("nan"), float("nan"))
-        return (float(np.quantile(finite, lo_q)), float(np.quantile(finite, hi_q)))
-
-    boot: dict[str, tuple[FloatArray, FloatArray]] = {}
-    point: dict[str, tuple[float, float]] = {}
-    ones = np.ones((1, len(y)))
-    for name, prob in probs.items():
-        p = np.asarray(prob, dtype=float)
-        sq = (p - (y == 1)) ** 2
-        auc_b = weighted_auc(y, p, w) if auc_ok else np.full(n_boot, np.nan)
-        boot[name] = (auc_b, (w @ sq) / total)
-        point[name] = (float(weighted_auc(y, p, ones)[0]), float(sq.mean()) if len(sq) else float("nan"))
-    out: dict[str, dict[str, float]] = {}
-    for name, (auc_b, brier_b) in boot.items():
-        row: dict[str, float] = {"n_boot_valid": float(np.isfinite(auc_b).sum())}
-        row["auc_ci_low"], row["auc_ci_high"] = ci(auc_b)
-        row["brier_ci_low"], row["brier_ci_high"] = ci(brier_b)
-        if baseline is not None and name != baseline and baseline in boot:
-            base_auc, base_brier = boot[baseline]
-            row["delta_auc"] = point[name][0] - point[baseline][0]
-            row["delta_auc_ci_low"], row["delta_auc_ci_high"] = ci(auc_b - base_auc)
-            row["delta_brier"] = point[name][1] - point[baseline][1]
-            row["delta_brier_ci_low"], row["delta_brier_ci_high"] = ci(brier_b - base_brier)
-        out[name] = row
-    return out

@@ -26,7 +26,7 @@ from wsi_encoder.evaluation.lomo_outputs import (
     load_fold_embeddings,
     write_results_csv,
 )
-from wsi_encoder.evaluation.metrics import paired_bootstrap
+from wsi_encoder.evaluation.patient_intervals import FoldScores, patient_intervals
 from wsi_encoder.evaluation.splits import read_splits_csv
 from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.pipelines.lomo_config import ARMS
@@ -89,42 +89,91 @@ def emit_event(handler: EventHandler | None, event: LomoEvent) -> None:
         handler(event)
 
 
+def fold_scores(
+    predictions: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], repeat: int = 0
+) -> list[FoldScores]:
+    """The held-out folds every arm was tested on, as :class:`FoldScores` (the arms paired on the same images).
+
+    ``predictions[arm][m]`` holds ``y``, ``prob``, ``patients`` and ``filenames`` of the test images; arms of
+    one fold must hold the same images, else :class:`DatasetError`.
+    """
+    arms = list(predictions)
+    common = sorted(set.intersection(*(set(f) for f in predictions.values()))) if arms else []
+    out = []
+    for m in common:
+        first = predictions[arms[0]][m]
+        for arm in arms:
+            if not np.array_equal(predictions[arm][m]["filenames"], first["filenames"]):
+                raise DatasetError(f"held-out {m}X: the arms were tested on different images; cannot pair them")
+        out.append(FoldScores(
+            y=np.asarray(first["y"], dtype=np.int64),
+            patients=np.asarray(first["patients"]).astype(str),
+            prob={arm: np.asarray(predictions[arm][m]["prob"], dtype=float) for arm in arms},
+            repeat=repeat,
+            held_out=m,
+        ))
+    return out
+
+
 def with_intervals(
     rows: list[dict[str, Any]],
     predictions: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]],
     n_boot: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """Add patient-bootstrap intervals and paired differences to the baseline to ``results`` rows.
-
-    ``predictions[arm][m]`` holds ``y``, ``prob``, ``patients`` and ``filenames`` of the test images;
-    arms of one fold must hold the same images (the pairing), else :class:`DatasetError`.
-    """
-    by_fold: dict[int, dict[str, Mapping[str, np.ndarray]]] = {}
-    for arm, folds in predictions.items():
-        for m, pred in folds.items():
-            by_fold.setdefault(m, {})[arm] = pred
+    """Add each fold's patient-resampled intervals (:mod:`~wsi_encoder.evaluation.patient_intervals`) and
+    paired differences to the baseline to ``results`` rows."""
     stats: dict[tuple[str, int], dict[str, float]] = {}
-    for m, arms in by_fold.items():
-        first = next(iter(arms.values()))
-        for pred in arms.values():
-            if not np.array_equal(pred["filenames"], first["filenames"]):
-                raise DatasetError(f"held-out {m}X: the arms were tested on different images; cannot pair them")
-        boot = paired_bootstrap(
-            first["y"],
-            {a: p["prob"] for a, p in arms.items()},
-            first["patients"],
-            baseline="baseline" if "baseline" in arms else None,
-            n_boot=n_boot,
-            seed=seed + m,
-        )
-        for arm, values in boot.items():
-            stats[(arm, m)] = values
-    out = []
-    for row in rows:
-        extra = stats.get((row["arm"], int(row["held_out"])), {})
-        out.append({**row, **{k: v for k, v in extra.items() if k != "n_boot_valid"}})
+    for fold in fold_scores(predictions):
+        baseline = "baseline" if "baseline" in fold.prob else None
+        for r in patient_intervals([fold], baseline=baseline, n_boot=n_boot, seed=seed + fold.held_out,
+                                   metrics=("auc", "brier")):
+            values = stats.setdefault((r["arm"], fold.held_out), {})
+            if r["metric"].startswith("delta_"):
+                values[r["metric"]] = r["estimate"]
+            values[f"{r['metric']}_ci_low"], values[f"{r['metric']}_ci_high"] = r["ci_low"], r["ci_high"]
+    return [{**row, **stats.get((row["arm"], int(row["held_out"])), {})} for row in rows]
+
+
+def run_predictions(run_dir: Path) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """The test predictions of a finished run folder: its own folds, or its patient folds' pooled per arm × fold.
+
+    Only folds that every patient fold ran (for that arm) are pooled, so that every patient is tested once.
+    """
+    dirs = sorted(run_dir.glob("patient_fold_*")) if not (run_dir / "embeddings").is_dir() else [run_dir]
+    parts: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+    for d in dirs:
+        for npz in sorted((d / "embeddings").glob("*/heldout_*.npz")):
+            parts.setdefault((npz.parent.name, int(npz.stem.split("_")[1])), []).append(load_fold_embeddings(npz))
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for (arm, m), got in parts.items():
+        if len(got) == len(dirs):
+            out.setdefault(arm, {})[m] = {
+                "y": np.concatenate([p["y_test"] for p in got]),
+                "prob": np.concatenate([p["prob_test"] for p in got]),
+                "patients": np.concatenate([p["patient_test"].astype(str) for p in got]),
+                "filenames": np.concatenate([p["filename_test"].astype(str) for p in got]),
+            }
     return out
+
+
+#: Columns of ``results_overall.csv``.
+OVERALL_COLUMNS = ("arm", "metric", "estimate", "ci_low", "ci_high", "method", "n_patients", "n_folds", "held_out")
+
+
+def write_overall(out: Path, folds: Sequence[FoldScores], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """``results_overall.csv``: every arm's mean over the held-out folds (and repeats) with one joint interval each."""
+    if not folds:
+        return []
+    baseline = "baseline" if "baseline" in folds[0].prob else None
+    held = "+".join(f"{m}X" for m in sorted({f.held_out for f in folds}))
+    rows = [{**r, "held_out": held} for r in patient_intervals(folds, baseline=baseline, n_boot=n_boot, seed=seed)]
+    atomic_write_csv(
+        out / "results_overall.csv",
+        [[_num_text(r[c]) if isinstance(r[c], float) else str(r[c]) for c in OVERALL_COLUMNS] for r in rows],
+        header=OVERALL_COLUMNS,
+    )
+    return rows
 
 
 def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> list[dict[str, Any]]:
@@ -151,8 +200,10 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
                 "filenames": emb["filename_test"],
             }
             probe += [{"arm": arm, "held_out": m, **r} for r in metrics["probe"]]
-    results = with_intervals(results, predictions, int(cfg.get("n_bootstrap", 1000)), int(cfg.get("seed", 0)))
+    n_boot, seed = int(cfg.get("n_bootstrap", 1000)), int(cfg.get("seed", 0))
+    results = with_intervals(results, predictions, n_boot, seed)
     write_results_csv(out / "results.csv", results)
+    overall = write_overall(out, fold_scores(predictions), n_boot, seed)
     write_probe_csv(out / "probe.csv", probe)
     cfg["arms"] = [a for a in ARMS if any(r["arm"] == a for r in results)]
     cfg["held_out"] = sorted({int(r["held_out"]) for r in results})
@@ -181,6 +232,7 @@ def write_outputs(out_dir: str | Path, on_event: EventHandler | None = None) -> 
         plots=plots,
         gan_grids=grids,
         notes=_notes(cfg),
+        overall=overall,
     )
     lomo_report.write_report(out / "report.md", text)
     emit_event(on_event, LomoEvent("report", message=f"report written: {out / 'report.md'}"))
@@ -271,8 +323,10 @@ def pool_patient_folds(
         if len(counts) > 1:
             for a in arms:
                 predictions.get(a, {}).pop(m, None)
-    results = with_intervals(results, predictions, int(sub_cfg.get("n_bootstrap", 1000)), int(sub_cfg.get("seed", 0)))
+    n_boot, seed = int(sub_cfg.get("n_bootstrap", 1000)), int(sub_cfg.get("seed", 0))
+    results = with_intervals(results, predictions, n_boot, seed)
     write_results_csv(out / "results.csv", results)
+    overall = write_overall(out, fold_scores(predictions), n_boot, seed)
     cfg = {
         **sub_cfg,
         "arms": [a for a in ARMS if any(r["arm"] == a for r in results)],
@@ -318,6 +372,7 @@ def pool_patient_folds(
         ],
         plots=plots,
         gan_grids={},
+        overall=overall,
         notes=[
             "Every patient is tested once; the metrics and intervals pool the out-of-fold test predictions of "
             f"the {len(runs)} patient folds (each fold's models, embeddings and probe are in its own folder); "
@@ -402,11 +457,14 @@ def summarise_repeats(
         for row in summary
     ]
     atomic_write_csv(out / "repeats.csv", lines, header=REPEAT_COLUMNS)
+    sub_cfg = json.loads((runs[0].out_dir / "config.json").read_text())
+    pooled = [f for k, run in enumerate(runs) for f in fold_scores(run_predictions(run.out_dir), repeat=k)]
+    overall = write_overall(out, pooled, int(sub_cfg.get("n_bootstrap", 1000)), int(top_config.get("seed", 0)))
     cfg = {**top_config, "repeat_dirs": [_rel(r.out_dir, out) for r in runs],
            "arms": [a for a in ARMS if any(s["arm"] == a for s in summary)],
            "held_out": sorted({int(s["held_out"]) for s in summary})}
     atomic_write_json(out / "config.json", cfg)
-    lomo_report.write_report(out / "report.md", lomo_report.render_repeats(cfg, summary, len(runs)))
+    lomo_report.write_report(out / "report.md", lomo_report.render_repeats(cfg, summary, len(runs), overall))
     emit_event(on_event, LomoEvent("report", message=f"summary over {len(runs)} repeats: {out / 'report.md'}"))
     return LomoRun(
         out,
