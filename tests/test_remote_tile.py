@@ -223,3 +223,24 @@ def test_http_slide_is_read_only_and_equals_local(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_real_ndpi_reads_and_tiles_over_s3_as_locally(s3: str, tmp_path: Path, ndpi_slide: Path) -> None:
+    """The Hamamatsu NDPI through s3:// (tifffile reads its McuStarts into a numpy buffer: readinto must fill any
+    buffer) has the levels, µm/px and pixels of the local file read by the same backend, and tiles to the same store."""
+    from wsi_encoder.io.slides import open_slide
+
+    url = upload(s3, ndpi_slide, f"ndpi/{ndpi_slide.name}")
+    local, far = open_slide(ndpi_slide, backend="tiffslide"), open_slide(url)
+    try:
+        assert far.level_dimensions == local.level_dimensions and far.mpp == local.mpp
+        for level, xy in ((0, (1000, 1200)), (1, (0, 0)), (far.level_count - 1, (0, 0))):
+            assert np.array_equal(far.read_region(xy, level, (300, 200)), local.read_region(xy, level, (300, 200)))
+    finally:
+        local.close()
+        far.close()
+    spec = TileSpec(target_mpp=1.0, tile_size=128)
+    tile_cohort([ndpi_slide], tmp_path / "local.zarr", spec, backend="tiffslide", tissue_threshold=0.0, workers=1)
+    report = tile_cohort([url], f"{s3}/stores/ndpi.zarr", spec, tissue_threshold=0.0, workers=1)
+    assert not report.failed, report.failed
+    assert_same_store(tmp_path / "local.zarr", f"{s3}/stores/ndpi.zarr")

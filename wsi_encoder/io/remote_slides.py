@@ -77,8 +77,10 @@ class _PrefetchedFile:
         return bytes(data)
 
     def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
+        """Fill ``buffer`` (any writable buffer: bytearray, numpy array ...) with the next bytes; their number."""
+        view = memoryview(buffer).cast("B")  # a numpy array's len() counts items, not bytes (NDPI McuStarts)
+        data = self.read(view.nbytes)
+        view[: len(data)] = data
         return len(data)
 
     def close(self) -> None:

@@ -78,6 +78,7 @@ class TiffTileDecoder:
         import tifffile
 
         self.path = Path(path)
+        self._fd = -1  # set before anything can fail, so that close() (and __del__) always work
         try:
             with tifffile.TiffFile(self.path) as tif:
                 series = tif.series[series_index]
