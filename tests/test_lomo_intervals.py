@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from wsi_encoder.evaluation.patient_intervals import FoldScores, patient_intervals
+from wsi_encoder.evaluation.patient_intervals import OVERALL_METRICS, FoldScores, patient_intervals
 
 
 def _study(rng: np.random.Generator, *, n_benign: int = 7, n_malignant: int = 17, d: float = 2.6, d2: float = 2.3,
@@ -87,8 +87,37 @@ def test_paired_differences_are_exact_for_identical_arms_and_detect_a_real_loss(
     assert same["estimate"] == 0 and same["ci_low"] == same["ci_high"] == 0
     assert rows[("noisy", "delta_auc")]["ci_high"] < 0  # a useless model is detected as worse
     assert ("baseline", "delta_auc") not in rows
-    assert {m for a, m in rows if a == "baseline"} == {"auc", "brier", "f1", "balanced_accuracy"}
+    assert {m for a, m in rows if a == "baseline"} == set(OVERALL_METRICS)
     one = FoldScores(y=np.array([0, 0, 1, 1]), patients=np.array(["a", "a", "b", "b"]),
                      prob={"baseline": np.array([0.1, 0.2, 0.8, 0.9])})
     row = next(r for r in patient_intervals([one], n_boot=50) if r["metric"] == "auc")
     assert np.isnan(row["ci_low"]) and "one patient" in row["method"]  # no honest AUC interval
+
+
+def test_every_overall_metric_equals_its_reference_on_the_unresampled_data() -> None:
+    """At weight 1 each metric is scikit-learn's (or the toolkit's per-fold definition), so the intervals are of them."""
+    from sklearn.metrics import balanced_accuracy_score, brier_score_loss, f1_score, recall_score, roc_auc_score
+
+    from wsi_encoder.evaluation.lomo_outputs import fold_metrics
+    from wsi_encoder.evaluation.metrics import expected_calibration_error
+
+    folds, _, _ = _study(np.random.default_rng(5), d=1.2, d2=1.0, folds=1)
+    f = folds[0]
+    p = f.prob["baseline"]
+    rows = {r["metric"]: r["estimate"] for r in patient_intervals(folds, n_boot=20) if r["arm"] == "baseline"}
+    pred = (p >= 0.5).astype(int)
+    prevalence = f.y.mean()
+    expected = {
+        "auc": roc_auc_score(f.y, p),
+        "brier": brier_score_loss(f.y, p),
+        "f1": f1_score(f.y, pred),
+        "balanced_accuracy": balanced_accuracy_score(f.y, pred),
+        "specificity": recall_score(f.y, pred, pos_label=0),
+        "benign_f1": f1_score(f.y, pred, pos_label=0),
+        "brier_skill": 1 - brier_score_loss(f.y, p) / (prevalence * (1 - prevalence)),
+        "ece": expected_calibration_error(f.y, p),
+        "patient_auc": fold_metrics(f.y, p, f.patients)["patient_auc"],
+    }
+    assert set(rows) == set(expected)
+    for name, value in expected.items():
+        assert rows[name] == pytest.approx(value, abs=1e-9), name

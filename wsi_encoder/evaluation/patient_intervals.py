@@ -39,8 +39,11 @@ from wsi_encoder.evaluation.metrics import weighted_auc
 
 FloatArray = npt.NDArray[np.float64]
 
-#: The metrics of an overall estimate (mean over folds).
-OVERALL_METRICS = ("auc", "brier", "f1", "balanced_accuracy")
+#: The metrics of an overall estimate (mean over folds). BreaKHis is ~69% malignant, so the benign class gets its own
+#: (``specificity``, ``benign_f1``), and ``brier_skill`` is 1 - Brier / the Brier of predicting the fold's prevalence.
+OVERALL_METRICS = (
+    "auc", "brier", "f1", "balanced_accuracy", "specificity", "benign_f1", "brier_skill", "ece", "patient_auc",
+)
 #: The metrics whose difference to the baseline is reported.
 DELTA_METRICS = ("auc", "brier")
 
@@ -71,7 +74,36 @@ def _weighted(y: npt.NDArray[np.int64], p: FloatArray, w: FloatArray, metric: st
             return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
         if metric == "balanced_accuracy":
             return 0.5 * (tp / (tp + fn) + tn / (tn + fp))
+        if metric == "specificity":
+            return tn / (tn + fp)
+        if metric == "benign_f1":
+            return np.where(2 * tn + fp + fn > 0, 2 * tn / (2 * tn + fp + fn), np.nan)
+        if metric == "brier_skill":
+            prevalence = (w @ (y == 1)) / total
+            reference = prevalence * (1 - prevalence)
+            brier = (w @ (p - (y == 1)) ** 2) / total
+            return np.where(reference > 0, 1 - brier / np.where(reference > 0, reference, 1.0), np.nan)
+        if metric == "ece":  # 10 equal-width bins of P(malignant), as evaluation.metrics.expected_calibration_error
+            bins = np.minimum((p * 10).astype(int), 9)
+            ece = np.zeros(w.shape[0])
+            for b in range(10):
+                sel = bins == b
+                if sel.any():
+                    wb = w[:, sel]
+                    mass = wb.sum(axis=1)
+                    gap = np.abs(wb @ (y[sel] == 1) - wb @ p[sel]) / np.where(mass > 0, mass, 1.0)
+                    ece += mass / total * gap
+            return ece
     raise InvalidParameterError(f"unknown metric {metric!r}")
+
+
+def _patient_auc(y: npt.NDArray[np.int64], p: FloatArray, idx: npt.NDArray[np.int64], w: FloatArray) -> FloatArray:
+    """AUC of each patient's mean P(malignant) against the patient's class, patients weighted by ``w`` (B, P)."""
+    patients, inverse = np.unique(idx, return_inverse=True)
+    mean_p = np.bincount(inverse, weights=p) / np.bincount(inverse)
+    label = np.zeros(len(patients), dtype=np.int64)
+    label[inverse] = y
+    return np.asarray(weighted_auc(label, mean_p, w[:, patients]), dtype=np.float64)
 
 
 class _Design:
@@ -92,15 +124,21 @@ class _Design:
         counts = np.bincount(np.array(list(label.values()), dtype=np.int64), minlength=2)
         self.min_class_patients = int(counts.min())
 
+    @staticmethod
+    def _fold(f: FoldScores, idx: npt.NDArray[np.int64], p: FloatArray, w: FloatArray, metric: str) -> FloatArray:
+        if metric == "patient_auc":
+            return _patient_auc(f.y, p, idx, w)
+        return _weighted(f.y, p, w[:, idx], metric)
+
     def statistic(self, arm: str, metric: str, w: FloatArray, r: FloatArray, baseline: str | None) -> FloatArray:
         """Under patient weights ``w`` (B, P) and repeat weights ``r`` (B, R): the repeat-weighted mean over
         repeats of the mean over each repeat's folds (minus the baseline's when ``baseline``)."""
         per_repeat = np.zeros((w.shape[0], len(self.repeats)))
         n_folds = np.zeros(len(self.repeats))
         for f, idx, rep in zip(self.folds, self.index, self.repeat_of, strict=True):
-            value = _weighted(f.y, f.prob[arm], w[:, idx], metric)
+            value = self._fold(f, idx, f.prob[arm], w, metric)
             if baseline is not None:
-                value = value - _weighted(f.y, f.prob[baseline], w[:, idx], metric)
+                value = value - self._fold(f, idx, f.prob[baseline], w, metric)
             per_repeat[:, rep] += value
             n_folds[rep] += 1
         per_repeat /= n_folds
@@ -190,7 +228,7 @@ def patient_intervals(
             estimate = float(design.statistic(arm, metric, ones_w, ones_r, base)[0])
             jack = design.statistic(arm, metric, jack_w, jack_r, base)
             auc_defined = design.min_class_patients >= 2
-            if metric == "auc" and not auc_defined:
+            if metric in ("auc", "patient_auc") and not auc_defined:
                 interval, method = (float("nan"), float("nan")), "undefined (a class has one patient)"
             elif metric == "auc" and base is None and 0.0 < estimate < 1.0:
                 interval = _logit_t(estimate, jack, design.min_class_patients - 1, alpha)
