@@ -96,7 +96,13 @@ def test_paired_differences_are_exact_for_identical_arms_and_detect_a_real_loss(
 
 def test_every_overall_metric_equals_its_reference_on_the_unresampled_data() -> None:
     """At weight 1 each metric is scikit-learn's (or the toolkit's per-fold definition), so the intervals are of them."""
-    from sklearn.metrics import balanced_accuracy_score, brier_score_loss, f1_score, recall_score, roc_auc_score
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        brier_score_loss,
+        f1_score,
+        recall_score,
+        roc_auc_score,
+    )
 
     from wsi_encoder.evaluation.lomo_outputs import fold_metrics
     from wsi_encoder.evaluation.metrics import expected_calibration_error
