@@ -65,10 +65,13 @@ def test_config_validation_and_device() -> None:
         LomoConfig(epochs=0)
     with pytest.raises(ValueError, match="patient-key"):
         LomoConfig(patient_key="slide")
-    with pytest.raises(ValueError, match="select-epoch"):
+    with pytest.raises(ValueError, match="selection"):
         LomoConfig(select_epoch="first")
-    assert LomoConfig().selection("grl") == "last" and LomoConfig().selection("baseline") == "best-val"
-    assert LomoConfig(select_epoch="best-val").selection("grl") == "best-val"
+    # one rule for every arm: last by default, best-val (after the λ ramp) as the sensitivity option
+    assert {LomoConfig().selection(a) for a in ("baseline", "gan", "grl")} == {"last"}
+    assert {LomoConfig(select_epoch="best-val").selection(a) for a in ("baseline", "gan", "grl")} == {"best-val"}
+    with pytest.raises(ValueError, match="unknown arm"):
+        LomoConfig().selection("mixup")
 
 
 def test_cli_defaults_come_from_lomo_config() -> None:

@@ -31,6 +31,9 @@ from wsi_encoder.training.lomo_trainer import (
     TrainData,
     TrainSpec,
     build_classifier,
+    embed,
+    frozen_batchnorm,
+    label_loss,
     shared_state,
     train_classifier,
 )
@@ -177,7 +180,7 @@ def test_grl_reverses_the_gradient_from_the_first_step(monkeypatch: pytest.Monke
     per_epoch = result.steps // 2
     assert result.history[0]["lambda"] == pytest.approx(float(captured[per_epoch - 1]["lambda"]))  # type: ignore[arg-type]
     assert result.history[-1]["lambda"] == pytest.approx(dann_lambda(1.0))
-    assert result.selection == "best-val"
+    assert result.selection == "last"  # the default rule, for every arm
 
 
 def test_grl_needs_two_training_magnifications() -> None:
@@ -209,6 +212,163 @@ def test_the_gan_arm_sees_as_many_real_images_per_epoch_as_the_baseline(monkeypa
     for epoch in range(2):
         per_epoch = batches["gan"][epoch * 4 : (epoch + 1) * 4]
         assert sorted(np.concatenate(per_epoch).tolist()) == list(range(18))
+
+
+def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def test_gan_ratio_zero_reproduces_the_baseline_exactly() -> None:
+    data = _toy_data()
+    spec = TrainSpec(epochs=2, batch_size=5, lr=1e-3)
+    base_model, gan_model = _model(), _model()
+    base = train_classifier(base_model, data, spec, BaselineArm(), seed=3)
+    pool = np.random.default_rng(1).integers(0, 256, (18, 64, 64, 3), dtype=np.uint8)
+    gan = train_classifier(gan_model, data, spec, GanArm(pool, np.arange(18) % 2, 0.0), seed=3)
+    assert gan.extra_seen == [0, 0] and gan.history == base.history
+    b_state, g_state = base_model.state_dict(), gan_model.state_dict()
+    assert b_state.keys() == g_state.keys()
+    for k in b_state:
+        assert torch.equal(b_state[k], g_state[k]), k  # the same weights, bit for bit
+    rows = np.arange(24)
+    for b, g in zip(embed(base_model, data.images, rows), embed(gan_model, data.images, rows), strict=True):
+        np.testing.assert_array_equal(b, g)  # the same predictions
+
+
+def test_the_gan_arm_trains_on_the_baselines_real_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real images go through their own forward pass, augmented exactly as in the baseline."""
+    seen: dict[str, list[tuple[bool, torch.Tensor]]] = {"baseline": [], "gan": []}
+    current = {"arm": "baseline"}
+    forward = lomo_trainer.LomoClassifier.forward
+
+    def spy(self: lomo_trainer.LomoClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        if self.training:
+            seen[current["arm"]].append((bn.training, x.detach().clone()))
+        return forward(self, x)
+
+    monkeypatch.setattr(lomo_trainer.LomoClassifier, "forward", spy)
+    data = _toy_data()
+    spec = TrainSpec(epochs=1, batch_size=5, lr=1e-3)
+    train_classifier(_model(), data, spec, BaselineArm(), seed=2)
+    current["arm"] = "gan"
+    pool = np.full((18, 64, 64, 3), 255, np.uint8)
+    train_classifier(_model(), data, spec, GanArm(pool, np.ones(18, np.int64), 2.0), seed=2)
+    real = [x for bn_train, x in seen["gan"] if bn_train]
+    synthetic = [x for bn_train, x in seen["gan"] if not bn_train]
+    assert len(real) == len(seen["baseline"]) == 4 and len(synthetic) == 4
+    for (_, b), g in zip(seen["baseline"], real, strict=True):
+        torch.testing.assert_close(b, g, rtol=0, atol=0)  # real-only batches, the baseline's augmentation
+    assert [len(x) for x in synthetic] == [2 * len(x) for x in real]  # ratio 2 per real image
+    assert all(bool((x == 1.0).all()) for x in synthetic)  # white synthetic images, BatchNorm frozen
+
+
+def test_a_synthetic_forward_leaves_batchnorm_statistics_unchanged() -> None:
+    model = _model().train()
+    before = _bn_buffers(model)
+    x = torch.rand(6, 3, 64, 64)
+    with frozen_batchnorm(model):
+        _, logit = model(x)
+        logit.sum().backward()
+    after = _bn_buffers(model)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(m.training for m in model.modules())  # every mode restored
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoder.parameters())
+    model(x)  # a normal training forward does update them (the check above can fail)
+    assert not torch.equal(before[next(k for k in before if "running_mean" in k)], _bn_buffers(model)[
+        next(k for k in before if "running_mean" in k)
+    ])
+
+
+def test_the_gan_arms_batchnorm_statistics_come_from_real_images_only() -> None:
+    """At a negligible learning rate the weights stay put: the running statistics must then match the
+    baseline's, however far the synthetic images are from the real ones."""
+    data = _toy_data()
+    spec = TrainSpec(epochs=2, batch_size=5, lr=1e-12)
+    base_model, gan_model = _model(), _model()
+    train_classifier(base_model, data, spec, BaselineArm(), seed=1)
+    pool = np.full((18, 64, 64, 3), 255, np.uint8)
+    train_classifier(gan_model, data, spec, GanArm(pool, np.ones(18, np.int64), 1.0), seed=1)
+    base, gan = _bn_buffers(base_model), _bn_buffers(gan_model)
+    for k in base:
+        torch.testing.assert_close(gan[k], base[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_label_loss_keeps_the_real_share_of_the_baseline() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lr, yr = torch.randn(8, generator=gen), (torch.rand(8, generator=gen) > 0.5).long()
+    ls, ys = torch.randn(16, generator=gen), (torch.rand(16, generator=gen) > 0.5).long()
+    real_only, none = label_loss(lr, yr)
+    real, syn = label_loss(lr, yr, ls, ys)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert none is None and syn is not None
+    torch.testing.assert_close(real_only, bce(lr, yr.float()))  # the baseline's loss
+    torch.testing.assert_close(real, real_only)  # not diluted by the synthetic images
+    torch.testing.assert_close(syn, 2.0 * bce(ls, ys.float()))  # ratio 2: each synthetic image weighs 1/n_real
+
+
+# ----------------------------------------------------------------------------- epoch selection
+
+
+def _snapshots(model: torch.nn.Module, store: dict[int, dict[str, torch.Tensor]]):  # type: ignore[no-untyped-def]
+    def on_epoch(epoch: int, epochs: int, stats: dict[str, float]) -> None:
+        store[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    return on_epoch
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_last_keeps_the_final_epochs_weights() -> None:
+    model, store = _model(), {}
+    result = train_classifier(
+        model, _toy_data(), TrainSpec(epochs=3, batch_size=6, lr=1e-2), seed=0, on_epoch=_snapshots(model, store)
+    )
+    assert result.selection == "last" and result.selected_epoch == 3
+    final = model.state_dict()
+    assert _same(final, store[3]) and not _same(final, store[1]) and not _same(final, store[2])
+
+
+@pytest.mark.parametrize("arm_name", ["baseline", "grl"])
+def test_best_val_never_keeps_an_epoch_in_the_lambda_ramp(monkeypatch: pytest.MonkeyPatch, arm_name: str) -> None:
+    """Validation AUC falls every epoch, so an unrestricted best-val would keep epoch 1."""
+    calls = {"n": 0}
+
+    def falling(*args: object, **kwargs: object) -> dict[str, float]:
+        calls["n"] += 1
+        return {"val_auc": 1.0 - 0.1 * calls["n"], "val_loss": 0.1 * calls["n"]}
+
+    monkeypatch.setattr(lomo_trainer, "_validate", falling)
+    arm = GrlArm(3, hidden=16) if arm_name == "grl" else BaselineArm()
+    model, store = _model(arm), {}
+    spec = TrainSpec(epochs=4, batch_size=6, lr=1e-2, selection="best-val")
+    result = train_classifier(model, _toy_data(), spec, arm, seed=0, on_epoch=_snapshots(model, store))
+    ramp_end = grl_module.dann_ramp_end()
+    assert dann_lambda(ramp_end) == pytest.approx(0.99)
+    assert result.selected_epoch / 4 >= ramp_end  # epochs 1 and 2 end inside the ramp (progress < 0.529)
+    assert result.selected_epoch == 3 and _same(model.state_dict(), store[3])
+    calls["n"] = 0
+    unrestricted = TrainSpec(epochs=4, batch_size=6, lr=1e-2, selection="best-val", select_from=0.0)
+    assert train_classifier(_model(arm), _toy_data(), unrestricted, arm, seed=0).selected_epoch == 1
+
+
+def test_cli_selection_option_sets_one_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import click
+
+    seen: dict[str, LomoConfig] = {}
+
+    def fake(data: object, out_dir: object, config: LomoConfig, **kwargs: object) -> None:
+        seen["config"] = config
+        raise click.ClickException("stopped")
+
+    monkeypatch.setattr(lomo_pipeline, "run_lomo", fake)
+    CliRunner().invoke(main, ["lomo", str(tmp_path), "--out", str(tmp_path / "o"), "--selection", "best-val"])
+    assert {seen["config"].selection(a) for a in ("baseline", "gan", "grl")} == {"best-val"}
+    CliRunner().invoke(main, ["lomo", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert seen["config"].select_epoch == "last"
 
 
 # ----------------------------------------------------------------------------- a small run end to end
@@ -247,7 +407,7 @@ def test_results_carry_intervals_paired_deltas_and_the_kept_epoch(small_run: tup
             assert r["delta_brier"] != "" and r["selected_epoch"] == "2"  # grl keeps its last epoch
             assert float(r["grl_lambda"]) == pytest.approx(dann_lambda(1.0), abs=1e-6)
     config = json.loads((out / "config.json").read_text())
-    assert config["patient_key"] == "number" and config["selection"] == {"baseline": "best-val", "grl": "last"}
+    assert config["patient_key"] == "number" and config["selection"] == {"baseline": "last", "grl": "last"}  # one rule per arm, recorded
     assert config["backbone_provenance"]["source"] == "random_init"
     report = (out / "report.md").read_text()
     assert report.index("random initialisation") < report.index("## Results")

@@ -118,7 +118,7 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     type=click.FloatRange(0, 1, max_open=True),
     default=D("val_fraction"),
     show_default=True,
-    help="Share of each class's training patients used for validation (best-val epoch selection).",
+    help="Share of each class's training patients used for validation (logged per epoch; best-val selection).",
 )
 @click.option(
     "--patient-key",
@@ -129,10 +129,14 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     "token: one per slide token (leaks patients across the split; only to reproduce work that did so).",
 )
 @click.option(
+    "--selection",
     "--select-epoch",
+    "select_epoch",
     type=click.Choice(["last", "best-val"]),
     default=D("select_epoch"),
-    help="Epoch whose weights every arm keeps  [default: best-val for baseline and gan, last for grl].",
+    show_default=True,
+    help="Epoch whose weights every arm keeps: last, or (sensitivity) best-val among the epochs "
+    "after the GRL lambda ramp.",
 )
 @click.option(
     "--bootstrap",

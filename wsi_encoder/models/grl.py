@@ -71,6 +71,17 @@ def dann_lambda(progress: float, gamma: float = 10.0, weight: float = 1.0) -> fl
     return float(weight) * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
 
 
+def dann_ramp_end(gamma: float = 10.0, reached: float = 0.99) -> float:
+    """Training progress at which :func:`dann_lambda` reaches ``reached`` of its final value.
+
+    ``ln((1 + r) / (1 - r)) / gamma``: 0.529 for γ = 10 and r = 0.99. Epochs that end before this
+    progress are still in the λ ramp (the grl arm is not yet the model it is meant to be).
+    """
+    if not 0.0 < reached < 1.0 or gamma <= 0:
+        raise InvalidParameterError(f"ramp end: reached {reached!r} must be in (0, 1), gamma {gamma!r} > 0")
+    return min(1.0, math.log((1.0 + reached) / (1.0 - reached)) / gamma)
+
+
 def dann_learning_rate(progress: float, lr0: float = 0.01, alpha: float = 10.0, beta: float = 0.75) -> float:
     """DANN learning-rate annealing ``lr0 / (1 + alpha · p) ** beta`` over progress ``p`` in [0, 1]."""
     p = min(max(float(progress), 0.0), 1.0)

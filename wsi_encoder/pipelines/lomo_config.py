@@ -14,10 +14,10 @@ from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.breakhis import PATIENT_KEYS
 
 ARMS = ("baseline", "gan", "grl")
+#: Epoch selection rules. ``last`` (the default, for every arm) keeps the final epoch's weights;
+#: ``best-val`` (a sensitivity analysis) the best validation epoch among those that end after the
+#: grl arm's λ ramp (:func:`wsi_encoder.models.grl.dann_ramp_end`), the same rule for every arm.
 SELECT_EPOCH = ("last", "best-val")
-#: Epoch selection of each arm when ``select_epoch`` is None. The grl arm keeps its last epoch: by
-#: validation AUC it could pick an early epoch where the reversal coefficient is still near 0.
-DEFAULT_SELECTION = {"baseline": "best-val", "gan": "best-val", "grl": "last"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ class LomoConfig:
         Share of each class's training patients used for validation (best-epoch selection).
     patient_key : str
         ``number`` (strict: ``14-22549`` groups slides 22549AB, 22549CD, 22549G) or ``token``.
-    select_epoch : str or None
-        ``last`` or ``best-val`` for every arm; None: best-val for baseline and gan, last for grl.
+    select_epoch : str
+        ``last`` (default) or ``best-val`` (restricted to epochs after the λ ramp), the same rule
+        for every arm (``--selection``).
     gan_ratio : float
         Synthetic images added per real image of each batch in the ``gan`` arm.
     gan_epochs, gan_width, gan_batch_size : int
@@ -82,7 +83,7 @@ class LomoConfig:
     patient_folds: int | None = None
     val_fraction: float = 0.2
     patient_key: str = "number"
-    select_epoch: str | None = None
+    select_epoch: str = "last"
     gan_ratio: float = 1.0
     gan_epochs: int = 100
     gan_width: int = 64
@@ -110,8 +111,8 @@ class LomoConfig:
             (self.repeats >= 1, f"--repeats {self.repeats!r} must be at least 1"),
             (self.patient_key in PATIENT_KEYS, f"--patient-key {self.patient_key!r}: choose number or token"),
             (
-                self.select_epoch is None or self.select_epoch in SELECT_EPOCH,
-                f"--select-epoch {self.select_epoch!r}: choose last or best-val",
+                self.select_epoch in SELECT_EPOCH,
+                f"--selection {self.select_epoch!r}: choose last or best-val",
             ),
             (self.n_bootstrap >= 100, f"--bootstrap {self.n_bootstrap!r}: use at least 100 (1000 or more to publish)"),
         ]
@@ -120,8 +121,10 @@ class LomoConfig:
                 raise InvalidParameterError(message)
 
     def selection(self, arm: str) -> str:
-        """``last`` or ``best-val``: how ``arm`` picks the epoch whose weights it keeps."""
-        return self.select_epoch or DEFAULT_SELECTION[arm]
+        """``last`` or ``best-val``: how ``arm`` picks the epoch whose weights it keeps (one rule for all arms)."""
+        if arm not in ARMS:
+            raise InvalidParameterError(f"unknown arm {arm!r}: choose from {', '.join(ARMS)}")
+        return self.select_epoch
 
     @classmethod
     def default(cls, name: str) -> Any:

@@ -3,6 +3,10 @@
 The recipe: Adam with lr 2e-4 and β1 = 0.5, mini-batches of 128, the non-saturating generator loss,
 real images scaled to [-1, 1]. Training images get random flips and 90° rotations (which leave the
 class and scale unchanged) so that small classes do not collapse at once.
+
+The DCGAN's output is 64×64, so it learns *crops*: each time an image is drawn, a fresh random
+64×64 crop of the classifier-size image (the pixels the classifier sees, at its input scale), so the
+synthetic crops have the real images' scale and are never upsampled thumbnails of whole images.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.io.files import atomic_write_json
 from wsi_encoder.models.dcgan import IMAGE_SIZE, Discriminator, Generator
 from wsi_encoder.models.weights_folder import load_folder_weights, read_folder_config, save_weights_folder
-from wsi_encoder.training.lomo_data import augment, to_tensor
+from wsi_encoder.training.lomo_data import augment, resize_batch, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,8 @@ def train_dcgan(
     Parameters
     ----------
     images
-        ``(N, 64, 64, 3)`` uint8 training images (N ≥ 1).
+        ``(N, S, S, 3)`` uint8 training images (N ≥ 1). Each draw of an image is a random crop of
+        side ``min(S, 64)`` (resized to 64 only when ``S < 64``); ``S = 64`` trains on whole images.
     spec
         Training settings.
     seed
@@ -86,10 +91,8 @@ def train_dcgan(
     on_epoch
         Called as ``on_epoch(epoch, epochs, {"loss_d": ..., "loss_g": ...})`` after each epoch.
     """
-    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(images) == 0:
-        raise InvalidParameterError(
-            f"DCGAN training images must be (N >= 1, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) uint8, got {images.shape}"
-        )
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3 or len(images) == 0:
+        raise InvalidParameterError(f"DCGAN training images must be (N >= 1, S, S, 3) uint8, got {images.shape}")
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -110,7 +113,7 @@ def train_dcgan(
         sums = {"loss_d": 0.0, "loss_g": 0.0}
         for s in range(steps):
             idx = np.sort(order[s * batch : (s + 1) * batch])
-            real = augment(to_tensor(images[idx], device), cpu_rng) * 2.0 - 1.0
+            real = augment(random_crops(to_tensor(images[idx], device), cpu_rng), cpu_rng) * 2.0 - 1.0
             b = real.shape[0]
             z = torch.randn(b, spec.nz, device=device, generator=dev_rng)
             fake = gen(z)
@@ -131,6 +134,20 @@ def train_dcgan(
         if on_epoch is not None:
             on_epoch(epoch + 1, spec.epochs, stats)
     return gen.cpu().eval()
+
+
+def random_crops(x: torch.Tensor, generator: torch.Generator, side: int = IMAGE_SIZE) -> torch.Tensor:
+    """One random ``min(S, side)`` crop per image of a ``(B, C, S, S)`` batch, resized to ``side`` if smaller.
+
+    Offsets are drawn from ``generator``; with ``S == side`` the batch is returned unchanged.
+    """
+    size = x.shape[-1]
+    if size == side:
+        return x
+    c = min(size, side)
+    offs = torch.randint(0, size - c + 1, (x.shape[0], 2), generator=generator).tolist()
+    crops = torch.stack([x[i, :, r : r + c, q : q + c] for i, (r, q) in enumerate(offs)])
+    return resize_batch(crops, side)
 
 
 @torch.no_grad()
@@ -213,8 +230,8 @@ def spec_dict(spec: DcganSpec) -> dict[str, Any]:
 class FoldSynthetic:
     """The synthetic images of one fold and what a person should look at to judge them.
 
-    ``images``/``labels`` are ``(M, 64, 64, 3)`` uint8 and ``(M,)`` class indices;
-    ``real_grid``/``fake_grid`` hold a few real and generated images per class; ``notes`` say how
+    ``images``/``labels`` are ``(M, 64, 64, 3)`` uint8 crops (at the classifier's input scale) and
+    ``(M,)`` class indices; ``real_grid``/``fake_grid`` hold a few real and generated crops per class; ``notes`` say how
     many images and steps each class's DCGAN had.
     """
 
@@ -225,17 +242,16 @@ class FoldSynthetic:
     notes: list[str]
 
 
-def to_gan_size(images: npt.NDArray[np.uint8], device: torch.device | str = "cpu") -> npt.NDArray[np.uint8]:
-    """Resize ``(N, S, S, 3)`` uint8 images to 64×64 (antialiased), the classifier's view at DCGAN size."""
-    from wsi_encoder.training.lomo_data import resize_batch
+def sample_crops(
+    images: npt.NDArray[np.uint8], n: int, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> npt.NDArray[np.uint8]:
+    """``n`` random 64-px crops (as :func:`random_crops`) of the first ``n`` of ``images``, as uint8."""
+    x = random_crops(to_tensor(images[:n], device), torch.Generator().manual_seed(seed))
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    out = np.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for start in range(0, len(images), 256):
-        x = resize_batch(to_tensor(images[start : start + 256], device), IMAGE_SIZE)
-        out[start : start + len(x)] = (
-            (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        )
-    return out
+
+#: What the DCGANs are trained on (a generator trained on another input is not reused).
+GAN_INPUT = "random 64-px crops at the classifier's input scale"
 
 
 def fold_synthetic_images(
@@ -249,7 +265,7 @@ def fold_synthetic_images(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[str, int, int, dict[str, float]], None] | None = None,
 ) -> FoldSynthetic:
-    """One DCGAN per class trained on that class's training images of a fold; ``round(ratio · n)`` samples each.
+    """One DCGAN per class trained on crops of that class's training images of a fold; ``round(ratio · n)`` crops each.
 
     Parameters
     ----------
@@ -285,23 +301,24 @@ def fold_synthetic_images(
         earlier = gan_dir / f"{cls}.safetensors"  # the single-file layout of earlier versions
         saved = weights if (weights / GENERATOR_CONFIG).is_file() else earlier if earlier.is_file() else None
         gen = None
-        if saved is not None and record.get(cls) == names and record.get("spec") == asdict(spec):
+        current = record.get("spec") == asdict(spec) and record.get("input") == [GAN_INPUT, pixels.shape[1]]
+        if saved is not None and record.get(cls) == names and current:
             try:
                 gen, _ = load_generator(saved)
             except CheckpointError as exc:
                 logger.warning("%s; the DCGAN is trained again", exc)
-        real64 = to_gan_size(pixels, device)
         if gen is None:
             cb = None if on_epoch is None else (lambda e, n, st, cls=cls: on_epoch(cls, e, n, st))
-            gen = train_dcgan(real64, spec, seed=seed + c, device=device, on_epoch=cb)
-            save_generator(weights, gen, {"class": cls, "n_images": len(names)})
+            gen = train_dcgan(pixels, spec, seed=seed + c, device=device, on_epoch=cb)
+            save_generator(weights, gen, {"class": cls, "n_images": len(names), "input": GAN_INPUT})
             record[cls] = names
             record["spec"] = asdict(spec)
+            record["input"] = [GAN_INPUT, int(pixels.shape[1])]
             atomic_write_json(record_path, record)
         n = round(ratio * len(names))
         fakes.append(generate(gen, n, seed=seed + 1000 + c, device=device))
         labels.append(np.full(n, c, dtype=np.int64))
-        real_grid[cls] = real64[:8]
+        real_grid[cls] = sample_crops(pixels, 8, seed=seed + 3000 + c, device=device)
         fake_grid[cls] = generate(gen, 16, seed=seed + 2000 + c, device=device)
         steps = spec.epochs * math.ceil(len(names) / min(spec.batch_size, len(names)))
         notes.append(f"{cls}: {len(names)} images, {steps} steps")

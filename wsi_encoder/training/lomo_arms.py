@@ -9,7 +9,8 @@ An arm only says what it adds:
 :class:`GanArm`
     extra *samples*: each step's batch of real images gets ``round(ratio · n_real)`` synthetic
     images (with the class of the DCGAN that made them) on top, so every arm sees the same real
-    images, in the same order, as often.
+    images, in the same order, as often. The DCGANs make 64-px crops at the classifier's input
+    scale; a synthetic classifier input is a mosaic of such crops of one class (no upsampling).
 :class:`GrlArm`
     an extra *loss*: a magnification domain head behind a gradient reversal layer; λ of a step is
     set before that step's forward pass, from the progress at the end of the step.
@@ -27,6 +28,7 @@ from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.models.grl import DomainHead, dann_lambda
+from wsi_encoder.training.lomo_data import resize_batch, to_tensor
 
 
 class BaselineArm:
@@ -47,9 +49,9 @@ class BaselineArm:
         return 0
 
     def extra_samples(
-        self, n: int, rng: np.random.Generator
+        self, n: int, rng: np.random.Generator, size: int
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
-        """``n`` extra images ``(n, s, s, 3)`` uint8 and their classes."""
+        """``n`` extra images ``(n, size, size, 3)`` uint8 and their classes."""
         raise NotImplementedError(f"the {self.name} arm adds no samples")
 
     def before_step(self, model: nn.Module, progress: float) -> dict[str, float]:
@@ -69,35 +71,67 @@ class GanArm(BaselineArm):
     Parameters
     ----------
     images, labels
-        ``(M, s, s, 3)`` uint8 synthetic images and their classes (drawn without replacement in a
-        seeded order, reshuffled when used up).
+        ``(M, c, c, 3)`` uint8 synthetic *crops* at the classifier's input scale (DCGAN output, see
+        :func:`wsi_encoder.training.gan_trainer.fold_synthetic_images`) and their classes.
     ratio
         Synthetic images per real image of a batch.
+
+    A synthetic classifier input of side ``S`` is a mosaic of ``ceil(S / t)²`` crops of one class,
+    cut to ``S``, with tile side ``t = min(S, crop_size)``: the first crop comes from a seeded
+    shuffled stream of the pool (without replacement, reshuffled when used up, so the classes keep
+    the pool's proportions), the others are drawn from the same class's crops. Crops are resized to
+    ``t`` only when the classifier input is smaller than a crop.
     """
 
     name = "gan"
 
-    def __init__(self, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64], ratio: float) -> None:
+    def __init__(
+        self,
+        images: npt.NDArray[np.uint8],
+        labels: npt.NDArray[np.int64],
+        ratio: float,
+        *,
+        crop_size: int = 64,
+    ) -> None:
         if ratio < 0:
             raise InvalidParameterError(f"--gan-ratio {ratio!r} must be >= 0")
+        if len(images) != len(labels):
+            raise InvalidParameterError(f"{len(images)} synthetic images but {len(labels)} labels")
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.ratio = float(ratio)
+        self.crop_size = int(crop_size)
         self._order = np.zeros(0, dtype=np.int64)
+        self._by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
 
     def n_extra(self, n_real: int) -> int:
         """``round(ratio · n_real)`` (0 when there are no synthetic images)."""
         return 0 if len(self.images) == 0 else round(self.ratio * n_real)
 
     def extra_samples(
-        self, n: int, rng: np.random.Generator
+        self, n: int, rng: np.random.Generator, size: int
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
-        """The next ``n`` synthetic images of a seeded shuffled stream."""
+        """``n`` mosaics ``(n, size, size, 3)`` of synthetic crops, one class each, and their classes."""
         while len(self._order) < n:
             self._order = np.concatenate([self._order, rng.permutation(len(self.images))])
-        take, self._order = self._order[:n], self._order[n:]
-        take = np.sort(take)
-        return np.asarray(self.images[take]), self.labels[take]
+        first, self._order = self._order[:n], self._order[n:]
+        tile = min(size, self.crop_size)
+        k = -(-size // tile)
+        out = np.empty((n, k * tile, k * tile, 3), dtype=np.uint8)
+        for i, j in enumerate(first):
+            same = self._by_class[int(self.labels[j])]
+            picks = np.concatenate([[j], rng.choice(same, size=k * k - 1)]) if k > 1 else np.asarray([j])
+            crops = _to_side(np.asarray(self.images[np.sort(picks)]), tile)
+            out[i] = crops.reshape(k, k, tile, tile, 3).transpose(0, 2, 1, 3, 4).reshape(k * tile, k * tile, 3)
+        return out[:, :size, :size], self.labels[first]
+
+
+def _to_side(crops: npt.NDArray[np.uint8], side: int) -> npt.NDArray[np.uint8]:
+    """``(B, c, c, 3)`` uint8 crops resized to ``side`` (unchanged when ``c == side``)."""
+    if crops.shape[1] == side:
+        return crops
+    x = resize_batch(to_tensor(crops), side)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class GrlArm(BaselineArm):

@@ -7,9 +7,17 @@ same state into every model). What an arm adds, synthetic images on top of the r
 term, comes from its strategy object (:mod:`wsi_encoder.training.lomo_arms`).
 
 After each epoch the model is scored on the validation patients (AUC, ties broken by log-loss; the
-log-loss alone when AUC is undefined). ``selection="best-val"`` keeps the best epoch's weights,
-``"last"`` the last epoch's (the default of the grl arm, whose reversal coefficient ramps up over
-training: an early epoch would be a baseline in disguise).
+log-loss alone when AUC is undefined). One selection rule holds for every arm: ``selection="last"``
+(the default) keeps the final epoch's weights, so no difference between arms is confounded with
+early stopping; ``"best-val"`` (a sensitivity analysis) keeps the best validation epoch among the
+epochs that end after the grl arm's λ ramp (``select_from``, progress 0.529 by default): during the
+ramp the grl arm is not yet the model it is meant to be, and its validation loss is not comparable.
+
+Synthetic images (the gan arm) get a forward pass of their own, after the real batch's, with every
+BatchNorm layer in eval mode (:func:`frozen_batchnorm`): they are normalised with the running
+statistics of the real images and never update them, so the statistics used on test images are
+those of real images only. Their own augmentation generator keeps the real images' augmentation,
+and so ``gan_ratio 0``, identical to the baseline's.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,12 +37,15 @@ from torch import nn
 
 from wsi_encoder.errors import DatasetError, InvalidParameterError
 from wsi_encoder.models.encoders import Encoder
+from wsi_encoder.models.grl import dann_ramp_end
 from wsi_encoder.training.lomo_arms import BaselineArm
-from wsi_encoder.training.lomo_data import augment, resize_batch, to_tensor
+from wsi_encoder.training.lomo_data import augment, to_tensor
 
 logger = logging.getLogger(__name__)
 
 SELECTIONS = ("last", "best-val")
+#: Progress after which best-val may pick an epoch: the end of the DANN λ ramp (λ at 99 %).
+RAMP_END = dann_ramp_end()
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,10 @@ class TrainSpec:
     augment : bool
         Random flips and 90° rotations of training images.
     selection : str
-        ``best-val`` (the epoch with the best validation AUC) or ``last``.
+        ``last`` (the final epoch) or ``best-val`` (the best validation AUC among the epochs whose
+        end progress ``epoch / epochs`` is at least ``select_from``).
+    select_from : float
+        First training progress at which best-val may keep an epoch (default: the end of the λ ramp).
     """
 
     epochs: int = 10
@@ -61,7 +76,8 @@ class TrainSpec:
     lr: float = 1e-4
     weight_decay: float = 0.0
     augment: bool = True
-    selection: str = "best-val"
+    selection: str = "last"
+    select_from: float = RAMP_END
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
@@ -70,6 +86,14 @@ class TrainSpec:
             )
         if self.selection not in SELECTIONS:
             raise InvalidParameterError(f"epoch selection {self.selection!r}: choose last or best-val")
+        if not 0.0 <= self.select_from <= 1.0:
+            raise InvalidParameterError(f"select_from {self.select_from!r} must be a progress in [0, 1]")
+
+    def eligible(self, epoch: int) -> bool:
+        """Whether the selection rule may keep ``epoch`` (1-based): the last one, or for best-val any after the ramp."""
+        if self.selection == "last":
+            return epoch == self.epochs
+        return epoch == self.epochs or epoch / self.epochs >= self.select_from
 
 
 class LomoClassifier(nn.Module):
@@ -144,7 +168,7 @@ class TrainResult:
 
     history: list[dict[str, float]] = field(default_factory=list)
     selected_epoch: int = 0
-    selection: str = "best-val"
+    selection: str = "last"
     steps: int = 0
     real_seen: list[int] = field(default_factory=list)
     extra_seen: list[int] = field(default_factory=list)
@@ -173,6 +197,43 @@ def _real_batch(data: TrainData, items: npt.NDArray[np.int64], device: torch.dev
     order = np.argsort(rows)
     x = to_tensor(data.images[rows[order]], device)
     return x[torch.from_numpy(np.argsort(order)).to(device)]
+
+
+@contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Every BatchNorm layer of ``model`` in eval mode inside the block (running statistics used, not updated).
+
+    Gradients still flow; the other layers keep their mode. Restores each layer's mode on exit.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(norms, modes, strict=True):
+            m.train(mode)
+
+
+def label_loss(
+    logit_real: torch.Tensor,
+    y_real: torch.Tensor,
+    logit_syn: torch.Tensor | None = None,
+    y_syn: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(real term, synthetic term)`` of the label loss of one step; the step's label loss is their sum.
+
+    The real term is the mean binary cross-entropy over the real batch, exactly the baseline's. The
+    synthetic term is the *sum* over the synthetic images divided by the number of real images:
+    each synthetic image weighs as much as one real image and, at ``ratio`` synthetic per real, the
+    term is ``ratio`` times their mean, added on top of (never diluting) the real term.
+    """
+    real = F.binary_cross_entropy_with_logits(logit_real, y_real.float())
+    if logit_syn is None or y_syn is None or logit_syn.numel() == 0:
+        return real, None
+    syn = F.binary_cross_entropy_with_logits(logit_syn, y_syn.float(), reduction="sum") / logit_real.numel()
+    return real, syn
 
 
 def train_classifier(
@@ -229,6 +290,7 @@ def _train_loop(
     rng = np.random.default_rng(seed)
     extra_rng = np.random.default_rng([seed, 1])
     aug_rng = torch.Generator().manual_seed(seed)
+    syn_aug_rng = torch.Generator().manual_seed(seed + 104729)
     size = data.images.shape[1]
     result = TrainResult(steps=total, selection=spec.selection)
     best_key: tuple[float, float] | None = None
@@ -241,21 +303,25 @@ def _train_loop(
         seen_real = seen_extra = 0
         for items in epoch_batches(n_real, spec.batch_size, rng):
             x = _real_batch(data, items, device)
-            y_np = data.y_train[items]
-            dom_np = data.domain_train[items]
-            n_extra = arm.n_extra(len(items))
-            if n_extra:
-                x_syn, y_syn = arm.extra_samples(n_extra, extra_rng)
-                x = torch.cat([x, resize_batch(to_tensor(x_syn, device), size)])
-                y_np = np.concatenate([y_np, y_syn])
-                dom_np = np.concatenate([dom_np, np.full(n_extra, -1, np.int64)])
+            y = torch.from_numpy(data.y_train[items]).to(device)
             if spec.augment:
                 x = augment(x, aug_rng)
+            n_extra = arm.n_extra(len(items))
             logged = arm.before_step(model, (step + 1) / total)
             feats, logit = model(x)
-            loss_label = F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y_np).to(device).float())
-            loss = loss_label
-            extra = arm.extra_loss(model, feats, torch.from_numpy(dom_np).to(device))
+            loss_label, loss_syn = label_loss(logit, y)
+            if n_extra:
+                x_syn_np, y_syn_np = arm.extra_samples(n_extra, extra_rng, size)
+                x_syn = to_tensor(x_syn_np, device)
+                if spec.augment:
+                    x_syn = augment(x_syn, syn_aug_rng)
+                with frozen_batchnorm(model):
+                    _, logit_syn = model(x_syn)
+                _, loss_syn = label_loss(logit, y, logit_syn, torch.from_numpy(y_syn_np).to(device))
+            loss = loss_label if loss_syn is None else loss_label + loss_syn
+            if loss_syn is not None:
+                sums["loss_synthetic"] = sums.get("loss_synthetic", 0.0) + float(loss_syn.detach())
+            extra = arm.extra_loss(model, feats, torch.from_numpy(data.domain_train[items]).to(device))
             if extra is not None:
                 loss = loss + extra
                 sums["loss_extra"] = sums.get("loss_extra", 0.0) + float(extra.detach())
@@ -275,7 +341,7 @@ def _train_loop(
         stats["epoch"] = float(epoch)
         result.history.append(stats)
         key = _selection_key(stats) if spec.selection == "best-val" else (float(epoch), 0.0)
-        if best_key is None or key > best_key:
+        if spec.eligible(epoch) and (best_key is None or key > best_key):
             best_key = key
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             result.selected_epoch = epoch
