@@ -203,7 +203,7 @@ def _hf_reference_forward(
 @pytest.mark.parametrize(
     ("remap", "timm_kwargs", "dinov2", "registers", "eps"),
     [
-        (hf_vit_to_timm, {}, False, 0, 1e-12),
+        (hf_vit_to_timm, {}, False, 0, 1e-6),
         (hf_dinov2_to_timm, {"init_values": 1e-5}, True, 0, 1e-6),
         (hf_dinov2_to_timm, {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True, "mlp_ratio": 256 / 64,
                              "mlp_layer": "swiglu"}, True, 4, 1e-6),
@@ -341,6 +341,24 @@ def test_resnet50_trunc_drops_layer4_and_fc(tmp_path: Path) -> None:
     enc = create_encoder("resnet50-trunc", weights=_save(state, tmp_path / name))
     torch.testing.assert_close(enc.trunk.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
     assert not any(k.startswith(("layer4.", "fc.")) for k in enc.trunk.state_dict())
+
+
+@pytest.mark.parametrize("name", ["resnet50-trunc", "resnet18", "resnet34", "resnet50"])
+def test_torchvision_2017_file_without_batchnorm_counters_loads(name: str, tmp_path: Path) -> None:
+    """torchvision's 2017 files (``resnet50-19c8e357.pth``, CLAM's) have no ``num_batches_tracked``: accepted,
+    as PyTorch's strict load accepts them; any other missing key is still refused."""
+    import torchvision
+
+    arch = "resnet50" if name == "resnet50-trunc" else name
+    state = {k: v for k, v in _random_like(getattr(torchvision.models, arch)(weights=None)).items()
+             if not k.endswith("num_batches_tracked")}
+    enc = create_encoder(name, weights=_save(state, tmp_path / f"{arch}-2017.pth"))
+    torch.testing.assert_close(enc.trunk.layer1[0].bn1.running_var, state["layer1.0.bn1.running_var"])
+    reference = getattr(torchvision.models, arch)(weights=None)
+    reference.load_state_dict(state, strict=True)  # what PyTorch itself accepts
+    state.pop("layer1.0.bn1.running_var")
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(layer1\.0\.bn1\.running_var\)"):
+        create_encoder(name, weights=_save(state, tmp_path / f"{arch}-broken.pth"))
 
 
 def test_wrong_or_truncated_file_is_refused_in_one_line(tmp_path: Path) -> None:

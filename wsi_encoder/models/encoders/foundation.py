@@ -329,7 +329,8 @@ def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
 
 # ---- Phikon / Phikon-v2 (Owkin) ------------------------------------------------------------------------
 # Model card https://huggingface.co/owkin/phikon (config.json: ViTModel, hidden 768, 12 layers, 12 heads,
-# patch 16, image 224, qkv_bias, layer_norm_eps 1e-12, gelu) and TRIDENT PhikonInferenceEncoder
+# patch 16, image 224, qkv_bias, layer_norm_eps 1e-6 (as iBOT; the card's config first said 1e-12 and Owkin
+# corrected it), gelu) and TRIDENT PhikonInferenceEncoder
 # (ViTModel add_pooling_layer=False, last_hidden_state[:, 0]); ImageNet mean/std; 20x (0.5 µm/px).
 @register_encoder(
     "phikon",
@@ -349,7 +350,7 @@ def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: f
     """Phikon (Filiot et al. 2023): ViT-B/16 iBOT on TCGA, 768-d class token, 224 px @ 0.5 µm/px."""
     return _vit("phikon", "vit_base_patch16_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
                 native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=768,
-                norm_layer=partial(nn.LayerNorm, eps=1e-12))
+                norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 # Model card https://huggingface.co/owkin/phikon-v2 (config.json: Dinov2Model, hidden 1024, 24 layers, 16

@@ -124,13 +124,19 @@ def strip_prefix(state: dict[str, torch.Tensor], *prefixes: str) -> dict[str, to
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str, assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with one line naming missing/unexpected keys and shape clashes.
 
+    The one tolerated difference is a missing BatchNorm ``num_batches_tracked`` counter: files saved
+    before PyTorch 0.4.1 (torchvision's 2017 ``resnet50-19c8e357.pth``, the file CLAM uses) have none,
+    and PyTorch's own strict load accepts them (``BatchNorm._load_from_state_dict`` fills the counter
+    in). The counter only matters to training with ``momentum=None``; the module's own value is kept.
+    Any other missing or unexpected key is refused.
+
     Raises
     ------
     CheckpointError
         Keys or shapes do not match.
     """
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not _is_bn_counter(module, k)]
     unexpected = [k for k in state if k not in expected]
     clashes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
@@ -150,7 +156,22 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str,
         raise CheckpointError(f"{what}: {'; '.join(parts)}")
     if assign:  # tensors become the module's own: keep float32 whatever the file stored
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=assign)
+    counters = {k: expected[k].detach().clone() for k in expected if k not in state}  # only BN counters remain
+    if assign:  # (a meta-device module has no counter value to keep: it starts at 0, as a fresh BatchNorm)
+        counters = {k: torch.zeros((), dtype=torch.long) if v.is_meta else v for k, v in counters.items()}
+    module.load_state_dict({**state, **counters}, strict=True, assign=assign)
+
+
+def _is_bn_counter(module: nn.Module, key: str) -> bool:
+    """Whether ``key`` is the ``num_batches_tracked`` buffer of a BatchNorm layer of ``module``."""
+    owner, _, leaf = key.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        sub = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    return isinstance(sub, nn.modules.batchnorm._BatchNorm)
 
 
 # ---- remappings: official layout -> module layout ---------------------------------------------------
