@@ -55,6 +55,7 @@ PUBLISHED_PARAMS = {
     "lunit-vits8": 21.67e6,
     "kaiko-vitb8": 85.81e6,
     "ctranspath": 27.52e6,
+    "chief-ctranspath": 27.52e6,
     "resnet50-trunc": 8.54e6,
 }
 BIG = {"uni", "uni2-h", "virchow", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "phikon-v2"}
@@ -248,7 +249,7 @@ def _official_state(name: str, *, meta: bool = False) -> tuple[dict[str, torch.T
         import torchvision
 
         return _random_like(torchvision.models.resnet50(weights=None)), "resnet50-19c8e357.pth"
-    if name == "ctranspath":
+    if name in ("ctranspath", "chief-ctranspath"):
         trunk = _meta_build(name).trunk
         state = _random_like(trunk)
         old: dict[str, torch.Tensor] = {}
@@ -258,7 +259,7 @@ def _official_state(name: str, *, meta: bool = False) -> tuple[dict[str, torch.T
             if k.endswith("relative_position_bias_table"):
                 old[k.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49, dtype=torch.long)
         old["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
-        return {"model": old}, "ctranspath.pth"  # type: ignore[dict-item]
+        return {"model": old}, str(get_spec(name).weights_file)  # type: ignore[dict-item]
     # timm-layout entries: the timm model's own keys are the published layout (.bin and .safetensors alike;
     # the giant ones are written as safetensors, faster to write and read in a test)
     if name in BIG:
@@ -289,7 +290,7 @@ def _roundtrip(name: str, tmp_path: Path) -> None:
     finally:
         path.unlink()  # several GiB for the giant entries: gone before the next test writes its own
     assert not any(t.is_meta for t in list(enc.parameters()) + list(enc.buffers()))
-    size = max(spec.min_input_size, 32) if name in ("ctranspath", "resnet50-trunc") else 2 * spec.min_input_size
+    size = max(spec.min_input_size, 32) if name in ("ctranspath", "chief-ctranspath", "resnet50-trunc") else 2 * spec.min_input_size
     with torch.inference_mode():
         out = enc(torch.rand(2, 3, size, size))
     assert out.shape == (2, spec.embed_dim) and torch.isfinite(out).all()
@@ -325,6 +326,42 @@ def test_official_layout_of_each_giant_fits_strictly(name: str, tmp_path: Path, 
     monkeypatch.setattr(encoders_module, "read_state_dict", lambda p: {k: v for k, v in state.items() if k != first})
     with pytest.raises(CheckpointError, match="does not fit"):
         load_weights(build_skeleton(name), path, assign=True)
+
+
+def test_ctranspath_entries_name_their_own_files() -> None:
+    """TransPath's ctranspath.pth and CHIEF's CHIEF_CTransPath.pth hold different tensors: two entries, two files."""
+    a, b = get_spec("ctranspath"), get_spec("chief-ctranspath")
+    assert (a.weights_file, b.weights_file) == ("ctranspath.pth", "CHIEF_CTransPath.pth")
+    assert "TransPath" in a.source and "CHIEF" not in a.source and "CHIEF_CTransPath.pth" in b.source
+
+
+def test_hibou_native_layout_gives_the_hf_snapshot_embedding(tmp_path: Path) -> None:
+    """HistAI's ``hibou-b.pth`` (Meta's DINOv2 code layout, written here key by key from hibou's
+    ``vision_transformer.py`` / ``SwiGLUFFNFused``) and the HF snapshot of the same weights embed alike."""
+    hf, _ = _official_state("hibou-b")
+    native: dict[str, torch.Tensor] = {
+        "cls_token": hf["embeddings.cls_token"], "pos_embed": hf["embeddings.position_embeddings"],
+        "register_tokens": hf["embeddings.register_tokens"], "mask_token": hf["embeddings.mask_token"],
+        "norm.weight": hf["layernorm.weight"], "norm.bias": hf["layernorm.bias"],
+    }  # fmt: skip
+    for kind in ("weight", "bias"):
+        native[f"patch_embed.proj.{kind}"] = hf[f"embeddings.patch_embeddings.projection.{kind}"]
+    for i in range(12):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            native[q + f"attn.qkv.{kind}"] = torch.cat([hf[p + f"attention.attention.{n}.{kind}"] for n in ("query", "key", "value")])
+            native[q + f"attn.proj.{kind}"] = hf[p + f"attention.output.dense.{kind}"]
+            native[q + f"norm1.{kind}"], native[q + f"norm2.{kind}"] = hf[p + f"norm1.{kind}"], hf[p + f"norm2.{kind}"]
+            native[q + f"mlp.w12.{kind}"], native[q + f"mlp.w3.{kind}"] = hf[p + f"mlp.weights_in.{kind}"], hf[p + f"mlp.weights_out.{kind}"]
+        native[q + "ls1.gamma"], native[q + "ls2.gamma"] = hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"]
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        a = create_encoder("hibou-b", weights=_save(hf, tmp_path / "model.safetensors")).eval()(x)
+        b = create_encoder("hibou-b", weights=_save(native, tmp_path / "hibou-b.pth")).eval()(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    native.pop("blocks.3.mlp.w3.bias")
+    with pytest.raises(CheckpointError, match=r"missing keys \(blocks\.3\.mlp\.fc2\.bias\)"):
+        create_encoder("hibou-b", weights=_save(native, tmp_path / "broken.pth"))
 
 
 def test_timm_checkpoint_keeps_its_values(tmp_path: Path) -> None:

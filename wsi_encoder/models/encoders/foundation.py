@@ -32,6 +32,7 @@ from wsi_encoder.models.encoders.registry import (
 from wsi_encoder.models.encoders.weights import (
     hf_dinov2_to_timm,
     hf_vit_to_timm,
+    hibou_to_timm,
     swin_v0_to_timm,
     timm_layout,
 )
@@ -164,6 +165,9 @@ def _swiglu() -> dict[str, Any]:
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=16,
 )
 def _uni(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -188,6 +192,9 @@ def _uni(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: floa
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=14,
 )
 def _uni2h(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -215,6 +222,9 @@ def _uni2h(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: fl
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="cls+mean(patch)",
     min_input_size=14,
 )
 def _virchow(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -239,6 +249,9 @@ def _virchow(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="cls+mean(patch, registers excluded)",
     min_input_size=14,
 )
 def _virchow2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -273,6 +286,8 @@ def _hoptimus(name: str, embed_dim: int | None, input_size: int, input_mpp: floa
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=14,
 )
 def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -294,6 +309,8 @@ def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=14,
 )
 def _hoptimus1(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -318,6 +335,10 @@ def _hoptimus1(*, embed_dim: int | None = None, input_size: int = 224, input_mpp
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    crop_fraction=224 / 256,
+    output="cls",
     min_input_size=16,
 )
 def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -344,6 +365,8 @@ def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
     requires_weights=True,
     remap=hf_vit_to_timm,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=16,
 )
 def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -368,6 +391,9 @@ def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: f
     requires_weights=True,
     remap=hf_dinov2_to_timm,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=16,
 )
 def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -384,6 +410,9 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
 # final layernorm); mean (0.7068, 0.5755, 0.722), std (0.195, 0.2316, 0.1816); 0.5 µm/px.
 # HF's SwiGLU FFN has hidden = (int(768 * 4 * 2 / 3) + 7) // 8 * 8 = 2048: weights_in 768 -> 2 x 2048 (x1, x2),
 # silu(x1) * x2, weights_out 2048 -> 768 = timm's SwiGLUPacked (gate first) with mlp_ratio 4096 / 768.
+# HistAI's own hibou-b.pth (github.com/HistAI/hibou, hibou.build_model: Meta's DINOv2 DinoVisionTransformer,
+# vit_base, patch 14, layerscale 1e-5, ffn_layer "swiglufused" (w12/w3, same hidden 2048), 4 registers) is
+# accepted too (weights.dinov2_native_to_timm). The card's processor resizes bicubic to 224.
 @register_encoder(
     "hibou-b",
     embed_dim=768,
@@ -391,13 +420,15 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     mpp=0.5,
     mean=HIBOU_MEAN,
     std=HIBOU_STD,
-    weights_format="Hugging Face DINOv2-with-registers (model.safetensors); HF keys remapped to timm (mlp.weights_in/out -> mlp.fc1/fc2), class-token position folded into cls_token",
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors; HF keys remapped to timm, mlp.weights_in/out -> mlp.fc1/fc2) or HistAI's hibou-b.pth (DINOv2 code layout; register_tokens -> reg_token, mlp.w12/w3 -> mlp.fc1/fc2); class-token position folded into cls_token",
     weights_file="model.safetensors",
-    source="https://huggingface.co/histai/hibou-b",
+    source="https://huggingface.co/histai/hibou-b (or hibou-b.pth: github.com/HistAI/hibou README, Google Drive)",
     license="Apache-2.0",
     requires_weights=True,
-    remap=hf_dinov2_to_timm,
+    remap=hibou_to_timm,
     lazy_init=True,
+    interpolation="bicubic",
+    output="pooler",
     min_input_size=14,
 )
 def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -426,6 +457,8 @@ def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=8,
 )
 def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -449,10 +482,13 @@ def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: fl
     weights_format=_TIMM_FILE,
     weights_file="model.safetensors",
     source="https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms (kaiko-ai/towards_large_pathology_fms)",
-    license="see the card / kaiko-ai/towards_large_pathology_fms (research use)",
+    license="Kaiko Non-Commercial Public License",
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=8,
 )
 def _kaiko_b8(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -506,24 +542,19 @@ class ConvStem(nn.Module):
 
 # Wang et al., Med. Image Anal. 2022 (TransPath / CTransPath), github.com/Xiyue-Wang/TransPath ctran.py and TRIDENT
 # CTransPathInferenceEncoder: swin_tiny_patch4_window7_224 (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7)
-# with embed_layer=ConvStem, head removed; ImageNet mean/std; average-pooled 768 features. Weights: TransPath's
-# ctranspath.pth (= MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth), {"model": state_dict} in the
-# timm 0.5.4 Swin layout. TRIDENT README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
-@register_encoder(
-    "ctranspath",
-    embed_dim=768,
-    input_size=224,
-    mpp=1.0,
-    weights_format="TransPath torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, relative_position_index/attn_mask/head dropped",
-    weights_file="ctranspath.pth",
-    source="https://github.com/Xiyue-Wang/TransPath (Google Drive link in its README); also huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath (gated)",
-    license="GPL-3.0 (TransPath repository); weights for research use",
-    requires_weights=True,
-    remap=swin_v0_to_timm,
-    min_input_size=32,
+# with embed_layer=ConvStem, head removed; ImageNet mean/std, Resize(224, bilinear, antialias); average-pooled
+# 768 features after the final norm. Two weight files exist, with the same keys but different tensors:
+# TransPath's own ctranspath.pth (its README's Google Drive link) and CHIEF's CTransPath (Wang et al., Nature
+# 2024), CHIEF_CTransPath.pth (MahmoodLab/hest-bench fm_v1/ctranspath, the file TRIDENT loads). Both are
+# torch.save {"model": state_dict} in the timm 0.5.4 Swin layout; TRIDENT loads them with torch.load(...)["model"]
+# and drops the attn_mask keys. TRIDENT's README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
+_CTRANSPATH_FORMAT = (
+    "torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, "
+    "relative_position_index/attn_mask/head dropped"
 )
-def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
-    """CTransPath (Wang et al., MedIA 2022): Swin-T with a convolutional stem, 768-d, 224 px @ 1 µm/px."""
+
+
+def _ctranspath_encoder(name: str, embed_dim: int | None, input_size: int, input_mpp: float) -> Encoder:
     import timm
     from timm.models.swin_transformer import SwinTransformer
 
@@ -534,6 +565,47 @@ def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mp
     )
     if not isinstance(trunk, SwinTransformer):
         raise TypeError(f"timm swin_tiny_patch4_window7_224 is a {type(trunk).__name__}, not a SwinTransformer")
-    cfg = EncoderConfig("ctranspath", int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
+    cfg = EncoderConfig(name, int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
                         768 if embed_dim is None else embed_dim, embed_dim)
     return SwinEncoder(cfg, trunk, trunk_features=768)
+
+
+@register_encoder(
+    "ctranspath",
+    embed_dim=768,
+    input_size=224,
+    mpp=1.0,
+    weights_format=_CTRANSPATH_FORMAT,
+    weights_file="ctranspath.pth",
+    source="https://github.com/Xiyue-Wang/TransPath (ctranspath.pth, Google Drive link in its README)",
+    license="GPL-3.0 (TransPath repository); weights for research use",
+    requires_weights=True,
+    remap=swin_v0_to_timm,
+    min_input_size=32,
+    interpolation="bilinear",
+    output="gap",
+)
+def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
+    """CTransPath (Wang et al., MedIA 2022), TransPath's weights: Swin-T with a conv stem, 768-d, 224 px @ 1 µm/px."""
+    return _ctranspath_encoder("ctranspath", embed_dim, input_size, input_mpp)
+
+
+@register_encoder(
+    "chief-ctranspath",
+    embed_dim=768,
+    input_size=224,
+    mpp=1.0,
+    weights_format=_CTRANSPATH_FORMAT,
+    weights_file="CHIEF_CTransPath.pth",
+    source="https://huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth (gated); "
+    "github.com/hms-dbmi/CHIEF",
+    license="gated (hest-bench access conditions); CHIEF's terms at github.com/hms-dbmi/CHIEF: check before use",
+    requires_weights=True,
+    remap=swin_v0_to_timm,
+    min_input_size=32,
+    interpolation="bilinear",
+    output="gap",
+)
+def _chief_ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
+    """CHIEF's CTransPath (Wang et al., Nature 2024): the CTransPath architecture, CHIEF's weights, 768-d @ 1 µm/px."""
+    return _ctranspath_encoder("chief-ctranspath", embed_dim, input_size, input_mpp)

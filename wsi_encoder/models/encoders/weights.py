@@ -281,6 +281,38 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def dinov2_native_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta's DINOv2 code layout (HistAI's ``hibou-b.pth``, loaded by ``hibou.build_model``) → timm ViT.
+
+    The keys are timm's but for the register tokens (``register_tokens`` → ``reg_token``) and the fused
+    SwiGLU FFN (``mlp.w12``/``mlp.w3`` → ``mlp.fc1``/``mlp.fc2``, same (x1, x2) packing, ``silu(x1) * x2``);
+    ``mask_token`` (masked-image pretraining only) is dropped. DINOv2 adds the position embedding to
+    the class and patch tokens and inserts the registers afterwards, so, as in :func:`hf_dinov2_to_timm`,
+    the class token's position embedding is folded into ``cls_token`` for timm's ``no_embed_class``.
+    """
+    state = strip_prefix(dict(state), "module.", "backbone.")
+    state.pop("mask_token", None)
+    out: dict[str, torch.Tensor] = {}
+    pos = state.pop("pos_embed")
+    cls = state.pop("cls_token")
+    if "register_tokens" in state:
+        out["reg_token"] = state.pop("register_tokens")
+        out["cls_token"] = cls + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    else:
+        out["cls_token"], out["pos_embed"] = cls, pos
+    for k, v in state.items():
+        out[re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k))] = v
+    return out
+
+
+def hibou_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hibou in either official layout → timm ViT: the Hugging Face snapshot (``model.safetensors``,
+    :func:`hf_dinov2_to_timm`) or HistAI's own ``hibou-b.pth`` (:func:`dinov2_native_to_timm`)."""
+    hf = any(k.startswith(("embeddings.", "dinov2.embeddings.", "model.embeddings.")) for k in state)
+    return hf_dinov2_to_timm(state) if hf else dinov2_native_to_timm(state)
+
+
 def swin_v0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CTransPath's checkpoint (TransPath's ``timm==0.5.4`` Swin, ``{"model": state_dict}``) → timm 1.x Swin.
 
