@@ -436,14 +436,19 @@ def test_weights_dir_conventional_names(tmp_path: Path, monkeypatch: pytest.Monk
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["lunit-vits8"]["weights_found"] == str(path)
     for row in rows.values():
-        assert {"name", "embed_dim", "input_size", "mpp", "weights_format", "source", "license"} <= set(row)
+        assert {"name", "embed_dim", "input_size", "mpp", "weights_format", "source", "license", "interpolation",
+                "crop", "crop_fraction", "output"} <= set(row)
+    giga, v2 = rows["prov-gigapath"], rows["virchow2"]
+    assert (giga["interpolation"], giga["crop"], giga["crop_fraction"], giga["output"]) == ("bicubic", "center", 0.875, "cls")
+    assert v2["output"] == "cls+mean(patch, registers excluded)" and rows["kaiko-vitb8"]["license"] == "Kaiko Non-Commercial Public License"
 
 
 def test_encoders_command_table() -> None:
     result = CliRunner().invoke(main, ["encoders"])
     assert result.exit_code == 0, result.output
-    for name in ("uni", "virchow2", "ctranspath", "resnet50-trunc", "CC-BY-NC-ND-4.0"):
+    for name in ("uni", "virchow2", "ctranspath", "chief-ctranspath", "resnet50-trunc", "CC-BY-NC-ND-4.0"):
         assert name in result.output
+    assert "bicubic resize, centre crop 224 of 256; mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); output: cls" in result.output
 
 
 def test_checkpoint_ignores_the_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
