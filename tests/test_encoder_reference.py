@@ -64,6 +64,8 @@ CARDS: dict[str, dict[str, Any]] = {
     "lunit-vits8": {"norm": LUNIT, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
     "kaiko-vitb8": {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
                     "output": "cls"},
+    **{k: {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"}
+       for k in ("kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitl14")},
     "ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None, "output": "gap"},
     "chief-ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None,
                          "output": "gap"},
@@ -185,10 +187,23 @@ TIMM_CARDS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[torch.T
     "lunit-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0}, None, False),
     "kaiko-vitb8": ("vit_base_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
                     None, False),
+    # TRIDENT Kaiko{S16,S8,B16,L14}InferenceEncoder (ViT-L/14 built at 518 px, fed 224: interpolated positions)
+    "kaiko-vits16": ("vit_small_patch16_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                     None, False),
+    "kaiko-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                    None, False),
+    "kaiko-vitb16": ("vit_base_patch16_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                     None, False),
+    "kaiko-vitl14": ("vit_large_patch14_reg4_dinov2", lambda: {"num_classes": 0, "img_size": 518,
+                                                               "dynamic_img_size": True}, None, True),
 }
 
 
-@pytest.mark.parametrize("name", sorted(TIMM_CARDS))
+#: over ~20 s on two shared CPU cores (ViT-B/8: 785 tokens through 12 full blocks)
+SLOW = {"kaiko-vitb8"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(TIMM_CARDS)])
 def test_timm_entry_equals_its_card(name: str, real_tiles: np.ndarray, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import timm

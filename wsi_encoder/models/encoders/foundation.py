@@ -497,6 +497,47 @@ def _kaiko_b8(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
                 input_mpp=input_mpp, native_size=224, mean=KAIKO_MEAN, std=KAIKO_STD, features=768)
 
 
+# The other kaiko.ai checkpoints, as TRIDENT's Kaiko{S16,S8,B16,L14}InferenceEncoder build them: timm
+# "<arch>" with num_classes=0, img_size=<native>, dynamic_img_size=True (ViT-L/14: vit_large_patch14_reg4_dinov2 built
+# at 518 px and fed 224 px, its position embedding interpolated), Resize(224, bilinear) + CenterCrop(224),
+# mean = std = 0.5; class token. Files: huggingface.co/1aurent/<arch>.kaiko_ai_towards_large_pathology_fms.
+_KAIKO_MORE = (
+    ("kaiko-vits16", "vit_small_patch16_224", 384, 224, 16, "ViT-S/16"),
+    ("kaiko-vits8", "vit_small_patch8_224", 384, 224, 8, "ViT-S/8"),
+    ("kaiko-vitb16", "vit_base_patch16_224", 768, 224, 16, "ViT-B/16"),
+    ("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 1024, 518, 14, "ViT-L/14 with 4 registers"),
+)
+for _kname, _karch, _kdim, _knative, _kpatch, _kwhat in _KAIKO_MORE:
+
+    def _kaiko_build(
+        *, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5,
+        _n: str = _kname, _a: str = _karch, _d: int = _kdim, _s: int = _knative,
+    ) -> Encoder:
+        return _vit(_n, _a, out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp, native_size=_s,
+                    mean=KAIKO_MEAN, std=KAIKO_STD, features=_d)
+
+    _kaiko_build.__doc__ = f"kaiko.ai {_kwhat} DINO (Aben et al. 2024): {_kdim}-d class token, 224 px @ 0.5 µm/px."
+    register_encoder(
+        _kname,
+        embed_dim=_kdim,
+        input_size=224,
+        mpp=0.5,
+        mean=KAIKO_MEAN,
+        std=KAIKO_STD,
+        weights_format=_TIMM_FILE,
+        weights_file="model.safetensors",
+        source=f"https://huggingface.co/1aurent/{_karch}.kaiko_ai_towards_large_pathology_fms (kaiko-ai/towards_large_pathology_fms)",
+        license="Kaiko Non-Commercial Public License",
+        requires_weights=True,
+        remap=timm_layout,
+        lazy_init=True,
+        interpolation="bilinear",
+        crop="center",
+        output="cls",
+        min_input_size=_kpatch,
+    )(_kaiko_build)
+
+
 # ---- CTransPath -------------------------------------------------------------------------------------------
 class ConvStem(nn.Module):
     """CTransPath's patch embedding: two 3×3 stride-2 conv-BN-ReLU and a 1×1 conv to ``embed_dim``.
