@@ -61,6 +61,7 @@ CARDS: dict[str, dict[str, Any]] = {
     "phikon-v2": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
                   "output": "cls"},
     "hibou-b": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
+    "hibou-l": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
     "lunit-vits8": {"norm": LUNIT, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
     "kaiko-vitb8": {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
                     "output": "cls"},
@@ -254,12 +255,23 @@ def _hf_hibou_b() -> nn.Module:
     return Dinov2WithRegistersModel(cfg)
 
 
+def _hf_hibou_l() -> nn.Module:
+    # huggingface.co/histai/hibou-L and hibou's cellvit.HibouEncoder: ViT-L/14, 4 registers, SwiGLU (24 layers; 2 here)
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(hidden_size=1024, num_hidden_layers=REDUCED_DEPTH, num_attention_heads=16,
+                                    mlp_ratio=4, image_size=224, patch_size=14, num_register_tokens=4,
+                                    use_swiglu_ffn=True, layerscale_value=1e-5, layer_norm_eps=1e-6, qkv_bias=True)
+    return Dinov2WithRegistersModel(cfg)
+
+
 HF_CARDS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], torch.Tensor], bool]] = {
     # TRIDENT PhikonInferenceEncoder / Phikonv2InferenceEncoder: last_hidden_state[:, 0] (after the final layernorm)
     "phikon": (_hf_phikon, lambda out: out.last_hidden_state[:, 0], False),
     "phikon-v2": (_hf_phikon_v2, lambda out: out.last_hidden_state[:, 0], True),
     # the Hibou card: outputs.pooler_output (the class token after the final layernorm)
     "hibou-b": (_hf_hibou_b, lambda out: out.pooler_output, False),
+    "hibou-l": (_hf_hibou_l, lambda out: out.pooler_output, True),
 }
 
 

@@ -438,6 +438,37 @@ def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
                 init_values=1e-5, mlp_ratio=4096 / 768, **_swiglu())
 
 
+# Hibou-L: huggingface.co/histai/hibou-L (the same remote-code DINOv2-with-registers layout as Hibou-B) and HistAI's
+# own code (github.com/HistAI/hibou, cellvit.HibouEncoder: build_model(arch="vit_large", patch_size=14,
+# layerscale=1e-5, ffn_layer="swiglufused", num_register_tokens=4, img_size=224); vit_large = 1,024 wide, 24
+# blocks, 16 heads, mlp_ratio 4, so the fused SwiGLU hidden is (int(4096 * 2 / 3) + 7) // 8 * 8 = 2736 and
+# timm's SwiGLUPacked fc1 is 2 x 2736 wide); TRIDENT HibouLInferenceEncoder: Hibou constants, Resize(224,
+# bicubic); the class token after the final layernorm (pooler_output), 1,024-d.
+@register_encoder(
+    "hibou-l",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    mean=HIBOU_MEAN,
+    std=HIBOU_STD,
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors), as hibou-b, or the DINOv2 code layout; class-token position folded into cls_token",
+    weights_file="model.safetensors",
+    source="https://huggingface.co/histai/hibou-L",
+    license="Apache-2.0",
+    requires_weights=True,
+    remap=hibou_to_timm,
+    lazy_init=True,
+    interpolation="bicubic",
+    output="pooler",
+    min_input_size=14,
+)
+def _hibou_l(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Hibou-L (Nechaev et al. 2024): ViT-L/14 DINOv2, SwiGLU, 4 registers, 1,024-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("hibou-l", "vit_large_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=HIBOU_MEAN, std=HIBOU_STD, features=1024,
+                init_values=1e-5, mlp_ratio=2 * 2736 / 1024, **_swiglu())
+
+
 # ---- Lunit DINO ViT-S/8 ---------------------------------------------------------------------------------
 # Kang et al., CVPR 2023 "Benchmarking self-supervised learning on diverse pathology datasets"; timm port
 # https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino (config.json: vit_small_patch8_224,
