@@ -57,6 +57,7 @@ CARDS: dict[str, dict[str, Any]] = {
     "h-optimus-1": {"norm": HOPTIMUS, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
     "prov-gigapath": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (256, 224),
                       "output": "cls"},
+    "gpfm": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "cls"},
     "phikon": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
     "phikon-v2": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
                   "output": "cls"},
@@ -184,6 +185,9 @@ TIMM_CARDS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[torch.T
                                                            "embed_dim": 1536, "depth": 40, "num_heads": 24,
                                                            "init_values": 1e-5, "mlp_ratio": 5.33334,
                                                            "num_classes": 0}, None, True),
+    # TRIDENT GPFMInferenceEncoder (file GPFM.pth)
+    "gpfm": ("vit_large_patch14_dinov2", lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+             None, True),
     # huggingface.co/1aurent/vit_small_patch8_224.lunit_dino and ...kaiko_ai_towards_large_pathology_fms (full depth)
     "lunit-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0}, None, False),
     "kaiko-vitb8": ("vit_base_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},

@@ -348,6 +348,32 @@ def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
                 patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334)
 
 
+# ---- GPFM (Ma et al. 2024, "Towards a generalizable pathology foundation model via unified knowledge distillation")
+# TRIDENT GPFMInferenceEncoder: timm "vit_large_patch14_dinov2" (.lvd142m), pretrained=False, img_size=224,
+# init_values=1e-5, dynamic_img_size=True, strict load of GPFM.pth (the state dict, or under "state_dict");
+# ImageNet mean/std, Resize(224, bicubic); model(x) = the class token after the final norm (1,024).
+@register_encoder(
+    "gpfm",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    weights_format="timm state dict (GPFM.pth, or {'state_dict': ...}); loaded as it is",
+    weights_file="GPFM.pth",
+    source="https://huggingface.co/majiabo/GPFM",
+    license="see the card (majiabo/GPFM); research use",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    interpolation="bicubic",
+    output="cls",
+    min_input_size=14,
+)
+def _gpfm(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """GPFM (Ma et al. 2024): ViT-L/14 distilled from several foundation models, 1,024-d class token, 224 px."""
+    return _vit("gpfm", "vit_large_patch14_dinov2", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1024, init_values=1e-5)
+
+
 # ---- Phikon / Phikon-v2 (Owkin) ------------------------------------------------------------------------
 # Model card https://huggingface.co/owkin/phikon (config.json: ViTModel, hidden 768, 12 layers, 12 heads,
 # patch 16, image 224, qkv_bias, layer_norm_eps 1e-6 (as iBOT; the card's config first said 1e-12 and Owkin
