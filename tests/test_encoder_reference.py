@@ -68,6 +68,8 @@ CARDS: dict[str, dict[str, Any]] = {
                     "output": "cls"},
     **{k: {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"}
        for k in ("kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitl14")},
+    "plip": {"norm": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)), "input": 224,
+             "mpp": 0.5, "interp": "bicubic", "crop": (224, 224), "output": "projection (CLIP get_image_features)"},
     "ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None, "output": "gap"},
     "chief-ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None,
                          "output": "gap"},
@@ -269,13 +271,34 @@ def _hf_hibou_l() -> nn.Module:
     return Dinov2WithRegistersModel(cfg)
 
 
-HF_CARDS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], torch.Tensor], bool]] = {
+def _hf_plip() -> nn.Module:
+    # huggingface.co/vinid/plip config.json: CLIPModel, vision ViT-B/32 (768 wide, 12 layers, quick_gelu), projection 512;
+    # the text tower is made small here (it is dropped by the toolkit; only its keys' presence matters)
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "patch_size": 32, "image_size": 224, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+        projection_dim=512,
+    )
+    return CLIPModel(cfg)
+
+
+def _clip_image_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.get_image_features(pixel_values=x)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+HF_CARDS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], torch.Tensor] | None, bool]] = {
     # TRIDENT PhikonInferenceEncoder / Phikonv2InferenceEncoder: last_hidden_state[:, 0] (after the final layernorm)
     "phikon": (_hf_phikon, lambda out: out.last_hidden_state[:, 0], False),
     "phikon-v2": (_hf_phikon_v2, lambda out: out.last_hidden_state[:, 0], True),
     # the Hibou card: outputs.pooler_output (the class token after the final layernorm)
     "hibou-b": (_hf_hibou_b, lambda out: out.pooler_output, False),
     "hibou-l": (_hf_hibou_l, lambda out: out.pooler_output, True),
+    # the PLIP card: model.get_image_features(**processor(images=...)), the projected 512-d embedding
+    "plip": (_hf_plip, None, False),
 }
 
 
@@ -296,7 +319,8 @@ def test_transformers_entry_equals_its_card(name: str, real_tiles: np.ndarray, t
         torch.save(load_file(str(folder / "model.safetensors")), path)
         (folder / "model.safetensors").unlink()
     with torch.inference_mode():
-        expected = output(ref(pixel_values=_official_input(name, real_tiles)))
+        x = _official_input(name, real_tiles)
+        expected = _clip_image_features(ref, x) if output is None else output(ref(pixel_values=x))
     _assert_same(_ours(name, path, real_tiles), expected)
 
 

@@ -13,7 +13,7 @@ Entries (``wsienc encoders`` lists them with their sizes, µm/px, sources and li
   and ``nic-mean-rgb`` (their Keras files ship with the package), ``resnet18/34/50``, ``resnet50-trunc`` (CLAM);
 - :mod:`~wsi_encoder.models.encoders.foundation`: ``uni``, ``uni2-h``, ``virchow``, ``virchow2``,
   ``h-optimus-0``, ``h-optimus-1``, ``prov-gigapath``, ``gpfm``, ``phikon``, ``phikon-v2``, ``hibou-b``, ``hibou-l``,
-  ``lunit-vits8``, ``kaiko-vitb8``, ``kaiko-vits16``, ``kaiko-vits8``, ``kaiko-vitb16``, ``kaiko-vitl14``, ``ctranspath``, ``chief-ctranspath``.
+  ``lunit-vits8``, ``kaiko-vitb8``, ``kaiko-vits16``, ``kaiko-vits8``, ``kaiko-vitb16``, ``kaiko-vitl14``, ``plip``, ``ctranspath``, ``chief-ctranspath``.
 
 Weights are never downloaded. ``weights=FILE`` loads a local file (``.safetensors``, or ``.bin`` /
 ``.pth`` through ``torch.load(weights_only=True)``) strictly after the entry's documented key

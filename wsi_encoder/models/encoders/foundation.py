@@ -30,6 +30,7 @@ from wsi_encoder.models.encoders.registry import (
     register_encoder,
 )
 from wsi_encoder.models.encoders.weights import (
+    hf_clip_vision_to_timm,
     hf_dinov2_to_timm,
     hf_vit_to_timm,
     hibou_to_timm,
@@ -55,9 +56,10 @@ if TYPE_CHECKING:
 
 
 class TimmViTEncoder(Encoder):
-    """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``) or the
+    """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``), the
     class token concatenated with the mean of the patch tokens (``pool="cls+mean"``, Virchow), both
-    taken after the final norm, with an optional linear embedding on top."""
+    taken after the final norm, or the trunk's own head on the class token (``pool="head"``: CLIP's
+    image projection), with an optional linear embedding on top."""
 
     trunk: VisionTransformer
 
@@ -69,6 +71,8 @@ class TimmViTEncoder(Encoder):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)
+        if self.pool == "head":
+            return self.embed(self.trunk.forward_head(tokens))
         cls = tokens[:, 0]
         if self.pool == "cls+mean":
             patches = tokens[:, int(self.trunk.num_prefix_tokens) :]
@@ -79,12 +83,13 @@ class TimmViTEncoder(Encoder):
         t = self.trunk
         stem = nn.Module()  # a view: patch embedding and the class/register/position tokens
         stem.patch_embed = t.patch_embed
+        stem.norm_pre = t.norm_pre  # (CLIP's pre-norm; an Identity elsewhere)
         for name in ("cls_token", "reg_token", "pos_embed"):
             param = getattr(t, name, None)
             if isinstance(param, nn.Parameter):
                 stem.register_parameter(name, param)
         blocks = list(t.blocks)
-        blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm])  # the last block carries the final norm
+        blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm, t.head])  # the last block carries the final norm
         return [stem, *blocks]
 
 
@@ -134,9 +139,8 @@ def _vit(
     from timm.models.vision_transformer import VisionTransformer
 
     check_embed_dim(out_dim)
-    trunk = timm.create_model(
-        arch, pretrained=False, num_classes=0, img_size=native_size, dynamic_img_size=True, **timm_kwargs
-    )
+    timm_kwargs.setdefault("num_classes", 0)
+    trunk = timm.create_model(arch, pretrained=False, img_size=native_size, dynamic_img_size=True, **timm_kwargs)
     if not isinstance(trunk, VisionTransformer):
         raise TypeError(f"timm {arch!r} is a {type(trunk).__name__}, not a VisionTransformer")
     cfg = EncoderConfig(name, int(input_size), float(input_mpp), mean, std, features if out_dim is None else out_dim, out_dim)
@@ -593,6 +597,42 @@ for _kname, _karch, _kdim, _knative, _kpatch, _kwhat in _KAIKO_MORE:
         output="cls",
         min_input_size=_kpatch,
     )(_kaiko_build)
+
+
+# ---- PLIP (Huang et al., Nat. Med. 2023) -------------------------------------------------------------------
+# huggingface.co/vinid/plip: a transformers CLIPModel (ViT-B/32 image tower, quick_gelu, LayerNorm eps 1e-5,
+# projection_dim 512); its CLIPProcessor resizes the short side to 224 (bicubic), centre-crops 224 and normalises
+# with CLIP's mean/std; the image embedding is CLIPModel.get_image_features = visual_projection(post_layernorm(
+# class token)), 512-d. The image tower is timm's "vit_base_patch32_clip_quickgelu_224" (pre-norm, no patch bias)
+# with a 512-wide head holding the projection. PLIP's images (Twitter) have no stated magnification: 0.5 µm/px here.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_encoder(
+    "plip",
+    embed_dim=512,
+    input_size=224,
+    mpp=0.5,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    weights_format="Hugging Face transformers CLIPModel (pytorch_model.bin / model.safetensors); the vision tower and visual_projection remapped to timm, the text tower dropped",
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/vinid/plip",
+    license="see the card (vinid/plip): research use",
+    requires_weights=True,
+    remap=hf_clip_vision_to_timm,
+    lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="projection (CLIP get_image_features)",
+    min_input_size=32,
+)
+def _plip(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """PLIP (Huang et al., Nat. Med. 2023): CLIP ViT-B/32 image tower, 512-d projected image embedding."""
+    return _vit("plip", "vit_base_patch32_clip_quickgelu_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=CLIP_MEAN, std=CLIP_STD, features=512, pool="head",
+                num_classes=512)
 
 
 # ---- CTransPath -------------------------------------------------------------------------------------------

@@ -313,6 +313,43 @@ def hibou_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return hf_dinov2_to_timm(state) if hf else dinov2_native_to_timm(state)
 
 
+def hf_clip_vision_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``CLIPModel`` (e.g. vinid/plip) → the image tower as a timm CLIP ViT with a projection head.
+
+    ``vision_model.embeddings.{class_embedding,position_embedding.weight,patch_embedding.weight}`` →
+    ``cls_token`` (reshaped to ``(1, 1, D)``), ``pos_embed`` (``(1, N, D)``), ``patch_embed.proj.weight`` (no
+    bias); ``pre_layrnorm`` → ``norm_pre``; per layer ``layer_norm1/2`` → ``norm1/2``, ``self_attn.{q,k,v}_proj``
+    concatenated → ``attn.qkv``, ``self_attn.out_proj`` → ``attn.proj``, ``mlp.fc1/fc2`` kept; ``post_layernorm``
+    → ``norm``; ``visual_projection.weight`` → ``head.weight`` with a zero ``head.bias`` (CLIP's projection has
+    none). The text tower, ``text_projection``, ``logit_scale`` and ``position_ids`` are dropped.
+    """
+    v = {k[len("vision_model.") :]: t for k, t in state.items() if k.startswith("vision_model.")}
+    v.pop("embeddings.position_ids", None)
+    out: dict[str, torch.Tensor] = {}
+    cls = v.pop("embeddings.class_embedding")
+    out["cls_token"] = cls.reshape(1, 1, -1)
+    out["pos_embed"] = v.pop("embeddings.position_embedding.weight").unsqueeze(0)
+    out["patch_embed.proj.weight"] = v.pop("embeddings.patch_embedding.weight")
+    layers = sorted({int(m.group(1)) for k in v if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{dst}.attn.qkv.{kind}"] = torch.cat([v.pop(f"{src}.self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")])
+            out[f"{dst}.attn.proj.{kind}"] = v.pop(f"{src}.self_attn.out_proj.{kind}")
+            out[f"{dst}.norm1.{kind}"] = v.pop(f"{src}.layer_norm1.{kind}")
+            out[f"{dst}.norm2.{kind}"] = v.pop(f"{src}.layer_norm2.{kind}")
+            out[f"{dst}.mlp.fc1.{kind}"] = v.pop(f"{src}.mlp.fc1.{kind}")
+            out[f"{dst}.mlp.fc2.{kind}"] = v.pop(f"{src}.mlp.fc2.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"norm_pre.{kind}"] = v.pop(f"pre_layrnorm.{kind}")
+        out[f"norm.{kind}"] = v.pop(f"post_layernorm.{kind}")
+    proj = state["visual_projection.weight"]
+    out["head.weight"] = proj
+    out["head.bias"] = torch.zeros(proj.shape[0], dtype=proj.dtype, device=proj.device)
+    out.update(v)  # anything left over is reported as unexpected by the strict load
+    return out
+
+
 def swin_v0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CTransPath's checkpoint (TransPath's ``timm==0.5.4`` Swin, ``{"model": state_dict}``) → timm 1.x Swin.
 
