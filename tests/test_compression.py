@@ -96,6 +96,40 @@ def test_tiles_to_tensor_scales_and_resizes() -> None:
     assert torch.allclose(y[0, 0], torch.ones(4, 4))
 
 
+@pytest.mark.parametrize(
+    ("name", "tile"),
+    [("prov-gigapath", 224), ("prov-gigapath", 256), ("virchow2", 256), ("hibou-b", 180), ("kaiko-vitb8", 300),
+     ("phikon", 256), ("resnet50-trunc", 512)],
+)
+def test_tiles_to_tensor_is_the_cards_torchvision_resize(name: str, tile: int) -> None:
+    """Each entry's resize (interpolation, centre crop) equals torchvision.transforms.v2 ``Resize`` (+ ``CenterCrop``)
+    as its card writes it, on the same tiles (clamped to [0, 1], as 8-bit images are)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from wsi_encoder.models.encoders import get_spec, resize_options
+
+    spec = get_spec(name)
+    card = {  # the cards' transforms, written out (Prov-GigaPath: Resize(256, bicubic) + CenterCrop(224))
+        "prov-gigapath": [v2.Resize(256, InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(224)],
+        "virchow2": [v2.Resize(224, InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(224)],
+        "hibou-b": [v2.Resize((224, 224), InterpolationMode.BICUBIC, antialias=True)],
+        "kaiko-vitb8": [v2.Resize(224, InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(224)],
+        "phikon": [v2.Resize((224, 224), InterpolationMode.BILINEAR, antialias=True)],
+        "resnet50-trunc": [v2.Resize(224, InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(224)],
+    }[name]
+    tiles = np.random.default_rng(0).integers(0, 256, size=(3, tile, tile, 3), dtype=np.uint8)
+    ours = nic.tiles_to_tensor(tiles, torch.device("cpu"), spec.input_size, **resize_options(name))
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    ref = v2.Compose([card[0], v2.Lambda(lambda t: t.clamp(0, 1)), *card[1:]])(x)
+    assert ours.shape == (3, 3, 224, 224)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_tiles_to_tensor_refuses_an_unknown_filter() -> None:
+    with pytest.raises(InvalidParameterError, match="interpolation 'lanczos'"):
+        nic.tiles_to_tensor(np.zeros((1, 8, 8, 3), np.uint8), torch.device("cpu"), 4, interpolation="lanczos")
+
+
 def test_prefetch_keeps_order_and_raises_at_the_failing_item() -> None:
     assert list(nic.prefetch(range(7), depth=3)) == list(range(7))
     producer_threads: set[str] = set()

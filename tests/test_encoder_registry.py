@@ -55,6 +55,7 @@ PUBLISHED_PARAMS = {
     "lunit-vits8": 21.67e6,
     "kaiko-vitb8": 85.81e6,
     "ctranspath": 27.52e6,
+    "chief-ctranspath": 27.52e6,
     "resnet50-trunc": 8.54e6,
 }
 BIG = {"uni", "uni2-h", "virchow", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "phikon-v2"}
@@ -203,7 +204,7 @@ def _hf_reference_forward(
 @pytest.mark.parametrize(
     ("remap", "timm_kwargs", "dinov2", "registers", "eps"),
     [
-        (hf_vit_to_timm, {}, False, 0, 1e-12),
+        (hf_vit_to_timm, {}, False, 0, 1e-6),
         (hf_dinov2_to_timm, {"init_values": 1e-5}, True, 0, 1e-6),
         (hf_dinov2_to_timm, {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True, "mlp_ratio": 256 / 64,
                              "mlp_layer": "swiglu"}, True, 4, 1e-6),
@@ -248,7 +249,7 @@ def _official_state(name: str, *, meta: bool = False) -> tuple[dict[str, torch.T
         import torchvision
 
         return _random_like(torchvision.models.resnet50(weights=None)), "resnet50-19c8e357.pth"
-    if name == "ctranspath":
+    if name in ("ctranspath", "chief-ctranspath"):
         trunk = _meta_build(name).trunk
         state = _random_like(trunk)
         old: dict[str, torch.Tensor] = {}
@@ -258,7 +259,7 @@ def _official_state(name: str, *, meta: bool = False) -> tuple[dict[str, torch.T
             if k.endswith("relative_position_bias_table"):
                 old[k.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49, dtype=torch.long)
         old["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
-        return {"model": old}, "ctranspath.pth"  # type: ignore[dict-item]
+        return {"model": old}, str(get_spec(name).weights_file)  # type: ignore[dict-item]
     # timm-layout entries: the timm model's own keys are the published layout (.bin and .safetensors alike;
     # the giant ones are written as safetensors, faster to write and read in a test)
     if name in BIG:
@@ -289,7 +290,7 @@ def _roundtrip(name: str, tmp_path: Path) -> None:
     finally:
         path.unlink()  # several GiB for the giant entries: gone before the next test writes its own
     assert not any(t.is_meta for t in list(enc.parameters()) + list(enc.buffers()))
-    size = max(spec.min_input_size, 32) if name in ("ctranspath", "resnet50-trunc") else 2 * spec.min_input_size
+    size = max(spec.min_input_size, 32) if name in ("ctranspath", "chief-ctranspath", "resnet50-trunc") else 2 * spec.min_input_size
     with torch.inference_mode():
         out = enc(torch.rand(2, 3, size, size))
     assert out.shape == (2, spec.embed_dim) and torch.isfinite(out).all()
@@ -327,6 +328,42 @@ def test_official_layout_of_each_giant_fits_strictly(name: str, tmp_path: Path, 
         load_weights(build_skeleton(name), path, assign=True)
 
 
+def test_ctranspath_entries_name_their_own_files() -> None:
+    """TransPath's ctranspath.pth and CHIEF's CHIEF_CTransPath.pth hold different tensors: two entries, two files."""
+    a, b = get_spec("ctranspath"), get_spec("chief-ctranspath")
+    assert (a.weights_file, b.weights_file) == ("ctranspath.pth", "CHIEF_CTransPath.pth")
+    assert "TransPath" in a.source and "CHIEF" not in a.source and "CHIEF_CTransPath.pth" in b.source
+
+
+def test_hibou_native_layout_gives_the_hf_snapshot_embedding(tmp_path: Path) -> None:
+    """HistAI's ``hibou-b.pth`` (Meta's DINOv2 code layout, written here key by key from hibou's
+    ``vision_transformer.py`` / ``SwiGLUFFNFused``) and the HF snapshot of the same weights embed alike."""
+    hf, _ = _official_state("hibou-b")
+    native: dict[str, torch.Tensor] = {
+        "cls_token": hf["embeddings.cls_token"], "pos_embed": hf["embeddings.position_embeddings"],
+        "register_tokens": hf["embeddings.register_tokens"], "mask_token": hf["embeddings.mask_token"],
+        "norm.weight": hf["layernorm.weight"], "norm.bias": hf["layernorm.bias"],
+    }  # fmt: skip
+    for kind in ("weight", "bias"):
+        native[f"patch_embed.proj.{kind}"] = hf[f"embeddings.patch_embeddings.projection.{kind}"]
+    for i in range(12):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            native[q + f"attn.qkv.{kind}"] = torch.cat([hf[p + f"attention.attention.{n}.{kind}"] for n in ("query", "key", "value")])
+            native[q + f"attn.proj.{kind}"] = hf[p + f"attention.output.dense.{kind}"]
+            native[q + f"norm1.{kind}"], native[q + f"norm2.{kind}"] = hf[p + f"norm1.{kind}"], hf[p + f"norm2.{kind}"]
+            native[q + f"mlp.w12.{kind}"], native[q + f"mlp.w3.{kind}"] = hf[p + f"mlp.weights_in.{kind}"], hf[p + f"mlp.weights_out.{kind}"]
+        native[q + "ls1.gamma"], native[q + "ls2.gamma"] = hf[p + "layer_scale1.lambda1"], hf[p + "layer_scale2.lambda1"]
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        a = create_encoder("hibou-b", weights=_save(hf, tmp_path / "model.safetensors")).eval()(x)
+        b = create_encoder("hibou-b", weights=_save(native, tmp_path / "hibou-b.pth")).eval()(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    native.pop("blocks.3.mlp.w3.bias")
+    with pytest.raises(CheckpointError, match=r"missing keys \(blocks\.3\.mlp\.fc2\.bias\)"):
+        create_encoder("hibou-b", weights=_save(native, tmp_path / "broken.pth"))
+
+
 def test_timm_checkpoint_keeps_its_values(tmp_path: Path) -> None:
     """A timm-layout file (Lunit) lands in the trunk unchanged; a ``module.`` wrapper is stripped."""
     state, _ = _official_state("lunit-vits8")
@@ -341,6 +378,24 @@ def test_resnet50_trunc_drops_layer4_and_fc(tmp_path: Path) -> None:
     enc = create_encoder("resnet50-trunc", weights=_save(state, tmp_path / name))
     torch.testing.assert_close(enc.trunk.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
     assert not any(k.startswith(("layer4.", "fc.")) for k in enc.trunk.state_dict())
+
+
+@pytest.mark.parametrize("name", ["resnet50-trunc", "resnet18", "resnet34", "resnet50"])
+def test_torchvision_2017_file_without_batchnorm_counters_loads(name: str, tmp_path: Path) -> None:
+    """torchvision's 2017 files (``resnet50-19c8e357.pth``, CLAM's) have no ``num_batches_tracked``: accepted,
+    as PyTorch's strict load accepts them; any other missing key is still refused."""
+    import torchvision
+
+    arch = "resnet50" if name == "resnet50-trunc" else name
+    state = {k: v for k, v in _random_like(getattr(torchvision.models, arch)(weights=None)).items()
+             if not k.endswith("num_batches_tracked")}
+    enc = create_encoder(name, weights=_save(state, tmp_path / f"{arch}-2017.pth"))
+    torch.testing.assert_close(enc.trunk.layer1[0].bn1.running_var, state["layer1.0.bn1.running_var"])
+    reference = getattr(torchvision.models, arch)(weights=None)
+    reference.load_state_dict(state, strict=True)  # what PyTorch itself accepts
+    state.pop("layer1.0.bn1.running_var")
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(layer1\.0\.bn1\.running_var\)"):
+        create_encoder(name, weights=_save(state, tmp_path / f"{arch}-broken.pth"))
 
 
 def test_wrong_or_truncated_file_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -381,14 +436,19 @@ def test_weights_dir_conventional_names(tmp_path: Path, monkeypatch: pytest.Monk
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["lunit-vits8"]["weights_found"] == str(path)
     for row in rows.values():
-        assert {"name", "embed_dim", "input_size", "mpp", "weights_format", "source", "license"} <= set(row)
+        assert {"name", "embed_dim", "input_size", "mpp", "weights_format", "source", "license", "interpolation",
+                "crop", "crop_fraction", "output"} <= set(row)
+    giga, v2 = rows["prov-gigapath"], rows["virchow2"]
+    assert (giga["interpolation"], giga["crop"], giga["crop_fraction"], giga["output"]) == ("bicubic", "center", 0.875, "cls")
+    assert v2["output"] == "cls+mean(patch, registers excluded)" and rows["kaiko-vitb8"]["license"] == "Kaiko Non-Commercial Public License"
 
 
 def test_encoders_command_table() -> None:
     result = CliRunner().invoke(main, ["encoders"])
     assert result.exit_code == 0, result.output
-    for name in ("uni", "virchow2", "ctranspath", "resnet50-trunc", "CC-BY-NC-ND-4.0"):
+    for name in ("uni", "virchow2", "ctranspath", "chief-ctranspath", "resnet50-trunc", "CC-BY-NC-ND-4.0"):
         assert name in result.output
+    assert "bicubic resize, centre crop 224 of 256; mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); output: cls" in result.output
 
 
 def test_checkpoint_ignores_the_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -226,19 +226,49 @@ def plan_resample(
     return ResamplePlan(tile_size, mpp, int(input_size), out_mpp, int(input_size), float(input_mpp), float(tolerance))
 
 
-def tiles_to_tensor(tiles: TileBatch, device: torch.device, out_size: int) -> torch.Tensor:
+def tiles_to_tensor(
+    tiles: TileBatch,
+    device: torch.device,
+    out_size: int,
+    *,
+    interpolation: str = "bilinear",
+    crop: str | None = None,
+    crop_fraction: float = 1.0,
+) -> torch.Tensor:
     """uint8 ``(B, T, T, 3)`` tiles → float ``(B, 3, S, S)`` in [0, 1] on ``device``, S = ``out_size``.
 
-    Resizing (when ``S != T``) is bilinear with antialiasing, done on ``device`` after the (4× smaller)
-    uint8 transfer.
+    The one resize of the toolkit, done on ``device`` after the (4× smaller) uint8 transfer, as the
+    encoder's card prescribes (:func:`wsi_encoder.models.encoders.registry.resize_options`):
+
+    - ``crop=None``: the tile is resized to ``S × S`` (when it is not that size already);
+    - ``crop="center"``: torchvision's ``Resize(round(S / crop_fraction))`` (short side) then
+      ``CenterCrop(S)`` — Prov-GigaPath's ``Resize(256)`` + ``CenterCrop(224)`` is ``crop_fraction = 224/256``.
+
+    Resizing is ``torch.nn.functional.interpolate`` with ``interpolation`` (``bilinear`` or ``bicubic``)
+    and antialiasing, which is what torchvision's ``Resize`` does on float tensors; the result is
+    clamped to [0, 1], as a resize of 8-bit images (PIL, which the cards' transforms use) is.
     """
+    if interpolation not in ("bilinear", "bicubic"):
+        raise InvalidParameterError(f"interpolation {interpolation!r} must be 'bilinear' or 'bicubic'")
+    if crop not in (None, "center") or not 0 < crop_fraction <= 1:
+        raise InvalidParameterError(f"crop {crop!r} (None or 'center') or crop_fraction {crop_fraction!r} is not supported")
     x = torch.from_numpy(np.ascontiguousarray(tiles))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != out_size or x.shape[-2] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    if crop is None:
+        size = (out_size, out_size)
+    else:  # torchvision Resize(int): the short side to `side`, the long one int(side * long / short)
+        side = round(out_size / crop_fraction)
+        size = (side, int(side * w / h)) if h <= w else (int(side * h / w), side)
+    if (h, w) != size:
+        x = F.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
         x = x.clamp_(0.0, 1.0)
+    if crop is not None and tuple(x.shape[-2:]) != (out_size, out_size):  # torchvision CenterCrop offsets
+        top = round((x.shape[-2] - out_size) / 2.0)
+        left = round((x.shape[-1] - out_size) / 2.0)
+        x = x[..., top : top + out_size, left : left + out_size]
     return x
 
 
@@ -286,6 +316,9 @@ def encode_tiles(
     out_size: int,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    interpolation: str = "bilinear",
+    crop: str | None = None,
+    crop_fraction: float = 1.0,
 ) -> npt.NDArray[np.float32]:
     """Embed tiles with ``model``; the next batch is decoded and converted in a background thread.
 
@@ -305,6 +338,8 @@ def encode_tiles(
         Where the model lives.
     progress
         Called with the number of tiles of each finished batch.
+    interpolation, crop, crop_fraction
+        The encoder's resize (:func:`tiles_to_tensor`; ``**resize_options(name)`` gives the card's).
 
     Returns
     -------
@@ -319,7 +354,10 @@ def encode_tiles(
         # Runs in the prefetch thread: decode the next block and turn it into model input there.
         for block in blocks:
             for a in range(0, block.shape[0], batch_size):
-                yield tiles_to_tensor(block[a : a + batch_size], device, out_size)
+                yield tiles_to_tensor(
+                    block[a : a + batch_size], device, out_size,
+                    interpolation=interpolation, crop=crop, crop_fraction=crop_fraction,
+                )  # fmt: skip
 
     pos = 0
     with torch.inference_mode():

@@ -11,7 +11,7 @@ import click
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as a JSON list.")
 def encoders(as_json: bool) -> None:
-    """List every registered encoder: embedding size, input size, µm/px, weights format, source, licence.
+    """List every registered encoder: embedding size, input size, µm/px, resize, output, weights format, source, licence.
 
     Pretrained encoders are loaded from a local file only (`--weights FILE`, or the conventional file
     under $WSIENC_WEIGHTS_DIR); nothing is downloaded. Several are gated or non-commercial: read the
@@ -38,6 +38,12 @@ def encoders(as_json: bool) -> None:
         click.echo(f"{'':<15} {s.description}")
         click.echo(f"{'':<15} source:  {s.source}")
         click.echo(f"{'':<15} format:  {s.weights_format}")
+        crop = "" if s.crop is None else (
+            f", centre crop {s.input_size} of {round(s.input_size / s.crop_fraction)}" if s.crop_fraction < 1 else ", centre crop"
+        )
+        mean = ", ".join(f"{v:g}" for v in s.mean)
+        std = ", ".join(f"{v:g}" for v in s.std)
+        click.echo(f"{'':<15} input:   {s.interpolation} resize{crop}; mean ({mean}), std ({std}); output: {s.output}")
         found = find_in_weights_dir(s.name, s.weights_file)
         if found is not None:
             click.echo(f"{'':<15} found:   {found}")

@@ -56,6 +56,7 @@ from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import get_reader
 from wsi_encoder.io.urls import is_url, normalize, zarr_store
 from wsi_encoder.models.dihedral import DihedralEncoder
+from wsi_encoder.models.encoders.registry import resize_options
 from wsi_encoder.pipelines.cluster import LocalRunner, TaskFailure, TaskRunner, get_runner
 from wsi_encoder.tiling import grid_from_attrs, read_tiles
 
@@ -240,6 +241,7 @@ def encode_chunk(
             out_size=plan.out_size,
             device=resolve_device(opts.device),
             progress=progress,
+            **resize_options(identity.name),
         )
         dihedral = None
         if opts.dihedral:  # (n, 8 * C) view-major per tile -> (8, n, C); view 0 is the plain embedding

@@ -334,6 +334,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     from wsi_encoder.compression import encode_tiles, plan_resample
     from wsi_encoder.io.embedding_store import SlideBag, SlideGeometry
     from wsi_encoder.io.slides import open_slide_with_mpp
+    from wsi_encoder.models.encoders.registry import resize_options
     from wsi_encoder.tiling import plan_tiles
 
     t0 = time.perf_counter()
@@ -362,7 +363,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
         features = encode_tiles(
             ctx.encoder, _chunks(reader, plan, settings.spec, times, ctx.read_threads), n_tiles=plan.n_tiles,
             embedding_dim=ctx.identity.embedding_dim, batch_size=ctx.batch_size, out_size=resample.out_size,
-            device=ctx.device, progress=ctx.progress,
+            device=ctx.device, progress=ctx.progress, **resize_options(ctx.identity.name),
         )  # fmt: skip
         times["encode"] = time.perf_counter() - t  # includes the reads it waited for
         size_l0 = (float(grid.width_l0), float(grid.height_l0))

@@ -12,8 +12,8 @@ Entries (``wsienc encoders`` lists them with their sizes, µm/px, sources and li
 - :mod:`~wsi_encoder.models.encoders.cnn`: ``nic``, the NIC authors' published ``nic-multitask-4``, ``nic-bigan``
   and ``nic-mean-rgb`` (their Keras files ship with the package), ``resnet18/34/50``, ``resnet50-trunc`` (CLAM);
 - :mod:`~wsi_encoder.models.encoders.foundation`: ``uni``, ``uni2-h``, ``virchow``, ``virchow2``,
-  ``h-optimus-0``, ``h-optimus-1``, ``prov-gigapath``, ``phikon``, ``phikon-v2``, ``hibou-b``,
-  ``lunit-vits8``, ``kaiko-vitb8``, ``ctranspath``.
+  ``h-optimus-0``, ``h-optimus-1``, ``prov-gigapath``, ``gpfm``, ``phikon``, ``phikon-v2``, ``hibou-b``, ``hibou-l``,
+  ``lunit-vits8``, ``kaiko-vitb8``, ``kaiko-vits16``, ``kaiko-vits8``, ``kaiko-vitb16``, ``kaiko-vitl14``, ``plip``, ``ctranspath``, ``chief-ctranspath``.
 
 Weights are never downloaded. ``weights=FILE`` loads a local file (``.safetensors``, or ``.bin`` /
 ``.pth`` through ``torch.load(weights_only=True)``) strictly after the entry's documented key
@@ -49,6 +49,7 @@ from wsi_encoder.models.encoders.registry import (
     get_spec,
     list_encoders,
     register_encoder,
+    resize_options,
 )
 from wsi_encoder.models.encoders.weights import (
     WEIGHTS_DIR_ENV,
@@ -77,6 +78,7 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "register_encoder",
+    "resize_options",
     "resolve_weights",
     "set_trainable",
     "state_sha256",

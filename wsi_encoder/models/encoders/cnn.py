@@ -129,6 +129,7 @@ class ResNetEncoder(Encoder):
     source="trained here (`wsienc train-encoder`)",
     license="yours",
     min_input_size=62,
+    output="dense (flatten of the last conv block → linear)",
 )
 def _nic(*, embed_dim: int | None = None, input_size: int = 128, input_mpp: float = 0.5) -> Encoder:
     """Compact NIC CNN: 128 px @ 0.5 µm/px, 4 strided convs of 128 filters, dense embedding (default 128)."""
@@ -233,6 +234,7 @@ for _arch, _width in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)):
         source=f"https://pytorch.org/vision/stable/models/{_arch.replace('resnet', 'resnet')}.html (optional)",
         license="BSD-3-Clause (torchvision); ImageNet-1k weights",
         remap=torchvision_resnet_trunk(4),
+        output="gap",
     )(_resnet_builder(_arch, _width))
 
 
@@ -258,4 +260,7 @@ register_encoder(
     license="BSD-3-Clause (torchvision); ImageNet-1k weights (research use)",
     requires_weights=True,
     remap=torchvision_resnet_trunk(3),
+    interpolation="bilinear",
+    crop="center",
+    output="gap (after layer3)",
 )(_resnet50_trunc)

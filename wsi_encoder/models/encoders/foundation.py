@@ -30,8 +30,10 @@ from wsi_encoder.models.encoders.registry import (
     register_encoder,
 )
 from wsi_encoder.models.encoders.weights import (
+    hf_clip_vision_to_timm,
     hf_dinov2_to_timm,
     hf_vit_to_timm,
+    hibou_to_timm,
     swin_v0_to_timm,
     timm_layout,
 )
@@ -54,9 +56,10 @@ if TYPE_CHECKING:
 
 
 class TimmViTEncoder(Encoder):
-    """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``) or the
+    """A timm ``VisionTransformer`` trunk; the embedding is the class token (``pool="cls"``), the
     class token concatenated with the mean of the patch tokens (``pool="cls+mean"``, Virchow), both
-    taken after the final norm, with an optional linear embedding on top."""
+    taken after the final norm, or the trunk's own head on the class token (``pool="head"``: CLIP's
+    image projection), with an optional linear embedding on top."""
 
     trunk: VisionTransformer
 
@@ -68,6 +71,8 @@ class TimmViTEncoder(Encoder):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)
+        if self.pool == "head":
+            return self.embed(self.trunk.forward_head(tokens))
         cls = tokens[:, 0]
         if self.pool == "cls+mean":
             patches = tokens[:, int(self.trunk.num_prefix_tokens) :]
@@ -78,12 +83,13 @@ class TimmViTEncoder(Encoder):
         t = self.trunk
         stem = nn.Module()  # a view: patch embedding and the class/register/position tokens
         stem.patch_embed = t.patch_embed
+        stem.norm_pre = t.norm_pre  # (CLIP's pre-norm; an Identity elsewhere)
         for name in ("cls_token", "reg_token", "pos_embed"):
             param = getattr(t, name, None)
             if isinstance(param, nn.Parameter):
                 stem.register_parameter(name, param)
         blocks = list(t.blocks)
-        blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm])  # the last block carries the final norm
+        blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm, t.head])  # the last block carries the final norm
         return [stem, *blocks]
 
 
@@ -133,9 +139,8 @@ def _vit(
     from timm.models.vision_transformer import VisionTransformer
 
     check_embed_dim(out_dim)
-    trunk = timm.create_model(
-        arch, pretrained=False, num_classes=0, img_size=native_size, dynamic_img_size=True, **timm_kwargs
-    )
+    timm_kwargs.setdefault("num_classes", 0)
+    trunk = timm.create_model(arch, pretrained=False, img_size=native_size, dynamic_img_size=True, **timm_kwargs)
     if not isinstance(trunk, VisionTransformer):
         raise TypeError(f"timm {arch!r} is a {type(trunk).__name__}, not a VisionTransformer")
     cfg = EncoderConfig(name, int(input_size), float(input_mpp), mean, std, features if out_dim is None else out_dim, out_dim)
@@ -164,6 +169,9 @@ def _swiglu() -> dict[str, Any]:
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=16,
 )
 def _uni(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -188,6 +196,9 @@ def _uni(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: floa
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=14,
 )
 def _uni2h(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -215,6 +226,9 @@ def _uni2h(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: fl
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="cls+mean(patch)",
     min_input_size=14,
 )
 def _virchow(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -239,6 +253,9 @@ def _virchow(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="cls+mean(patch, registers excluded)",
     min_input_size=14,
 )
 def _virchow2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -273,6 +290,8 @@ def _hoptimus(name: str, embed_dim: int | None, input_size: int, input_mpp: floa
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=14,
 )
 def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -294,6 +313,8 @@ def _hoptimus0(*, embed_dim: int | None = None, input_size: int = 224, input_mpp
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=14,
 )
 def _hoptimus1(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -318,6 +339,10 @@ def _hoptimus1(*, embed_dim: int | None = None, input_size: int = 224, input_mpp
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    crop_fraction=224 / 256,
+    output="cls",
     min_input_size=16,
 )
 def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -327,9 +352,36 @@ def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
                 patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334)
 
 
+# ---- GPFM (Ma et al. 2024, "Towards a generalizable pathology foundation model via unified knowledge distillation")
+# TRIDENT GPFMInferenceEncoder: timm "vit_large_patch14_dinov2" (.lvd142m), pretrained=False, img_size=224,
+# init_values=1e-5, dynamic_img_size=True, strict load of GPFM.pth (the state dict, or under "state_dict");
+# ImageNet mean/std, Resize(224, bicubic); model(x) = the class token after the final norm (1,024).
+@register_encoder(
+    "gpfm",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    weights_format="timm state dict (GPFM.pth, or {'state_dict': ...}); loaded as it is",
+    weights_file="GPFM.pth",
+    source="https://huggingface.co/majiabo/GPFM",
+    license="see the card (majiabo/GPFM); research use",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    interpolation="bicubic",
+    output="cls",
+    min_input_size=14,
+)
+def _gpfm(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """GPFM (Ma et al. 2024): ViT-L/14 distilled from several foundation models, 1,024-d class token, 224 px."""
+    return _vit("gpfm", "vit_large_patch14_dinov2", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
+                native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=1024, init_values=1e-5)
+
+
 # ---- Phikon / Phikon-v2 (Owkin) ------------------------------------------------------------------------
 # Model card https://huggingface.co/owkin/phikon (config.json: ViTModel, hidden 768, 12 layers, 12 heads,
-# patch 16, image 224, qkv_bias, layer_norm_eps 1e-12, gelu) and TRIDENT PhikonInferenceEncoder
+# patch 16, image 224, qkv_bias, layer_norm_eps 1e-6 (as iBOT; the card's config first said 1e-12 and Owkin
+# corrected it), gelu) and TRIDENT PhikonInferenceEncoder
 # (ViTModel add_pooling_layer=False, last_hidden_state[:, 0]); ImageNet mean/std; 20x (0.5 µm/px).
 @register_encoder(
     "phikon",
@@ -343,13 +395,15 @@ def _gigapath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp:
     requires_weights=True,
     remap=hf_vit_to_timm,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=16,
 )
 def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
     """Phikon (Filiot et al. 2023): ViT-B/16 iBOT on TCGA, 768-d class token, 224 px @ 0.5 µm/px."""
     return _vit("phikon", "vit_base_patch16_224", out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp,
                 native_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, features=768,
-                norm_layer=partial(nn.LayerNorm, eps=1e-12))
+                norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 # Model card https://huggingface.co/owkin/phikon-v2 (config.json: Dinov2Model, hidden 1024, 24 layers, 16
@@ -367,6 +421,9 @@ def _phikon(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: f
     requires_weights=True,
     remap=hf_dinov2_to_timm,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=16,
 )
 def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -383,6 +440,9 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
 # final layernorm); mean (0.7068, 0.5755, 0.722), std (0.195, 0.2316, 0.1816); 0.5 µm/px.
 # HF's SwiGLU FFN has hidden = (int(768 * 4 * 2 / 3) + 7) // 8 * 8 = 2048: weights_in 768 -> 2 x 2048 (x1, x2),
 # silu(x1) * x2, weights_out 2048 -> 768 = timm's SwiGLUPacked (gate first) with mlp_ratio 4096 / 768.
+# HistAI's own hibou-b.pth (github.com/HistAI/hibou, hibou.build_model: Meta's DINOv2 DinoVisionTransformer,
+# vit_base, patch 14, layerscale 1e-5, ffn_layer "swiglufused" (w12/w3, same hidden 2048), 4 registers) is
+# accepted too (weights.dinov2_native_to_timm). The card's processor resizes bicubic to 224.
 @register_encoder(
     "hibou-b",
     embed_dim=768,
@@ -390,13 +450,15 @@ def _phikon2(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     mpp=0.5,
     mean=HIBOU_MEAN,
     std=HIBOU_STD,
-    weights_format="Hugging Face DINOv2-with-registers (model.safetensors); HF keys remapped to timm (mlp.weights_in/out -> mlp.fc1/fc2), class-token position folded into cls_token",
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors; HF keys remapped to timm, mlp.weights_in/out -> mlp.fc1/fc2) or HistAI's hibou-b.pth (DINOv2 code layout; register_tokens -> reg_token, mlp.w12/w3 -> mlp.fc1/fc2); class-token position folded into cls_token",
     weights_file="model.safetensors",
-    source="https://huggingface.co/histai/hibou-b",
+    source="https://huggingface.co/histai/hibou-b (or hibou-b.pth: github.com/HistAI/hibou README, Google Drive)",
     license="Apache-2.0",
     requires_weights=True,
-    remap=hf_dinov2_to_timm,
+    remap=hibou_to_timm,
     lazy_init=True,
+    interpolation="bicubic",
+    output="pooler",
     min_input_size=14,
 )
 def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -404,6 +466,37 @@ def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     return _vit("hibou-b", "vit_base_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
                 input_mpp=input_mpp, native_size=224, mean=HIBOU_MEAN, std=HIBOU_STD, features=768,
                 init_values=1e-5, mlp_ratio=4096 / 768, **_swiglu())
+
+
+# Hibou-L: huggingface.co/histai/hibou-L (the same remote-code DINOv2-with-registers layout as Hibou-B) and HistAI's
+# own code (github.com/HistAI/hibou, cellvit.HibouEncoder: build_model(arch="vit_large", patch_size=14,
+# layerscale=1e-5, ffn_layer="swiglufused", num_register_tokens=4, img_size=224); vit_large = 1,024 wide, 24
+# blocks, 16 heads, mlp_ratio 4, so the fused SwiGLU hidden is (int(4096 * 2 / 3) + 7) // 8 * 8 = 2736 and
+# timm's SwiGLUPacked fc1 is 2 x 2736 wide); TRIDENT HibouLInferenceEncoder: Hibou constants, Resize(224,
+# bicubic); the class token after the final layernorm (pooler_output), 1,024-d.
+@register_encoder(
+    "hibou-l",
+    embed_dim=1024,
+    input_size=224,
+    mpp=0.5,
+    mean=HIBOU_MEAN,
+    std=HIBOU_STD,
+    weights_format="Hugging Face DINOv2-with-registers (model.safetensors), as hibou-b, or the DINOv2 code layout; class-token position folded into cls_token",
+    weights_file="model.safetensors",
+    source="https://huggingface.co/histai/hibou-L",
+    license="Apache-2.0",
+    requires_weights=True,
+    remap=hibou_to_timm,
+    lazy_init=True,
+    interpolation="bicubic",
+    output="pooler",
+    min_input_size=14,
+)
+def _hibou_l(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Hibou-L (Nechaev et al. 2024): ViT-L/14 DINOv2, SwiGLU, 4 registers, 1,024-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("hibou-l", "vit_large_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=HIBOU_MEAN, std=HIBOU_STD, features=1024,
+                init_values=1e-5, mlp_ratio=2 * 2736 / 1024, **_swiglu())
 
 
 # ---- Lunit DINO ViT-S/8 ---------------------------------------------------------------------------------
@@ -425,6 +518,8 @@ def _hibou_b(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: 
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
     min_input_size=8,
 )
 def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
@@ -448,16 +543,96 @@ def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: fl
     weights_format=_TIMM_FILE,
     weights_file="model.safetensors",
     source="https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms (kaiko-ai/towards_large_pathology_fms)",
-    license="see the card / kaiko-ai/towards_large_pathology_fms (research use)",
+    license="Kaiko Non-Commercial Public License",
     requires_weights=True,
     remap=timm_layout,
     lazy_init=True,
+    interpolation="bilinear",
+    crop="center",
+    output="cls",
     min_input_size=8,
 )
 def _kaiko_b8(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
     """kaiko.ai ViT-B/8 DINO (Aben et al. 2024): 768-d class token, 224 px @ 0.5 µm/px."""
     return _vit("kaiko-vitb8", "vit_base_patch8_224", out_dim=embed_dim, input_size=input_size,
                 input_mpp=input_mpp, native_size=224, mean=KAIKO_MEAN, std=KAIKO_STD, features=768)
+
+
+# The other kaiko.ai checkpoints, as TRIDENT's Kaiko{S16,S8,B16,L14}InferenceEncoder build them: timm
+# "<arch>" with num_classes=0, img_size=<native>, dynamic_img_size=True (ViT-L/14: vit_large_patch14_reg4_dinov2 built
+# at 518 px and fed 224 px, its position embedding interpolated), Resize(224, bilinear) + CenterCrop(224),
+# mean = std = 0.5; class token. Files: huggingface.co/1aurent/<arch>.kaiko_ai_towards_large_pathology_fms.
+_KAIKO_MORE = (
+    ("kaiko-vits16", "vit_small_patch16_224", 384, 224, 16, "ViT-S/16"),
+    ("kaiko-vits8", "vit_small_patch8_224", 384, 224, 8, "ViT-S/8"),
+    ("kaiko-vitb16", "vit_base_patch16_224", 768, 224, 16, "ViT-B/16"),
+    ("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 1024, 518, 14, "ViT-L/14 with 4 registers"),
+)
+for _kname, _karch, _kdim, _knative, _kpatch, _kwhat in _KAIKO_MORE:
+
+    def _kaiko_build(
+        *, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5,
+        _n: str = _kname, _a: str = _karch, _d: int = _kdim, _s: int = _knative,
+    ) -> Encoder:
+        return _vit(_n, _a, out_dim=embed_dim, input_size=input_size, input_mpp=input_mpp, native_size=_s,
+                    mean=KAIKO_MEAN, std=KAIKO_STD, features=_d)
+
+    _kaiko_build.__doc__ = f"kaiko.ai {_kwhat} DINO (Aben et al. 2024): {_kdim}-d class token, 224 px @ 0.5 µm/px."
+    register_encoder(
+        _kname,
+        embed_dim=_kdim,
+        input_size=224,
+        mpp=0.5,
+        mean=KAIKO_MEAN,
+        std=KAIKO_STD,
+        weights_format=_TIMM_FILE,
+        weights_file="model.safetensors",
+        source=f"https://huggingface.co/1aurent/{_karch}.kaiko_ai_towards_large_pathology_fms (kaiko-ai/towards_large_pathology_fms)",
+        license="Kaiko Non-Commercial Public License",
+        requires_weights=True,
+        remap=timm_layout,
+        lazy_init=True,
+        interpolation="bilinear",
+        crop="center",
+        output="cls",
+        min_input_size=_kpatch,
+    )(_kaiko_build)
+
+
+# ---- PLIP (Huang et al., Nat. Med. 2023) -------------------------------------------------------------------
+# huggingface.co/vinid/plip: a transformers CLIPModel (ViT-B/32 image tower, quick_gelu, LayerNorm eps 1e-5,
+# projection_dim 512); its CLIPProcessor resizes the short side to 224 (bicubic), centre-crops 224 and normalises
+# with CLIP's mean/std; the image embedding is CLIPModel.get_image_features = visual_projection(post_layernorm(
+# class token)), 512-d. The image tower is timm's "vit_base_patch32_clip_quickgelu_224" (pre-norm, no patch bias)
+# with a 512-wide head holding the projection. PLIP's images (Twitter) have no stated magnification: 0.5 µm/px here.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_encoder(
+    "plip",
+    embed_dim=512,
+    input_size=224,
+    mpp=0.5,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    weights_format="Hugging Face transformers CLIPModel (pytorch_model.bin / model.safetensors); the vision tower and visual_projection remapped to timm, the text tower dropped",
+    weights_file="pytorch_model.bin",
+    source="https://huggingface.co/vinid/plip",
+    license="see the card (vinid/plip): research use",
+    requires_weights=True,
+    remap=hf_clip_vision_to_timm,
+    lazy_init=True,
+    interpolation="bicubic",
+    crop="center",
+    output="projection (CLIP get_image_features)",
+    min_input_size=32,
+)
+def _plip(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """PLIP (Huang et al., Nat. Med. 2023): CLIP ViT-B/32 image tower, 512-d projected image embedding."""
+    return _vit("plip", "vit_base_patch32_clip_quickgelu_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=CLIP_MEAN, std=CLIP_STD, features=512, pool="head",
+                num_classes=512)
 
 
 # ---- CTransPath -------------------------------------------------------------------------------------------
@@ -505,24 +680,19 @@ class ConvStem(nn.Module):
 
 # Wang et al., Med. Image Anal. 2022 (TransPath / CTransPath), github.com/Xiyue-Wang/TransPath ctran.py and TRIDENT
 # CTransPathInferenceEncoder: swin_tiny_patch4_window7_224 (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7)
-# with embed_layer=ConvStem, head removed; ImageNet mean/std; average-pooled 768 features. Weights: TransPath's
-# ctranspath.pth (= MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth), {"model": state_dict} in the
-# timm 0.5.4 Swin layout. TRIDENT README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
-@register_encoder(
-    "ctranspath",
-    embed_dim=768,
-    input_size=224,
-    mpp=1.0,
-    weights_format="TransPath torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, relative_position_index/attn_mask/head dropped",
-    weights_file="ctranspath.pth",
-    source="https://github.com/Xiyue-Wang/TransPath (Google Drive link in its README); also huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath (gated)",
-    license="GPL-3.0 (TransPath repository); weights for research use",
-    requires_weights=True,
-    remap=swin_v0_to_timm,
-    min_input_size=32,
+# with embed_layer=ConvStem, head removed; ImageNet mean/std, Resize(224, bilinear, antialias); average-pooled
+# 768 features after the final norm. Two weight files exist, with the same keys but different tensors:
+# TransPath's own ctranspath.pth (its README's Google Drive link) and CHIEF's CTransPath (Wang et al., Nature
+# 2024), CHIEF_CTransPath.pth (MahmoodLab/hest-bench fm_v1/ctranspath, the file TRIDENT loads). Both are
+# torch.save {"model": state_dict} in the timm 0.5.4 Swin layout; TRIDENT loads them with torch.load(...)["model"]
+# and drops the attn_mask keys. TRIDENT's README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
+_CTRANSPATH_FORMAT = (
+    "torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, "
+    "relative_position_index/attn_mask/head dropped"
 )
-def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
-    """CTransPath (Wang et al., MedIA 2022): Swin-T with a convolutional stem, 768-d, 224 px @ 1 µm/px."""
+
+
+def _ctranspath_encoder(name: str, embed_dim: int | None, input_size: int, input_mpp: float) -> Encoder:
     import timm
     from timm.models.swin_transformer import SwinTransformer
 
@@ -533,6 +703,47 @@ def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mp
     )
     if not isinstance(trunk, SwinTransformer):
         raise TypeError(f"timm swin_tiny_patch4_window7_224 is a {type(trunk).__name__}, not a SwinTransformer")
-    cfg = EncoderConfig("ctranspath", int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
+    cfg = EncoderConfig(name, int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
                         768 if embed_dim is None else embed_dim, embed_dim)
     return SwinEncoder(cfg, trunk, trunk_features=768)
+
+
+@register_encoder(
+    "ctranspath",
+    embed_dim=768,
+    input_size=224,
+    mpp=1.0,
+    weights_format=_CTRANSPATH_FORMAT,
+    weights_file="ctranspath.pth",
+    source="https://github.com/Xiyue-Wang/TransPath (ctranspath.pth, Google Drive link in its README)",
+    license="GPL-3.0 (TransPath repository); weights for research use",
+    requires_weights=True,
+    remap=swin_v0_to_timm,
+    min_input_size=32,
+    interpolation="bilinear",
+    output="gap",
+)
+def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
+    """CTransPath (Wang et al., MedIA 2022), TransPath's weights: Swin-T with a conv stem, 768-d, 224 px @ 1 µm/px."""
+    return _ctranspath_encoder("ctranspath", embed_dim, input_size, input_mpp)
+
+
+@register_encoder(
+    "chief-ctranspath",
+    embed_dim=768,
+    input_size=224,
+    mpp=1.0,
+    weights_format=_CTRANSPATH_FORMAT,
+    weights_file="CHIEF_CTransPath.pth",
+    source="https://huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth (gated); "
+    "github.com/hms-dbmi/CHIEF",
+    license="gated (hest-bench access conditions); CHIEF's terms at github.com/hms-dbmi/CHIEF: check before use",
+    requires_weights=True,
+    remap=swin_v0_to_timm,
+    min_input_size=32,
+    interpolation="bilinear",
+    output="gap",
+)
+def _chief_ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
+    """CHIEF's CTransPath (Wang et al., Nature 2024): the CTransPath architecture, CHIEF's weights, 768-d @ 1 µm/px."""
+    return _ctranspath_encoder("chief-ctranspath", embed_dim, input_size, input_mpp)

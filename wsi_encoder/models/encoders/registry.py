@@ -30,6 +30,8 @@ from wsi_encoder.errors import InvalidParameterError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Resize filters a card may name (``torch.nn.functional.interpolate`` modes, antialiased as torchvision's ``Resize``).
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 #: ``remap(state_dict) -> state_dict``: turns a checkpoint's official key layout into the module's.
 Remap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -213,7 +215,11 @@ class EncoderSpec:
     interpolation
         How a tile of another size is resized to ``input_size`` (``bilinear`` or ``bicubic``), as the card says.
     crop
-        ``None`` (resize the whole tile) or ``"center"`` (resize the short side, then centre-crop), as the card says.
+        ``None`` (resize the whole tile to ``input_size``) or ``"center"`` (torchvision ``Resize`` of the short side
+        to ``input_size / crop_fraction``, then ``CenterCrop(input_size)``), as the card says.
+    crop_fraction
+        With ``crop="center"``: the side kept by the crop over the resized side (Prov-GigaPath: 224 / 256;
+        1 elsewhere, where a square tile is only resized).
     output
         What the embedding is: ``cls``, ``cls+mean(patch)``, ``mean(patch)``, ``pooler``, ``gap`` (global average
         pool of a CNN), ``attn-pool`` ...
@@ -236,6 +242,7 @@ class EncoderSpec:
     min_input_size: int = 1
     interpolation: str = "bilinear"
     crop: str | None = None
+    crop_fraction: float = 1.0
     output: str = "gap"
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +261,7 @@ class EncoderSpec:
             "requires_weights": self.requires_weights,
             "interpolation": self.interpolation,
             "crop": self.crop,
+            "crop_fraction": self.crop_fraction,
             "output": self.output,
             "description": self.description,
         }
@@ -281,6 +289,7 @@ def register_encoder(
     min_input_size: int = 1,
     interpolation: str = "bilinear",
     crop: str | None = None,
+    crop_fraction: float = 1.0,
     output: str = "gap",
 ) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
     """Register a builder ``fn(*, embed_dim=None, input_size=..., input_mpp=...) -> Encoder`` under ``name``.
@@ -292,6 +301,11 @@ def register_encoder(
     def deco(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
         if name in _BUILDERS:
             raise InvalidParameterError(f"encoder {name!r} is already registered")
+        if interpolation not in INTERPOLATIONS or crop not in (None, "center") or not 0 < crop_fraction <= 1:
+            raise InvalidParameterError(
+                f"encoder {name!r}: interpolation {interpolation!r} (one of {', '.join(INTERPOLATIONS)}), crop {crop!r} "
+                f"(None or 'center') or crop_fraction {crop_fraction!r} (in (0, 1]) is not supported"
+            )
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _BUILDERS[name] = fn
         _SPECS[name] = EncoderSpec(
@@ -312,6 +326,7 @@ def register_encoder(
             min_input_size=int(min_input_size),
             interpolation=interpolation,
             crop=crop,
+            crop_fraction=float(crop_fraction),
             output=output,
         )
         return fn
@@ -349,6 +364,16 @@ def get_builder(name: str) -> Callable[..., Encoder]:
     """The builder function of a registered encoder."""
     get_spec(name)
     return _BUILDERS[name]
+
+
+def resize_options(name: str) -> dict[str, Any]:
+    """The resize a registered encoder's card prescribes, as keyword arguments of
+    :func:`wsi_encoder.compression.tiles_to_tensor` (``interpolation``, ``crop``, ``crop_fraction``);
+    an unregistered name gets the defaults (bilinear, no crop)."""
+    spec = _SPECS.get(name)
+    if spec is None:
+        return {}
+    return {"interpolation": spec.interpolation, "crop": spec.crop, "crop_fraction": spec.crop_fraction}
 
 
 def check_embed_dim(embed_dim: int | None) -> None:

@@ -124,13 +124,19 @@ def strip_prefix(state: dict[str, torch.Tensor], *prefixes: str) -> dict[str, to
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str, assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with one line naming missing/unexpected keys and shape clashes.
 
+    The one tolerated difference is a missing BatchNorm ``num_batches_tracked`` counter: files saved
+    before PyTorch 0.4.1 (torchvision's 2017 ``resnet50-19c8e357.pth``, the file CLAM uses) have none,
+    and PyTorch's own strict load accepts them (``BatchNorm._load_from_state_dict`` fills the counter
+    in). The counter only matters to training with ``momentum=None``; the module's own value is kept.
+    Any other missing or unexpected key is refused.
+
     Raises
     ------
     CheckpointError
         Keys or shapes do not match.
     """
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not _is_bn_counter(module, k)]
     unexpected = [k for k in state if k not in expected]
     clashes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
@@ -150,7 +156,22 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str,
         raise CheckpointError(f"{what}: {'; '.join(parts)}")
     if assign:  # tensors become the module's own: keep float32 whatever the file stored
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=assign)
+    counters = {k: expected[k].detach().clone() for k in expected if k not in state}  # only BN counters remain
+    if assign:  # (a meta-device module has no counter value to keep: it starts at 0, as a fresh BatchNorm)
+        counters = {k: torch.zeros((), dtype=torch.long) if v.is_meta else v for k, v in counters.items()}
+    module.load_state_dict({**state, **counters}, strict=True, assign=assign)
+
+
+def _is_bn_counter(module: nn.Module, key: str) -> bool:
+    """Whether ``key`` is the ``num_batches_tracked`` buffer of a BatchNorm layer of ``module``."""
+    owner, _, leaf = key.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        sub = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    return isinstance(sub, nn.modules.batchnorm._BatchNorm)
 
 
 # ---- remappings: official layout -> module layout ---------------------------------------------------
@@ -257,6 +278,75 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for kind in ("weight", "bias"):
         out[f"norm.{kind}"] = state.pop(f"layernorm.{kind}")
     out.update(state)
+    return out
+
+
+def dinov2_native_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta's DINOv2 code layout (HistAI's ``hibou-b.pth``, loaded by ``hibou.build_model``) → timm ViT.
+
+    The keys are timm's but for the register tokens (``register_tokens`` → ``reg_token``) and the fused
+    SwiGLU FFN (``mlp.w12``/``mlp.w3`` → ``mlp.fc1``/``mlp.fc2``, same (x1, x2) packing, ``silu(x1) * x2``);
+    ``mask_token`` (masked-image pretraining only) is dropped. DINOv2 adds the position embedding to
+    the class and patch tokens and inserts the registers afterwards, so, as in :func:`hf_dinov2_to_timm`,
+    the class token's position embedding is folded into ``cls_token`` for timm's ``no_embed_class``.
+    """
+    state = strip_prefix(dict(state), "module.", "backbone.")
+    state.pop("mask_token", None)
+    out: dict[str, torch.Tensor] = {}
+    pos = state.pop("pos_embed")
+    cls = state.pop("cls_token")
+    if "register_tokens" in state:
+        out["reg_token"] = state.pop("register_tokens")
+        out["cls_token"] = cls + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    else:
+        out["cls_token"], out["pos_embed"] = cls, pos
+    for k, v in state.items():
+        out[re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k))] = v
+    return out
+
+
+def hibou_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hibou in either official layout → timm ViT: the Hugging Face snapshot (``model.safetensors``,
+    :func:`hf_dinov2_to_timm`) or HistAI's own ``hibou-b.pth`` (:func:`dinov2_native_to_timm`)."""
+    hf = any(k.startswith(("embeddings.", "dinov2.embeddings.", "model.embeddings.")) for k in state)
+    return hf_dinov2_to_timm(state) if hf else dinov2_native_to_timm(state)
+
+
+def hf_clip_vision_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``CLIPModel`` (e.g. vinid/plip) → the image tower as a timm CLIP ViT with a projection head.
+
+    ``vision_model.embeddings.{class_embedding,position_embedding.weight,patch_embedding.weight}`` →
+    ``cls_token`` (reshaped to ``(1, 1, D)``), ``pos_embed`` (``(1, N, D)``), ``patch_embed.proj.weight`` (no
+    bias); ``pre_layrnorm`` → ``norm_pre``; per layer ``layer_norm1/2`` → ``norm1/2``, ``self_attn.{q,k,v}_proj``
+    concatenated → ``attn.qkv``, ``self_attn.out_proj`` → ``attn.proj``, ``mlp.fc1/fc2`` kept; ``post_layernorm``
+    → ``norm``; ``visual_projection.weight`` → ``head.weight`` with a zero ``head.bias`` (CLIP's projection has
+    none). The text tower, ``text_projection``, ``logit_scale`` and ``position_ids`` are dropped.
+    """
+    v = {k[len("vision_model.") :]: t for k, t in state.items() if k.startswith("vision_model.")}
+    v.pop("embeddings.position_ids", None)
+    out: dict[str, torch.Tensor] = {}
+    cls = v.pop("embeddings.class_embedding")
+    out["cls_token"] = cls.reshape(1, 1, -1)
+    out["pos_embed"] = v.pop("embeddings.position_embedding.weight").unsqueeze(0)
+    out["patch_embed.proj.weight"] = v.pop("embeddings.patch_embedding.weight")
+    layers = sorted({int(m.group(1)) for k in v if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{dst}.attn.qkv.{kind}"] = torch.cat([v.pop(f"{src}.self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")])
+            out[f"{dst}.attn.proj.{kind}"] = v.pop(f"{src}.self_attn.out_proj.{kind}")
+            out[f"{dst}.norm1.{kind}"] = v.pop(f"{src}.layer_norm1.{kind}")
+            out[f"{dst}.norm2.{kind}"] = v.pop(f"{src}.layer_norm2.{kind}")
+            out[f"{dst}.mlp.fc1.{kind}"] = v.pop(f"{src}.mlp.fc1.{kind}")
+            out[f"{dst}.mlp.fc2.{kind}"] = v.pop(f"{src}.mlp.fc2.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"norm_pre.{kind}"] = v.pop(f"pre_layrnorm.{kind}")
+        out[f"norm.{kind}"] = v.pop(f"post_layernorm.{kind}")
+    proj = state["visual_projection.weight"]
+    out["head.weight"] = proj
+    out["head.bias"] = torch.zeros(proj.shape[0], dtype=proj.dtype, device=proj.device)
+    out.update(v)  # anything left over is reported as unexpected by the strict load
     return out
 
 

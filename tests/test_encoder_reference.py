@@ -1,0 +1,360 @@
+"""Every pretrained entry against its OFFICIAL construction, on real tiles, through the real preprocessing.
+
+For each entry the reference is built with random weights exactly as its model card / official code does
+(``timm.create_model`` with the card's kwargs; transformers' ``ViTModel`` / ``Dinov2Model`` /
+``Dinov2WithRegistersModel`` for the Hugging Face checkpoints; torchvision for the ResNets), its weights are
+saved in the file layout the authors ship (``pytorch_model.bin``, ``model.safetensors``, a 2017 torchvision
+``.pth`` without BatchNorm counters), that file is loaded through ``build_encoder(name, weights=FILE)`` and the
+two embeddings of the same real tiles (256-px crops of the Aperio slide CMU-1-Small-Region.svs, read by the
+toolkit's reader) must agree to 1e-5 relative:
+
+- ours: ``tiles_to_tensor`` (the toolkit's one resize, with the entry's ``resize_options``) → ``encoder(x)``;
+- official: torchvision v2 ``Resize`` (+ ``CenterCrop``) as the card writes it → ``Normalize(card mean, card
+  std)`` → the official forward → the card's output definition (e.g. Virchow2: class token ++ mean of the
+  patch tokens after its 4 registers).
+
+The giant ViTs are built with 2 blocks on both sides (``depth=2`` injected into the same
+``timm.create_model`` call the toolkit's builder and the card make); everything else about them is as
+published. CTransPath's official code (TransPath's timm 0.5.4 fork) is not installable beside timm 1.x: its
+layout is covered by ``test_encoder_registry.py`` only.
+
+A final test pins each card's values (mean/std, input size, µm/px, interpolation, crop, output) in a literal
+table and compares the registry with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from wsi_encoder.compression import tiles_to_tensor
+from wsi_encoder.models.encoders import build_encoder, encoder_specs, get_spec, resize_options
+
+torch.set_num_threads(2)
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
+LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
+KAIKO = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+#: The cards, written out: mean/std, input px, µm/px, interpolation, crop (None, or (resize side, crop side)), output.
+CARDS: dict[str, dict[str, Any]] = {
+    "uni": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"},
+    "uni2-h": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"},
+    "virchow": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (224, 224),
+                "output": "cls+mean(patch)"},
+    "virchow2": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (224, 224),
+                 "output": "cls+mean(patch, registers excluded)"},
+    "h-optimus-0": {"norm": HOPTIMUS, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
+    "h-optimus-1": {"norm": HOPTIMUS, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
+    "prov-gigapath": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (256, 224),
+                      "output": "cls"},
+    "gpfm": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "cls"},
+    "phikon": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
+    "phikon-v2": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
+                  "output": "cls"},
+    "hibou-b": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
+    "hibou-l": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
+    "lunit-vits8": {"norm": LUNIT, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
+    "kaiko-vitb8": {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
+                    "output": "cls"},
+    **{k: {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"}
+       for k in ("kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitl14")},
+    "plip": {"norm": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)), "input": 224,
+             "mpp": 0.5, "interp": "bicubic", "crop": (224, 224), "output": "projection (CLIP get_image_features)"},
+    "ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None, "output": "gap"},
+    "chief-ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None,
+                         "output": "gap"},
+    "resnet50-trunc": {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
+                       "output": "gap (after layer3)"},
+    **{arch: {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "gap"}
+       for arch in ("resnet18", "resnet34", "resnet50")},  # torchvision's ImageNet eval resize, whole tile
+}
+
+REDUCED_DEPTH = 2
+
+
+@pytest.fixture(scope="module")
+def real_tiles() -> np.ndarray:
+    """Four 256-px tiles of the real Aperio slide (0.499 µm/px), read through the toolkit's reader."""
+    from tests.conftest import shared_path
+    from wsi_encoder.io.slides import get_reader
+
+    reader = get_reader(shared_path("slides", "CMU-1-Small-Region.svs"))
+    tiles = [reader.read_region((x, y), 0, (256, 256))[..., :3] for x, y in ((600, 900), (1000, 1400), (1400, 1800), (800, 2200))]
+    return np.ascontiguousarray(np.stack(tiles).astype(np.uint8))
+
+
+def _official_input(name: str, tiles: np.ndarray) -> torch.Tensor:
+    """The card's transforms on the same tiles (torchvision v2 on float tensors, clamped as 8-bit images are)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    card = CARDS[name]
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[card["interp"]]
+    steps: list[Any] = []
+    if card["crop"] is None:
+        steps.append(v2.Resize((card["input"], card["input"]), mode, antialias=True))
+    else:
+        steps.append(v2.Resize(card["crop"][0], mode, antialias=True))
+    steps.append(v2.Lambda(lambda t: t.clamp(0, 1)))
+    if card["crop"] is not None:
+        steps.append(v2.CenterCrop(card["crop"][1]))
+    steps.append(v2.Normalize(*card["norm"]))
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    return v2.Compose(steps)(x)
+
+
+def _ours(name: str, path: Path, tiles: np.ndarray) -> torch.Tensor:
+    encoder = build_encoder(name, weights=path).eval()
+    x = tiles_to_tensor(tiles, torch.device("cpu"), encoder.config.input_size, **resize_options(name))
+    with torch.inference_mode():
+        return encoder(x)
+
+
+def _perturb(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values everywhere (norm weights and biases too), so that every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for n, b in module.named_buffers():
+            if n.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+            elif n.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+def _assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape
+    rel = float((ours - ref).abs().max() / ref.abs().max())
+    assert rel <= 1e-5, f"relative difference {rel:.3g}"
+
+
+def _reduce_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``timm.create_model`` building ViTs with 2 blocks, for the toolkit's builder and the reference alike."""
+    import timm
+
+    original = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda n, *a, **k: original(n, *a, **{**k, "depth": REDUCED_DEPTH}))
+
+
+# ---- timm cards ----------------------------------------------------------------------------------------
+
+def _swiglu() -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+#: name -> (timm architecture, the card's create_model kwargs, output definition on forward_features tokens or None
+#: for ``model(x)``, reduced depth).
+TIMM_CARDS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[torch.Tensor], torch.Tensor] | None, bool]] = {
+    # huggingface.co/MahmoodLab/UNI: timm.create_model("vit_large_patch16_224", img_size=224, patch_size=16,
+    # init_values=1e-5, num_classes=0, dynamic_img_size=True); model(x) = class token after the final norm
+    "uni": ("vit_large_patch16_224", lambda: {"img_size": 224, "patch_size": 16, "init_values": 1e-5,
+                                              "num_classes": 0, "dynamic_img_size": True}, None, True),
+    # huggingface.co/MahmoodLab/UNI2-h timm_kwargs
+    "uni2-h": ("vit_giant_patch14_224", lambda: {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
+                                                 "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
+                                                 "num_classes": 0, "no_embed_class": True, "reg_tokens": 8,
+                                                 "dynamic_img_size": True, **_swiglu()}, None, True),
+    # huggingface.co/paige-ai/Virchow: output = cat(class token, mean of the 256 patch tokens)
+    "virchow": ("vit_huge_patch14_224", lambda: {"img_size": 224, "init_values": 1e-5, "num_classes": 0,
+                                                 "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+                                                 **_swiglu()},
+                lambda t: torch.cat([t[:, 0], t[:, 1:].mean(1)], dim=-1), True),
+    # huggingface.co/paige-ai/Virchow2: tokens 1-4 are registers; mean over the patch tokens from 5 on
+    "virchow2": ("vit_huge_patch14_224", lambda: {"img_size": 224, "init_values": 1e-5, "num_classes": 0,
+                                                  "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+                                                  "reg_tokens": 4, **_swiglu()},
+                 lambda t: torch.cat([t[:, 0], t[:, 5:].mean(1)], dim=-1), True),
+    # huggingface.co/bioptimus/H-optimus-0 (and -1) config.json
+    "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", lambda: {"img_size": 224, "init_values": 1e-5,
+                                                              "num_classes": 0, "global_pool": "token"}, None, True),
+    "h-optimus-1": ("vit_giant_patch14_reg4_dinov2", lambda: {"img_size": 224, "init_values": 1e-5,
+                                                              "num_classes": 0, "global_pool": "token"}, None, True),
+    # huggingface.co/prov-gigapath/prov-gigapath config.json
+    "prov-gigapath": ("vit_giant_patch14_dinov2", lambda: {"img_size": 224, "in_chans": 3, "patch_size": 16,
+                                                           "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                                                           "init_values": 1e-5, "mlp_ratio": 5.33334,
+                                                           "num_classes": 0}, None, True),
+    # TRIDENT GPFMInferenceEncoder (file GPFM.pth)
+    "gpfm": ("vit_large_patch14_dinov2", lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+             None, True),
+    # huggingface.co/1aurent/vit_small_patch8_224.lunit_dino and ...kaiko_ai_towards_large_pathology_fms (full depth)
+    "lunit-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0}, None, False),
+    "kaiko-vitb8": ("vit_base_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                    None, False),
+    # TRIDENT Kaiko{S16,S8,B16,L14}InferenceEncoder (ViT-L/14 built at 518 px, fed 224: interpolated positions)
+    "kaiko-vits16": ("vit_small_patch16_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                     None, False),
+    "kaiko-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                    None, False),
+    "kaiko-vitb16": ("vit_base_patch16_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
+                     None, False),
+    "kaiko-vitl14": ("vit_large_patch14_reg4_dinov2", lambda: {"num_classes": 0, "img_size": 518,
+                                                               "dynamic_img_size": True}, None, True),
+}
+
+
+#: over ~20 s on two shared CPU cores (ViT-B/8: 785 tokens through 12 full blocks)
+SLOW = {"kaiko-vitb8"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(TIMM_CARDS)])
+def test_timm_entry_equals_its_card(name: str, real_tiles: np.ndarray, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    arch, kwargs, output, reduce = TIMM_CARDS[name]
+    if reduce:
+        _reduce_depth(monkeypatch)
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model(arch, pretrained=False, **kwargs()))
+    path = tmp_path / str(get_spec(name).weights_file)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    else:
+        torch.save(ref.state_dict(), path)
+    with torch.inference_mode():
+        x = _official_input(name, real_tiles)
+        expected = ref(x) if output is None else output(ref(x))
+    _assert_same(_ours(name, path, real_tiles), expected)
+
+
+# ---- Hugging Face transformers cards ---------------------------------------------------------------------
+
+def _hf_phikon() -> nn.Module:
+    # huggingface.co/owkin/phikon config.json (layer_norm_eps 1e-6, as Owkin confirmed)
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu")
+    return ViTModel(cfg)  # with its pooler: the shipped file has pooler.* (dropped by the toolkit)
+
+
+def _hf_phikon_v2() -> nn.Module:
+    # huggingface.co/owkin/phikon-v2 config.json (24 layers on the card; 2 here, on both sides)
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=REDUCED_DEPTH, num_attention_heads=16, mlp_ratio=4,
+                       image_size=224, patch_size=16, layerscale_value=1e-5, layer_norm_eps=1e-6, qkv_bias=True)
+    return Dinov2Model(cfg)
+
+
+def _hf_hibou_b() -> nn.Module:
+    # huggingface.co/histai/hibou-b config.json (Dinov2 with 4 registers, SwiGLU FFN)
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                                    image_size=224, patch_size=14, num_register_tokens=4, use_swiglu_ffn=True,
+                                    layerscale_value=1e-5, layer_norm_eps=1e-6, qkv_bias=True)
+    return Dinov2WithRegistersModel(cfg)
+
+
+def _hf_hibou_l() -> nn.Module:
+    # huggingface.co/histai/hibou-L and hibou's cellvit.HibouEncoder: ViT-L/14, 4 registers, SwiGLU (24 layers; 2 here)
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(hidden_size=1024, num_hidden_layers=REDUCED_DEPTH, num_attention_heads=16,
+                                    mlp_ratio=4, image_size=224, patch_size=14, num_register_tokens=4,
+                                    use_swiglu_ffn=True, layerscale_value=1e-5, layer_norm_eps=1e-6, qkv_bias=True)
+    return Dinov2WithRegistersModel(cfg)
+
+
+def _hf_plip() -> nn.Module:
+    # huggingface.co/vinid/plip config.json: CLIPModel, vision ViT-B/32 (768 wide, 12 layers, quick_gelu), projection 512;
+    # the text tower is made small here (it is dropped by the toolkit; only its keys' presence matters)
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "patch_size": 32, "image_size": 224, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+        projection_dim=512,
+    )
+    return CLIPModel(cfg)
+
+
+def _clip_image_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.get_image_features(pixel_values=x)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+HF_CARDS: dict[str, tuple[Callable[[], nn.Module], Callable[[Any], torch.Tensor] | None, bool]] = {
+    # TRIDENT PhikonInferenceEncoder / Phikonv2InferenceEncoder: last_hidden_state[:, 0] (after the final layernorm)
+    "phikon": (_hf_phikon, lambda out: out.last_hidden_state[:, 0], False),
+    "phikon-v2": (_hf_phikon_v2, lambda out: out.last_hidden_state[:, 0], True),
+    # the Hibou card: outputs.pooler_output (the class token after the final layernorm)
+    "hibou-b": (_hf_hibou_b, lambda out: out.pooler_output, False),
+    "hibou-l": (_hf_hibou_l, lambda out: out.pooler_output, True),
+    # the PLIP card: model.get_image_features(**processor(images=...)), the projected 512-d embedding
+    "plip": (_hf_plip, None, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_CARDS))
+def test_transformers_entry_equals_its_card(name: str, real_tiles: np.ndarray, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    build, output, reduce = HF_CARDS[name]
+    if reduce:  # the card's config is built with 2 layers: the toolkit's timm model too
+        _reduce_depth(monkeypatch)
+    torch.manual_seed(0)
+    ref = _perturb(build())
+    folder = tmp_path / "snapshot"
+    ref.save_pretrained(folder)  # the snapshot as the hub holds it: config.json + model.safetensors
+    path = folder / str(get_spec(name).weights_file)
+    if path.name == "pytorch_model.bin":  # owkin/phikon ships the torch.save of the same (on-disk) key layout
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(folder / "model.safetensors")), path)
+        (folder / "model.safetensors").unlink()
+    with torch.inference_mode():
+        x = _official_input(name, real_tiles)
+        expected = _clip_image_features(ref, x) if output is None else output(ref(pixel_values=x))
+    _assert_same(_ours(name, path, real_tiles), expected)
+
+
+# ---- torchvision ResNets (CLAM's truncated ResNet-50, torchvision's 2017 file) ---------------------------
+
+@pytest.mark.parametrize("name", ["resnet50-trunc", "resnet18", "resnet34", "resnet50"])
+def test_resnet_entry_equals_torchvision(name: str, real_tiles: np.ndarray, tmp_path: Path) -> None:
+    """CLAM resnet50_baseline: conv1 bn1 relu maxpool layer1-3, AdaptiveAvgPool2d(1); the full ResNets pool after
+    layer4. The file is the 2017 layout (no num_batches_tracked), as resnet50-19c8e357.pth."""
+    import torchvision
+
+    arch = "resnet50" if name == "resnet50-trunc" else name
+    torch.manual_seed(0)
+    net = _perturb(getattr(torchvision.models, arch)(weights=None))
+    path = tmp_path / f"{arch}-2017.pth"
+    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    stages = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
+    if name != "resnet50-trunc":
+        stages.append(net.layer4)
+    trunk = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with torch.inference_mode():
+        expected = trunk(_official_input(name, real_tiles))
+    _assert_same(_ours(name, path, real_tiles), expected)
+
+
+# ---- the pinned card table ---------------------------------------------------------------------------
+
+def test_registry_matches_the_pinned_cards() -> None:
+    specs = {s.name: s for s in encoder_specs()}
+    for name, card in CARDS.items():
+        s = specs[name]
+        crop = None if s.crop is None else (round(s.input_size / s.crop_fraction), s.input_size)
+        got = {"norm": (s.mean, s.std), "input": s.input_size, "mpp": s.mpp, "interp": s.interpolation, "crop": crop,
+               "output": s.output}
+        assert got == card, name
+    assert set(CARDS) >= {s.name for s in encoder_specs() if s.requires_weights and not s.name.startswith("nic")}
+
