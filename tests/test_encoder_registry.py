@@ -328,6 +328,16 @@ def test_official_layout_of_each_giant_fits_strictly(name: str, tmp_path: Path, 
         load_weights(build_skeleton(name), path, assign=True)
 
 
+def test_an_entry_with_an_unknown_resize_is_refused() -> None:
+    from wsi_encoder.errors import InvalidParameterError
+    from wsi_encoder.models.encoders.registry import register_encoder
+
+    with pytest.raises(InvalidParameterError, match="interpolation 'lanczos'"):
+        register_encoder("bad-resize", embed_dim=8, input_size=8, mpp=0.5, interpolation="lanczos")
+    with pytest.raises(InvalidParameterError, match=r"crop_fraction 1\.5"):
+        register_encoder("bad-crop", embed_dim=8, input_size=8, mpp=0.5, crop="center", crop_fraction=1.5)
+
+
 def test_ctranspath_entries_name_their_own_files() -> None:
     """TransPath's ctranspath.pth and CHIEF's CHIEF_CTransPath.pth hold different tensors: two entries, two files."""
     a, b = get_spec("ctranspath"), get_spec("chief-ctranspath")

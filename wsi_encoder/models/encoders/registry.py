@@ -298,14 +298,15 @@ def register_encoder(
     docstring is its description.
     """
 
+    if interpolation not in INTERPOLATIONS or crop not in (None, "center") or not 0 < crop_fraction <= 1:
+        raise InvalidParameterError(
+            f"encoder {name!r}: interpolation {interpolation!r} (one of {', '.join(INTERPOLATIONS)}), crop {crop!r} "
+            f"(None or 'center') or crop_fraction {crop_fraction!r} (in (0, 1]) is not supported"
+        )
+
     def deco(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
         if name in _BUILDERS:
             raise InvalidParameterError(f"encoder {name!r} is already registered")
-        if interpolation not in INTERPOLATIONS or crop not in (None, "center") or not 0 < crop_fraction <= 1:
-            raise InvalidParameterError(
-                f"encoder {name!r}: interpolation {interpolation!r} (one of {', '.join(INTERPOLATIONS)}), crop {crop!r} "
-                f"(None or 'center') or crop_fraction {crop_fraction!r} (in (0, 1]) is not supported"
-            )
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _BUILDERS[name] = fn
         _SPECS[name] = EncoderSpec(
