@@ -217,3 +217,23 @@ def test_report_shows_empty_pairs_as_na_and_states_d(tmp_path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "| 100X | 200X | n/a | n/a | n/a |" in report
     assert "D = 512 dimensions" in report and "--backbone resnet50" in report
+
+
+def test_signature_vs_full_is_paired_on_test_patients() -> None:
+    from wsi_encoder.evaluation.signatures import signature_vs_full
+
+    x, y, g = _data(4)
+    xt, yt, gt = _data(5)
+    ev = evaluate_fold(x, y, g, xt, yt, SignatureSpec(), groups_test=gt)
+    v = ev.vs_full
+    assert v["delta_auc"] == pytest.approx(ev.metrics_signature["auc"] - ev.metrics_full["auc"], abs=1e-9)
+    assert v["delta_brier"] == pytest.approx(ev.metrics_signature["brier"] - ev.metrics_full["brier"], abs=1e-9)
+    assert v["delta_auc_ci_low"] <= v["delta_auc"] <= v["delta_auc_ci_high"]
+    rec = SignatureRecord.from_evaluation("arm", "40X", ev, auc_network=0.5)
+    assert rec.row()["signature_delta_auc"] == v["delta_auc"] and SignatureRecord.from_json(rec.to_json()) == rec
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=len(yt))
+    same = signature_vs_full(yt, p, p.copy(), gt)
+    assert same["delta_auc"] == same["delta_auc_ci_low"] == same["delta_auc_ci_high"] == 0  # paired: no noise
+    worse = signature_vs_full(yt, np.where(yt == 1, 0.9, 0.1), rng.uniform(size=len(yt)), gt)
+    assert worse["delta_auc_ci_high"] < 0  # a useless signature model is detected

@@ -9,7 +9,7 @@ value (see :mod:`wsi_encoder.evaluation.signatures` for how a signature is selec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,15 @@ SIGNATURE_COLUMNS = (
     "n_test_patients",
     "n_dims",
     "size_fraction",
+    "signature_delta_auc",
+    "signature_delta_auc_ci_low",
+    "signature_delta_auc_ci_high",
+    "signature_delta_brier",
+    "signature_delta_brier_ci_low",
+    "signature_delta_brier_ci_high",
 )
+#: Keys of :attr:`SignatureRecord.vs_full` (``signatures.csv`` prefixes them with ``signature_``).
+VS_FULL_KEYS = tuple(c.removeprefix("signature_") for c in SIGNATURE_COLUMNS if c.startswith("signature_delta"))
 JACCARD_COLUMNS = ("arm", "fold_a", "fold_b", "jaccard", "jaccard_chance", "jaccard_corrected")
 
 
@@ -82,6 +90,8 @@ class SignatureRecord:
     n_test_patients: int
     n_dims: int
     frequencies: dict[int, float] | None = None
+    #: Signature minus full on the same test patients, with 95% intervals (:attr:`FoldEvaluation.vs_full`).
+    vs_full: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -117,6 +127,7 @@ class SignatureRecord:
             n_test_patients=ev.n_test_groups,
             n_dims=ev.n_dims,
             frequencies=freq,
+            vs_full=dict(ev.vs_full),
         )
 
     def row(self) -> dict[str, object]:
@@ -141,6 +152,8 @@ class SignatureRecord:
             n_test_patients=self.n_test_patients,
         )
         row["lambda"] = self.lam
+        for key in VS_FULL_KEYS:
+            row[f"signature_{key}"] = self.vs_full.get(key, float("nan"))
         return {k: row[k] for k in SIGNATURE_COLUMNS}
 
     def to_json(self) -> dict[str, object]:
@@ -167,6 +180,7 @@ class SignatureRecord:
             "n_test_patients": self.n_test_patients,
             "n_dims": self.n_dims,
             "stability_frequencies": None if self.frequencies is None else {str(k): v for k, v in self.frequencies.items()},
+            "vs_full": clean(self.vs_full),
         }
 
     @classmethod
@@ -197,6 +211,7 @@ class SignatureRecord:
             n_test_patients=int(data["n_test_patients"]),
             n_dims=int(data["n_dims"]),
             frequencies=None if freq is None else {int(k): float(v) for k, v in freq.items()},
+            vs_full=metrics(data.get("vs_full") or {}),
         )
 
 

@@ -188,6 +188,32 @@ def _fold_table(records: Sequence[SignatureRecord]) -> list[str]:
     return lines
 
 
+def _delta(record: SignatureRecord, key: str) -> str:
+    v = record.vs_full
+    est, lo, hi = (v.get(k, float("nan")) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    if not np.isfinite(est):
+        return "n/a"
+    ci = f"{lo:+.3f}, {hi:+.3f}" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
+    return f"{est:+.3f} [{ci}]"
+
+
+def _vs_full_table(records: Sequence[SignatureRecord]) -> list[str]:
+    lines = [
+        "Signature model minus full model on the same test images; 95% intervals resample the fold's test patients "
+        "(each with all of its images) for both models at once: AUC by BCa, Brier by BCa. An interval that includes 0 "
+        "is no evidence that the signature loses (or gains) anything, not evidence that it does not.",
+        "",
+        "| arm | fold | size | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.arm} | {r.fold} | {r.size} | {_delta(r, 'delta_auc')} | {_delta(r, 'delta_brier')} | "
+        f"{r.n_test} / {r.n_test_patients} |"
+        for r in records
+    ]
+    return lines
+
+
 def _jaccard_tables(
     jaccards: Sequence[ArmJaccard], heatmaps: Mapping[str, str], sizes: Mapping[tuple[str, str], int]
 ) -> list[str]:
@@ -314,6 +340,7 @@ def write_report(
     lines += ["## Summary per arm (mean ± SD over folds)", "", *_arm_summary(records, jaccards), ""]
     lines += ["![Signature size vs AUC](size_vs_auc.png)", ""]
     lines += ["## Per fold", "", *_fold_table(records), ""]
+    lines += ["## Does the signature lose anything? (paired, same test patients)", "", *_vs_full_table(records), ""]
     if ctx.failed:
         lines += ["Folds that could not be evaluated:", ""]
         lines += [f"- `{key}`: {reason}" for key, reason in ctx.failed.items()]

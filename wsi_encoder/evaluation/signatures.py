@@ -192,6 +192,26 @@ class FoldEvaluation:
     n_train_groups: int
     n_test_groups: int
     n_dims: int
+    #: Signature minus full model on the same test patients: ``delta_auc``, ``delta_brier`` and their 95% interval
+    #: bounds (``_ci_low`` / ``_ci_high``; paired patient bootstrap, :mod:`~wsi_encoder.evaluation.patient_intervals`).
+    vs_full: dict[str, float] = field(default_factory=dict)
+
+
+def signature_vs_full(
+    y_test: npt.NDArray[np.int64], prob_full: npt.ArrayLike, prob_signature: npt.ArrayLike,
+    groups_test: npt.ArrayLike, seed: int = 0, n_boot: int = 1000,
+) -> dict[str, float]:
+    """Signature minus full model (AUC, Brier) on the same resampled test patients, with 95% intervals."""
+    from wsi_encoder.evaluation.patient_intervals import FoldScores, patient_intervals
+
+    fold = FoldScores(y=y_test, patients=np.asarray(groups_test).astype(str),
+                      prob={"full": np.asarray(prob_full, float), "signature": np.asarray(prob_signature, float)})
+    out: dict[str, float] = {}
+    for r in patient_intervals([fold], baseline="full", n_boot=n_boot, seed=seed, metrics=("auc", "brier")):
+        if r["arm"] == "signature" and r["metric"].startswith("delta_"):
+            out[r["metric"]] = r["estimate"]
+            out[f"{r['metric']}_ci_low"], out[f"{r['metric']}_ci_high"] = r["ci_low"], r["ci_high"]
+    return out
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
@@ -576,4 +596,7 @@ def evaluate_fold(
         n_train_groups=len(np.unique(gtr)),
         n_test_groups=len(np.unique(groups_test)) if groups_test is not None else 0,
         n_dims=xtr.shape[1],
+        vs_full=signature_vs_full(
+            yte, prob_full, prob_sig, groups_test if groups_test is not None else np.arange(len(yte)), seed=spec.seed
+        ),
     )
