@@ -237,3 +237,40 @@ def test_signature_vs_full_is_paired_on_test_patients() -> None:
     assert same["delta_auc"] == same["delta_auc_ci_low"] == same["delta_auc_ci_high"] == 0  # paired: no noise
     worse = signature_vs_full(yt, np.where(yt == 1, 0.9, 0.1), rng.uniform(size=len(yt)), gt)
     assert worse["delta_auc_ci_high"] < 0  # a useless signature model is detected
+
+
+def test_size_and_jaccard_intervals_come_from_whole_training_patients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_encoder.evaluation import signatures as sig_module
+
+    x, y, g = _data(4)
+    xt, yt, gt = _data(5)
+    seen: list[np.ndarray] = []
+    real = sig_module.select_signature
+
+    def spy(x_train, y_train, groups_train, spec, **kw):
+        seen.append(np.asarray(groups_train).copy())
+        return real(x_train, y_train, groups_train, spec, **kw)
+
+    monkeypatch.setattr(sig_module, "select_signature", spy)
+    spec = SignatureSpec(bootstrap=8)
+    records = [SignatureRecord.from_evaluation("arm", f, evaluate_fold(x, y, g, xt, yt, spec, groups_test=gt), 0.5)
+               for f in ("a", "b")]
+    per_patient = {p: int((g == p).sum()) for p in np.unique(g)}
+    resamples = [s for s in seen if len(s) != len(g) or not np.array_equal(s, g)]
+    assert len(resamples) >= 2 * 8 - 1  # (one may coincide with the original set by chance)
+    for groups in resamples:
+        counts = {p: int((groups == p).sum()) for p in np.unique(groups)}
+        assert all(n % per_patient[p] == 0 for p, n in counts.items())  # whole patients, with all their images
+        assert sum(n // per_patient[p] for p, n in counts.items()) == len(per_patient)  # as many draws as patients
+    rec = records[0]
+    assert len(rec.boot_indices) == 8 and all(b is not None for b in rec.boot_indices)
+    lo, hi = rec.size_interval()
+    assert 0 <= lo <= hi <= x.shape[1] and rec.row()["size_ci_low"] == lo
+    assert SignatureRecord.from_json(rec.to_json()) == rec
+    (jac,) = arm_jaccards(records)
+    assert len(jac.boot_means) == 8
+    j_lo, j_hi = jac.mean_interval()
+    assert 0 <= j_lo <= j_hi <= 1
+    none = SignatureRecord.from_evaluation("arm", "c", evaluate_fold(x, y, g, xt, yt, SignatureSpec(bootstrap=0),
+                                                                     groups_test=gt), 0.5)
+    assert none.boot_indices == () and np.isnan(none.size_interval()[0])

@@ -36,6 +36,9 @@ from wsi_encoder.cli.common import Progress, echo_err
               help="scikit-learn solver of the L1 fits.")
 @click.option("--positive-class", default=None, help="Embedding-store input: the label that is the positive class.")
 @click.option("--allow-missing", is_flag=True, help="Embedding-store input: skip slides missing from the store or the CSV.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Resamples of each fold's training patients, re-selected from scratch, behind the intervals of size "
+              "and Jaccard (0: none; each costs one selection).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of folds, inner CV, subsamples and solvers.")
 def signatures(
     src: Path,
@@ -52,6 +55,7 @@ def signatures(
     solver: str,
     positive_class: str | None,
     allow_missing: bool,
+    bootstrap: int,
     seed: int,
 ) -> None:
     """Sparse signatures (L1 logistic regression) of the embeddings in SRC, per arm and fold.
@@ -72,6 +76,7 @@ def signatures(
         stability=stability,
         stability_threshold=stability_threshold,
         solver=solver,
+        bootstrap=bootstrap,
         seed=seed,
     )
     with Progress("signatures", unit="fold") as bar:

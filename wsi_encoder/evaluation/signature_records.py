@@ -60,6 +60,8 @@ SIGNATURE_COLUMNS = (
     "signature_delta_brier",
     "signature_delta_brier_ci_low",
     "signature_delta_brier_ci_high",
+    "size_ci_low",
+    "size_ci_high",
 )
 #: Keys of :attr:`SignatureRecord.vs_full` (``signatures.csv`` prefixes them with ``signature_``).
 VS_FULL_KEYS = tuple(c.removeprefix("signature_") for c in SIGNATURE_COLUMNS if c.startswith("signature_delta"))
@@ -92,6 +94,16 @@ class SignatureRecord:
     frequencies: dict[int, float] | None = None
     #: Signature minus full on the same test patients, with 95% intervals (:attr:`FoldEvaluation.vs_full`).
     vs_full: dict[str, float] = field(default_factory=dict)
+    #: Signatures re-selected on patient resamples of the training set (None: a resample that failed).
+    boot_indices: tuple[tuple[int, ...] | None, ...] = ()
+
+    def size_interval(self, alpha: float = 0.05) -> tuple[float, float]:
+        """Percentile interval of the signature size over the training-patient bootstrap (nan without one)."""
+        sizes = [len(b) for b in self.boot_indices if b is not None]
+        if len(sizes) < 2:
+            return (float("nan"), float("nan"))
+        lo, hi = np.quantile(sizes, [alpha / 2, 1 - alpha / 2])
+        return (float(lo), float(hi))
 
     @property
     def size(self) -> int:
@@ -128,6 +140,7 @@ class SignatureRecord:
             n_dims=ev.n_dims,
             frequencies=freq,
             vs_full=dict(ev.vs_full),
+            boot_indices=ev.boot_indices,
         )
 
     def row(self) -> dict[str, object]:
@@ -152,6 +165,7 @@ class SignatureRecord:
             n_test_patients=self.n_test_patients,
         )
         row["lambda"] = self.lam
+        row["size_ci_low"], row["size_ci_high"] = self.size_interval()
         for key in VS_FULL_KEYS:
             row[f"signature_{key}"] = self.vs_full.get(key, float("nan"))
         return {k: row[k] for k in SIGNATURE_COLUMNS}
@@ -181,6 +195,7 @@ class SignatureRecord:
             "n_dims": self.n_dims,
             "stability_frequencies": None if self.frequencies is None else {str(k): v for k, v in self.frequencies.items()},
             "vs_full": clean(self.vs_full),
+            "bootstrap_signatures": [None if b is None else list(b) for b in self.boot_indices],
         }
 
     @classmethod
@@ -212,6 +227,9 @@ class SignatureRecord:
             n_dims=int(data["n_dims"]),
             frequencies=None if freq is None else {int(k): float(v) for k, v in freq.items()},
             vs_full=metrics(data.get("vs_full") or {}),
+            boot_indices=tuple(
+                None if b is None else tuple(int(i) for i in b) for b in data.get("bootstrap_signatures") or []
+            ),
         )
 
 
@@ -229,6 +247,16 @@ class ArmJaccard:
     chance: FloatArray
     corrected: FloatArray
     n_dims: int = 0
+    #: Mean off-diagonal Jaccard of each training-patient bootstrap resample (resample b of every fold).
+    boot_means: tuple[float, ...] = ()
+
+    def mean_interval(self, alpha: float = 0.05) -> tuple[float, float]:
+        """Percentile interval of the mean off-diagonal Jaccard over the bootstrap (nan without one)."""
+        values = [v for v in self.boot_means if np.isfinite(v)]
+        if len(values) < 2:
+            return (float("nan"), float("nan"))
+        lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+        return (float(lo), float(hi))
 
     @property
     def mean_off_diagonal(self) -> float:
@@ -274,5 +302,12 @@ def arm_jaccards(records: Sequence[SignatureRecord]) -> list[ArmJaccard]:
             for j in range(k):
                 chance[i, j] = expected_jaccard(recs[i].size, recs[j].size, d)
                 corrected[i, j] = corrected_jaccard(matrix[i, j], chance[i, j])
-        out.append(ArmJaccard(arm, tuple(r.fold for r in recs), matrix, chance, corrected, d))
+        n_boot = min((len(r.boot_indices) for r in recs), default=0)
+        boot_means = []
+        for b in range(n_boot):
+            signatures = [r.boot_indices[b] for r in recs]
+            if any(sig is None for sig in signatures):
+                continue
+            boot_means.append(mean_off_diagonal(jaccard_matrix([sig or () for sig in signatures])))
+        out.append(ArmJaccard(arm, tuple(r.fold for r in recs), matrix, chance, corrected, d, tuple(boot_means)))
     return out

@@ -188,6 +188,23 @@ def _fold_table(records: Sequence[SignatureRecord]) -> list[str]:
     return lines
 
 
+def _jaccard_interval(jac: ArmJaccard) -> str:
+    lo, hi = jac.mean_interval()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return " No bootstrap interval (`--bootstrap 0`, or too few resamples that every fold could select on)."
+    return (
+        f" Over {len(jac.boot_means)} resamples of each fold's training patients (signatures re-selected from scratch), "
+        f"the mean Jaccard's 95% percentile interval is [{_num(lo)}, {_num(hi)}]: how much of the value is the luck of "
+        "which patients trained, beside the uniform-random chance level above (a weak null: folds share training "
+        "patients and the initial weights)."
+    )
+
+
+def _size_ci(record: SignatureRecord) -> str:
+    lo, hi = record.size_interval()
+    return f"{record.size} [{lo:.0f}, {hi:.0f}]" if np.isfinite(lo) and np.isfinite(hi) else f"{record.size} [n/a]"
+
+
 def _delta(record: SignatureRecord, key: str) -> str:
     v = record.vs_full
     est, lo, hi = (v.get(k, float("nan")) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
@@ -203,11 +220,11 @@ def _vs_full_table(records: Sequence[SignatureRecord]) -> list[str]:
         "(each with all of its images) for both models at once: AUC by BCa, Brier by BCa. An interval that includes 0 "
         "is no evidence that the signature loses (or gains) anything, not evidence that it does not.",
         "",
-        "| arm | fold | size | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
+        "| arm | fold | size [95% CI, training-patient bootstrap] | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.arm} | {r.fold} | {r.size} | {_delta(r, 'delta_auc')} | {_delta(r, 'delta_brier')} | "
+        f"| {r.arm} | {r.fold} | {_size_ci(r)} | {_delta(r, 'delta_auc')} | {_delta(r, 'delta_brier')} | "
         f"{r.n_test} / {r.n_test_patients} |"
         for r in records
     ]
@@ -229,6 +246,7 @@ def _jaccard_tables(
             f"in D = {jac.n_dims} dimensions would score **{_num(jac.mean_chance)}** on average (exact hypergeometric "
             f"expectation), so the chance-corrected Jaccard (J − E[J]) / (1 − E[J]) is **{_num(jac.mean_corrected)}** "
             "(0 = chance, 1 = identical)."
+            + _jaccard_interval(jac)
         )
         lines += ["", "| fold A | fold B | Jaccard | chance | corrected |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {b} | {_num(v)} | {_num(c)} | {_num(k)} |" for a, b, v, c, k in jac.pairs()]

@@ -88,6 +88,9 @@ class SignatureSpec:
         Grid of inverse L2 strengths ``C`` for the full and signature probes (chosen by inner CV).
     max_iter
         Iteration cap of every logistic fit.
+    bootstrap
+        Patient bootstrap resamples of the training set, each re-selected from scratch, behind the
+        intervals of the signature size and of the cross-fold Jaccard (0 turns them off).
     seed
         Seed of the inner folds, the subsamples and the solvers.
     """
@@ -105,6 +108,7 @@ class SignatureSpec:
     solver: str = "liblinear"
     l2_cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     max_iter: int = 2000
+    bootstrap: int = 20
     seed: int = 0
 
     def validate(self) -> SignatureSpec:
@@ -124,6 +128,7 @@ class SignatureSpec:
             (len(self.l2_cs) >= 1 and min(self.l2_cs) > 0, f"l2_cs must be positive values, got {self.l2_cs!r}"),
             (self.relaxed_c > 0, f"relaxed_c must be > 0, got {self.relaxed_c!r}"),
             (self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter!r}"),
+            (self.bootstrap >= 0, f"--bootstrap must be >= 0 resamples, got {self.bootstrap!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,6 +200,36 @@ class FoldEvaluation:
     #: Signature minus full model on the same test patients: ``delta_auc``, ``delta_brier`` and their 95% interval
     #: bounds (``_ci_low`` / ``_ci_high``; paired patient bootstrap, :mod:`~wsi_encoder.evaluation.patient_intervals`).
     vs_full: dict[str, float] = field(default_factory=dict)
+    #: The signature re-selected on ``spec.bootstrap`` patient resamples of the training set (None: failed resample).
+    boot_indices: tuple[tuple[int, ...] | None, ...] = ()
+
+
+def bootstrap_signatures(
+    x_train: npt.NDArray[np.float64], y_train: npt.NDArray[np.int64], groups_train: npt.ArrayLike, spec: SignatureSpec
+) -> tuple[tuple[int, ...] | None, ...]:
+    """The signature selected again on each of ``spec.bootstrap`` resamples of the training **patients**.
+
+    Each resample draws the training patients with replacement (every image of a drawn patient comes
+    along, a patient drawn twice twice, in one inner fold) and reruns the whole selection, penalty choice
+    included. A resample that holds one class, or too few patients for the inner CV, gives None.
+    """
+    groups = np.asarray(groups_train).astype(str)
+    patients = np.unique(groups)
+    rows_of = {p: np.flatnonzero(groups == p) for p in patients}
+    rng = np.random.default_rng(spec.seed + 7919)
+    out: list[tuple[int, ...] | None] = []
+    for _ in range(spec.bootstrap):
+        drawn = rng.choice(patients, size=len(patients), replace=True)
+        rows = np.concatenate([rows_of[p] for p in drawn])
+        # copies of one patient keep one group id (so one inner fold); distinct draws stay distinct patients
+        g = groups[rows]
+        try:
+            _check_binary(y_train[rows], "a bootstrap resample")
+            splits = inner_splits(y_train[rows], g, spec.inner_folds, spec.seed, spec.inner_repeats)
+            out.append(select_signature(x_train[rows], y_train[rows], g, spec, splits=splits).indices)
+        except (DatasetError, InvalidParameterError, ValueError):
+            out.append(None)
+    return tuple(out)
 
 
 def signature_vs_full(
@@ -599,4 +634,5 @@ def evaluate_fold(
         vs_full=signature_vs_full(
             yte, prob_full, prob_sig, groups_test if groups_test is not None else np.arange(len(yte)), seed=spec.seed
         ),
+        boot_indices=bootstrap_signatures(xtr, ytr, gtr, spec),
     )

@@ -549,6 +549,8 @@ def _write_outputs(
                     "corrected": _rounded_or_none(j.corrected),
                     "mean_chance": None if math.isnan(j.mean_chance) else j.mean_chance,
                     "mean_corrected": None if math.isnan(j.mean_corrected) else j.mean_corrected,
+                    "mean_bootstrap_interval": _rounded_or_none(np.array(j.mean_interval())),
+                    "n_bootstrap": len(j.boot_means),
                     "n_dims": j.n_dims,
                 },
             }
