@@ -23,8 +23,15 @@ from wsi_encoder.evaluation.lomo_outputs import (
 from wsi_encoder.evaluation.lomo_report import magnification_probe
 from wsi_encoder.models.dcgan import Discriminator, Generator
 from wsi_encoder.models.encoders import create_encoder
-from wsi_encoder.training.gan_trainer import DcganSpec, generate, load_generator, save_generator, train_dcgan
-from wsi_encoder.training.lomo_arms import GrlArm
+from wsi_encoder.training.gan_trainer import (
+    DcganSpec,
+    generate,
+    load_generator,
+    random_crops,
+    save_generator,
+    train_dcgan,
+)
+from wsi_encoder.training.lomo_arms import GanArm, GrlArm
 from wsi_encoder.training.lomo_data import augment, build_image_cache
 from wsi_encoder.training.lomo_trainer import (
     TrainData,
@@ -186,6 +193,62 @@ def test_train_dcgan_generate_and_save(tmp_path: Path) -> None:
     assert np.array_equal(generate(back, 5, seed=2), samples)
     with pytest.raises(InvalidParameterError):
         train_dcgan(images[:, :32], DcganSpec(epochs=1, width=4))
+
+
+def _coordinate_images(n: int, size: int) -> np.ndarray:
+    """Pixel (r, c) of image i holds (r, c, i): a crop says where it came from, a resize does not."""
+    r, c = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    return np.stack([np.stack([r, c, np.full_like(r, i)], axis=-1) for i in range(n)]).astype(np.uint8)
+
+
+def test_random_crops_are_native_scale_crops() -> None:
+    images = _coordinate_images(5, 96)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    offsets = set()
+    for seed in range(3):
+        crops = random_crops(x, torch.Generator().manual_seed(seed))
+        assert crops.shape == (5, 3, 64, 64)
+        for i, crop in enumerate(crops):
+            r, q = int(crop[0, 0, 0]), int(crop[1, 0, 0])
+            torch.testing.assert_close(crop, x[i, :, r : r + 64, q : q + 64], rtol=0, atol=0)
+            offsets.add((r, q))
+    assert len(offsets) > 5  # fresh offsets per image and draw
+    same = torch.rand(2, 3, 64, 64)
+    assert random_crops(same, torch.Generator()) is same
+
+
+def test_the_dcgan_sees_crops_at_the_classifier_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []
+    forward = Discriminator.forward
+
+    def spy(self: Discriminator, x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return forward(self, x)
+
+    monkeypatch.setattr(Discriminator, "forward", spy)
+    train_dcgan(_coordinate_images(4, 96), DcganSpec(epochs=1, batch_size=4, width=4), seed=0)
+    real = (seen[0] + 1.0) * 255.0 / 2.0  # the first call of a step scores the real batch
+    assert real.shape == (4, 3, 64, 64)
+    for crop in real.round():
+        rows, cols = np.unique(crop[0].numpy()), np.unique(crop[1].numpy())
+        # 64 consecutive native rows and columns (flips and 90° turns only reorder them): no resize
+        assert len(rows) == len(cols) == 64 and rows[-1] - rows[0] == cols[-1] - cols[0] == 63
+
+
+def test_gan_arm_builds_classifier_inputs_as_mosaics_of_one_class() -> None:
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    labels = np.arange(10) % 2
+    arm = GanArm(pool, labels, 1.0)
+    images, y = arm.extra_samples(7, np.random.default_rng(1), 100)
+    assert images.shape == (7, 100, 100, 3) and images.dtype == np.uint8
+    for img, c in zip(images, y, strict=True):
+        for r0, c0 in ((0, 0), (0, 64), (64, 0), (64, 64)):
+            tile = img[r0 : r0 + 64, c0 : c0 + 64]
+            match = [j for j in range(10) if np.array_equal(pool[j][: tile.shape[0], : tile.shape[1]], tile)]
+            assert match and all(labels[j] == c for j in match)  # unresized crops of the image's class
+    small, _ = arm.extra_samples(3, np.random.default_rng(2), 32)
+    assert small.shape == (3, 32, 32, 3)  # inputs smaller than a crop: one crop, resized down
 
 
 def test_image_cache_is_built_once_and_reports_unreadable_files(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ class LomoConfig:
     patient_folds : int or None
         Number of stratified patient folds (every patient tested once) instead of one split.
     val_fraction : float
-        Share of each class's training patients used for validation (best-epoch selection).
+        Share of each class's training patients used for validation (logged; best-val selection).
     patient_key : str
         ``number`` (strict: ``14-22549`` groups slides 22549AB, 22549CD, 22549G) or ``token``.
     select_epoch : str
