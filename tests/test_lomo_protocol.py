@@ -191,13 +191,13 @@ def test_grl_needs_two_training_magnifications() -> None:
 def test_the_gan_arm_sees_as_many_real_images_per_epoch_as_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
     batches: dict[str, list[np.ndarray]] = {"baseline": [], "gan": []}
     current = {"arm": "baseline"}
-    real_batch = lomo_trainer._real_batch
+    stream = lomo_trainer.batch_stream
 
-    def spy(data: TrainData, items: np.ndarray, device: torch.device) -> torch.Tensor:
-        batches[current["arm"]].append(items.copy())
-        return real_batch(data, items, device)
+    def spy(images: np.ndarray, rows: list[np.ndarray], **kw: object):
+        batches[current["arm"]].extend(r.copy() for r in rows)  # training rows = image indices in _toy_data
+        return stream(images, rows, **kw)
 
-    monkeypatch.setattr(lomo_trainer, "_real_batch", spy)
+    monkeypatch.setattr(lomo_trainer, "batch_stream", spy)
     data = _toy_data()
     spec = TrainSpec(epochs=2, batch_size=5, lr=1e-3)
     base = train_classifier(_model(), data, spec, BaselineArm(), seed=4)

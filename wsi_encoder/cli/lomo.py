@@ -186,6 +186,13 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     default=None,
     help="Quick runs: at most this many images per role (train/val/test) and fold.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=D("workers"),
+    show_default=True,
+    help="DataLoader processes reading training batches (speed only; the results do not change).",
+)
 @device_option
 def lomo(
     data: tuple[Path, ...],

@@ -253,8 +253,12 @@ def check_backbone(config: LomoConfig, provenance: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: Settings that change speed, not results: left out of the resume check.
+_SPEED_ONLY = ("workers",)
+
+
 def _settings(config: LomoConfig) -> dict[str, Any]:
-    return asdict(config)
+    return {k: v for k, v in asdict(config).items() if k not in _SPEED_ONLY}
 
 
 def _check_resume(out_dir: Path, config: LomoConfig, filenames: Sequence[str] | None) -> dict[str, Any]:
@@ -596,7 +600,8 @@ def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, An
     config, device = ctx.config, ctx.device
     assert ctx.init is not None
     spec = TrainSpec(
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, selection=config.selection(arm)
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, selection=config.selection(arm),
+        workers=config.workers,
     )
     mags = sorted(set(ctx.mags(fold.train)))
     domains = np.array([mags.index(m) for m in ctx.mags(fold.train)], dtype=np.int64)

@@ -68,6 +68,9 @@ class LomoConfig:
         Patient-grouped bootstrap resamples behind every interval (>= 1000 for published figures).
     allow_contaminated_backbone : bool
         Accept a train-encoder checkpoint that was trained on BreaKHis or on the run's data.
+    workers : int
+        DataLoader processes reading the training batches (speed only: results are the same for any
+        value, so a run may resume with another).
     """
 
     backbone: str = "resnet18"
@@ -94,6 +97,7 @@ class LomoConfig:
     max_images_per_split: int | None = None
     n_bootstrap: int = 1000
     allow_contaminated_backbone: bool = False
+    workers: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,6 +113,7 @@ class LomoConfig:
                 "DCGAN epochs, width and batch size must be positive",
             ),
             (self.repeats >= 1, f"--repeats {self.repeats!r} must be at least 1"),
+            (self.workers >= 0, f"--workers {self.workers!r} must be >= 0"),
             (self.patient_key in PATIENT_KEYS, f"--patient-key {self.patient_key!r}: choose number or token"),
             (
                 self.select_epoch in SELECT_EPOCH,

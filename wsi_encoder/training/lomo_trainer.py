@@ -40,6 +40,7 @@ from wsi_encoder.models.encoders import Encoder
 from wsi_encoder.models.grl import dann_ramp_end
 from wsi_encoder.training.lomo_arms import BaselineArm
 from wsi_encoder.training.lomo_data import augment, to_tensor
+from wsi_encoder.training.lomo_loader import batch_stream, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ class TrainSpec:
         end progress ``epoch / epochs`` is at least ``select_from``).
     select_from : float
         First training progress at which best-val may keep an epoch (default: the end of the λ ramp).
+    workers : int
+        DataLoader worker processes reading the training batches (0: the main process); results do not
+        depend on it (:mod:`~wsi_encoder.training.lomo_loader`).
+    amp : bool
+        bfloat16 autocast of the forward passes on CUDA (ignored on the CPU).
     """
 
     epochs: int = 10
@@ -78,6 +84,8 @@ class TrainSpec:
     augment: bool = True
     selection: str = "last"
     select_from: float = RAMP_END
+    workers: int = 0
+    amp: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
@@ -86,6 +94,8 @@ class TrainSpec:
             )
         if self.selection not in SELECTIONS:
             raise InvalidParameterError(f"epoch selection {self.selection!r}: choose last or best-val")
+        if self.workers < 0:
+            raise InvalidParameterError(f"workers must be >= 0, got {self.workers!r}")
         if not 0.0 <= self.select_from <= 1.0:
             raise InvalidParameterError(f"select_from {self.select_from!r} must be a progress in [0, 1]")
 
@@ -192,11 +202,9 @@ def steps_per_epoch(n_real: int, batch_size: int) -> int:
     return len(epoch_batches(n_real, batch_size, np.random.default_rng(0)))
 
 
-def _real_batch(data: TrainData, items: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
-    rows = data.train_rows[items]
-    order = np.argsort(rows)
-    x = to_tensor(data.images[rows[order]], device)
-    return x[torch.from_numpy(np.argsort(order)).to(device)]
+def _autocast(spec: TrainSpec, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA when ``spec.amp`` (no loss scaling needed), a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp and device.type == "cuda")
 
 
 @contextmanager
@@ -269,6 +277,9 @@ def train_classifier(
         groups.append({"params": aux_params, "lr": spec.lr * arm.head_lr_mult()})
     opt = torch.optim.Adam(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     devices = [device.index or 0] if device.type == "cuda" else []
+    if device.type == "cuda":  # seeds promise reproducible runs: deterministic cuDNN kernels
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return _train_loop(model, data, spec, arm, seed, device, opt, on_epoch)
@@ -301,27 +312,31 @@ def _train_loop(
         sums: dict[str, float] = {"loss": 0.0, "loss_label": 0.0}
         logged: dict[str, float] = {}
         seen_real = seen_extra = 0
-        for items in epoch_batches(n_real, spec.batch_size, rng):
-            x = _real_batch(data, items, device)
+        batches = epoch_batches(n_real, spec.batch_size, rng)
+        stream = batch_stream(data.images, [data.train_rows[b] for b in batches], workers=spec.workers, device=device)
+        for items, pixels in zip(batches, stream, strict=True):
+            x = to_model_input(pixels, device)
             y = torch.from_numpy(data.y_train[items]).to(device)
             if spec.augment:
                 x = augment(x, aug_rng)
             n_extra = arm.n_extra(len(items))
             logged = arm.before_step(model, (step + 1) / total)
-            feats, logit = model(x)
+            with _autocast(spec, device):
+                feats, logit = model(x)
             loss_label, loss_syn = label_loss(logit, y)
             if n_extra:
                 x_syn_np, y_syn_np = arm.extra_samples(n_extra, extra_rng, size)
                 x_syn = to_tensor(x_syn_np, device)
                 if spec.augment:
                     x_syn = augment(x_syn, syn_aug_rng)
-                with frozen_batchnorm(model):
+                with frozen_batchnorm(model), _autocast(spec, device):
                     _, logit_syn = model(x_syn)
                 _, loss_syn = label_loss(logit, y, logit_syn, torch.from_numpy(y_syn_np).to(device))
             loss = loss_label if loss_syn is None else loss_label + loss_syn
             if loss_syn is not None:
                 sums["loss_synthetic"] = sums.get("loss_synthetic", 0.0) + float(loss_syn.detach())
-            extra = arm.extra_loss(model, feats, torch.from_numpy(data.domain_train[items]).to(device))
+            with _autocast(spec, device):
+                extra = arm.extra_loss(model, feats, torch.from_numpy(data.domain_train[items]).to(device))
             if extra is not None:
                 loss = loss + extra
                 sums["loss_extra"] = sums.get("loss_extra", 0.0) + float(extra.detach())
