@@ -99,3 +99,20 @@ def test_one_bad_slide_does_not_hide_the_good_ones(tmp_path: Path, synthetic_sli
     assert code == 1
     assert json.loads(out)["width"] == 4096
     assert "missing.svs" in err
+
+
+def test_info_says_which_levels_another_backend_lists(ndpi_slide) -> None:
+    """OpenSlide lists 7 levels for the real NDPI, tiffslide the 4 the file stores: info shows both."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+
+    record = json.loads(CliRunner().invoke(main, ["info", "--json", "--backend", "tiffslide", str(ndpi_slide)]).output)
+    assert record["level_count"] == 4 and len(record["other_backends"]["openslide"]) == 7
+    assert record["other_backends"]["openslide"][:4] == record["level_dimensions"]
+    text = CliRunner().invoke(main, ["info", "--backend", "tiffslide", str(ndpi_slide)]).output
+    assert "lists 7 levels; not listed by tiffslide: 248 x 304, 124 x 152, 62 x 76 px" in text
+    same = json.loads(CliRunner().invoke(main, ["info", "--json", "--backend", "openslide", str(ndpi_slide)]).output)
+    assert same["level_count"] == 7 and same["other_backends"] == {"tiffslide": record["level_dimensions"]}

@@ -34,8 +34,10 @@ def _fmt(value: object) -> str:
 @storage_options_option
 def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
     """Print the properties of each SLIDE (a file, or an s3:// / https:// URL): size, levels, downsamples, µm/px,
-    objective, vendor."""
-    from wsi_encoder.io.slides import open_slide_with_mpp
+    objective, vendor, and the levels another installed backend lists where they differ."""
+    from dataclasses import replace
+
+    from wsi_encoder.io.slides import levels_elsewhere, open_slide_with_mpp
 
     failed = 0
     for path in slides:
@@ -44,6 +46,7 @@ def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp:
             with open_slide_with_mpp(path, backend, slide_mpp, source, str(path))[0] as reader:
                 reader.validate()
                 record = reader.info()
+            record = replace(record, other_backends=levels_elsewhere(path, record) or None)
         except WsiEncoderError as exc:
             echo_err(f"error: {exc}")
             failed += 1
@@ -63,6 +66,12 @@ def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp:
         for i, ((w, h), ds) in enumerate(zip(record.level_dimensions, record.level_downsamples, strict=True)):
             mpp = "" if record.mpp_x is None else f"  {record.mpp_x * ds:.4g} µm/px"
             rows.append((f"  level {i}", f"{w} x {h} px  downsample {ds:.4g}{mpp}"))
+        for other, dims in (record.other_backends or {}).items():
+            listed = {tuple(d) for d in record.level_dimensions}
+            extra = [f"{w} x {h}" for w, h in dims if (w, h) not in listed]
+            rows.append((f"  {other}", f"lists {len(dims)} levels" + (
+                f"; not listed by {record.backend}: {', '.join(extra)} px (computed by {other} from a stored level, "
+                f"e.g. NDPI JPEG scaling; {record.backend} resamples the nearest stored level instead)" if extra else "")))
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             click.echo(f"{key:<{width}}  {value}")

@@ -59,6 +59,8 @@ class SlideInfo:
     mpp_x: float | None
     mpp_y: float | None
     objective_power: float | None
+    #: Levels another installed backend lists for the same file where they differ (``{backend: [[w, h], ...]}``).
+    other_backends: dict[str, list[list[int]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the record as a JSON-serialisable dict."""
@@ -694,3 +696,26 @@ def open_slide_with_mpp(
         flag = "--slide-mpp-csv" if source == "csv" else "--force-slide-mpp"
         note = f"{label}: {flag} sets {requested:g} µm/px instead of the recorded {recorded:.4g}"
     return reader, source, note
+
+
+def levels_elsewhere(path: str | Path, info: SlideInfo) -> dict[str, list[list[int]]]:
+    """The levels the other backends list for a local ``path``, where they differ from ``info``'s.
+
+    OpenSlide, for example, lists 7 levels for an NDPI whose file stores 4: it adds levels it decodes
+    at reduced JPEG scale, which tiffslide does not list (its 4 are every level stored in the file).
+    Backends that cannot open the file are left out.
+    """
+    if is_url(str(path)):
+        return {}
+    out: dict[str, list[list[int]]] = {}
+    for backend in BACKENDS:
+        if backend == info.backend:
+            continue
+        try:
+            with open_slide(path, backend=backend) as other:
+                dims = [[int(w), int(h)] for w, h in other.level_dimensions]
+        except Exception:  # not readable by that backend: nothing to compare
+            continue
+        if dims != info.level_dimensions:
+            out[backend] = dims
+    return out
