@@ -495,8 +495,13 @@ class TiffSlideReader(SlideReader):
             mx, my = _valid_mpp(props.get("tiffslide.mpp-x")), _valid_mpp(props.get("tiffslide.mpp-y"))
             if mx is not None and my is not None:
                 return (mx, my)
+        tif = self._slide.ts_tifffile
+        if tif.is_ome and tif.ome_metadata:
+            found = ome_mpp(tif.ome_metadata, int(props.get("tiffslide.series-index") or 0))
+            if found is not None:
+                return found
         # Generic TIFF: trust the resolution tags only when their unit is a real length.
-        page = self._slide.ts_tifffile.pages[0]
+        page = tif.pages[0]
         tags = page.tags
         unit_tag = tags.get("ResolutionUnit")
         unit = _RESOLUTION_UNIT_UM.get(int(unit_tag.value)) if unit_tag is not None else None
@@ -719,3 +724,39 @@ def levels_elsewhere(path: str | Path, info: SlideInfo) -> dict[str, list[list[i
         if dims != info.level_dimensions:
             out[backend] = dims
     return out
+
+
+#: OME ``UnitsLength`` symbols in µm (PhysicalSize defaults to µm when no unit is given).
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_mpp(xml: str, image_index: int = 0) -> tuple[float, float] | None:
+    """``(mpp_x, mpp_y)`` of OME-XML ``Image`` ``image_index`` from its ``Pixels`` PhysicalSizeX/Y (and units), or None.
+
+    The OME-XML is the authority on an OME-TIFF's pixel size; an unknown unit or a missing or implausible
+    value gives None (the caller falls back to the TIFF resolution tags, then to ``--slide-mpp``).
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    images = [el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
+    if not 0 <= image_index < len(images):
+        return None
+    pixels = next((el for el in images[image_index] if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    values = []
+    for axis in ("X", "Y"):
+        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        scale = _OME_UNITS_UM.get(unit)
+        try:
+            value = _valid_mpp(float(size) * scale) if size is not None and scale is not None else None
+        except ValueError:
+            value = None
+        if value is None:
+            return None
+        values.append(value)
+    return (values[0], values[1])
