@@ -64,6 +64,7 @@ CARDS: dict[str, dict[str, Any]] = {
     "hibou-b": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
     "hibou-l": {"norm": HIBOU, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": None, "output": "pooler"},
     "lunit-vits8": {"norm": LUNIT, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
+    "lunit-vits16": {"norm": LUNIT, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "cls"},
     "kaiko-vitb8": {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
                     "output": "cls"},
     **{k: {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224), "output": "cls"}
@@ -192,6 +193,7 @@ TIMM_CARDS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[torch.T
              None, True),
     # huggingface.co/1aurent/vit_small_patch8_224.lunit_dino and ...kaiko_ai_towards_large_pathology_fms (full depth)
     "lunit-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0}, None, False),
+    "lunit-vits16": ("vit_small_patch16_224", lambda: {"num_classes": 0}, None, False),
     "kaiko-vitb8": ("vit_base_patch8_224", lambda: {"num_classes": 0, "img_size": 224, "dynamic_img_size": True},
                     None, False),
     # TRIDENT Kaiko{S16,S8,B16,L14}InferenceEncoder (ViT-L/14 built at 518 px, fed 224: interpolated positions)

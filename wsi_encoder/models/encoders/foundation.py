@@ -528,6 +528,33 @@ def _lunit(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: fl
                 input_mpp=input_mpp, native_size=224, mean=LUNIT_MEAN, std=LUNIT_STD, features=384)
 
 
+# ---- Lunit DINO ViT-S/16 ----------------------------------------------------------------------------------
+# The same study's ViT-S/16; timm port https://huggingface.co/1aurent/vit_small_patch16_224.lunit_dino
+# (vit_small_patch16_224, num_classes 0, Lunit's mean/std as above); class token (384); 0.5 µm/px here.
+@register_encoder(
+    "lunit-vits16",
+    embed_dim=384,
+    input_size=224,
+    mpp=0.5,
+    mean=LUNIT_MEAN,
+    std=LUNIT_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="model.safetensors",
+    source="https://huggingface.co/1aurent/vit_small_patch16_224.lunit_dino (original: github.com/lunit-io/benchmark-ssl)",
+    license="Lunit's terms (non-commercial research use; see the card)",
+    requires_weights=True,
+    remap=timm_layout,
+    lazy_init=True,
+    interpolation="bilinear",
+    output="cls",
+    min_input_size=16,
+)
+def _lunit16(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Lunit DINO ViT-S/16 (Kang et al., CVPR 2023): 384-d class token, 224 px @ 0.5 µm/px."""
+    return _vit("lunit-vits16", "vit_small_patch16_224", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=LUNIT_MEAN, std=LUNIT_STD, features=384)
+
+
 # ---- kaiko.ai ViT-B/8 -------------------------------------------------------------------------------------
 # Aben et al. 2024 "Towards large-scale training of pathology foundation models" (kaiko-ai/towards_large_pathology_fms);
 # timm port https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms and TRIDENT
