@@ -144,3 +144,43 @@ def patient_resample_weights(groups: npt.ArrayLike, n_boot: int = 1000, seed: in
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=n_boot)
     return counts[:, inv].astype(float)
+
+
+#: Metrics of a regression report, in order.
+REGRESSION_METRICS = ("spearman", "pearson", "mae", "r2")
+
+
+def regression_metrics(y_true: npt.ArrayLike, pred: npt.ArrayLike) -> dict[str, float]:
+    """Spearman and Pearson correlation, mean absolute error and R² of predictions (nan where undefined)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    y, p = np.asarray(y_true, dtype=float), np.asarray(pred, dtype=float)
+    varied = len(y) >= 2 and np.ptp(y) > 0 and np.ptp(p) > 0
+    return {
+        "spearman": float(spearmanr(y, p).statistic) if varied else float("nan"),
+        "pearson": float(pearsonr(y, p).statistic) if varied else float("nan"),
+        "mae": float(mean_absolute_error(y, p)) if len(y) else float("nan"),
+        "r2": float(r2_score(y, p)) if len(y) >= 2 and np.ptp(y) > 0 else float("nan"),
+    }
+
+
+def regression_bootstrap(
+    y_true: npt.ArrayLike, pred: npt.ArrayLike, groups: npt.ArrayLike, n_boot: int = 1000, seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile ``1 - alpha`` intervals of :func:`regression_metrics` over :func:`patient_resample_weights`."""
+    nan = (float("nan"), float("nan"))
+    if n_boot < 1:
+        return dict.fromkeys(REGRESSION_METRICS, nan)
+    y, p = np.asarray(y_true, dtype=float), np.asarray(pred, dtype=float)
+    values: dict[str, list[float]] = {m: [] for m in REGRESSION_METRICS}
+    for weights in patient_resample_weights(groups, n_boot, seed):
+        idx = np.repeat(np.arange(len(y)), weights.astype(int))
+        for name, value in regression_metrics(y[idx], p[idx]).items():
+            if np.isfinite(value):
+                values[name].append(value)
+    return {
+        m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) if v else nan
+        for m, v in values.items()
+    }
