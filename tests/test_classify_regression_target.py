@@ -111,3 +111,10 @@ def test_cli_target_regression(cohort: tuple[Path, Path], tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     assert "spearman" in res.output
     assert json.loads((out / "metrics.json").read_text())["target"] == "regression"
+
+
+def test_cli_lists_agree_with_the_library() -> None:
+    from wsi_encoder.cli.classify import REGRESSION_LOSSES as CLI_LOSSES
+    from wsi_encoder.models.slide_classifiers.regressors import REGRESSION_LOSSES
+
+    assert CLI_LOSSES == REGRESSION_LOSSES

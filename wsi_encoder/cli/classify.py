@@ -20,6 +20,10 @@ MODELS = ("gridcnn", "abmil", "linear")
 #: checks they agree).
 CV_SCHEMES = ("kfold", "rotate4")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
+#: ``--target`` values (survival is not implemented yet).
+TARGETS = ("classification", "regression")
+#: ``wsi_encoder.models.slide_classifiers.regressors.REGRESSION_LOSSES``.
+REGRESSION_LOSSES = ("mse", "huber")
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -62,8 +66,13 @@ def classify() -> None:
 @classify.command()
 @click.argument("embeddings", type=PATH_OR_URL)
 @click.option("--labels", "labels_csv", required=True, type=PATH_OR_URL,
-              help="CSV with slide_id,label[,patient_id][,split] (split: train or test).")
+              help="CSV with slide_id,label[,patient_id][,split] (split: train or test); "
+              "slide_id,target[,...] for --target regression.")
 @click.option("--model", type=click.Choice(MODELS), required=True, help="Slide classifier.")
+@click.option("--target", type=click.Choice(TARGETS), default="classification", show_default=True,
+              help="classification (label column) or regression (a numeric target column).")
+@click.option("--loss", type=click.Choice(REGRESSION_LOSSES), default="mse", show_default=True,
+              help="Regression loss of abmil and gridcnn (linear is ridge least squares).")
 @click.option("--out", "out_dir", required=True, type=PATH_OR_URL, help="Output folder (local, or an s3:// URL).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Patient-grouped CV folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, initialisation and batches.")
@@ -91,6 +100,8 @@ def train(
     embeddings: Path | str,
     labels_csv: Path | str,
     model: str,
+    target: str,
+    loss: str,
     out_dir: Path | str,
     folds: int,
     seed: int,
@@ -112,6 +123,10 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
+    if target == "regression":
+        _train_regression(embeddings, labels_csv, model, loss, out_dir, folds, seed, epochs, params, preset, cv_scheme,
+                          allow_missing, val_fraction, n_boot, device, threads)
+        return
     bar = FoldProgress(4 if cv_scheme == "rotate4" else folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
         result = train_classifier(
@@ -138,6 +153,35 @@ def train(
     if m.get("test"):
         t = m["test"]["metrics"]
         click.echo(f"held-out test split ({m['test']['n_slides']} slides): " + ", ".join(f"{k} {_fmt(t[k])}" for k in _SHOWN))
+    for key, path in result.files.items():
+        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
+
+
+def _train_regression(
+    embeddings: Path | str, labels_csv: Path | str, model: str, loss: str, out_dir: Path | str, folds: int, seed: int,
+    epochs: int | None, params: tuple[str, ...], preset: str | None, cv_scheme: str, allow_missing: bool,
+    val_fraction: float, n_boot: int, device: str, threads: int | None,
+) -> None:
+    from wsi_encoder.pipelines.classify import train_regressor
+
+    bar = Progress("cross-validation", unit="fold", total=folds)
+
+    def on_fold(fold: int, metrics: dict[str, float]) -> None:
+        bar.update()
+        bar.write(f"fold {fold + 1}/{folds}: Spearman {_fmt(metrics['spearman'])}, MAE {_fmt(metrics['mae'])}")
+
+    with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
+        result = train_regressor(
+            embeddings, labels_file, model, out_folder, folds, seed, loss=loss, epochs=epochs,
+            params=_parse_params(params), allow_missing=allow_missing, device=device, val_fraction=val_fraction,
+            n_boot=n_boot, threads=threads, on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
+        )
+    m = result.metrics
+    click.echo(f"{model} regression: {m['n_slides']} slides, {m['n_patients']} patients")
+    click.echo(f"{'metric':<10} {'pooled [95% CI]':>24}")
+    for name in ("spearman", "pearson", "mae", "r2"):
+        low, high = m[f"{name}_ci95"]
+        click.echo(f"{name:<10} {_fmt(m[name])} [{_fmt(low).strip()}, {_fmt(high).strip()}]")
     for key, path in result.files.items():
         click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
 
