@@ -49,7 +49,8 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize(("model", "loss"), [("linear", "mse"), pytest.param("abmil", "huber", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("model", "loss"), [("linear", "mse"), pytest.param("abmil", "huber", marks=pytest.mark.slow),
+                                          pytest.param("gridcnn", "mse", marks=pytest.mark.slow)])
 def test_regressor_learns_lesion_size(cohort: tuple[Path, Path], tmp_path: Path, model: str, loss: str) -> None:
     store, labels = cohort
     result = train_regressor(store, labels, model, tmp_path, folds=4, seed=0, loss=loss, params=FAST[model],

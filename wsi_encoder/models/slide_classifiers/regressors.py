@@ -158,10 +158,14 @@ class TorchRegressor:
         return FitInfo(best_epoch=history.best_epoch, epochs_run=history.epochs_run, stopped_early=history.stopped_early)
 
     def predict(self, bags: Bags) -> FloatArray:
-        """``(n,)`` predicted targets, in the target's units."""
+        """``(n,)`` predicted targets, in the target's units, from the whole bag (the validation view).
+
+        The classifiers' prediction-time views (gridcnn's test-time augmentation) average probabilities,
+        which a single unbounded output does not have, so they are not used here.
+        """
         self.net.module.eval()
         with torch.no_grad():
-            out = [float(self.net.bag_logits(bag, predict=True)[0]) for bag in bags]
+            out = [float(self.net.bag_logits(bag)[0]) for bag in bags]
         return np.asarray(out, dtype=float) * self.y_std + self.y_mean
 
 
