@@ -119,3 +119,21 @@ def test_cli_lists_agree_with_the_library() -> None:
     from wsi_encoder.models.slide_classifiers.regressors import REGRESSION_LOSSES
 
     assert CLI_LOSSES == REGRESSION_LOSSES
+
+
+def test_test_split_is_scored_by_the_refit_model(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    store, labels = cohort
+    rows = _read(labels)
+    held = {"P000", "P001", "P002", "P003", "P004", "P005"}
+    split_csv = write_labels(
+        tmp_path / "split.csv",
+        [(r["slide_id"], r["target"], r["patient_id"], "test" if r["patient_id"] in held else "") for r in rows],
+        ("slide_id", "target", "patient_id", "split"),
+    )
+    metrics = train_regressor(store, split_csv, "linear", tmp_path / "run", folds=4, device="cpu", n_boot=50).metrics
+    out = _read(tmp_path / "run" / "predictions.csv")
+    test_rows = [r for r in out if r["fold"] == "test"]
+    assert {r["patient_id"] for r in test_rows} == held
+    assert metrics["test"]["n_slides"] == len(test_rows) == 9
+    assert metrics["test"]["metrics"]["spearman"] > 0.5
+    assert "alpha" in metrics["refit"]["params"]
