@@ -42,3 +42,21 @@ def test_batches_without_events_are_refused() -> None:
         cox_breslow_loss(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3))
     assert check_events(torch.tensor([1, 0, 1]), 2)
     assert not check_events(torch.tensor([1, 0, 0]), 2)
+
+
+def test_c_index_sign_risk_minus_time_is_one() -> None:
+    from lifelines.utils import concordance_index
+
+    from wsi_encoder.evaluation.metrics import harrell_c, survival_metrics
+
+    rng = np.random.default_rng(0)
+    time = rng.exponential(10, 60)
+    event = rng.random(60) < 0.7
+    assert harrell_c(time, event, -time) == pytest.approx(1.0)  # high risk = short survival
+    assert harrell_c(time, event, time) == pytest.approx(0.0)  # the sign bug scores 0, and fails
+    risk = rng.normal(size=60) - time / 10
+    # lifelines takes a score where higher = longer survival
+    assert harrell_c(time, event, risk) == pytest.approx(concordance_index(time, -risk, event), abs=1e-9)
+    m = survival_metrics(time, event, -time)
+    assert m["c_index"] == pytest.approx(1.0) and m["uno_c"] == pytest.approx(1.0)
+    assert len(m["horizons"]) == 3 and all(v == pytest.approx(1.0) for v in m["td_auc"].values())
