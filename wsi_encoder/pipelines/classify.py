@@ -37,6 +37,7 @@ from wsi_encoder.evaluation.crossval import (
 from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
+from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
 from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
@@ -546,3 +547,95 @@ def train_regressor(
     atomic_write_json(files["metrics"], nan_to_none(metrics))
     logger.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return RegressResult(out, metrics, cv, table, files)
+
+
+# ---------------------------------------------------------------------------------------------- survival
+@dataclass(frozen=True)
+class SurvivalResult:
+    """What :func:`train_survival` wrote and measured."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    crossval: SurvivalCVResult
+    targets: TargetTable
+    files: dict[str, Path]
+
+
+def train_survival(
+    embedding_store: str | Path,
+    labels_csv: str | Path,
+    model: str = "linear",
+    out_dir: str | Path = "survival_out",
+    folds: int = 5,
+    seed: int = 0,
+    *,
+    epochs: int | None = None,
+    params: dict[str, Any] | None = None,
+    allow_missing: bool = False,
+    device: str = "auto",
+    val_fraction: float = 0.2,
+    n_boot: int = 1000,
+    threads: int | None = None,
+    horizons: list[float] | None = None,
+    min_events: int = 2,
+    on_fold: Callable[[int, dict[str, float]], None] | None = None,
+    preset: str | None = None,
+    cv_scheme: str = "kfold",
+) -> SurvivalResult:
+    """Cross-validate a slide Cox model (``--target survival``); write ``metrics.json`` and ``predictions.csv``.
+
+    ``labels_csv`` is ``slide_id,time,event[,patient_id]`` (event 1 = death, 0 = censored).
+    ``predictions.csv`` is ``slide_id,patient_id,fold,risk,time,event`` (out-of-fold; higher risk = shorter
+    survival). ``metrics.json`` has the pooled ``c_index`` (Harrell) with ``c_index_ci95`` (patient
+    bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
+    quartiles of the event times) and the per-fold C. ``min_events``: mini-batches of the torch models with
+    fewer events are skipped. The other arguments are those of :func:`train_classifier`; only ``kfold``,
+    and no ``split=test`` rows yet.
+    """
+    if cv_scheme != "kfold":
+        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; survival uses kfold")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = EmbeddingStore.open(embedding_store)
+    table = read_targets(labels_csv, "survival", reader.slide_ids, store_name=str(embedding_store),
+                         allow_missing=allow_missing, store_skipped=reader.skipped)
+    if "test" in table.splits:
+        raise DatasetError(f"{labels_csv}: split=test rows are not supported for --target survival yet")
+    overrides = {**model_preset(model, preset), **dict(params or {})}
+    if epochs is not None and model != "linear":
+        overrides["epochs"] = epochs
+    dihedral = model == "gridcnn" and reader.all_dihedral(list(table.slide_ids))
+    events = np.asarray(table.events)
+    with torch_threads(threads):
+        cv = cross_validate_survival(
+            reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, table.patient_ids, model,
+            config=overrides, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
+            horizons=horizons, min_events=min_events, on_fold=on_fold,
+        )
+    rows = [[sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
+            for sid, pid, f, r, t, e in zip(table.slide_ids, table.patient_ids, cv.fold_of, cv.oof_risk, table.y,
+                                            events, strict=True)]
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
+    atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    metrics = {
+        "target": "survival",
+        "model": model,
+        "loss": None if model == "linear" else "cox (Breslow ties, risk sets within each mini-batch)",
+        "min_events_per_batch": None if model == "linear" else min_events,
+        "preset": preset,
+        "config": cv.config,
+        "folds": folds,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "embedding_store": str(normalize(embedding_store)),
+        "encoder": reader.encoder_identity(),
+        "labels": table.to_json(),
+        "n_slides": len(table.slide_ids),
+        "n_patients": len(set(table.patient_ids)),
+        **cv.summary_json(),
+        "cv_scheme": cv_scheme,
+        "store_skipped": reader.skipped,
+        "wsi_encoder_version": __version__,
+    }
+    atomic_write_json(files["metrics"], nan_to_none(metrics))
+    return SurvivalResult(out, metrics, cv, table, files)
