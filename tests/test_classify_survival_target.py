@@ -58,3 +58,19 @@ def test_cox_model_ranks_by_lesion_size(cohort: tuple[Path, Path], tmp_path: Pat
 def test_event_strata_are_per_patient() -> None:
     strata = event_strata([0, 1, 0, 0], ["a", "a", "b", "c"])
     assert strata.tolist() == [1, 1, 0, 0]
+
+
+def test_cli_target_survival(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+
+    store, labels = cohort
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, ["classify", "train", str(store), "--labels", str(labels), "--model", "linear",
+                                    "--target", "survival", "--out", str(out), "--folds", "3", "--n-boot", "50",
+                                    "--horizons", "1,3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "Harrell's C" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target"] == "survival" and m["horizons"] == [1.0, 3.0] and m["uno_c_tau"] == 3.0
