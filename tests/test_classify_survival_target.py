@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Exponential times with hazard exp(0.1 * lesion tiles), uniform censoring (about 30% censored)."""
+    """Exponential times with hazard exp(0.1 * lesion tiles), uniform censoring (about 20% censored)."""
     out = tmp_path_factory.mktemp("survival_cohort")
     store, sizes = write_size_cohort(out, n_patients=40)
     rng = np.random.default_rng(5)
