@@ -20,6 +20,10 @@ MODELS = ("gridcnn", "abmil", "linear")
 #: checks they agree).
 CV_SCHEMES = ("kfold", "rotate4")
 _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
+#: ``--target`` values.
+TARGETS = ("classification", "regression", "survival")
+#: ``wsi_encoder.models.slide_classifiers.regressors.REGRESSION_LOSSES``.
+REGRESSION_LOSSES = ("mse", "huber")
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -62,8 +66,18 @@ def classify() -> None:
 @classify.command()
 @click.argument("embeddings", type=PATH_OR_URL)
 @click.option("--labels", "labels_csv", required=True, type=PATH_OR_URL,
-              help="CSV with slide_id,label[,patient_id][,split] (split: train or test).")
+              help="CSV with slide_id,label[,patient_id][,split] (split: train or test); "
+              "slide_id,target[,...] for --target regression.")
 @click.option("--model", type=click.Choice(MODELS), required=True, help="Slide classifier.")
+@click.option("--target", type=click.Choice(TARGETS), default="classification", show_default=True,
+              help="classification (label column), regression (a numeric target column) or survival "
+              "(time,event columns; event 1 = death, 0 = censored).")
+@click.option("--loss", type=click.Choice(REGRESSION_LOSSES), default="mse", show_default=True,
+              help="Regression loss of abmil and gridcnn (linear is ridge least squares).")
+@click.option("--horizons", default=None, metavar="T1,T2,...",
+              help="Survival: times of the time-dependent AUC (default: quartiles of the event times).")
+@click.option("--min-events", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Survival, abmil/gridcnn: mini-batches with fewer events are skipped.")
 @click.option("--out", "out_dir", required=True, type=PATH_OR_URL, help="Output folder (local, or an s3:// URL).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Patient-grouped CV folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, initialisation and batches.")
@@ -91,6 +105,10 @@ def train(
     embeddings: Path | str,
     labels_csv: Path | str,
     model: str,
+    target: str,
+    loss: str,
+    horizons: str | None,
+    min_events: int,
     out_dir: Path | str,
     folds: int,
     seed: int,
@@ -112,6 +130,14 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
+    if target == "regression":
+        _train_regression(embeddings, labels_csv, model, loss, out_dir, folds, seed, epochs, params, preset, cv_scheme,
+                          allow_missing, val_fraction, n_boot, device, threads)
+        return
+    if target == "survival":
+        _train_survival(embeddings, labels_csv, model, out_dir, folds, seed, epochs, params, preset, cv_scheme,
+                        allow_missing, val_fraction, n_boot, device, threads, _parse_horizons(horizons), min_events)
+        return
     bar = FoldProgress(4 if cv_scheme == "rotate4" else folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
         result = train_classifier(
@@ -138,6 +164,75 @@ def train(
     if m.get("test"):
         t = m["test"]["metrics"]
         click.echo(f"held-out test split ({m['test']['n_slides']} slides): " + ", ".join(f"{k} {_fmt(t[k])}" for k in _SHOWN))
+    for key, path in result.files.items():
+        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
+
+
+def _train_regression(
+    embeddings: Path | str, labels_csv: Path | str, model: str, loss: str, out_dir: Path | str, folds: int, seed: int,
+    epochs: int | None, params: tuple[str, ...], preset: str | None, cv_scheme: str, allow_missing: bool,
+    val_fraction: float, n_boot: int, device: str, threads: int | None,
+) -> None:
+    from wsi_encoder.pipelines.classify import train_regressor
+
+    bar = Progress("cross-validation", unit="fold", total=folds)
+
+    def on_fold(fold: int, metrics: dict[str, float]) -> None:
+        bar.update()
+        bar.write(f"fold {fold + 1}/{folds}: Spearman {_fmt(metrics['spearman'])}, MAE {_fmt(metrics['mae'])}")
+
+    with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
+        result = train_regressor(
+            embeddings, labels_file, model, out_folder, folds, seed, loss=loss, epochs=epochs,
+            params=_parse_params(params), allow_missing=allow_missing, device=device, val_fraction=val_fraction,
+            n_boot=n_boot, threads=threads, on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
+        )
+    m = result.metrics
+    click.echo(f"{model} regression: {m['n_slides']} slides, {m['n_patients']} patients")
+    click.echo(f"{'metric':<10} {'pooled [95% CI]':>24}")
+    for name in ("spearman", "pearson", "mae", "r2"):
+        low, high = m[f"{name}_ci95"]
+        click.echo(f"{name:<10} {_fmt(m[name])} [{_fmt(low).strip()}, {_fmt(high).strip()}]")
+    for key, path in result.files.items():
+        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
+
+
+def _parse_horizons(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of times", param_hint="--horizons") from None
+
+
+def _train_survival(
+    embeddings: Path | str, labels_csv: Path | str, model: str, out_dir: Path | str, folds: int, seed: int,
+    epochs: int | None, params: tuple[str, ...], preset: str | None, cv_scheme: str, allow_missing: bool,
+    val_fraction: float, n_boot: int, device: str, threads: int | None, horizons: list[float] | None,
+    min_events: int,
+) -> None:
+    from wsi_encoder.pipelines.classify import train_survival
+
+    bar = Progress("cross-validation", unit="fold", total=folds)
+
+    def on_fold(fold: int, metrics: dict[str, float]) -> None:
+        bar.update()
+        bar.write(f"fold {fold + 1}/{folds}: C-index {_fmt(metrics['c_index'])}")
+
+    with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
+        result = train_survival(
+            embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
+            allow_missing=allow_missing, device=device, val_fraction=val_fraction, n_boot=n_boot, threads=threads,
+            horizons=horizons, min_events=min_events, on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
+        )
+    m = result.metrics
+    low, high = m["c_index_ci95"]
+    click.echo(f"{model} survival: {m['n_slides']} slides, {m['n_patients']} patients, {m['labels']['n_events']} events")
+    click.echo(f"Harrell's C {_fmt(m['c_index'])} [{_fmt(low).strip()}, {_fmt(high).strip()}] (pooled out-of-fold)")
+    if m.get("uno_c") is not None:
+        click.echo(f"Uno's C (tau {m['uno_c_tau']:g}) {_fmt(m['uno_c'])}; time-dependent AUC "
+                   + ", ".join(f"t={k}: {_fmt(v)}" for k, v in m["td_auc"].items()))
     for key, path in result.files.items():
         click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
 

@@ -144,3 +144,110 @@ def patient_resample_weights(groups: npt.ArrayLike, n_boot: int = 1000, seed: in
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=n_boot)
     return counts[:, inv].astype(float)
+
+
+#: Metrics of a regression report, in order.
+REGRESSION_METRICS = ("spearman", "pearson", "mae", "r2")
+
+
+def regression_metrics(y_true: npt.ArrayLike, pred: npt.ArrayLike) -> dict[str, float]:
+    """Spearman and Pearson correlation, mean absolute error and R² of predictions (nan where undefined)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    y, p = np.asarray(y_true, dtype=float), np.asarray(pred, dtype=float)
+    varied = len(y) >= 2 and np.ptp(y) > 0 and np.ptp(p) > 0
+    return {
+        "spearman": float(spearmanr(y, p).statistic) if varied else float("nan"),
+        "pearson": float(pearsonr(y, p).statistic) if varied else float("nan"),
+        "mae": float(mean_absolute_error(y, p)) if len(y) else float("nan"),
+        "r2": float(r2_score(y, p)) if len(y) >= 2 and np.ptp(y) > 0 else float("nan"),
+    }
+
+
+def regression_bootstrap(
+    y_true: npt.ArrayLike, pred: npt.ArrayLike, groups: npt.ArrayLike, n_boot: int = 1000, seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile ``1 - alpha`` intervals of :func:`regression_metrics` over :func:`patient_resample_weights`."""
+    nan = (float("nan"), float("nan"))
+    if n_boot < 1:
+        return dict.fromkeys(REGRESSION_METRICS, nan)
+    y, p = np.asarray(y_true, dtype=float), np.asarray(pred, dtype=float)
+    values: dict[str, list[float]] = {m: [] for m in REGRESSION_METRICS}
+    for weights in patient_resample_weights(groups, n_boot, seed):
+        idx = np.repeat(np.arange(len(y)), weights.astype(int))
+        for name, value in regression_metrics(y[idx], p[idx]).items():
+            if np.isfinite(value):
+                values[name].append(value)
+    return {
+        m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) if v else nan
+        for m, v in values.items()
+    }
+
+
+def _surv(time: npt.ArrayLike, event: npt.ArrayLike) -> npt.NDArray[np.void]:
+    from sksurv.util import Surv
+
+    return np.asarray(Surv.from_arrays(event=np.asarray(event).astype(bool), time=np.asarray(time, dtype=float)))
+
+
+def harrell_c(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike) -> float:
+    """Harrell's concordance (scikit-survival), higher ``risk`` = shorter survival; nan without a comparable pair."""
+    from sksurv.metrics import concordance_index_censored
+
+    t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    if not e.any():
+        return float("nan")
+    try:
+        return float(concordance_index_censored(e, t, r)[0])
+    except ZeroDivisionError:  # no comparable pair
+        return float("nan")
+
+
+def default_horizons(time: npt.ArrayLike, event: npt.ArrayLike) -> list[float]:
+    """The 25, 50 and 75% quantiles of the observed event times (all times when there is no event)."""
+    t, e = np.asarray(time, float), np.asarray(event).astype(bool)
+    return [float(q) for q in np.quantile(t[e] if e.any() else t, [0.25, 0.5, 0.75])]
+
+
+def survival_metrics(
+    time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, horizons: list[float] | None = None
+) -> dict[str, object]:
+    """Harrell's C, Uno's C truncated at the last horizon, and cumulative/dynamic AUC at each horizon.
+
+    All by scikit-survival on the given slides (the censoring distribution of Uno's C and the AUC is
+    the Kaplan-Meier estimate of these same slides). Horizons at or beyond the last observed time are
+    dropped (the AUC is undefined there).
+    """
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+
+    t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    wanted = default_horizons(t, e) if horizons is None else [float(h) for h in horizons]
+    usable = [h for h in wanted if t.min() <= h < t.max()]
+    y = _surv(t, e)
+    out: dict[str, object] = {"c_index": harrell_c(t, e, r), "horizons": usable}
+    if usable and e.any():
+        tau = max(usable)
+        out["uno_c"], out["uno_c_tau"] = float(concordance_index_ipcw(y, y, r, tau=tau)[0]), tau
+        auc, mean_auc = cumulative_dynamic_auc(y, y, r, usable)
+        out["td_auc"] = {f"{h:g}": float(a) for h, a in zip(usable, auc, strict=True)}
+        out["td_auc_mean"] = float(mean_auc)
+    return out
+
+
+def c_index_bootstrap(
+    time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, groups: npt.ArrayLike, n_boot: int = 1000,
+    seed: int = 0, alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile ``1 - alpha`` interval of Harrell's C over :func:`patient_resample_weights`."""
+    t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    values = []
+    for weights in patient_resample_weights(groups, n_boot, seed) if n_boot > 0 else []:
+        idx = np.repeat(np.arange(len(t)), weights.astype(int))
+        value = harrell_c(t[idx], e[idx], r[idx])
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))

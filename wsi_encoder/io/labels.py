@@ -113,6 +113,39 @@ def _listing(ids: Sequence[str]) -> str:
     return shown + (f", ... ({len(ids) - _MAX_LISTED} more)" if len(ids) > _MAX_LISTED else "")
 
 
+def match_store(
+    path: Path,
+    slide_ids: Sequence[str],
+    store_slide_ids: Sequence[str] | None,
+    store_name: str,
+    allow_missing: bool,
+    store_skipped: dict[str, str] | None,
+) -> tuple[list[int], list[str], list[str]]:
+    """Which CSV rows the store can serve: ``(kept row positions, dropped slide ids, store slides without a row)``.
+
+    Unmatched slides either way are one :class:`DatasetError` listing them, or (``allow_missing``) a warning.
+    """
+    everything = list(range(len(slide_ids)))
+    if store_slide_ids is None:
+        return everything, [], []
+    in_store = set(store_slide_ids)
+    skipped = store_skipped or {}
+    dropped = [s for s in slide_ids if s not in in_store]
+    listed = set(slide_ids)
+    ignored = sorted(s for s in in_store if s not in listed)
+    problems = []
+    if dropped:
+        reasons = [f"{s} ({skipped[s]})" if s in skipped else s for s in dropped]
+        problems.append(f"{len(dropped)} slide(s) of {path} are not usable in {store_name}: {_listing(reasons)}")
+    if ignored:
+        problems.append(f"{len(ignored)} slide(s) of {store_name} have no label in {path}: {_listing(ignored)}")
+    if problems and not allow_missing:
+        raise DatasetError("; ".join(problems) + " (use --allow-missing to skip them)")
+    for problem in problems:
+        logger.warning("%s; skipped (--allow-missing)", problem)
+    return [i for i in everything if slide_ids[i] in in_store], dropped, ignored
+
+
 def order_classes(labels: Iterable[str], positive_class: str | None = None) -> tuple[str, ...]:
     """Class order for a set of label strings.
 
@@ -235,30 +268,11 @@ def read_labels(
     if not has_patient:
         logger.warning("%s has no patient_id column: each slide is treated as its own patient", path)
 
-    dropped: list[str] = []
-    ignored: list[str] = []
-    if store_slide_ids is not None:
-        in_store = set(store_slide_ids)
-        skipped = store_skipped or {}
-        dropped = [s for s in slide_ids if s not in in_store]
-        listed = set(slide_ids)
-        ignored = sorted(s for s in in_store if s not in listed)
-        problems = []
-        if dropped:
-            reasons = [f"{s} ({skipped[s]})" if s in skipped else s for s in dropped]
-            problems.append(f"{len(dropped)} slide(s) of {path} are not usable in {store_name}: {_listing(reasons)}")
-        if ignored:
-            problems.append(f"{len(ignored)} slide(s) of {store_name} have no label in {path}: {_listing(ignored)}")
-        if problems and not allow_missing:
-            raise DatasetError("; ".join(problems) + " (use --allow-missing to skip them)")
-        for problem in problems:
-            logger.warning("%s; skipped (--allow-missing)", problem)
-        if dropped:
-            keep = [i for i, s in enumerate(slide_ids) if s in in_store]
-            slide_ids = [slide_ids[i] for i in keep]
-            labels = [labels[i] for i in keep]
-            patients = [patients[i] for i in keep]
-            splits = [splits[i] for i in keep]
+    keep, dropped, ignored = match_store(path, slide_ids, store_slide_ids, store_name, allow_missing, store_skipped)
+    slide_ids = [slide_ids[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    patients = [patients[i] for i in keep]
+    splits = [splits[i] for i in keep]
     if not slide_ids:
         raise DatasetError(f"{path}: no labelled slide left to use")
     train_labels = {lab for lab, s in zip(labels, splits, strict=True) if s == "train"}
@@ -276,6 +290,186 @@ def read_labels(
         patient_ids=tuple(patients),
         splits=tuple(splits),
         classes=classes,
+        patient_id_given=has_patient,
+        dropped_not_in_store=tuple(dropped),
+        ignored_not_in_csv=tuple(ignored),
+        source=str(path),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- regression / survival
+#: ``--target`` values and the columns each needs besides ``slide_id`` (``classification`` uses :func:`read_labels`).
+TARGET_COLUMNS = {"regression": ("target",), "survival": ("time", "event")}
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    """Slides with a continuous target (``regression``) or a ``(time, event)`` pair (``survival``), in CSV order.
+
+    ``values`` is the target (regression) or the time (survival); ``events`` is 1 for an observed event
+    (death) and 0 for a censored time (survival only; empty for regression).
+    """
+
+    kind: str
+    slide_ids: tuple[str, ...]
+    values: tuple[float, ...]
+    events: tuple[int, ...]
+    patient_ids: tuple[str, ...]
+    splits: tuple[str, ...]
+    patient_id_given: bool
+    dropped_not_in_store: tuple[str, ...] = ()
+    ignored_not_in_csv: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def y(self) -> npt.NDArray[np.float64]:
+        """The targets (regression) or times (survival) as floats."""
+        return np.asarray(self.values, dtype=np.float64)
+
+    def select(self, split: str) -> TargetTable:
+        """The rows of one split (``"train"`` or ``"test"``)."""
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return replace(
+            self,
+            slide_ids=tuple(self.slide_ids[i] for i in keep),
+            values=tuple(self.values[i] for i in keep),
+            events=tuple(self.events[i] for i in keep) if self.events else (),
+            patient_ids=tuple(self.patient_ids[i] for i in keep),
+            splits=tuple(self.splits[i] for i in keep),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """What goes into metrics.json: the target's summary and the skipped slides."""
+        y = self.y
+        summary: dict[str, Any] = {
+            "source": self.source,
+            "target": self.kind,
+            "n_slides": len(self.slide_ids),
+            "n_patients": len(set(self.patient_ids)),
+            "min": float(y.min()),
+            "median": float(np.median(y)),
+            "max": float(y.max()),
+            "patient_id_given": self.patient_id_given,
+            "dropped_not_in_store": list(self.dropped_not_in_store),
+            "ignored_not_in_csv": list(self.ignored_not_in_csv),
+        }
+        if self.kind == "survival":
+            summary["n_events"] = int(sum(self.events))
+        return summary
+
+
+def _number(path: Path, line: int, column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DatasetError(f"{path}: row {line}: {column} {text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise DatasetError(f"{path}: row {line}: {column} {text!r} is not a finite number")
+    return value
+
+
+def read_targets(
+    path: str | Path,
+    target: str,
+    store_slide_ids: Sequence[str] | None = None,
+    *,
+    store_name: str = "the embedding store",
+    allow_missing: bool = False,
+    store_skipped: dict[str, str] | None = None,
+) -> TargetTable:
+    """Read and check a regression (``slide_id,target``) or survival (``slide_id,time,event``) CSV.
+
+    ``patient_id`` and ``split`` are optional, as in :func:`read_labels`. Survival times must be
+    non-negative and events 0 (censored) or 1 (death).
+
+    Raises
+    ------
+    DatasetError
+        One line naming the file, and the row and problem where there is one: missing file or columns,
+        an empty cell, a non-numeric target or time, a negative time, an event other than 0/1, a duplicate
+        slide id, an unknown split, a patient in both splits, unmatched slides (without ``allow_missing``),
+        a constant target, or survival data without any event.
+    """
+    path = Path(path)
+    if target not in TARGET_COLUMNS:
+        raise DatasetError(f"unknown target {target!r}; choose from classification, {', '.join(TARGET_COLUMNS)}")
+    wanted = ("slide_id", *TARGET_COLUMNS[target])
+    layout = ",".join(wanted) + "[,patient_id][,split]"
+    if not path.is_file():
+        raise DatasetError(f"{path}: labels file not found (a CSV with columns {layout})")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        rows = list(reader)
+    missing_cols = [c for c in wanted if c not in header]
+    if missing_cols:
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing_cols)} for --target {target}; "
+            f"found {header or 'no header'}; expected {layout}"
+        )
+    has_patient = "patient_id" in header
+    slide_ids: list[str] = []
+    values: list[float] = []
+    events: list[int] = []
+    patients: list[str] = []
+    splits: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        cells = {k: (v or "").strip() for k, v in row.items() if isinstance(k, str) and not isinstance(v, list)}
+        if not any(cells.values()):
+            continue  # blank line
+        sid = cells.get("slide_id", "")
+        patient = cells.get("patient_id", "") if has_patient else sid
+        for column in (*wanted, "patient_id") if has_patient else wanted:
+            if not cells.get(column, ""):
+                raise DatasetError(f"{path}: row {line}: empty {column}")
+        if sid in seen:
+            raise DatasetError(f"{path}: row {line}: slide {sid!r} already listed on row {seen[sid]}")
+        seen[sid] = line
+        split = cells.get("split", "").lower() or "train"
+        if split not in SPLITS:
+            raise DatasetError(f"{path}: row {line}: split must be one of {', '.join(SPLITS)} (or empty), got {split!r}")
+        if target == "regression":
+            values.append(_number(path, line, "target", cells["target"]))
+        else:
+            time = _number(path, line, "time", cells["time"])
+            if time < 0:
+                raise DatasetError(f"{path}: row {line}: time {cells['time']!r} is negative")
+            if cells["event"] not in ("0", "1", "0.0", "1.0"):
+                raise DatasetError(
+                    f"{path}: row {line}: event must be 1 (death) or 0 (censored), got {cells['event']!r}"
+                )
+            values.append(time)
+            events.append(int(float(cells["event"])))
+        slide_ids.append(sid)
+        patients.append(patient)
+        splits.append(split)
+    if not slide_ids:
+        raise DatasetError(f"{path}: no rows under the header")
+    both = sorted({p for p, s in zip(patients, splits, strict=True) if s == "test"}
+                  & {p for p, s in zip(patients, splits, strict=True) if s == "train"})
+    if both:
+        raise DatasetError(
+            f"{path}: patients with slides in both the train and test split (leakage): {_listing(both)}"
+        )
+    if not has_patient:
+        logger.warning("%s has no patient_id column: each slide is treated as its own patient", path)
+    keep, dropped, ignored = match_store(path, slide_ids, store_slide_ids, store_name, allow_missing, store_skipped)
+    if not keep:
+        raise DatasetError(f"{path}: no labelled slide left to use")
+    train = [i for i in keep if splits[i] == "train"]
+    if len({values[i] for i in train}) < 2:
+        raise DatasetError(f"{path}: the training slides' {wanted[1]} is constant; nothing to learn")
+    if target == "survival" and not any(events[i] for i in train):
+        raise DatasetError(f"{path}: no training slide has an event (event=1); survival models need events")
+    return TargetTable(
+        kind=target,
+        slide_ids=tuple(slide_ids[i] for i in keep),
+        values=tuple(values[i] for i in keep),
+        events=tuple(events[i] for i in keep) if events else (),
+        patient_ids=tuple(patients[i] for i in keep),
+        splits=tuple(splits[i] for i in keep),
         patient_id_given=has_patient,
         dropped_not_in_store=tuple(dropped),
         ignored_not_in_csv=tuple(ignored),

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder import __version__
-from wsi_encoder.errors import DatasetError, StoreError, WsiEncoderError
+from wsi_encoder.errors import DatasetError, InvalidParameterError, StoreError, WsiEncoderError
 from wsi_encoder.evaluation.crossval import (
     CrossValResult,
     FoldResult,
@@ -34,11 +34,13 @@ from wsi_encoder.evaluation.crossval import (
     cross_validate,
     nan_to_none,
 )
-from wsi_encoder.evaluation.metrics import classification_metrics
+from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
+from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
+from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
 from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
-from wsi_encoder.io.labels import LabelTable, read_labels
+from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
 from wsi_encoder.models.slide_classifiers import (
@@ -49,6 +51,7 @@ from wsi_encoder.models.slide_classifiers import (
     torch_threads,
 )
 from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
+from wsi_encoder.models.slide_classifiers.regressors import create_regressor
 
 logger = logging.getLogger(__name__)
 
@@ -436,3 +439,203 @@ def _draw_heatmap(
         model, bag.slide_id, model.heatmap(bag), prob, classes, heat_dir, reader.thumbnail(bag.slide_id),
         reader.geometry(bag.slide_id),
     )
+
+
+# ---------------------------------------------------------------------------------------------- regression
+@dataclass(frozen=True)
+class RegressResult:
+    """What :func:`train_regressor` wrote and measured."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    crossval: RegressionCVResult
+    targets: TargetTable
+    files: dict[str, Path]
+
+
+def train_regressor(
+    embedding_store: str | Path,
+    labels_csv: str | Path,
+    model: str = "linear",
+    out_dir: str | Path = "regress_out",
+    folds: int = 5,
+    seed: int = 0,
+    *,
+    loss: str = "mse",
+    epochs: int | None = None,
+    params: dict[str, Any] | None = None,
+    allow_missing: bool = False,
+    device: str = "auto",
+    val_fraction: float = 0.2,
+    n_boot: int = 1000,
+    threads: int | None = None,
+    on_fold: Callable[[int, dict[str, float]], None] | None = None,
+    preset: str | None = None,
+    cv_scheme: str = "kfold",
+) -> RegressResult:
+    """Cross-validate a slide regressor (``--target regression``) and write ``metrics.json`` and ``predictions.csv``.
+
+    ``labels_csv`` is ``slide_id,target[,patient_id][,split]``. ``predictions.csv`` holds
+    ``slide_id,patient_id,fold,prediction,target`` (out-of-fold; ``fold=test`` for ``split=test`` rows,
+    predicted by a model refit on all training slides with what the folds selected). ``metrics.json``
+    has the pooled out-of-fold ``spearman``, ``pearson``, ``mae`` and ``r2`` at the top level, each with
+    ``<name>_ci95`` (patient bootstrap). The other arguments are those of :func:`train_classifier`;
+    ``loss`` (``mse`` or ``huber``) applies to ``abmil`` and ``gridcnn``. Only ``cv_scheme="kfold"``.
+    """
+    if cv_scheme != "kfold":
+        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; regression uses kfold")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = EmbeddingStore.open(embedding_store)
+    table = read_targets(labels_csv, "regression", reader.slide_ids, store_name=str(embedding_store),
+                         allow_missing=allow_missing, store_skipped=reader.skipped)
+    overrides = {**model_preset(model, preset), **dict(params or {})}
+    if epochs is not None:
+        if model == "linear":
+            logger.warning("--epochs does not apply to the linear model; ignored")
+        else:
+            overrides["epochs"] = epochs
+    train, test = table.select("train"), table.select("test")
+    dihedral = model == "gridcnn" and reader.all_dihedral(train.slide_ids + test.slide_ids)
+    logger.info("%s regression (%s loss): %d training slides (%d patients), %d test slides", model, loss,
+                len(train.slide_ids), len(set(train.patient_ids)), len(test.slide_ids))
+    with torch_threads(threads):
+        cv = cross_validate_regression(
+            reader.bags(train.slide_ids, dihedral=dihedral), train.y, train.patient_ids, model, config=overrides,
+            loss=loss, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
+            on_fold=on_fold,
+        )
+        rows: list[list[Any]] = [
+            [sid, pid, int(f), f"{p:.6g}", f"{t:.6g}"]
+            for sid, pid, f, p, t in zip(train.slide_ids, train.patient_ids, cv.fold_of, cv.oof_pred, train.y, strict=True)
+        ]
+        test_report = None
+        if test.slide_ids:
+            final = create_regressor(model, reader.embedding_dim, overrides, loss, device)
+            final.fit(reader.bags(train.slide_ids, dihedral=dihedral), train.y, seed=seed, refit=cv.refit_params)
+            pred = final.predict(reader.bags(test.slide_ids, dihedral=dihedral))
+            test_report = {
+                "n_slides": len(test.slide_ids),
+                "n_patients": len(set(test.patient_ids)),
+                "metrics": regression_metrics(test.y, pred),
+                "ci95": {k: list(v) for k, v in regression_bootstrap(test.y, pred, test.patient_ids, n_boot, seed).items()},
+            }
+            rows += [[sid, pid, "test", f"{p:.6g}", f"{t:.6g}"]
+                     for sid, pid, p, t in zip(test.slide_ids, test.patient_ids, pred, test.y, strict=True)]
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
+    atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "prediction", "target"])
+    metrics = {
+        "target": "regression",
+        "model": model,
+        "loss": None if model == "linear" else loss,
+        "preset": preset,
+        "config": cv.config,
+        "folds": folds,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "embedding_store": str(normalize(embedding_store)),
+        "encoder": reader.encoder_identity(),
+        "labels": table.to_json(),
+        "n_slides": len(train.slide_ids),
+        "n_patients": len(set(train.patient_ids)),
+        **cv.summary_json(),
+        "cv_scheme": cv_scheme,
+        "test": test_report,
+        "store_skipped": reader.skipped,
+        "wsi_encoder_version": __version__,
+    }
+    atomic_write_json(files["metrics"], nan_to_none(metrics))
+    logger.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    return RegressResult(out, metrics, cv, table, files)
+
+
+# ---------------------------------------------------------------------------------------------- survival
+@dataclass(frozen=True)
+class SurvivalResult:
+    """What :func:`train_survival` wrote and measured."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    crossval: SurvivalCVResult
+    targets: TargetTable
+    files: dict[str, Path]
+
+
+def train_survival(
+    embedding_store: str | Path,
+    labels_csv: str | Path,
+    model: str = "linear",
+    out_dir: str | Path = "survival_out",
+    folds: int = 5,
+    seed: int = 0,
+    *,
+    epochs: int | None = None,
+    params: dict[str, Any] | None = None,
+    allow_missing: bool = False,
+    device: str = "auto",
+    val_fraction: float = 0.2,
+    n_boot: int = 1000,
+    threads: int | None = None,
+    horizons: list[float] | None = None,
+    min_events: int = 2,
+    on_fold: Callable[[int, dict[str, float]], None] | None = None,
+    preset: str | None = None,
+    cv_scheme: str = "kfold",
+) -> SurvivalResult:
+    """Cross-validate a slide Cox model (``--target survival``); write ``metrics.json`` and ``predictions.csv``.
+
+    ``labels_csv`` is ``slide_id,time,event[,patient_id]`` (event 1 = death, 0 = censored).
+    ``predictions.csv`` is ``slide_id,patient_id,fold,risk,time,event`` (out-of-fold; higher risk = shorter
+    survival). ``metrics.json`` has the pooled ``c_index`` (Harrell) with ``c_index_ci95`` (patient
+    bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
+    quartiles of the event times) and the per-fold C. ``min_events``: mini-batches of the torch models with
+    fewer events are skipped. The other arguments are those of :func:`train_classifier`; only ``kfold``,
+    and no ``split=test`` rows yet.
+    """
+    if cv_scheme != "kfold":
+        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; survival uses kfold")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = EmbeddingStore.open(embedding_store)
+    table = read_targets(labels_csv, "survival", reader.slide_ids, store_name=str(embedding_store),
+                         allow_missing=allow_missing, store_skipped=reader.skipped)
+    if "test" in table.splits:
+        raise DatasetError(f"{labels_csv}: split=test rows are not supported for --target survival yet")
+    overrides = {**model_preset(model, preset), **dict(params or {})}
+    if epochs is not None and model != "linear":
+        overrides["epochs"] = epochs
+    dihedral = model == "gridcnn" and reader.all_dihedral(list(table.slide_ids))
+    events = np.asarray(table.events)
+    with torch_threads(threads):
+        cv = cross_validate_survival(
+            reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, table.patient_ids, model,
+            config=overrides, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
+            horizons=horizons, min_events=min_events, on_fold=on_fold,
+        )
+    rows = [[sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
+            for sid, pid, f, r, t, e in zip(table.slide_ids, table.patient_ids, cv.fold_of, cv.oof_risk, table.y,
+                                            events, strict=True)]
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
+    atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    metrics = {
+        "target": "survival",
+        "model": model,
+        "loss": None if model == "linear" else "cox (Breslow ties, risk sets within each mini-batch)",
+        "min_events_per_batch": None if model == "linear" else min_events,
+        "preset": preset,
+        "config": cv.config,
+        "folds": folds,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "embedding_store": str(normalize(embedding_store)),
+        "encoder": reader.encoder_identity(),
+        "labels": table.to_json(),
+        "n_slides": len(table.slide_ids),
+        "n_patients": len(set(table.patient_ids)),
+        **cv.summary_json(),
+        "cv_scheme": cv_scheme,
+        "store_skipped": reader.skipped,
+        "wsi_encoder_version": __version__,
+    }
+    atomic_write_json(files["metrics"], nan_to_none(metrics))
+    return SurvivalResult(out, metrics, cv, table, files)

@@ -35,6 +35,13 @@ if TYPE_CHECKING:  # scikit-learn is imported when a linear model is fitted, not
 logger = logging.getLogger(__name__)
 
 
+def pool_features(bag: SlideBag, pooling: str) -> FloatArray:
+    """A slide's feature vector: the mean and/or max of its tiles' features (``mean``, ``max``, ``mean+max``)."""
+    f = bag.features.astype(np.float64)
+    parts = {"mean": [f.mean(0)], "max": [f.max(0)], "mean+max": [f.mean(0), f.max(0)]}[pooling]
+    return np.concatenate(parts)
+
+
 @dataclass(frozen=True)
 class LinearConfig:
     """``linear`` settings: ``pooling`` (``mean``, ``max`` or ``mean+max``), the inverse regularisation
@@ -75,9 +82,7 @@ class LinearPooledClassifier(SlideClassifier[LinearConfig]):
 
     def pool(self, bag: SlideBag) -> FloatArray:
         """The slide's feature vector: mean and/or max over its tiles."""
-        f = bag.features.astype(np.float64)
-        parts = {"mean": [f.mean(0)], "max": [f.max(0)], "mean+max": [f.mean(0), f.max(0)]}[self.config.pooling]
-        return np.concatenate(parts)
+        return pool_features(bag, self.config.pooling)
 
     def _matrix(self, bags: Bags) -> FloatArray:
         return np.stack([self.pool(b) for b in bags]) if len(bags) else np.zeros((0, self._n_pooled()))
