@@ -8,7 +8,7 @@ import torch
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.training.survival_loss import check_events, cox_breslow_loss
+from wsi_encoder.models.slide_classifiers.survival_loss import check_events, cox_breslow_loss
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

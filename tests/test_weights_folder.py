@@ -21,7 +21,13 @@ from wsi_encoder.models.dcgan import Generator
 from wsi_encoder.models.encoders import create_encoder
 from wsi_encoder.models.slide_classifiers import create_slide_classifier
 from wsi_encoder.models.weights_folder import load_folder_weights, read_folder_config, save_weights_folder
-from wsi_encoder.training.gan_trainer import DcganSpec, fold_synthetic_images, generate, load_generator
+from wsi_encoder.training.gan_trainer import (
+    GAN_INPUT,
+    DcganSpec,
+    fold_synthetic_images,
+    generate,
+    load_generator,
+)
 
 
 def _sha(path: Path) -> str:
@@ -156,7 +162,9 @@ def test_generator_file_written_by_the_previous_version_loads_and_is_reused(tmp_
     assert info == {"class": "benign", "n_images": 3}
     assert np.array_equal(generate(back, 3, seed=1), generate(gen, 3, seed=1))
     names = ["a.png", "b.png", "c.png"]
-    (tmp_path / "trained_on.json").write_text(json.dumps({"benign": names, "spec": asdict(spec)}))
+    # reused when its record says it was trained on these files, with this spec, on crops at this scale
+    record = {"benign": names, "spec": asdict(spec), "input": [GAN_INPUT, 64]}
+    (tmp_path / "trained_on.json").write_text(json.dumps(record))
     images = np.random.default_rng(0).integers(0, 255, size=(3, 64, 64, 3), dtype=np.uint8)
     trained: list[str] = []
     out = fold_synthetic_images(
@@ -168,4 +176,4 @@ def test_generator_file_written_by_the_previous_version_loads_and_is_reused(tmp_
         load_generator(tmp_path / "benign.safetensors")
     fold_synthetic_images({"benign": (images, names)}, ("benign",), tmp_path, spec, 1.0, on_epoch=lambda c, *_: trained.append(c))
     assert trained == ["benign"] and (tmp_path / "benign" / "config.json").is_file()  # retrained, new layout
-    assert load_generator(tmp_path / "benign")[1] == {"class": "benign", "n_images": 3}
+    assert load_generator(tmp_path / "benign")[1] == {"class": "benign", "n_images": 3, "input": GAN_INPUT}

@@ -4,7 +4,7 @@
   Cox model (scikit-survival ``CoxPHSurvivalAnalysis``, Breslow ties); ``alpha`` is chosen on the inner
   validation split by Harrell's C, then the model is refit on train + validation with it.
 * ``abmil`` and ``gridcnn`` (:class:`TorchCox`): the classifier's network with one output trained with
-  :func:`~wsi_encoder.training.survival_loss.cox_breslow_loss` over each mini-batch (its risk sets are the
+  :func:`~wsi_encoder.models.slide_classifiers.survival_loss.cox_breslow_loss` over each mini-batch (its risk sets are the
   batch's slides); batches with fewer than ``min_events`` events are skipped. Early stopping on the
   partial likelihood of the whole validation split.
 """
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.evaluation.metrics import harrell_c
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,
@@ -31,8 +30,8 @@ from wsi_encoder.models.slide_classifiers.base import (
 )
 from wsi_encoder.models.slide_classifiers.fit_loop import fit_module
 from wsi_encoder.models.slide_classifiers.linear import pool_features
+from wsi_encoder.models.slide_classifiers.survival_loss import check_events, cox_breslow_loss
 from wsi_encoder.models.slide_classifiers.torch_base import Inputs, TorchSlideClassifier, batches_of
-from wsi_encoder.training.survival_loss import check_events, cox_breslow_loss
 
 #: Models that can fit a Cox model.
 SURVIVAL_MODELS = ("linear", "abmil", "gridcnn")
@@ -86,7 +85,7 @@ class CoxLinear:
         alpha = self.config.alpha
         if val is not None and len(val) and time_val is not None and event_val is not None and np.any(event_val):
             xv, tv, ev = self._matrix(val), np.asarray(time_val, float), np.asarray(event_val).astype(bool)
-            scores = {a: harrell_c(tv, ev, self._fit(x, t, e, a).predict(xv)) for a in self.config.alphas}
+            scores = {a: _validation_c(self._fit(x, t, e, a), xv, tv, ev) for a in self.config.alphas}
             alpha = max(scores, key=lambda a: (np.nan_to_num(scores[a], nan=-1.0), a))  # ties: the stronger penalty
             x, t, e = np.concatenate([x, xv]), np.concatenate([t, tv]), np.concatenate([e, ev])
         self.model = self._fit(x, t, e, alpha)
@@ -171,3 +170,13 @@ def create_cox_model(model: str, in_dim: int, config: dict[str, Any] | None = No
     if model == "linear":
         return CoxLinear(in_dim, config)
     return TorchCox(model, in_dim, config, device, min_events)
+
+
+def _validation_c(model: Any, x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_]) -> float:
+    """Harrell's C of a fitted scikit-survival pipeline on a validation split (its own ``score``); nan without a pair."""
+    from sksurv.util import Surv
+
+    try:
+        return float(model.score(x, Surv.from_arrays(event=event, time=time)))
+    except ZeroDivisionError:
+        return float("nan")
