@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from wsi_encoder.cli import main
 from wsi_encoder.errors import StoreError
-from wsi_encoder.io.embedding_store import DIHEDRAL_VIEWS, EmbeddingStore, dihedral_cells
+from wsi_encoder.io.embedding_store import EmbeddingStore
+from wsi_encoder.io.slide_records import DIHEDRAL_VIEWS, dihedral_cells
 from wsi_encoder.models.dihedral import dihedral_view
 
 T = 128

@@ -16,7 +16,7 @@ from scipy.ndimage import distance_transform_edt
 
 from wsi_encoder.cli import main
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.io.embedding_store import SlideBag, dihedral_cells
+from wsi_encoder.io.slide_records import SlideBag, dihedral_cells
 from wsi_encoder.models.slide_classifiers import create_slide_classifier, model_preset
 from wsi_encoder.models.slide_classifiers import gridcnn as gridcnn_module
 from wsi_encoder.models.slide_classifiers.gridcnn import PRESETS, distance_map

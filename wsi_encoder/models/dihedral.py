@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from wsi_encoder.io.embedding_store import DIHEDRAL_VIEWS
+from wsi_encoder.io.slide_records import DIHEDRAL_VIEWS
 
 
 def dihedral_view(x: torch.Tensor, v: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.io.embedding_store import DIHEDRAL_VIEWS, SlideBag, dihedral_cells
+from wsi_encoder.io.slide_records import DIHEDRAL_VIEWS, SlideBag, dihedral_cells
 from wsi_encoder.models.slide_classifiers.base import (
     FloatArray,
     check_class_weight,
