@@ -134,6 +134,25 @@ def training_provenance(reader: EmbeddingStore, slide_ids: Sequence[str]) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _model_overrides(
+    model: str, preset: str | None, params: dict[str, Any] | None, epochs: int | None
+) -> dict[str, Any]:
+    """A model's config overrides, for every target: its preset, then ``params``, then ``epochs`` where it has them."""
+    overrides = {**model_preset(model, preset), **dict(params or {})}
+    if epochs is not None:
+        if "epochs" in config_fields(slide_classifier_class(model).Config):
+            overrides["epochs"] = epochs
+        else:
+            logger.warning("--epochs does not apply to the %s model; ignored", model)
+    return overrides
+
+
+def _kfold_only(cv_scheme: str, target: str) -> None:
+    """Refuse a CV scheme other than ``kfold`` for ``target`` (rotate4 is built for classification)."""
+    if cv_scheme != "kfold":
+        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; {target} uses kfold")
+
+
 def _resume_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -235,12 +254,7 @@ def train_classifier(
     )
     encoder = reader.encoder_identity()
     cls = slide_classifier_class(model)
-    overrides = {**model_preset(model, preset), **dict(params or {})}
-    if epochs is not None:
-        if "epochs" in config_fields(cls.Config):
-            overrides["epochs"] = epochs
-        else:
-            logger.warning("--epochs does not apply to the %s model; ignored", model)
+    overrides = _model_overrides(model, preset, params, epochs)
     train = table.select("train")
     test = table.select("test")
     dihedral = cls.uses_dihedral and reader.all_dihedral(train.slide_ids + test.slide_ids)
@@ -482,19 +496,13 @@ def train_regressor(
     ``<name>_ci95`` (patient bootstrap). The other arguments are those of :func:`train_classifier`;
     ``loss`` (``mse`` or ``huber``) applies to ``abmil`` and ``gridcnn``. Only ``cv_scheme="kfold"``.
     """
-    if cv_scheme != "kfold":
-        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; regression uses kfold")
+    _kfold_only(cv_scheme, "regression")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reader = EmbeddingStore.open(embedding_store)
     table = read_targets(labels_csv, "regression", reader.slide_ids, store_name=str(embedding_store),
                          allow_missing=allow_missing, store_skipped=reader.skipped)
-    overrides = {**model_preset(model, preset), **dict(params or {})}
-    if epochs is not None:
-        if model == "linear":
-            logger.warning("--epochs does not apply to the linear model; ignored")
-        else:
-            overrides["epochs"] = epochs
+    overrides = _model_overrides(model, preset, params, epochs)
     train, test = table.select("train"), table.select("test")
     dihedral = model == "gridcnn" and reader.all_dihedral(train.slide_ids + test.slide_ids)
     logger.info("%s regression (%s loss): %d training slides (%d patients), %d test slides", model, loss,
@@ -592,8 +600,7 @@ def train_survival(
     fewer events are skipped. The other arguments are those of :func:`train_classifier`; only ``kfold``,
     and no ``split=test`` rows yet.
     """
-    if cv_scheme != "kfold":
-        raise InvalidParameterError(f"--cv-scheme {cv_scheme} is for classification only; survival uses kfold")
+    _kfold_only(cv_scheme, "survival")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reader = EmbeddingStore.open(embedding_store)
@@ -601,9 +608,7 @@ def train_survival(
                          allow_missing=allow_missing, store_skipped=reader.skipped)
     if "test" in table.splits:
         raise DatasetError(f"{labels_csv}: split=test rows are not supported for --target survival yet")
-    overrides = {**model_preset(model, preset), **dict(params or {})}
-    if epochs is not None and model != "linear":
-        overrides["epochs"] = epochs
+    overrides = _model_overrides(model, preset, params, epochs)
     dihedral = model == "gridcnn" and reader.all_dihedral(list(table.slide_ids))
     events = np.asarray(table.events)
     with torch_threads(threads):
