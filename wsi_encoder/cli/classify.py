@@ -164,7 +164,12 @@ def train(
     if m.get("test"):
         t = m["test"]["metrics"]
         click.echo(f"held-out test split ({m['test']['n_slides']} slides): " + ", ".join(f"{k} {_fmt(t[k])}" for k in _SHOWN))
-    for key, path in result.files.items():
+    _echo_files(result.files, out_dir)
+
+
+def _echo_files(files: dict[str, Path], out_dir: Path | str) -> None:
+    """One line per written file, named as the user gave ``--out`` (a URL stays a URL)."""
+    for key, path in files.items():
         click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
 
 
@@ -193,8 +198,7 @@ def _train_regression(
     for name in ("spearman", "pearson", "mae", "r2"):
         low, high = m[f"{name}_ci95"]
         click.echo(f"{name:<10} {_fmt(m[name])} [{_fmt(low).strip()}, {_fmt(high).strip()}]")
-    for key, path in result.files.items():
-        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
+    _echo_files(result.files, out_dir)
 
 
 def _parse_horizons(text: str | None) -> list[float] | None:
@@ -233,8 +237,7 @@ def _train_survival(
     if m.get("uno_c") is not None:
         click.echo(f"Uno's C (tau {m['uno_c_tau']:g}) {_fmt(m['uno_c'])}; time-dependent AUC "
                    + ", ".join(f"t={k}: {_fmt(v)}" for k, v in m["td_auc"].items()))
-    for key, path in result.files.items():
-        click.echo(f"{key:<12} {join(out_dir, Path(path).name) if is_url(out_dir) else path}")
+    _echo_files(result.files, out_dir)
 
 
 @classify.command()
