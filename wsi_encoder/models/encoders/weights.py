@@ -236,6 +236,23 @@ def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _class_and_positions(
+    out: dict[str, torch.Tensor], cls: torch.Tensor, pos: torch.Tensor, registers: torch.Tensor | None
+) -> None:
+    """timm's class token, position embedding and registers from a DINOv2 checkpoint's.
+
+    With registers the timm model has no position embedding for the class token (``no_embed_class``): the
+    class token's position embedding is added into ``cls_token`` and removed from ``pos_embed``, as timm
+    converts DINOv2-reg checkpoints; the forward pass is unchanged.
+    """
+    if registers is None:
+        out["cls_token"], out["pos_embed"] = cls, pos
+        return
+    out["reg_token"] = registers
+    out["cls_token"] = cls + pos[:, :1]
+    out["pos_embed"] = pos[:, 1:]
+
+
 def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face ``Dinov2Model`` (owkin/phikon-v2; histai/hibou-b with registers) → timm ViT.
 
@@ -251,15 +268,10 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     state = strip_prefix(dict(state), "dinov2.", "model.")
     state.pop("embeddings.mask_token", None)
     out: dict[str, torch.Tensor] = {}
-    cls = state.pop("embeddings.cls_token")
-    pos = state.pop("embeddings.position_embeddings")
-    if "embeddings.register_tokens" in state:
-        out["reg_token"] = state.pop("embeddings.register_tokens")
-        out["cls_token"] = cls + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
-    else:
-        out["cls_token"] = cls
-        out["pos_embed"] = pos
+    _class_and_positions(
+        out, state.pop("embeddings.cls_token"), state.pop("embeddings.position_embeddings"),
+        state.pop("embeddings.register_tokens", None),
+    )
     out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
     out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
@@ -293,14 +305,7 @@ def dinov2_native_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     state = strip_prefix(dict(state), "module.", "backbone.")
     state.pop("mask_token", None)
     out: dict[str, torch.Tensor] = {}
-    pos = state.pop("pos_embed")
-    cls = state.pop("cls_token")
-    if "register_tokens" in state:
-        out["reg_token"] = state.pop("register_tokens")
-        out["cls_token"] = cls + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
-    else:
-        out["cls_token"], out["pos_embed"] = cls, pos
+    _class_and_positions(out, state.pop("cls_token"), state.pop("pos_embed"), state.pop("register_tokens", None))
     for k, v in state.items():
         out[re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k))] = v
     return out
