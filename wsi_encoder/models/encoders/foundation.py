@@ -712,7 +712,8 @@ class ConvStem(nn.Module):
 # TransPath's own ctranspath.pth (its README's Google Drive link) and CHIEF's CTransPath (Wang et al., Nature
 # 2024), CHIEF_CTransPath.pth (MahmoodLab/hest-bench fm_v1/ctranspath, the file TRIDENT loads). Both are
 # torch.save {"model": state_dict} in the timm 0.5.4 Swin layout; TRIDENT takes their "model" entry and drops the
-# attn_mask keys; here they are read as tensors only (weights.read_state_dict: torch.load with weights_only=True). TRIDENT's README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
+# attn_mask keys; here they are read as tensors only (weights.read_state_dict: torch.load with weights_only=True).
+# TRIDENT's README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
 _CTRANSPATH_FORMAT = (
     "torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, "
     "relative_position_index/attn_mask/head dropped"
