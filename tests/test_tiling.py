@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,28 @@ def test_direct_tile_decoding_equals_openslide(name: str, synthetic_slide_40x: P
                     np.testing.assert_array_equal(got, reference.read_level(level, x, y, w, h))
                     np.testing.assert_array_equal(got, fast.read_level(level, x, y, w, h))
     fast.close()
+
+
+@pytest.mark.parametrize("name", ["synthetic", "cmu", "ndpi"])
+def test_tiles_decoded_into_the_chunk_equal_the_region_path(
+    name: str, synthetic_slide: Path, cmu_svs: Path, ndpi_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path (each TIFF tile copied once, straight into its output tile) gives the region path's
+    pixels, on source tiles that do and do not line up with the grid, at the slide's edges and with a fill."""
+    path = {"synthetic": synthetic_slide, "cmu": cmu_svs, "ndpi": ndpi_slide}[name]
+    reader = open_slide(path)
+    assert reader.reads_into
+    for fill, stride in ((255, None), (0, 150)):
+        grid = plan_grid(reader, TileSpec(reader.require_mpp(), 200, stride))
+        grid = dataclasses.replace(grid, fill=fill)
+        rowcol = np.array([[r, c] for r in range(grid.rows) for c in range(grid.cols)])[-40:]  # the last rows: edges
+        direct = read_tiles(reader, grid, rowcol)
+        with monkeypatch.context() as patch:
+            patch.setattr(type(reader), "reads_into", property(lambda self: False))
+            region = read_tiles(reader, grid, rowcol)
+        np.testing.assert_array_equal(direct, region)
+        out = np.zeros((30, 50, 3), np.uint8)
+        width, height = reader.level_dimensions[0]
+        reader.read_level_into(0, width - 20, height - 10, out, fill=fill)
+        np.testing.assert_array_equal(out, reader.read_level(0, width - 20, height - 10, 50, 30, fill=fill))
+    reader.close()

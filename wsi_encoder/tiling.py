@@ -457,6 +457,10 @@ def read_part(
     tile, stride = grid.spec.tile_size, grid.spec.stride_px
     if out is None:
         out = np.empty((len(cells), tile, tile, 3), dtype=np.uint8)
+    if not grid.resampled and reader.reads_into:  # each tile decoded straight into its place in ``out``
+        for i, (row, col) in enumerate(cells):
+            reader.read_level_into(grid.level, int(col) * stride, int(row) * stride, out[i], fill=grid.fill)
+        return out
     if not grid.resampled:
         region = reader.read_level(grid.level, part.u0, part.v0, part.u1 - part.u0, part.v1 - part.v0, fill=grid.fill)
         for i, (row, col) in enumerate(cells):

@@ -57,9 +57,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     suffix. On an exception the temporary is removed and ``path`` is untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(target)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.close(_create(tmp))
     try:
         yield tmp
         os.replace(tmp, target)
@@ -68,12 +67,38 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see the module docstring)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _create(tmp: Path) -> int:
+    """Create the new temporary ``tmp`` for writing (its folders too, when missing) and return its descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        return os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(tmp, flags, 0o666)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring).
+
+    ``fsync=False`` skips flushing the file to the disk before it is put in place (zarr's own chunk
+    writes do not either): for the many chunks of a patch store, whose run records which are done.
+    """
+    target = Path(path)
+    tmp = _temp_name(target)
+    fd = _create(tmp)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

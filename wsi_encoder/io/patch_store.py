@@ -43,7 +43,7 @@ from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
-from wsi_encoder.io.files import atomic_path
+from wsi_encoder.io.files import atomic_write_bytes
 from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
 from wsi_encoder.io.urls import (
     check_bucket,
@@ -342,9 +342,7 @@ def _write_chunk_bytes(array: zarr.Array, index: int, payload: bytes) -> None:
     store = array.store
     if not isinstance(store, LocalStore):
         raise StoreError(f"{array.path}: whole-chunk writes need a local store, not {type(store).__name__}")
-    path = Path(store.root) / array.path / key
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
+    atomic_write_bytes(Path(store.root) / array.path / key, payload, fsync=False)
 
 
 def mark_slide_complete(root: zarr.Group, slide_id: str) -> None:

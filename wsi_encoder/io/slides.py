@@ -20,6 +20,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,12 +129,12 @@ class SlideReader(ABC):
     #: The backend's slide object (openslide.OpenSlide / tiffslide.TiffSlide, same level API).
     _slide: Any
 
-    @property
+    @cached_property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """``(width, height)`` of every level, level 0 first."""
         return tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
 
-    @property
+    @cached_property
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample factor of every level relative to level 0."""
         return tuple(float(d) for d in self._slide.level_downsamples)
@@ -295,6 +296,38 @@ class SlideReader(ABC):
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_level(level, x0, y0, x1 - x0, y1 - y0)
         return out
+
+    def read_level_into(self, level: int, x: int, y: int, out: RGBArray, fill: int = 255) -> None:
+        """Read the ``out.shape[:2]`` = ``(height, width)`` pixels of ``level`` at ``(x, y)`` into ``out``.
+
+        The same pixels as :meth:`read_level` (parts outside the level are ``fill``), written into a
+        caller's buffer, such as one tile of a chunk: readers that decode the file's own tiles copy
+        each decoded tile straight into it (:attr:`reads_into`); the others read the region and copy it.
+        """
+        height, width = int(out.shape[0]), int(out.shape[1])
+        if not 0 <= level < self.level_count:
+            raise InvalidParameterError(f"{self.path}: level {level!r} out of range 0..{self.level_count - 1}")
+        if width <= 0 or height <= 0 or out.shape[2:] != (3,) or out.dtype != np.uint8:
+            raise InvalidParameterError(f"output buffer {out.shape} {out.dtype} must be (height, width, 3) uint8")
+        x, y = int(x), int(y)
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lw), min(y + height, lh)
+        if (x0, y0, x1, y1) != (x, y, x + width, y + height):
+            out[...] = fill
+            if x1 <= x0 or y1 <= y0:
+                return
+            out = out[y0 - y : y1 - y, x0 - x : x1 - x]
+        self._read_level_into(level, x0, y0, out)
+
+    @property
+    def reads_into(self) -> bool:
+        """Whether :meth:`read_level_into` decodes into the buffer (cheap per tile) rather than reading a region."""
+        return False
+
+    def _read_level_into(self, level: int, x: int, y: int, out: RGBArray) -> None:
+        """Read an in-bounds region of ``level`` into ``out`` (default: a region read and one copy)."""
+        out[...] = self._read_level(level, x, y, int(out.shape[1]), int(out.shape[0]))
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBArray:
         """Read an in-bounds region of ``level`` (level pixels) through the backend's ``_read``."""
@@ -522,6 +555,10 @@ class TiffSlideReader(SlideReader):
 
     def fast_decoder(self) -> TiffTileDecoder | None:
         """The direct TIFF tile decoder for this file (per-process cache), or None when it cannot serve it."""
+        return self._fast_decoder
+
+    @cached_property
+    def _fast_decoder(self) -> TiffTileDecoder | None:
         if is_url(self.path):  # remote slides are read through tiffslide (io/remote_slides.py)
             return None
         series_index = int(self._props.get("tiffslide.series-index") or 0)
@@ -533,6 +570,17 @@ class TiffSlideReader(SlideReader):
         if decoder is not None:
             return decoder.read(level, x, y, width, height)
         return super()._read_level(level, x, y, width, height)
+
+    @property
+    def reads_into(self) -> bool:
+        return self.fast_decoder() is not None
+
+    def _read_level_into(self, level: int, x: int, y: int, out: RGBArray) -> None:
+        decoder = self.fast_decoder()
+        if decoder is None:
+            super()._read_level_into(level, x, y, out)
+        else:
+            decoder.read(level, x, y, int(out.shape[1]), int(out.shape[0]), out=out)
 
     def _read(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
         try:

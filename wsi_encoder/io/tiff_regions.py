@@ -116,10 +116,12 @@ class TiffTileDecoder:
     def __del__(self) -> None:
         self.close()
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> RGBArray:
+    def read(self, level: int, x: int, y: int, width: int, height: int, out: RGBArray | None = None) -> RGBArray:
         """Pixels ``[y, y + height) x [x, x + width)`` of ``level`` (level pixels) as RGB uint8.
 
-        Parts outside the level are white, as with :meth:`SlideReader.read_region`.
+        Parts outside the level are white, as with :meth:`SlideReader.read_region`. ``out`` (a
+        ``(height, width, 3)`` uint8 buffer, e.g. one tile of a chunk) receives the pixels: each
+        decoded TIFF tile is copied once, straight into it.
         """
         if not 0 <= level < len(self._levels):
             raise InvalidParameterError(f"{self.path}: level {level!r} out of range 0..{len(self._levels) - 1}")
@@ -129,7 +131,10 @@ class TiffTileDecoder:
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
         inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
-        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, dtype=np.uint8)
+        if out is None:
+            out = np.empty((height, width, 3), dtype=np.uint8)
+        if not inside:
+            out[...] = 255
         if x1 <= x0 or y1 <= y0:
             return out
         for row in range(y0 // lv.chunk_h, (y1 - 1) // lv.chunk_h + 1):

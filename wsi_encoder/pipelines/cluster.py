@@ -18,6 +18,7 @@ only small arguments (paths, parameters): workers open the slides and stores the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -108,8 +109,10 @@ class LocalRunner(TaskRunner):
             return
         prefix = f"{name}-{uuid.uuid4().hex[:8]}-"
         stop = threading.Event()  # set when the caller stops early: tasks not started yet do nothing
+        # Each task is a closure over its item: dask would otherwise walk every item's fields (dataclasses,
+        # numpy arrays of coordinates) looking for collections, a serial cost before the first task starts.
         tasks = [
-            dask.delayed(_unless_stopped, pure=False)(stop, fn, item, dask_key_name=f"{prefix}{i}")
+            dask.delayed(functools.partial(_unless_stopped, stop, fn, item), pure=False)(dask_key_name=f"{prefix}{i}")
             for i, item in enumerate(items)
         ]
         done: queue.Queue[tuple[str, Any]] = queue.Queue()
