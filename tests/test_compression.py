@@ -212,3 +212,12 @@ def test_encode_tiles_checks_the_tile_count(nic_model: tuple[torch.nn.Module, ni
         nic.encode_tiles(model, [tiles], n_tiles=5, embedding_dim=128, batch_size=2, out_size=128, device=torch.device("cpu"))
     with pytest.raises(InvalidParameterError):
         nic.encode_tiles(model, [tiles], n_tiles=3, embedding_dim=128, batch_size=0, out_size=128, device=torch.device("cpu"))
+
+
+def test_tiles_to_tensor_values_are_torchvisions_to_tensor_bit_for_bit() -> None:
+    from torchvision.transforms.functional import to_tensor
+
+    tiles = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3).astype(np.uint8)  # every value 0..255
+    ours = nic.tiles_to_tensor(tiles, torch.device("cpu"), 16)
+    assert ours.dtype == torch.float32 and ours.shape == (1, 3, 16, 16)
+    assert torch.equal(ours[0], to_tensor(tiles[0]))

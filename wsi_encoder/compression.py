@@ -252,10 +252,11 @@ def tiles_to_tensor(
         raise InvalidParameterError(f"interpolation {interpolation!r} must be 'bilinear' or 'bicubic'")
     if crop not in (None, "center") or not 0 < crop_fraction <= 1:
         raise InvalidParameterError(f"crop {crop!r} (None or 'center') or crop_fraction {crop_fraction!r} is not supported")
-    x = torch.from_numpy(np.ascontiguousarray(tiles))
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if device.type == "cuda":  # the uint8 tiles cross (4x fewer bytes), pinned; the GPU converts them
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).pin_memory().to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    else:  # numpy's one-pass uint8 -> float32 division: the same values as torch's, 3x cheaper on the CPU
+        x = torch.from_numpy(np.divide(tiles, np.float32(255.0), dtype=np.float32)).permute(0, 3, 1, 2).to(device)
     h, w = x.shape[-2:]
     if crop is None:
         size = (out_size, out_size)
@@ -320,7 +321,7 @@ def encode_tiles(
     crop: str | None = None,
     crop_fraction: float = 1.0,
 ) -> npt.NDArray[np.float32]:
-    """Embed tiles with ``model``; the next batch is decoded and converted in a background thread.
+    """Embed tiles with ``model``; the next tiles are decoded, and converted, in two background threads.
 
     Parameters
     ----------
@@ -351,8 +352,9 @@ def encode_tiles(
     out = np.empty((n_tiles, embedding_dim), dtype=np.float32)
 
     def batches() -> Iterator[torch.Tensor]:
-        # Runs in the prefetch thread: decode the next block and turn it into model input there.
-        for block in blocks:
+        # A three-stage pipeline: one thread decodes the next blocks, a second turns them into model
+        # input (on CUDA: pinned, copied non_blocking, converted on the device), the caller runs the model.
+        for block in prefetch(blocks):
             for a in range(0, block.shape[0], batch_size):
                 yield tiles_to_tensor(
                     block[a : a + batch_size], device, out_size,
