@@ -116,3 +116,38 @@ def test_info_tile_encode_predict_run_on_every_format_locally_and_on_s3(cohort: 
             predictions[name] = {r["slide_id"]: (r["prob"], r["n_tiles"]) for r in csv.DictReader(fh)}
     assert sorted(predictions["local"]) == ["cmu", "dicom1", "generic", "ndpi", "ome"]
     assert predictions["local"] == predictions["s3"]
+
+
+def _qptiff(path: Path) -> Path:
+    """A 3-channel 8-bit QPTIFF (Akoya/PerkinElmer: one greyscale page per channel, the QPI description)."""
+    import tifffile
+
+    desc = ('<?xml version="1.0" encoding="utf-8"?><PerkinElmer-QPI-ImageDescription><DescriptionVersion>2'
+            "</DescriptionVersion><ImageType>FullResolution</ImageType><Name>{}</Name></PerkinElmer-QPI-ImageDescription>")
+    with tifffile.TiffWriter(path) as tif:
+        for c, name in enumerate(("DAPI", "FITC", "Cy5")):
+            tif.write(np.full((512, 512), 40 * c, np.uint8), tile=(256, 256), description=desc.format(name),
+                      photometric="minisblack", metadata=None, software="PerkinElmer-QPI")
+    assert tifffile.TiffFile(path).is_qpi
+    return path
+
+
+def _fluorescence_ome(path: Path) -> Path:
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 255, (3, 512, 512)).astype(np.uint8)
+    tifffile.imwrite(path, data, metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+                     tile=(256, 256), photometric="minisblack")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["qptiff", "ome"])
+def test_multichannel_fluorescence_is_refused_in_one_line_locally_and_on_s3(kind: str, s3: str, tmp_path: Path) -> None:
+    """8-bit multi-channel fluorescence (QPTIFF, OME-TIFF with a C axis) is refused, not rendered as a guess:
+    no channel-to-RGB mapping is offered (export an RGB rendering)."""
+    path = _qptiff(tmp_path / "f.qptiff") if kind == "qptiff" else _fluorescence_ome(tmp_path / "f.ome.tif")
+    for source in (str(path), upload(s3, path, f"fluo/{path.name}")):
+        result = CliRunner().invoke(main, ["info", source])
+        assert result.exit_code == 1
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and source in lines[0] and "3-channel" in lines[0] and "fluorescence" in lines[0], lines
