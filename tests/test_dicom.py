@@ -3,6 +3,7 @@ from the same instances, µm/px from the pixel spacing, series selection, cohort
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def test_several_series_are_named_and_selected(dicom_slide: Path, tmp_path: Path
     assert first in str(err.value) and second in str(err.value) and "\n" not in str(err.value)
     with open_slide(f"{folder}#{second}") as reader:
         assert reader.dimensions == (1200, 900)
+        again = pickle.loads(pickle.dumps(reader))  # workers re-open it from its path, series included
+        assert again.dimensions == (1200, 900) and np.array_equal(again.read_level(0, 0, 0, 64, 64), reader.read_level(0, 0, 0, 64, 64))
+        again.close()
+    assert [e.slide_id for e in assign_slide_ids(expand_slide_inputs([f"{folder}#{second}"]))] == [f"two_{second}"]
     result = CliRunner().invoke(main, ["info", "--json", f"{folder}#{first}"])
     assert result.exit_code == 0 and '"width": 2400' in result.output and '"backend": "wsidicom"' in result.output
     with pytest.raises(SlideReadError, match=r"no series 1\.2\.3"):

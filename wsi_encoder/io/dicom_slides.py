@@ -16,7 +16,7 @@ import numpy as np
 
 from wsi_encoder.errors import SlideNotFoundError, SlideReadError
 from wsi_encoder.io.slides import RGBArray, SlideReader, _reason, _valid_mpp
-from wsi_encoder.io.urls import filesystem, is_url
+from wsi_encoder.io.urls import SLIDE_BLOCK_SIZE, filesystem, is_url
 
 __all__ = ["SERIES_SEPARATOR", "DicomSlideReader", "is_dicom_folder", "split_series"]
 
@@ -102,7 +102,9 @@ class DicomSlideReader(SlideReader):
             raise SlideReadError(f"{path}: cannot list the DICOM folder ({_reason(exc)})") from None
         series: dict[str, list[Any]] = {}
         for name in names:
-            stream = fs.open(name, "rb") if fs is not None else open(name, "rb")  # kept open: wsidicom reads frames from it
+            # Kept open: wsidicom reads frames from it (remote: 4 MiB blocks, never a whole multi-GB instance).
+            stream = (fs.open(name, "rb", block_size=SLIDE_BLOCK_SIZE, cache_type="blockcache", cache_options={"maxblocks": 8})
+                      if fs is not None else open(name, "rb"))  # fmt: skip
             try:
                 header = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=["SOPClassUID", "SeriesInstanceUID"])
                 uid = str(header.SeriesInstanceUID) if str(header.get("SOPClassUID", "")) == _WSI_SOP_CLASS else None
