@@ -112,3 +112,15 @@ def test_dicom_folder_over_s3_equals_local(dicom_slide: Path, s3: str, tmp_path:
     from tests.test_remote_tile import assert_same_store
 
     assert_same_store(tmp_path / "local.zarr", f"{s3}/p.zarr")
+
+
+def test_backend_mismatches_are_one_line(dicom_slide: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["info", "--backend", "openslide", str(dicom_slide)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "read with wsidicom" in result.output
+    tiff = small_slide(tmp_path / "a.tiff", width=600, height=400)
+    with pytest.raises(SlideReadError, match="not a folder of DICOM instances"):
+        open_slide(tiff, backend="wsidicom")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.dcm").write_text("not dicom")
+    with pytest.raises(SlideReadError, match="no DICOM whole-slide image instances"):
+        open_slide(tmp_path / "empty")

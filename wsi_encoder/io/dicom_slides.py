@@ -98,6 +98,8 @@ class DicomSlideReader(SlideReader):
             names = _instance_files(folder)
         except FileNotFoundError:
             raise SlideNotFoundError(f"{path}: no such DICOM folder") from None
+        except NotADirectoryError:
+            raise SlideReadError(f"{path}: not a folder of DICOM instances (the wsidicom backend reads DICOM WSI folders)") from None
         except Exception as exc:
             raise SlideReadError(f"{path}: cannot list the DICOM folder ({_reason(exc)})") from None
         series: dict[str, list[Any]] = {}
