@@ -104,6 +104,8 @@ def test_dicom_folder_over_s3_equals_local(dicom_slide: Path, s3: str, tmp_path:
         assert far.backend == "wsidicom" and far.mpp == local.mpp and far.level_dimensions == local.level_dimensions
         for level in range(far.level_count):
             assert np.array_equal(far.read_level(level, 100, 50, 300, 200), local.read_level(level, 100, 50, 300, 200))
+        with open_slide(f"{url}#{_series_uid(dicom_slide)}") as selected:  # a series named on a prefix
+            assert selected.level_dimensions == local.level_dimensions
     assert expand_slide_inputs([f"{s3}/cohort/"]) == [url]
     spec = TileSpec(target_mpp=1.0, tile_size=128)
     tile_cohort([dicom_slide], tmp_path / "local.zarr", spec, workers=1)
