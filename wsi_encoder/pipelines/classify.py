@@ -586,6 +586,8 @@ def train_survival(
     threads: int | None = None,
     horizons: list[float] | None = None,
     min_events: int = 2,
+    loss: str = "cox",
+    time_bins: int = 10,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
     preset: str | None = None,
     cv_scheme: str = "kfold",
@@ -596,8 +598,9 @@ def train_survival(
     ``predictions.csv`` is ``slide_id,patient_id,fold,risk,time,event`` (out-of-fold; higher risk = shorter
     survival). ``metrics.json`` has the pooled ``c_index`` (Harrell) with ``c_index_ci95`` (patient
     bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
-    quartiles of the event times) and the per-fold C. ``min_events``: mini-batches of the torch models with
-    fewer events are skipped. The other arguments are those of :func:`train_classifier`; only ``kfold``,
+    quartiles of the event times), the integrated Brier score ``ibs`` over ``ibs_times`` with ``ibs_ci95``, and
+    the per-fold C. ``loss`` of the torch models: ``cox`` (``min_events``: mini-batches with fewer events are
+    skipped) or ``nll``, the discrete-time likelihood over ``time_bins`` bins. The other arguments are those of :func:`train_classifier`; only ``kfold``,
     and no ``split=test`` rows yet.
     """
     _kfold_only(cv_scheme, "survival")
@@ -615,7 +618,7 @@ def train_survival(
         cv = cross_validate_survival(
             reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, table.patient_ids, model,
             config=overrides, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
-            horizons=horizons, min_events=min_events, on_fold=on_fold,
+            horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, on_fold=on_fold,
         )
     rows = [[sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
             for sid, pid, f, r, t, e in zip(table.slide_ids, table.patient_ids, cv.fold_of, cv.oof_risk, table.y,
@@ -625,8 +628,12 @@ def train_survival(
     metrics = {
         "target": "survival",
         "model": model,
-        "loss": None if model == "linear" else "cox (Breslow ties, risk sets within each mini-batch)",
-        "min_events_per_batch": None if model == "linear" else min_events,
+        "loss": None if model == "linear" else {
+            "cox": "cox (Breslow ties, risk sets within each mini-batch)",
+            "nll": f"nll (discrete time, {time_bins} bins at the training fold's event-time quantiles)",
+        }[loss],
+        "min_events_per_batch": min_events if model != "linear" and loss == "cox" else None,
+        "time_bins": time_bins if model != "linear" and loss == "nll" else None,
         "preset": preset,
         "config": cv.config,
         "folds": folds,
