@@ -65,6 +65,8 @@ def test_survival_model_ranks_by_lesion_size(cohort: tuple[Path, Path], tmp_path
     assert 0 < low <= m["ibs"] <= high < 0.25
     assert m["ibs"] < _km_ibs(labels, m["ibs_times"]) - 0.01, (m["ibs"], _km_ibs(labels, m["ibs_times"]))
     assert m["time_bins"] == (4 if loss == "nll" else None)
+    assert (tmp_path / "kaplan_meier.png").stat().st_size > 0
+    assert m["risk_groups"]["n_groups"] == 2 and 0 <= m["risk_groups"]["logrank_p"] <= 1
     # oracle C (the true lesion size) is 0.77; pooled risks of 4 fold models on different scales lose a little
     assert m["c_index"] > 0.6 and m["c_index_folds_mean"] > 0.65, (m["c_index"], m["per_fold"])
     low, high = m["c_index_ci95"]
@@ -96,7 +98,7 @@ def test_cli_target_survival(cohort: tuple[Path, Path], tmp_path: Path) -> None:
                                     "--target", "survival", "--out", str(out), "--folds", "3", "--n-boot", "50",
                                     "--horizons", "1,3", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "Harrell's C" in res.output
+    assert "Harrell's C" in res.output and "log-rank p" in res.output and "kaplan_meier.png" in res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["target"] == "survival" and m["horizons"] == [1.0, 3.0] and m["uno_c_tau"] == 3.0
 

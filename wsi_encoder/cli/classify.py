@@ -81,6 +81,8 @@ def classify() -> None:
               help="Survival with --loss nll: time bins, at the quantiles of the training fold's event times.")
 @click.option("--horizons", default=None, metavar="T1,T2,...",
               help="Survival: times of the time-dependent AUC (default: quartiles of the event times).")
+@click.option("--risk-groups", type=click.Choice(["2", "3"]), default="2", show_default=True,
+              help="Survival: Kaplan-Meier risk groups of kaplan_meier.png (2: median split, 3: tertiles).")
 @click.option("--min-events", type=click.IntRange(min=1), default=2, show_default=True,
               help="Survival, abmil/gridcnn: mini-batches with fewer events are skipped.")
 @click.option("--out", "out_dir", required=True, type=PATH_OR_URL, help="Output folder (local, or an s3:// URL).")
@@ -114,6 +116,7 @@ def train(
     loss: str | None,
     time_bins: int,
     horizons: str | None,
+    risk_groups: str,
     min_events: int,
     out_dir: Path | str,
     folds: int,
@@ -147,7 +150,7 @@ def train(
     if target == "survival":
         _train_survival(embeddings, labels_csv, model, out_dir, folds, seed, epochs, params, preset, cv_scheme,
                         allow_missing, val_fraction, n_boot, device, threads, _parse_horizons(horizons), min_events,
-                        loss or "cox", time_bins)
+                        loss or "cox", time_bins, int(risk_groups))
         return
     bar = FoldProgress(4 if cv_scheme == "rotate4" else folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
@@ -225,7 +228,7 @@ def _train_survival(
     embeddings: Path | str, labels_csv: Path | str, model: str, out_dir: Path | str, folds: int, seed: int,
     epochs: int | None, params: tuple[str, ...], preset: str | None, cv_scheme: str, allow_missing: bool,
     val_fraction: float, n_boot: int, device: str, threads: int | None, horizons: list[float] | None,
-    min_events: int, loss: str, time_bins: int,
+    min_events: int, loss: str, time_bins: int, n_risk_groups: int,
 ) -> None:
     from wsi_encoder.pipelines.classify import train_survival
 
@@ -239,8 +242,8 @@ def _train_survival(
         result = train_survival(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, device=device, val_fraction=val_fraction, n_boot=n_boot, threads=threads,
-            horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, on_fold=on_fold, preset=preset,
-            cv_scheme=cv_scheme,
+            horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, n_risk_groups=n_risk_groups,
+            on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
         )
     m = result.metrics
     low, high = m["c_index_ci95"]
@@ -253,6 +256,11 @@ def _train_survival(
         low, high = m["ibs_ci95"]
         click.echo(f"integrated Brier score (t {m['ibs_times'][0]:g} to {m['ibs_times'][1]:g}) {_fmt(m['ibs'])} "
                    f"[{_fmt(low).strip()}, {_fmt(high).strip()}]")
+    groups = m["risk_groups"]
+    p_value = "n/a" if groups["logrank_p"] is None else f"{groups['logrank_p']:.2g}"
+    click.echo(f"{groups['n_groups']} risk groups (patients): " + ", ".join(
+        f"{name} {g['n_patients']} ({g['n_events']} events)" for name, g in groups["groups"].items())
+        + f"; log-rank p = {p_value}")
     _echo_files(result.files, out_dir)
 
 

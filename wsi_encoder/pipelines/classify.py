@@ -35,6 +35,7 @@ from wsi_encoder.evaluation.crossval import (
     nan_to_none,
 )
 from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
+from wsi_encoder.evaluation.outcome_plots import plot_kaplan_meier, plot_predicted_vs_true, risk_groups
 from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
 from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
@@ -493,7 +494,8 @@ def train_regressor(
     ``slide_id,patient_id,fold,prediction,target`` (out-of-fold; ``fold=test`` for ``split=test`` rows,
     predicted by a model refit on all training slides with what the folds selected). ``metrics.json``
     has the pooled out-of-fold ``spearman``, ``pearson``, ``mae`` and ``r2`` at the top level, each with
-    ``<name>_ci95`` (patient bootstrap). The other arguments are those of :func:`train_classifier`;
+    ``<name>_ci95`` (patient bootstrap); ``predicted_vs_true.png`` plots the out-of-fold predictions against the
+    target with the identity line. The other arguments are those of :func:`train_classifier`;
     ``loss`` (``mse`` or ``huber``) applies to ``abmil`` and ``gridcnn``. Only ``cv_scheme="kfold"``.
     """
     _kfold_only(cv_scheme, "regression")
@@ -532,6 +534,10 @@ def train_regressor(
                      for sid, pid, p, t in zip(test.slide_ids, test.patient_ids, pred, test.y, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "prediction", "target"])
+    files["scatter"] = plot_predicted_vs_true(
+        train.y, cv.oof_pred, out / "predicted_vs_true.png", spearman=cv.pooled["spearman"],
+        title=f"{model}, {folds}-fold patient-grouped CV",
+    )
     metrics = {
         "target": "regression",
         "model": model,
@@ -588,6 +594,7 @@ def train_survival(
     min_events: int = 2,
     loss: str = "cox",
     time_bins: int = 10,
+    n_risk_groups: int = 2,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
     preset: str | None = None,
     cv_scheme: str = "kfold",
@@ -600,7 +607,9 @@ def train_survival(
     bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
     quartiles of the event times), the integrated Brier score ``ibs`` over ``ibs_times`` with ``ibs_ci95``, and
     the per-fold C. ``loss`` of the torch models: ``cox`` (``min_events``: mini-batches with fewer events are
-    skipped) or ``nll``, the discrete-time likelihood over ``time_bins`` bins. The other arguments are those of :func:`train_classifier`; only ``kfold``,
+    skipped) or ``nll``, the discrete-time likelihood over ``time_bins`` bins. ``kaplan_meier.png``: Kaplan-Meier
+    curves of ``n_risk_groups`` (2: median split, 3: tertiles) patient risk groups with the log-rank p-value
+    (``risk_groups`` in ``metrics.json``; see :mod:`wsi_encoder.evaluation.outcome_plots`). The other arguments are those of :func:`train_classifier`; only ``kfold``,
     and no ``split=test`` rows yet.
     """
     _kfold_only(cv_scheme, "survival")
@@ -625,6 +634,10 @@ def train_survival(
                                             events, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    grouped = risk_groups(table.y, events, cv.oof_risk, table.patient_ids, cv.fold_of, n_risk_groups)
+    files["kaplan_meier"] = plot_kaplan_meier(
+        grouped, out / "kaplan_meier.png", title=f"{model}, {folds}-fold CV: out-of-fold risk groups"
+    )
     metrics = {
         "target": "survival",
         "model": model,
@@ -645,6 +658,7 @@ def train_survival(
         "n_slides": len(table.slide_ids),
         "n_patients": len(set(table.patient_ids)),
         **cv.summary_json(),
+        "risk_groups": grouped.to_json(),
         "cv_scheme": cv_scheme,
         "store_skipped": reader.skipped,
         "wsi_encoder_version": __version__,
