@@ -36,14 +36,15 @@ from wsi_encoder.evaluation.crossval import (
 )
 from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
 from wsi_encoder.evaluation.outcome_plots import plot_kaplan_meier, plot_predicted_vs_true, risk_groups
-from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
+from wsi_encoder.evaluation.plots import plot_heatmap, plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
 from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
-from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
+from wsi_encoder.io.files import atomic_path, atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
+from wsi_encoder.models.outcome_files import is_outcome_model, load_outcome_model, save_outcome_model
 from wsi_encoder.models.slide_classifiers import (
     SlideClassifier,
     config_fields,
@@ -52,7 +53,8 @@ from wsi_encoder.models.slide_classifiers import (
     torch_threads,
 )
 from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
-from wsi_encoder.models.slide_classifiers.regressors import create_regressor
+from wsi_encoder.models.slide_classifiers.regressors import RidgeRegressor, create_regressor
+from wsi_encoder.models.slide_classifiers.survival import CoxLinear, create_cox_model
 
 logger = logging.getLogger(__name__)
 
@@ -370,24 +372,13 @@ def predict(
         When the store's embedding size differs from the model's, or (unless
         ``allow_encoder_mismatch``) it was written by another encoder than the training store.
     """
+    if is_outcome_model(model_dir):
+        if labels_csv is not None:
+            raise InvalidParameterError(f"{model_dir} is a regression/survival model: --labels scores classifiers only")
+        return _predict_outcome(embedding_store, model_dir, out_csv, heatmap_dir, device=device,
+                                allow_encoder_mismatch=allow_encoder_mismatch, threads=threads, on_slide=on_slide)
     model, meta = load_model(model_dir, device)
-    reader = EmbeddingStore.open(embedding_store)
-    if not reader.slide_ids:
-        raise StoreError(f"{embedding_store}: no complete slide to predict")
-    if reader.embedding_dim != model.in_dim:
-        raise StoreError(
-            f"{embedding_store}: embeddings have {reader.embedding_dim} features but the model in {model_dir} "
-            f"was trained on {model.in_dim}; encode the slides with the same encoder"
-        )
-    trained_with, here = meta.get("encoder") or {}, reader.encoder_identity()
-    if trained_with.get("weights_sha256") and here.get("weights_sha256") and trained_with != here:
-        message = (
-            f"{embedding_store} was encoded by {here.get('name')} ({str(here.get('weights_sha256'))[:12]}) but the "
-            f"model was trained on {trained_with.get('name')} ({str(trained_with.get('weights_sha256'))[:12]}) embeddings"
-        )
-        if not allow_encoder_mismatch:
-            raise StoreError(message + "; re-encode with that encoder (or pass --allow-encoder-mismatch)")
-        logger.warning("%s", message)
+    reader = _open_for(embedding_store, model_dir, model.in_dim, meta, allow_encoder_mismatch)
     classes = list(meta["classes"])
     labels: dict[str, str] = {}
     if labels_csv is not None:
@@ -438,6 +429,73 @@ def predict(
     return PredictResult(out_csv, rows, heatmaps, skipped, metrics)
 
 
+def _open_for(
+    embedding_store: str | Path, model_dir: str | Path, in_dim: int, meta: dict[str, Any], allow_encoder_mismatch: bool
+) -> EmbeddingStore:
+    """The store to predict, refused when empty, of another embedding size, or (unless allowed) another encoder."""
+    reader = EmbeddingStore.open(embedding_store)
+    if not reader.slide_ids:
+        raise StoreError(f"{embedding_store}: no complete slide to predict")
+    if reader.embedding_dim != in_dim:
+        raise StoreError(
+            f"{embedding_store}: embeddings have {reader.embedding_dim} features but the model in {model_dir} "
+            f"was trained on {in_dim}; encode the slides with the same encoder"
+        )
+    trained_with, here = meta.get("encoder") or {}, reader.encoder_identity()
+    if trained_with.get("weights_sha256") and here.get("weights_sha256") and trained_with != here:
+        message = (
+            f"{embedding_store} was encoded by {here.get('name')} ({str(here.get('weights_sha256'))[:12]}) but the "
+            f"model was trained on {trained_with.get('name')} ({str(trained_with.get('weights_sha256'))[:12]}) embeddings"
+        )
+        if not allow_encoder_mismatch:
+            raise StoreError(message + "; re-encode with that encoder (or pass --allow-encoder-mismatch)")
+        logger.warning("%s", message)
+    return reader
+
+
+def _predict_outcome(
+    embedding_store: str | Path, model_dir: str | Path, out_csv: str | Path, heatmap_dir: str | Path | None, *,
+    device: str, allow_encoder_mismatch: bool, threads: int | None, on_slide: Callable[[str], None] | None,
+) -> PredictResult:
+    """:func:`predict` with a regression or survival model: ``slide_id,prediction`` or ``slide_id,risk``.
+
+    Heatmaps (abmil: attention; gridcnn: Grad-CAM of the prediction / risk, where the features push it up);
+    ``linear`` draws none for these targets.
+    """
+    model, meta = load_outcome_model(model_dir, device)
+    reader = _open_for(embedding_store, model_dir, int(meta["in_dim"]), meta, allow_encoder_mismatch)
+    column = "risk" if meta["target"] == "survival" else "prediction"
+    heat_dir = Path(heatmap_dir) if heatmap_dir is not None and model.name != "linear" else None
+    if heatmap_dir is not None and heat_dir is None:
+        logger.warning("the linear %s model draws no heatmap", meta["target"])
+    rows: list[dict[str, Any]] = []
+    heatmaps: dict[str, Path] = {}
+    skipped = dict(reader.skipped)
+    with torch_threads(threads):
+        for slide_id in reader.slide_ids:
+            try:
+                bag = reader.load(slide_id, dihedral=model.name == "gridcnn" and reader.has_dihedral(slide_id))
+                value = float(model.predict([bag])[0])
+            except StoreError as exc:
+                logger.warning("%s: skipped (%s)", slide_id, exc)
+                skipped[slide_id] = str(exc)
+                continue
+            rows.append({"slide_id": slide_id, column: value})
+            if heat_dir is not None and not isinstance(model, RidgeRegressor | CoxLinear):
+                heat = model.heatmap(bag)
+                with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
+                    np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
+                heatmaps[slide_id] = plot_heatmap(
+                    reader.thumbnail(slide_id), heat, heat_dir / f"{slide_id}.png", geometry=reader.geometry(slide_id),
+                    title=f"{slide_id}: {column} = {value:.3f}", label=f"{model.name}: {model.heatmap_kind}",
+                )
+            if on_slide is not None:
+                on_slide(slide_id)
+    out_csv = Path(out_csv)
+    atomic_write_csv(out_csv, [[r["slide_id"], _fmt(r[column])] for r in rows], ["slide_id", column])
+    return PredictResult(out_csv, rows, heatmaps, skipped, None)
+
+
 def _fmt(value: Any) -> Any:
     return f"{value:.6f}" if isinstance(value, float) else value
 
@@ -457,6 +515,23 @@ def _draw_heatmap(
 
 
 # ---------------------------------------------------------------------------------------------- regression
+def _outcome_meta(
+    reader: EmbeddingStore, embedding_store: str | Path, labels_csv: str | Path, slide_ids: list[str], n_training: int,
+    seed: int, refit: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``model.json`` of a regression / survival model records beside the model itself."""
+    return {
+        "encoder": reader.encoder_identity(),
+        "embedding_store": str(normalize(embedding_store)),
+        "labels": str(Path(labels_csv).resolve()),
+        "n_training_slides": n_training,
+        "seed": seed,
+        "refit": refit,
+        "cv_scheme": "kfold",
+        "provenance": training_provenance(reader, slide_ids),
+    }
+
+
 @dataclass(frozen=True)
 class RegressResult:
     """What :func:`train_regressor` wrote and measured."""
@@ -519,10 +594,10 @@ def train_regressor(
             [sid, pid, int(f), f"{p:.6g}", f"{t:.6g}"]
             for sid, pid, f, p, t in zip(train.slide_ids, train.patient_ids, cv.fold_of, cv.oof_pred, train.y, strict=True)
         ]
+        final = create_regressor(model, reader.embedding_dim, overrides, loss, device)
+        final.fit(reader.bags(train.slide_ids, dihedral=dihedral), train.y, seed=seed, refit=cv.refit_params)
         test_report = None
         if test.slide_ids:
-            final = create_regressor(model, reader.embedding_dim, overrides, loss, device)
-            final.fit(reader.bags(train.slide_ids, dihedral=dihedral), train.y, seed=seed, refit=cv.refit_params)
             pred = final.predict(reader.bags(test.slide_ids, dihedral=dihedral))
             test_report = {
                 "n_slides": len(test.slide_ids),
@@ -534,6 +609,9 @@ def train_regressor(
                      for sid, pid, p, t in zip(test.slide_ids, test.patient_ids, pred, test.y, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "prediction", "target"])
+    files["model"] = save_outcome_model(final, "regression", out, _outcome_meta(
+        reader, embedding_store, labels_csv, list(train.slide_ids + test.slide_ids), len(train.slide_ids), seed, cv.refit_params,
+    ))
     files["scatter"] = plot_predicted_vs_true(
         train.y, cv.oof_pred, out / "predicted_vs_true.png", spearman=cv.pooled["spearman"],
         title=f"{model}, {folds}-fold patient-grouped CV",
@@ -634,6 +712,13 @@ def train_survival(
                                             events, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    with torch_threads(threads):
+        final = create_cox_model(model, reader.embedding_dim, overrides, device, min_events, loss, time_bins)
+        final.fit(reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, seed=seed,
+                  groups=table.patient_ids, refit=cv.refit_params)
+    files["model"] = save_outcome_model(final, "survival", out, _outcome_meta(
+        reader, embedding_store, labels_csv, list(table.slide_ids), len(table.slide_ids), seed, cv.refit_params,
+    ))
     grouped = risk_groups(table.y, events, cv.oof_risk, table.patient_ids, cv.fold_of, n_risk_groups)
     files["kaplan_meier"] = plot_kaplan_meier(
         grouped, out / "kaplan_meier.png", title=f"{model}, {folds}-fold CV: out-of-fold risk groups"

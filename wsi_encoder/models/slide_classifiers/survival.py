@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,
@@ -40,6 +41,7 @@ from wsi_encoder.models.slide_classifiers.base import (
 )
 from wsi_encoder.models.slide_classifiers.fit_loop import fit_module
 from wsi_encoder.models.slide_classifiers.linear import pool_features
+from wsi_encoder.models.slide_classifiers.regressors import heatmap_kind, outcome_heatmap
 from wsi_encoder.models.slide_classifiers.survival_loss import (
     check_events,
     cox_breslow_loss,
@@ -165,8 +167,8 @@ class CoxLinear:
 
     def survival(self, bags: Bags, times: npt.ArrayLike) -> FloatArray:
         """``(n, len(times))`` S(t | slide) from the Breslow baseline of the fit (constant past its follow-up)."""
-        if self.model is None:
-            raise InvalidParameterError("the linear Cox model is not fitted")
+        if not hasattr(self.model, "predict_survival_function"):
+            raise InvalidParameterError("the linear Cox model is not fitted (a saved model keeps no baseline hazard)")
         return _step_values(self.model.predict_survival_function(self._matrix(bags)), times)
 
 
@@ -197,6 +199,7 @@ class TorchCox:
         self.net: TorchSlideClassifier[Any] = cls(in_dim, 2, config, device)
         # outputs: the risk (cox) or one hazard logit per time bin (nll); build_module reads num_classes
         self.net.num_classes = 1 if loss == "cox" else time_bins
+        self.net.module = self.net.build_module().to(self.net.device)  # the head of that width
         self.config = self.net.config
         self.edges = np.zeros(0)  # nll: inner time-bin edges of the training fold
         self.baseline: Any = None  # cox: scikit-survival BreslowEstimator of the training slides
@@ -271,6 +274,17 @@ class TorchCox:
         out = self._outputs(bags)
         risk = out[:, 0] if self.loss == "cox" else discrete_time_risk(out)
         return np.asarray(risk.numpy(), dtype=float)
+
+    @property
+    def heatmap_kind(self) -> str:
+        """What :meth:`heatmap` draws."""
+        return heatmap_kind(self.net, "risk")
+
+    def heatmap(self, bag: SlideBag) -> FloatArray:
+        """``(R, Q)`` map in [0, 1], NaN outside tissue: attention (abmil), Grad-CAM of the risk (gridcnn)."""
+        if self.loss == "cox":
+            return outcome_heatmap(self.net, bag, lambda out: out[0])
+        return outcome_heatmap(self.net, bag, lambda out: discrete_time_risk(out[None])[0])
 
     def survival(self, bags: Bags, times: npt.ArrayLike) -> FloatArray:
         """``(n, len(times))`` S(t | slide): Breslow baseline (cox) or the product of ``1 - h`` over bins passed (nll).
