@@ -71,8 +71,7 @@ def save_outcome_model(model: OutcomeModel, target: str, out_dir: str | Path, me
 
     arrays, extra = _arrays(model)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    in_dim = model.in_dim if isinstance(model, RidgeRegressor | CoxLinear) else model.net.in_dim
-    record = {"format": OUTCOME_FORMAT, "target": target, "name": model.name, "in_dim": int(in_dim),
+    record = {"format": OUTCOME_FORMAT, "target": target, "name": model.name, "in_dim": int(model.in_dim),
               "config": config_dict(model.config), **extra, **meta, "wsi_encoder_version": __version__}
     save_weights_folder(out_dir, tensors, record, config_name=MODEL_JSON,
                         metadata={"format": OUTCOME_FORMAT, "model": model.name})

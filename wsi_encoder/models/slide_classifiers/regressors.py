@@ -110,6 +110,7 @@ class TorchRegressor:
         if not issubclass(cls, TorchSlideClassifier):
             raise InvalidParameterError(f"{model} is not a torch model")
         self.name = model
+        self.in_dim = in_dim
         self.loss = loss
         self.net: TorchSlideClassifier[Any] = cls(in_dim, 2, config, device)
         self.net.num_classes = 1  # one output: the standardised target (build_module reads it)
@@ -197,7 +198,7 @@ def outcome_heatmap(
 
 def heatmap_kind(net: TorchSlideClassifier[Any], score: str) -> str:
     """What :func:`outcome_heatmap` draws, for the picture's label."""
-    return f"Grad-CAM of the {score} (first block; red = pushes it up)" if net.name == "gridcnn" else net.heatmap_kind
+    return f"Grad-CAM of the {score} (first block; bright = pushes it up)" if net.name == "gridcnn" else net.heatmap_kind
 
 
 def create_regressor(model: str, in_dim: int, config: dict[str, Any] | None = None, loss: str = "mse",

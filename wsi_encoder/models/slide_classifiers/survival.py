@@ -193,6 +193,7 @@ class TorchCox:
         if loss == "nll" and time_bins < 2:
             raise InvalidParameterError(f"--time-bins must be at least 2, got {time_bins!r}")
         self.name = model
+        self.in_dim = in_dim
         self.loss = loss
         self.min_events = min_events
         self.time_bins = time_bins
