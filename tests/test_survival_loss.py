@@ -131,3 +131,47 @@ def test_discrete_time_nll_gradient_raises_the_hazard_of_the_death_bin() -> None
     assert g is not None
     assert g[0, 1] < 0 < g[0, 0]  # died in bin 1: raise h_1, lower h_0 (survived bin 0)
     assert g[1, 0] > 0 and g[1, 1] > 0 and g[1, 2] == 0  # censored in bin 1: lower both, bin 2 unseen
+
+
+def _loglik(risk: torch.Tensor, time: np.ndarray, event: np.ndarray, idx: np.ndarray) -> float:
+    """Log partial likelihood of the slides ``idx`` from the (tested) torch Breslow loss, a mean over events."""
+    ev = torch.tensor(event[idx])
+    return -float(cox_breslow_loss(risk[idx], torch.tensor(time[idx]), ev)) * int(ev.sum())
+
+
+def test_linear_cox_alpha_by_cross_validated_partial_likelihood() -> None:
+    """Verweij & van Houwelingen's CV likelihood, recomputed fold by fold with the torch Breslow loss; the alpha it
+    picks is small with a strong signal and the strongest penalty without one."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from wsi_encoder.io.slide_records import SlideBag
+    from wsi_encoder.models.slide_classifiers.survival import CoxLinear
+
+    rng = np.random.default_rng(0)
+    n = 120
+    x = rng.normal(size=(n, 4))
+    groups = np.array([f"P{i // 2}" for i in range(n)])
+
+    def bags(features: np.ndarray) -> list[SlideBag]:
+        return [SlideBag(f"s{i}", f[None, :].astype(np.float32), np.zeros((1, 2), np.int64), (1, 1))
+                for i, f in enumerate(features)]
+
+    for signal, expected in ((2.0, "small"), (0.0, "largest")):
+        time = rng.exponential(np.exp(-signal * x[:, 0]))
+        event = rng.random(n) < 0.8
+        cox = CoxLinear(4, {"pooling": "mean", "alphas": (0.1, 10.0, 1000.0)})
+        info = cox.fit(bags(x), time, event, groups=groups, seed=3)
+        scores = info.selected["cv_log_likelihood"]
+        if expected == "small":
+            assert info.selected["alpha"] < 1000.0
+        else:
+            assert info.selected["alpha"] == 1000.0
+    # the score of one alpha, recomputed independently: sum over folds of l(b_-k) - l_-k(b_-k)
+    splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=3)
+    total = 0.0
+    for tr, _ in splitter.split(x, event.astype(int), groups):
+        fitted = cox._fit(x[tr], time[tr], event[tr], 10.0)
+        risk = torch.tensor(fitted.predict(x))
+
+        total += _loglik(risk, time, event, np.arange(n)) - _loglik(risk, time, event, tr)
+    assert scores[10.0] == pytest.approx(total, rel=1e-8)
