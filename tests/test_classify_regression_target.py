@@ -57,6 +57,7 @@ def test_regressor_learns_lesion_size(cohort: tuple[Path, Path], tmp_path: Path,
                              device="cpu", n_boot=200, threads=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["spearman"] > 0.5, metrics["pooled"]
+    assert result.files["scatter"] == tmp_path / "predicted_vs_true.png" and result.files["scatter"].stat().st_size > 0
     for name in ("spearman", "pearson", "mae", "r2"):
         low, high = metrics[f"{name}_ci95"]
         assert low <= metrics[name] <= high, (name, metrics[name], low, high)

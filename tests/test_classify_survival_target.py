@@ -33,13 +33,40 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return store, write_labels(out / "survival.csv", labelled, ("slide_id", "time", "event", "patient_id"))
 
 
-@pytest.mark.parametrize("model", ["linear", pytest.param("abmil", marks=pytest.mark.slow)])
-def test_cox_model_ranks_by_lesion_size(cohort: tuple[Path, Path], tmp_path: Path, model: str) -> None:
+def _km_ibs(labels: Path, times: list[float]) -> float:
+    """The integrated Brier score of the Kaplan-Meier curve of all slides (the same S for everyone)."""
+    from sksurv.metrics import integrated_brier_score
+    from sksurv.nonparametric import kaplan_meier_estimator
+    from sksurv.util import Surv
+
+    with labels.open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    t, e = np.array([float(r["time"]) for r in table]), np.array([r["event"] == "1" for r in table])
+    grid = np.linspace(*times, 20)
+    x, km = kaplan_meier_estimator(e, t)
+    y = Surv.from_arrays(e, t)
+    return float(integrated_brier_score(y, y, np.tile(np.interp(grid, x, km), (len(t), 1)), grid))
+
+
+@pytest.mark.parametrize(("model", "loss"), [("linear", "cox"), pytest.param("abmil", "cox", marks=pytest.mark.slow),
+                                          pytest.param("abmil", "nll", marks=pytest.mark.slow)])
+def test_survival_model_ranks_by_lesion_size(cohort: tuple[Path, Path], tmp_path: Path, model: str, loss: str) -> None:
     store, labels = cohort
     params = {**FAST[model], "batch_size": 16} if model != "linear" else {}
+    if loss == "nll":  # a mean over slides, not events: smaller gradients than Cox's at the same lr
+        params["lr"] = 3e-3
     train_survival(store, labels, model, tmp_path, folds=4, seed=0, params=params, device="cpu", n_boot=100,
-                   threads=1)
+                   threads=1, loss=loss, time_bins=4)
     m = json.loads((tmp_path / "metrics.json").read_text())
+    # every model has a survival function (Breslow baseline, or the discrete-time hazards): its IBS beats the
+    # Kaplan-Meier curve's, which knows nothing of the slides
+    assert m["ibs_times"] == [min(m["horizons"]), max(m["horizons"])]
+    low, high = m["ibs_ci95"]
+    assert 0 < low <= m["ibs"] <= high < 0.25
+    assert m["ibs"] < _km_ibs(labels, m["ibs_times"]) - 0.01, (m["ibs"], _km_ibs(labels, m["ibs_times"]))
+    assert m["time_bins"] == (4 if loss == "nll" else None)
+    assert (tmp_path / "kaplan_meier.png").stat().st_size > 0
+    assert m["risk_groups"]["n_groups"] == 2 and 0 <= m["risk_groups"]["logrank_p"] <= 1
     # oracle C (the true lesion size) is 0.77; pooled risks of 4 fold models on different scales lose a little
     assert m["c_index"] > 0.6 and m["c_index_folds_mean"] > 0.65, (m["c_index"], m["per_fold"])
     low, high = m["c_index_ci95"]
@@ -71,6 +98,29 @@ def test_cli_target_survival(cohort: tuple[Path, Path], tmp_path: Path) -> None:
                                     "--target", "survival", "--out", str(out), "--folds", "3", "--n-boot", "50",
                                     "--horizons", "1,3", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "Harrell's C" in res.output
+    assert "Harrell's C" in res.output and "log-rank p" in res.output and "kaplan_meier.png" in res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["target"] == "survival" and m["horizons"] == [1.0, 3.0] and m["uno_c_tau"] == 3.0
+
+
+def test_cli_survival_losses(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+    from wsi_encoder.cli.classify import SURVIVAL_LOSSES as CLI_LOSSES
+    from wsi_encoder.models.slide_classifiers.survival import SURVIVAL_LOSSES
+
+    assert CLI_LOSSES == SURVIVAL_LOSSES
+    store, labels = cohort
+    base = ["classify", "train", str(store), "--labels", str(labels), "--target", "survival", "--folds", "3",
+            "--n-boot", "20", "--device", "cpu"]
+    res = CliRunner().invoke(main, [*base, "--model", "linear", "--loss", "huber", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "huber is not a loss of --target survival" in res.output
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "nll"
+    res = CliRunner().invoke(main, [*base, "--model", "abmil", "--loss", "nll", "--time-bins", "3", "--epochs", "2",
+                                    "--param", "hidden=8", "--param", "attention_dim=8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "integrated Brier score" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["time_bins"] == 3 and m["loss"].startswith("nll") and m["min_events_per_batch"] is None

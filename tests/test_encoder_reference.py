@@ -24,6 +24,7 @@ table and compares the registry with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -71,6 +73,15 @@ CARDS: dict[str, dict[str, Any]] = {
        for k in ("kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitl14")},
     "plip": {"norm": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)), "input": 224,
              "mpp": 0.5, "interp": "bicubic", "crop": (224, 224), "output": "projection (CLIP get_image_features)"},
+    "h0-mini": {"norm": HOPTIMUS, "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (224, 224),
+                "output": "cls+mean(patch, registers excluded)"},
+    "midnight-12k": {"norm": KAIKO, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": (224, 224),
+                     "output": "cls+mean(patch)"},
+    "quiltnet-b-32": {"norm": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                      "input": 224, "mpp": 0.5, "interp": "bicubic", "crop": (224, 224),
+                      "output": "projection (open_clip encode_image)"},
+    "conch-v1_5": {"norm": IMAGENET, "input": 448, "mpp": 0.5, "interp": "bilinear", "crop": (448, 448),
+                   "output": "attn-pool (CoCa contrastive query, after ln_contrast)"},
     "ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None, "output": "gap"},
     "chief-ctranspath": {"norm": IMAGENET, "input": 224, "mpp": 1.0, "interp": "bilinear", "crop": None,
                          "output": "gap"},
@@ -191,6 +202,12 @@ TIMM_CARDS: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[torch.T
     # TRIDENT GPFMInferenceEncoder (file GPFM.pth)
     "gpfm": ("vit_large_patch14_dinov2", lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
              None, True),
+    # huggingface.co/bioptimus/H0-mini: timm.create_model("hf-hub:bioptimus/H0-mini", mlp_layer=SwiGLUPacked,
+    # act_layer=SiLU) with its config.json model_args; output = cat(class token, mean of the tokens after the 4 registers)
+    "h0-mini": ("vit_base_patch14_reg4_dinov2", lambda: {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.33334,
+                                                         "reg_tokens": 4, "global_pool": "", "num_classes": 0,
+                                                         "dynamic_img_size": True, **_swiglu()},
+                lambda t: torch.cat([t[:, 0], t[:, 5:].mean(1)], dim=-1), False),
     # huggingface.co/1aurent/vit_small_patch8_224.lunit_dino and ...kaiko_ai_towards_large_pathology_fms (full depth)
     "lunit-vits8": ("vit_small_patch8_224", lambda: {"num_classes": 0}, None, False),
     "lunit-vits16": ("vit_small_patch16_224", lambda: {"num_classes": 0}, None, False),
@@ -324,6 +341,180 @@ def test_transformers_entry_equals_its_card(name: str, real_tiles: np.ndarray, t
         x = _official_input(name, real_tiles)
         expected = _clip_image_features(ref, x) if output is None else output(ref(pixel_values=x))
     _assert_same(_ours(name, path, real_tiles), expected)
+
+
+# ---- Midnight-12k: transformers Dinov2Model (ViT-g/14, SwiGLU), class token ++ mean patch token ----------------
+
+def _hf_midnight(image_size: int, depth: int = REDUCED_DEPTH) -> nn.Module:
+    # the card: AutoModel.from_pretrained("kaiko-ai/midnight"), Meta's dinov2_vitg14 as a transformers Dinov2Model
+    # (1,536 wide, 40 layers on the card, 24 heads, SwiGLU FFN, layer scale, no registers)
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=1536, num_hidden_layers=depth, num_attention_heads=24, mlp_ratio=4,
+                       image_size=image_size, patch_size=14, use_swiglu_ffn=True, layerscale_value=1e-5,
+                       layer_norm_eps=1e-6, qkv_bias=True)
+    return Dinov2Model(cfg)
+
+
+@pytest.mark.parametrize("image_size", [224, 518], ids=["grid16", "dinov2-grid37"])
+def test_midnight_equals_its_card(image_size: int, real_tiles: np.ndarray, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 224-px position grid loads as it is; DINOv2's 518-px grid is resampled as transformers does at 224 px."""
+    _reduce_depth(monkeypatch)
+    torch.manual_seed(0)
+    ref = _perturb(_hf_midnight(image_size))
+    ref.save_pretrained(tmp_path)
+    with torch.inference_mode():
+        tokens = ref(pixel_values=_official_input("midnight-12k", real_tiles)).last_hidden_state
+        expected = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)  # the card's extract_classification_embedding
+    _assert_same(_ours("midnight-12k", tmp_path / "model.safetensors", real_tiles), expected)
+
+
+def test_midnight_full_config_fits_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's whole ViT-g/14 (40 layers) as shapes only: transformers' layout through the remap and strict load."""
+    from wsi_encoder.models import encoders as encoders_module
+    from wsi_encoder.models.encoders import build_skeleton, load_weights
+
+    with torch.device("meta"):
+        model = _hf_midnight(224, depth=40)
+    try:  # transformers 5 holds q/k/v and the SwiGLU halves apart in memory: the layout save_pretrained writes
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = dict(revert_weight_conversion(model, model.state_dict()))
+    except ImportError:  # transformers 4: the in-memory layout is the on-disk one
+        state = dict(model.state_dict())
+    monkeypatch.setattr(encoders_module, "read_state_dict", lambda p: dict(state))
+    enc = build_skeleton("midnight-12k")
+    load_weights(enc, "model.safetensors", assign=True)
+    assert sum(t.numel() for t in enc.trunk_module().parameters()) == pytest.approx(1.1348e9, rel=1e-3)  # ViT-g/14
+
+
+# ---- QuiltNet-B-32: open_clip ViT-B-32, encode_image -----------------------------------------------------------
+
+def test_quiltnet_equals_open_clip(real_tiles: np.ndarray, tmp_path: Path) -> None:
+    """huggingface.co/wisdomik/QuiltNet-B-32: open_clip_config.json is open_clip's ViT-B-32 (GELU); the file is the
+    whole CLIP state dict as open_clip saves it; the embedding is encode_image (the projected class token)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"  # not the -quickgelu variant
+    _perturb(model)
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    preprocess = open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                           std=open_clip.OPENAI_DATASET_STD)
+    assert "bicubic" in repr(preprocess).lower() and "CenterCrop" in repr(preprocess)
+    with torch.inference_mode():
+        expected = model.encode_image(_official_input("quiltnet-b-32", real_tiles))
+    _assert_same(_ours("quiltnet-b-32", path, real_tiles), expected)
+
+
+# ---- CONCH v1.5: written from its published code (not on PyPI) ---------------------------------------------------
+
+def _conch_v15_reference(s: dict[str, torch.Tensor], x: torch.Tensor, depth: int) -> torch.Tensor:
+    """CONCH v1.5's forward written out in plain torch from the TITAN / TRIDENT ``conchv1_5.py`` (whose package is
+    not on PyPI): iBOT ViT-L/16 (pre-norm blocks with layer scale, LayerNorm eps 1e-6, 16 heads) whose 14 x 14
+    position grid is interpolated with ``scale_factor = (grid + 0.1) / 14`` (bicubic), final norm, then
+    ``AttentionalPooler`` (8 heads, one query; ln_k/ln_q eps 1e-5; scores minus their max, softmax) and
+    ``ln_contrast``; output ``[:, 0]``, 768-d."""
+    def ln(h: torch.Tensor, n: str, eps: float) -> torch.Tensor:
+        return F.layer_norm(h, (h.shape[-1],), s[f"{n}.weight"], s[f"{n}.bias"], eps)
+
+    def lin(h: torch.Tensor, n: str) -> torch.Tensor:
+        return F.linear(h, s[f"{n}.weight"], s.get(f"{n}.bias"))
+
+    w = s["trunk.patch_embed.proj.weight"]
+    t = F.conv2d(x, w, s["trunk.patch_embed.proj.bias"], stride=16)
+    gh, gw = t.shape[-2:]
+    t = torch.cat([s["trunk.cls_token"].expand(len(x), -1, -1), t.flatten(2).transpose(1, 2)], dim=1)
+    pos = s["trunk.pos_embed"]
+    side = int(math.sqrt(pos.shape[1] - 1))
+    grid = F.interpolate(pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                         scale_factor=((gh + 0.1) / side, (gw + 0.1) / side), mode="bicubic")
+    t = t + torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+    heads, dim = 16, t.shape[-1]
+    for i in range(depth):
+        p = f"trunk.blocks.{i}"
+        q, k, v = lin(ln(t, f"{p}.norm1", 1e-6), f"{p}.attn.qkv").chunk(3, dim=-1)
+        q, k, v = (z.reshape(len(x), -1, heads, dim // heads).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) * (dim // heads) ** -0.5, dim=-1) @ v
+        t = t + lin(a.transpose(1, 2).reshape(len(x), -1, dim), f"{p}.attn.proj") * s[f"{p}.ls1.gamma"]
+        h = lin(F.gelu(lin(ln(t, f"{p}.norm2", 1e-6), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+        t = t + h * s[f"{p}.ls2.gamma"]
+    t = ln(t, "trunk.norm", 1e-6)
+    ap = "attn_pool_contrast"
+    kv = F.linear(ln(t, f"{ap}.ln_k", 1e-5), s[f"{ap}.to_kv.weight"])
+    kk, vv = kv.chunk(2, dim=-1)
+    qq = F.linear(ln(s[f"{ap}.query"].expand(len(x), -1, -1), f"{ap}.ln_q", 1e-5), s[f"{ap}.to_q.weight"])
+    qq, kk, vv = (z.reshape(len(x), z.shape[1], 8, -1).transpose(1, 2) for z in (qq, kk, vv))
+    sim = qq * (qq.shape[-1] ** -0.5) @ kk.transpose(-1, -2)
+    out = torch.softmax(sim - sim.amax(dim=-1, keepdim=True), dim=-1) @ vv
+    out = F.linear(out.transpose(1, 2).reshape(len(x), -1, 768), s[f"{ap}.to_out.weight"])
+    return ln(out[:, 0], "ln_contrast", 1e-5)
+
+
+def _conch_v15_file(depth: int, *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """A random ``pytorch_model_vision.bin`` with the key names and shapes of CONCH v1.5's (``depth`` blocks)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape: int, one: bool = False) -> torch.Tensor:
+        if meta:
+            return torch.empty(shape, device="meta")
+        return (1.0 if one else 0.0) + torch.randn(shape, generator=g) * (0.1 if one else 0.05)
+
+    d, hidden = 1024, 4096
+    s = {"trunk.cls_token": r(1, 1, d), "trunk.pos_embed": r(1, 197, d), "trunk.patch_embed.proj.weight": r(d, 3, 16, 16),
+         "trunk.patch_embed.proj.bias": r(d), "trunk.norm.weight": r(d, one=True), "trunk.norm.bias": r(d)}
+    for i in range(depth):
+        p = f"trunk.blocks.{i}"
+        shapes = {"norm1": (d,), "attn.qkv": (3 * d, d), "attn.proj": (d, d), "norm2": (d,), "mlp.fc1": (hidden, d),
+                  "mlp.fc2": (d, hidden)}
+        for n, shape in shapes.items():
+            s[f"{p}.{n}.weight"] = r(*shape, one=n.startswith("norm"))
+            s[f"{p}.{n}.bias"] = r(shape[0])
+        s[f"{p}.ls1.gamma"] = r(d, one=True)
+        s[f"{p}.ls2.gamma"] = r(d, one=True)
+    ap = "attn_pool_contrast"
+    s |= {f"{ap}.query": r(1, 768), f"{ap}.ln_k.weight": r(d, one=True), f"{ap}.ln_k.bias": r(d),
+          f"{ap}.ln_q.weight": r(768, one=True), f"{ap}.ln_q.bias": r(768), f"{ap}.to_q.weight": r(768, 768),
+          f"{ap}.to_kv.weight": r(1536, d), f"{ap}.to_out.weight": r(768, 768), "ln_contrast.weight": r(768, one=True),
+          "ln_contrast.bias": r(768)}
+    return s
+
+
+def test_conch_v15_equals_its_published_forward(real_tiles: np.ndarray, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official key layout loads strictly and gives the published forward on real tiles at 448 px
+    (Resize(448, bilinear) + CenterCrop(448), ImageNet mean/std), the 14 x 14 grid interpolated to 28 x 28."""
+    _reduce_depth(monkeypatch)
+    state = _conch_v15_file(REDUCED_DEPTH)
+    path = tmp_path / "pytorch_model_vision.bin"
+    torch.save(state, path)
+    with torch.inference_mode():
+        expected = _conch_v15_reference(state, _official_input("conch-v1_5", real_tiles), REDUCED_DEPTH)
+    _assert_same(_ours("conch-v1_5", path, real_tiles), expected)
+    with torch.inference_mode():  # another input size: the official interpolation again (16 x 16 from 14 x 14)
+        x = torch.rand(1, 3, 256, 256)
+        enc = build_encoder("conch-v1_5", weights=path).eval()
+        _assert_same(enc._features(x), _conch_v15_reference(state, x, REDUCED_DEPTH))
+
+
+def test_conch_v15_full_layout_fits_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole tower (24 blocks) as shapes only; a file missing a key of the official layout is refused."""
+    from wsi_encoder.errors import CheckpointError
+    from wsi_encoder.models import encoders as encoders_module
+    from wsi_encoder.models.encoders import build_skeleton, load_weights
+
+    state = _conch_v15_file(24, meta=True)
+    monkeypatch.setattr(encoders_module, "read_state_dict", lambda p: dict(state))
+    enc = build_skeleton("conch-v1_5")
+    load_weights(enc, "pytorch_model_vision.bin", assign=True)
+    assert sum(t.numel() for t in enc.trunk_module().parameters()) == sum(t.numel() for t in state.values())
+    monkeypatch.setattr(encoders_module, "read_state_dict",
+                        lambda p: {k: v for k, v in state.items() if k != "attn_pool_contrast.query"})
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(build_skeleton("conch-v1_5"), "pytorch_model_vision.bin", assign=True)
 
 
 # ---- torchvision ResNets (CLAM's truncated ResNet-50, torchvision's 2017 file) ---------------------------

@@ -215,3 +215,43 @@ def test_keep_stores_locks_both_stores_for_the_whole_run(slide_dir: Path, tmp_pa
             refused = _run([*args, "--overwrite"], code=1)
         assert f"{store}.lock" in refused.output and "predicted" not in refused.output
         assert len([line for line in refused.output.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.parametrize(("target", "model_name"), [("survival", "gridcnn"), ("regression", "abmil")])
+def test_regression_and_survival_models_predict_slides(slide_dir: Path, tmp_path: Path, target: str,
+                                                       model_name: str) -> None:
+    from wsi_encoder.models.outcome_files import load_outcome_model, save_outcome_model
+    from wsi_encoder.models.slide_classifiers.regressors import TorchRegressor
+    from wsi_encoder.models.slide_classifiers.survival import TorchCox
+
+    _, identity = load_encoder_cached("nic", None, "cpu")
+    torch.manual_seed(0)
+    if target == "survival":
+        model: TorchCox | TorchRegressor = TorchCox(model_name, identity.embedding_dim, {}, "cpu", loss="nll", time_bins=3)
+        model.edges = np.array([2.0, 5.0])
+    else:
+        model = TorchRegressor(model_name, identity.embedding_dim, {}, "mse", "cpu")
+        model.y_mean, model.y_std = 10.0, 2.0
+    model.net.module.eval()
+    recorded = {"name": "nic", "spec": "nic", "weights_sha256": identity.weights_sha256, "dtype": "float16"}
+    meta = {"encoder": {k: recorded[k] for k in ("name", "weights_sha256")},
+            "provenance": {"format": 1, "encoder": recorded, "tiling": TILING, "tiling_note": None}}
+    save_outcome_model(model, target, tmp_path / "m", meta)
+    loaded, _ = load_outcome_model(tmp_path / "m", "cpu")
+    result = _run(["predict", str(slide_dir / "s0.tif"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p"),
+                   "--threads", "1"])  # fmt: skip
+    column = "risk" if target == "survival" else "prediction"
+    with (tmp_path / "p" / "predictions.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert list(row) == ["slide_id", column, "n_tiles", "seconds"] and f"s0: {float(row[column]):.4g}" in result.output
+    if target == "survival":
+        assert -3 <= float(row[column]) <= 0  # minus the expected number of the 3 bins survived
+    collection = json.loads((tmp_path / "p" / "geojson" / "s0.geojson").read_text())
+    assert collection["properties"]["prediction"] == {"target": target, column: pytest.approx(float(row[column]), rel=1e-5)}
+    tissue = [f for f in collection["features"] if f["properties"].get("classification", {}).get("name") == "Tissue"
+              or column in f["properties"].get("measurements", {})]
+    assert any(column in f["properties"]["measurements"] for f in tissue)
+    heat = np.load(tmp_path / "p" / "heatmaps" / "s0.npy")
+    assert np.nanmax(heat) <= 1 and (tmp_path / "p" / "heatmaps" / "s0.png").exists()
+    assert loaded.heatmap_kind == ("Grad-CAM of the risk (first block; bright = pushes it up)" if target == "survival"
+                                   else "attention")

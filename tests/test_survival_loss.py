@@ -1,6 +1,9 @@
-"""The torch Cox loss against scikit-survival's Breslow partial likelihood, and the C-index sign."""
+"""The torch Cox loss against scikit-survival's Breslow partial likelihood, the C-index sign, and the discrete-time
+NLL against pycox's logistic-hazard formula and a per-slide loop."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +11,15 @@ import torch
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.models.slide_classifiers.survival_loss import check_events, cox_breslow_loss
+from wsi_encoder.models.slide_classifiers.survival_loss import (
+    check_events,
+    cox_breslow_loss,
+    discrete_survival,
+    discrete_time_nll,
+    discrete_time_risk,
+    time_bin_edges,
+    time_bin_index,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -60,3 +71,107 @@ def test_c_index_sign_risk_minus_time_is_one() -> None:
     m = survival_metrics(time, event, -time)
     assert m["c_index"] == pytest.approx(1.0) and m["uno_c"] == pytest.approx(1.0)
     assert len(m["horizons"]) == 3 and all(v == pytest.approx(1.0) for v in m["td_auc"].values())
+
+
+# ---------------------------------------------------------------------------------------------- discrete time
+def _pycox_logistic_hazard_nll(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """pycox's ``nll_logistic_hazard`` (pycox.models.loss), written out: BCE against a one-hot of the event bin,
+    summed up to the slide's bin."""
+    target = torch.zeros_like(logits).scatter(1, bins[:, None], event.to(logits.dtype)[:, None])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return bce.cumsum(1).gather(1, bins[:, None]).view(-1).mean()
+
+
+def _loop_nll(logits: np.ndarray, time: np.ndarray, event: np.ndarray, edges: np.ndarray) -> float:
+    """The per-slide likelihood by a plain loop over bins: h = sigmoid(logit), P(time, event) as a product."""
+    total = 0.0
+    for row, t, d in zip(logits, time, event, strict=True):
+        k = int(sum(t >= edge for edge in edges))  # the bin of the time
+        h = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        likelihood = math.prod(1.0 - h[j] for j in range(k)) * (h[k] if d else 1.0 - h[k])
+        total -= math.log(likelihood)
+    return total / len(time)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_discrete_time_nll_equals_pycox_formula_and_a_per_slide_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, k = 50, 6
+    time = rng.exponential(5.0, n).round(1)  # ties, some on the edges
+    event = rng.random(n) < 0.6
+    edges = time_bin_edges(time, event, k)
+    assert len(edges) == k - 1 and np.all(np.diff(edges) >= 0)
+    logits = rng.normal(0, 1.5, (n, k))
+    ours = float(discrete_time_nll(torch.tensor(logits), torch.tensor(time), torch.tensor(event), torch.tensor(edges)))
+    bins = time_bin_index(torch.tensor(time), torch.tensor(edges))
+    assert ours == pytest.approx(float(_pycox_logistic_hazard_nll(torch.tensor(logits), bins, torch.tensor(event))), rel=1e-10)
+    assert ours == pytest.approx(_loop_nll(logits, time, event, edges), rel=1e-10)
+
+
+def test_discrete_time_bins_survival_and_risk() -> None:
+    edges = time_bin_edges(np.array([1.0, 2.0, 3.0, 4.0, 9.0]), np.array([1, 1, 1, 1, 0]), 2)
+    assert edges.tolist() == [2.5]  # the median of the event times, the censored 9 does not count
+    with pytest.raises(InvalidParameterError, match="no event"):
+        time_bin_edges(np.array([1.0, 2.0]), np.array([0, 0]), 3)
+    with pytest.raises(InvalidParameterError, match="at least 2"):
+        time_bin_edges(np.array([1.0, 2.0]), np.array([1, 1]), 1)
+    assert time_bin_index(torch.tensor([0.0, 2.4, 2.5, 100.0]), torch.tensor([2.5])).tolist() == [0, 0, 1, 1]
+    logits = torch.tensor([[math.log(1 / 3), 0.0], [math.log(3.0), 0.0]])  # h_0 = 0.25 and 0.75, h_1 = 0.5
+    s = discrete_survival(logits)
+    assert s.flatten().tolist() == pytest.approx([0.75, 0.375, 0.25, 0.125])
+    risk = discrete_time_risk(logits)
+    assert risk.tolist() == pytest.approx([-1.125, -0.375]) and risk[1] > risk[0]  # higher hazard = higher risk
+
+
+def test_discrete_time_nll_gradient_raises_the_hazard_of_the_death_bin() -> None:
+    logits = torch.zeros(2, 3, requires_grad=True)
+    edges = torch.tensor([1.0, 2.0])
+    discrete_time_nll(logits, torch.tensor([1.5, 1.5]), torch.tensor([1, 0]), edges).backward()
+    g = logits.grad
+    assert g is not None
+    assert g[0, 1] < 0 < g[0, 0]  # died in bin 1: raise h_1, lower h_0 (survived bin 0)
+    assert g[1, 0] > 0 and g[1, 1] > 0 and g[1, 2] == 0  # censored in bin 1: lower both, bin 2 unseen
+
+
+def _loglik(risk: torch.Tensor, time: np.ndarray, event: np.ndarray, idx: np.ndarray) -> float:
+    """Log partial likelihood of the slides ``idx`` from the (tested) torch Breslow loss, a mean over events."""
+    ev = torch.tensor(event[idx])
+    return -float(cox_breslow_loss(risk[idx], torch.tensor(time[idx]), ev)) * int(ev.sum())
+
+
+def test_linear_cox_alpha_by_cross_validated_partial_likelihood() -> None:
+    """Verweij & van Houwelingen's CV likelihood, recomputed fold by fold with the torch Breslow loss; the alpha it
+    picks is small with a strong signal and the strongest penalty without one."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from wsi_encoder.io.slide_records import SlideBag
+    from wsi_encoder.models.slide_classifiers.survival import CoxLinear
+
+    rng = np.random.default_rng(0)
+    n = 120
+    x = rng.normal(size=(n, 4))
+    groups = np.array([f"P{i // 2}" for i in range(n)])
+
+    def bags(features: np.ndarray) -> list[SlideBag]:
+        return [SlideBag(f"s{i}", f[None, :].astype(np.float32), np.zeros((1, 2), np.int64), (1, 1))
+                for i, f in enumerate(features)]
+
+    for signal, expected in ((2.0, "small"), (0.0, "largest")):
+        time = rng.exponential(np.exp(-signal * x[:, 0]))
+        event = rng.random(n) < 0.8
+        cox = CoxLinear(4, {"pooling": "mean", "alphas": (0.1, 10.0, 1000.0)})
+        info = cox.fit(bags(x), time, event, groups=groups, seed=3)
+        scores = info.selected["cv_log_likelihood"]
+        if expected == "small":
+            assert info.selected["alpha"] < 1000.0
+        else:
+            assert info.selected["alpha"] == 1000.0
+    # the score of one alpha, recomputed independently: sum over folds of l(b_-k) - l_-k(b_-k)
+    splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=3)
+    total = 0.0
+    for tr, _ in splitter.split(x, event.astype(int), groups):
+        fitted = cox._fit(x[tr], time[tr], event[tr], 10.0)
+        risk = torch.tensor(fitted.predict(x))
+
+        total += _loglik(risk, time, event, np.arange(n)) - _loglik(risk, time, event, tr)
+    assert scores[10.0] == pytest.approx(total, rel=1e-8)

@@ -24,6 +24,8 @@ _SHOWN = ("auc", "f1", "balanced_accuracy", "brier", "ece")
 TARGETS = ("classification", "regression", "survival")
 #: ``wsi_encoder.models.slide_classifiers.regressors.REGRESSION_LOSSES``.
 REGRESSION_LOSSES = ("mse", "huber")
+#: ``wsi_encoder.models.slide_classifiers.survival.SURVIVAL_LOSSES``.
+SURVIVAL_LOSSES = ("cox", "nll")
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -72,10 +74,15 @@ def classify() -> None:
 @click.option("--target", type=click.Choice(TARGETS), default="classification", show_default=True,
               help="classification (label column), regression (a numeric target column) or survival "
               "(time,event columns; event 1 = death, 0 = censored).")
-@click.option("--loss", type=click.Choice(REGRESSION_LOSSES), default="mse", show_default=True,
-              help="Regression loss of abmil and gridcnn (linear is ridge least squares).")
+@click.option("--loss", type=click.Choice(REGRESSION_LOSSES + SURVIVAL_LOSSES), default=None,
+              help="Loss of abmil and gridcnn: regression mse (default) or huber; survival cox (default, partial "
+              "likelihood) or nll (discrete time, --time-bins). linear: ridge least squares / ridge Cox.")
+@click.option("--time-bins", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Survival with --loss nll: time bins, at the quantiles of the training fold's event times.")
 @click.option("--horizons", default=None, metavar="T1,T2,...",
               help="Survival: times of the time-dependent AUC (default: quartiles of the event times).")
+@click.option("--risk-groups", type=click.Choice(["2", "3"]), default="2", show_default=True,
+              help="Survival: Kaplan-Meier risk groups of kaplan_meier.png (2: median split, 3: tertiles).")
 @click.option("--min-events", type=click.IntRange(min=1), default=2, show_default=True,
               help="Survival, abmil/gridcnn: mini-batches with fewer events are skipped.")
 @click.option("--out", "out_dir", required=True, type=PATH_OR_URL, help="Output folder (local, or an s3:// URL).")
@@ -106,8 +113,10 @@ def train(
     labels_csv: Path | str,
     model: str,
     target: str,
-    loss: str,
+    loss: str | None,
+    time_bins: int,
     horizons: str | None,
+    risk_groups: str,
     min_events: int,
     out_dir: Path | str,
     folds: int,
@@ -130,13 +139,18 @@ def train(
     """
     from wsi_encoder.pipelines.classify import train_classifier
 
+    allowed = {"regression": REGRESSION_LOSSES, "survival": SURVIVAL_LOSSES}.get(target, ())
+    if loss is not None and loss not in allowed:
+        raise click.BadParameter(f"{loss} is not a loss of --target {target}"
+                                 + (f" (choose {', '.join(allowed)})" if allowed else ""), param_hint="--loss")
     if target == "regression":
-        _train_regression(embeddings, labels_csv, model, loss, out_dir, folds, seed, epochs, params, preset, cv_scheme,
+        _train_regression(embeddings, labels_csv, model, loss or "mse", out_dir, folds, seed, epochs, params, preset, cv_scheme,
                           allow_missing, val_fraction, n_boot, device, threads)
         return
     if target == "survival":
         _train_survival(embeddings, labels_csv, model, out_dir, folds, seed, epochs, params, preset, cv_scheme,
-                        allow_missing, val_fraction, n_boot, device, threads, _parse_horizons(horizons), min_events)
+                        allow_missing, val_fraction, n_boot, device, threads, _parse_horizons(horizons), min_events,
+                        loss or "cox", time_bins, int(risk_groups))
         return
     bar = FoldProgress(4 if cv_scheme == "rotate4" else folds)
     with bar, local_copy(labels_csv) as labels_file, local_output(out_dir) as out_folder:
@@ -214,7 +228,7 @@ def _train_survival(
     embeddings: Path | str, labels_csv: Path | str, model: str, out_dir: Path | str, folds: int, seed: int,
     epochs: int | None, params: tuple[str, ...], preset: str | None, cv_scheme: str, allow_missing: bool,
     val_fraction: float, n_boot: int, device: str, threads: int | None, horizons: list[float] | None,
-    min_events: int,
+    min_events: int, loss: str, time_bins: int, n_risk_groups: int,
 ) -> None:
     from wsi_encoder.pipelines.classify import train_survival
 
@@ -228,7 +242,8 @@ def _train_survival(
         result = train_survival(
             embeddings, labels_file, model, out_folder, folds, seed, epochs=epochs, params=_parse_params(params),
             allow_missing=allow_missing, device=device, val_fraction=val_fraction, n_boot=n_boot, threads=threads,
-            horizons=horizons, min_events=min_events, on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
+            horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, n_risk_groups=n_risk_groups,
+            on_fold=on_fold, preset=preset, cv_scheme=cv_scheme,
         )
     m = result.metrics
     low, high = m["c_index_ci95"]
@@ -237,6 +252,15 @@ def _train_survival(
     if m.get("uno_c") is not None:
         click.echo(f"Uno's C (tau {m['uno_c_tau']:g}) {_fmt(m['uno_c'])}; time-dependent AUC "
                    + ", ".join(f"t={k}: {_fmt(v)}" for k, v in m["td_auc"].items()))
+    if m.get("ibs") is not None:
+        low, high = m["ibs_ci95"]
+        click.echo(f"integrated Brier score (t {m['ibs_times'][0]:g} to {m['ibs_times'][1]:g}) {_fmt(m['ibs'])} "
+                   f"[{_fmt(low).strip()}, {_fmt(high).strip()}]")
+    groups = m["risk_groups"]
+    p_value = "n/a" if groups["logrank_p"] is None else f"{groups['logrank_p']:.2g}"
+    click.echo(f"{groups['n_groups']} risk groups (patients): " + ", ".join(
+        f"{name} {g['n_patients']} ({g['n_events']} events)" for name, g in groups["groups"].items())
+        + f"; log-rank p = {p_value}")
     _echo_files(result.files, out_dir)
 
 

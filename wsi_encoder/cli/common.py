@@ -126,11 +126,12 @@ def echo_err(message: str, **kwargs: Any) -> None:
 
 slide_backend_option = click.option(
     "--backend",
-    type=click.Choice(["auto", "openslide", "tiffslide"]),
+    type=click.Choice(["auto", "openslide", "tiffslide", "wsidicom"]),
     default="auto",
     show_default=True,
     help="Slide reader: openslide, tiffslide, or auto (tiffslide with direct tile decoding for SVS, generic TIFF "
-    "and NDPI, OpenSlide for the other formats; the other backend when the first cannot read a file).",
+    "and NDPI, OpenSlide for the other formats; the other backend when the first cannot read a file; wsidicom for "
+    "folders of DICOM instances).",
 )
 
 slide_mpp_option = click.option(

@@ -27,16 +27,21 @@ D = DemoConfig()
     show_default=True,
     help="Slide-level classifier.",
 )
+@click.option("--target", type=click.Choice(["classification", "survival"]), default=D.target, show_default=True,
+              help="classification (label: a lesion is present) or survival (the lesion burden sets the hazard of "
+              "generated death times; a Cox model is trained).")
 @click.option("--encoder-steps", type=click.IntRange(min=1), default=D.encoder_steps, show_default=True, help="Encoder training steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=D.workers, show_default=True, help="Local dask workers for tiling.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the generated cohort and of training.")
 @device_option
-def demo(out: Path, n_slides: int, classifier: str, encoder_steps: int, workers: int, seed: int, device: str) -> None:
+def demo(out: Path, n_slides: int, classifier: str, target: str, encoder_steps: int, workers: int, seed: int,
+         device: str) -> None:
     """Generate a demo cohort (label: a lesion texture) and run tile -> train-encoder -> encode -> classify."""
     from wsi_encoder.pipelines.demo import DemoHooks, run_demo
 
     config = DemoConfig(
-        n_slides=n_slides, classifier=classifier, encoder_steps=encoder_steps, workers=workers, seed=seed, device=device
+        n_slides=n_slides, classifier=classifier, target=target, encoder_steps=encoder_steps, workers=workers, seed=seed,
+        device=device,
     )
     model = config.classifier
     bars = _DemoProgress(config.folds)
@@ -57,6 +62,17 @@ def demo(out: Path, n_slides: int, classifier: str, encoder_steps: int, workers:
         )
     metrics = result.metrics
     click.echo("")
+    if target == "survival":
+        low, high = metrics["c_index_ci95"]
+        groups = metrics["risk_groups"]
+        click.echo(f"cross-validated survival ({model}, {config.folds} patient-grouped folds, {metrics['n_slides']} slides, "
+                   f"{metrics['labels']['n_events']} events):")
+        click.echo(f"  Harrell's C {_fmt(metrics['c_index'])} [{_fmt(low)}, {_fmt(high)}]; log-rank p of the median "
+                   f"split {_fmt(groups['logrank_p'])}; integrated Brier score {_fmt(metrics.get('ibs'))}")
+        click.echo(f"  full metrics: {result.paths['classifier'] / 'metrics.json'}")
+        click.echo(f"  Kaplan-Meier: {result.paths['kaplan_meier']}")
+        click.echo(f"everything is in {result.out}")
+        return
     click.echo(f"cross-validated slide-level metrics ({model}, {config.folds} patient-grouped folds, {metrics['n_slides']} slides):")
     click.echo(f"  {'metric':<18} {'mean ± sd over folds':<22} pooled out-of-fold [bootstrap 95% CI]")
     for name in ("auc", "f1", "balanced_accuracy", "brier", "ece"):
@@ -74,6 +90,10 @@ def demo(out: Path, n_slides: int, classifier: str, encoder_steps: int, workers:
         if str(path).endswith(".png"):
             click.echo(f"  {key:<10} {path}")
     click.echo(f"everything is in {result.out}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 class _DemoProgress:

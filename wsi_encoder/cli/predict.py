@@ -105,8 +105,11 @@ def predict(
             echo_err(f"failed: {slide.reason}")
         elif not quiet:
             note = " (earlier run)" if slide.status == "done" else ""
-            probs = ", ".join(f"{c} {p:.3f}" for c, p in slide.probabilities.items())
-            echo_err(f"{slide.slide_id}: {slide.pred} ({probs}), {slide.n_tiles} tiles, {slide.seconds:.1f} s{note}")
+            if slide.value is not None:  # a regression / survival model
+                verdict = f"{slide.value:.4g}"
+            else:
+                verdict = f"{slide.pred} (" + ", ".join(f"{c} {p:.3f}" for c, p in slide.probabilities.items()) + ")"
+            echo_err(f"{slide.slide_id}: {verdict}, {slide.n_tiles} tiles, {slide.seconds:.1f} s{note}")
 
     try:
         with local_copy(model_dir) as model_folder, local_output(out) as out_folder:

@@ -2,8 +2,11 @@
 
 Folds are :func:`~wsi_encoder.evaluation.crossval.patient_folds` stratified by event: a patient's
 stratum is whether any of their slides has an event, so every fold holds about the same share of deaths.
-The inner validation split (:func:`~wsi_encoder.evaluation.crossval.inner_split`) is stratified the
-same way. Every slide gets one out-of-fold risk; Harrell's C is reported per fold, and the pooled
+The torch models' inner validation split (:func:`~wsi_encoder.evaluation.crossval.inner_split`, early
+stopping) is stratified the same way; ``linear`` takes the whole training fold and chooses its penalty by
+an inner patient-grouped k-fold (:meth:`~wsi_encoder.models.slide_classifiers.survival.CoxLinear.cross_validated_likelihood`).
+Every model has a survival function, so the pooled out-of-fold S(t | slide) also gets the integrated
+Brier score (:func:`~wsi_encoder.evaluation.metrics.integrated_brier`) with a patient-bootstrap interval. Every slide gets one out-of-fold risk; Harrell's C is reported per fold, and the pooled
 out-of-fold risks get :func:`~wsi_encoder.evaluation.metrics.survival_metrics` plus a patient-bootstrap
 interval of Harrell's C. Risks of different fold models are on different scales, so the per-fold C is
 the cleaner figure; the pooled one is the usual report.
@@ -20,9 +23,16 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.evaluation.crossval import Take, inner_split, nan_to_none, patient_folds
-from wsi_encoder.evaluation.metrics import c_index_bootstrap, harrell_c, survival_metrics
+from wsi_encoder.evaluation.metrics import (
+    c_index_bootstrap,
+    default_horizons,
+    harrell_c,
+    integrated_brier,
+    integrated_brier_bootstrap,
+    survival_metrics,
+)
 from wsi_encoder.io.embedding_store import SlideBag
-from wsi_encoder.models.slide_classifiers.base import config_dict
+from wsi_encoder.models.slide_classifiers.base import FitInfo, config_dict, slide_classifier_class
 from wsi_encoder.models.slide_classifiers.survival import create_cox_model
 
 logger = logging.getLogger(__name__)
@@ -48,6 +58,9 @@ class SurvivalCVResult:
     pooled: dict[str, Any]
     c_index_ci95: tuple[float, float]
     n_boot: int
+    oof_survival: npt.NDArray[np.float64]
+    survival_times: npt.NDArray[np.float64]
+    refit_params: dict[str, Any]
 
     def summary_json(self) -> dict[str, Any]:
         """The metrics part of ``metrics.json``: pooled metrics top-level, ``c_index_ci95`` with them."""
@@ -57,7 +70,9 @@ class SurvivalCVResult:
             "c_index_ci95": list(self.c_index_ci95),
             "c_index_folds_mean": float(np.nanmean(c)) if np.isfinite(c).any() else float("nan"),
             "per_fold": list(self.per_fold),
-            "bootstrap": {"n_boot": self.n_boot, "unit": "patient", "interval": "percentile 95%", "metric": "c_index"},
+            "bootstrap": {"n_boot": self.n_boot, "unit": "patient", "interval": "percentile 95%",
+                          "metrics": ["c_index", "ibs"] if "ibs" in self.pooled else ["c_index"]},
+            "refit": {"params": self.refit_params},
         })
 
 
@@ -76,9 +91,15 @@ def cross_validate_survival(
     n_boot: int = 1000,
     horizons: list[float] | None = None,
     min_events: int = 2,
+    loss: str = "cox",
+    time_bins: int = 10,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
 ) -> SurvivalCVResult:
-    """Cross-validate a Cox model; ``on_fold(fold, {"c_index": ...})`` is called after each fold."""
+    """Cross-validate a survival model; ``on_fold(fold, {"c_index": ...})`` is called after each fold.
+
+    The integrated Brier score is taken over :func:`ibs_grid` (20 times from the first to the last usable
+    horizon); it is left out when fewer than two horizons are usable.
+    """
     t, e, g = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(groups).astype(str)
     strata = event_strata(e, g)
     in_dim = int(bags[0].features.shape[1])
@@ -86,14 +107,22 @@ def cross_validate_survival(
     fold_of = np.full(len(t), -1, dtype=np.int64)
     per_fold: list[dict[str, Any]] = []
     used: dict[str, Any] = {}
+    infos: list[FitInfo] = []
+    grid = ibs_grid(t, e, horizons)
+    surv = np.full((len(t), len(grid)), np.nan)
     for fold, (train_all, test) in enumerate(patient_folds(strata, g, folds, seed)):
         inner_train, inner_val = inner_split(strata[train_all], g[train_all], val_fraction, seed + 1000 + fold)
         train, val = train_all[inner_train], train_all[inner_val]
-        cox = create_cox_model(model, in_dim, config, device, min_events)
+        if model == "linear":  # no early stopping: the whole training fold, alpha by inner k-fold
+            train, val = train_all, train_all[:0]
+        cox = create_cox_model(model, in_dim, config, device, min_events, loss, time_bins)
         has_val = len(val) > 0
         info = cox.fit(Take(bags, train), t[train], e[train], Take(bags, val) if has_val else None,
-                       t[val] if has_val else None, e[val] if has_val else None, seed=seed + fold)
+                       t[val] if has_val else None, e[val] if has_val else None, seed=seed + fold, groups=g[train])
+        infos.append(info)
         oof[test] = cox.predict(Take(bags, test))
+        if len(grid):
+            surv[test] = cox.survival(Take(bags, test), grid)
         fold_of[test] = fold
         c = harrell_c(t[test], e[test], oof[test])
         used = config_dict(cox.config)
@@ -102,8 +131,28 @@ def cross_validate_survival(
         logger.info("fold %d: C-index %.3f", fold, c)
         if on_fold is not None:
             on_fold(fold, {"c_index": c})
+    pooled = survival_metrics(t, e, oof, horizons)
+    if len(grid):
+        pooled["ibs"] = integrated_brier(t, e, surv, grid)
+        pooled["ibs_ci95"] = list(integrated_brier_bootstrap(t, e, surv, grid, g, n_boot, seed))
+        pooled["ibs_times"] = [float(grid[0]), float(grid[-1])]
     return SurvivalCVResult(
         model=model, config=used, folds=folds, oof_risk=oof, fold_of=fold_of, per_fold=tuple(per_fold),
-        pooled=survival_metrics(t, e, oof, horizons), c_index_ci95=c_index_bootstrap(t, e, oof, g, n_boot, seed),
-        n_boot=n_boot,
+        pooled=pooled, c_index_ci95=c_index_bootstrap(t, e, oof, g, n_boot, seed), n_boot=n_boot,
+        oof_survival=surv, survival_times=grid, refit_params=survival_refit_params(model, infos),
     )
+
+
+def ibs_grid(time: npt.ArrayLike, event: npt.ArrayLike, horizons: list[float] | None = None) -> npt.NDArray[np.float64]:
+    """20 times from the first to the last usable horizon (inside the observed times); empty with fewer than two."""
+    t, e = np.asarray(time, float), np.asarray(event).astype(bool)
+    usable = [h for h in (default_horizons(t, e) if horizons is None else horizons) if t.min() <= h < t.max()]
+    return np.linspace(min(usable), max(usable), 20) if len(set(usable)) >= 2 else np.zeros(0)
+
+
+def survival_refit_params(model: str, infos: Sequence[FitInfo]) -> dict[str, Any]:
+    """What the folds selected, for the final model: the most chosen alpha (linear), the median best epoch."""
+    if model == "linear":
+        chosen = [i.selected["alpha"] for i in infos if i.selected]
+        return {"alpha": max(set(chosen), key=lambda a: (chosen.count(a), a))} if chosen else {}
+    return slide_classifier_class(model).refit_params(infos)

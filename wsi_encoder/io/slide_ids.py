@@ -34,6 +34,8 @@ SLIDE_SUFFIXES: tuple[str, ...] = (
     ".czi",
 )
 _COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif")
+#: Instances of a DICOM WSI: a folder holding them is one slide (io/dicom_slides.py).
+DICOM_SUFFIX = ".dcm"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ID_LENGTH = 200
 
@@ -48,15 +50,25 @@ class SlideEntry:
 
 
 def slide_id_from_path(path: str | Path) -> str:
-    """The slide id of a file: its name without the slide suffix, made safe as a zarr group name."""
-    name = Path(path).name
+    """The slide id of a file: its name without the slide suffix, made safe as a zarr group name.
+
+    A DICOM folder keeps its whole name (often a UID such as ``1.2.826.0.1``); a ``#<SeriesInstanceUID>``
+    selector is appended as ``_<uid>``.
+    """
+    from wsi_encoder.io.dicom_slides import split_series
+
+    folder, uid = split_series(path)
+    name = str(folder).rstrip("/").rsplit("/", 1)[-1] if is_url(folder) else Path(folder).name
     lower = name.lower()
     for suffix in (*_COMPOUND_SUFFIXES, *SLIDE_SUFFIXES):
         if lower.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
     else:
-        name = Path(name).stem or name
+        if uid is None and not Path(name).suffix[1:].isdigit() and not (not is_url(folder) and Path(folder).is_dir()):
+            name = Path(name).stem or name
+    if uid is not None:
+        name = f"{name}_{uid}"
     safe = _UNSAFE.sub("_", name).lstrip(".").rstrip("._")
     if safe.startswith("__"):  # zarr reserves names starting with "__"
         safe = "s" + safe
@@ -99,10 +111,12 @@ def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Pa
     for item in inputs:
         if is_url(item):
             check_bucket(str(item))
-            if is_file(item):
+            if split_series_of(item) != item or is_file(item):  # a DICOM series selection, or an object
                 add(str(item))
             elif exists(item):
-                listed = [u for u in list_files(str(item), SLIDE_SUFFIXES) if not u.startswith(excluded_urls)]
+                listed = _dicom_folders(
+                    [u for u in list_files(str(item), (*SLIDE_SUFFIXES, DICOM_SUFFIX)) if not u.startswith(excluded_urls)]
+                )
                 if not listed:
                     logger.warning("no slide files (%s) under %s", ", ".join(SLIDE_SUFFIXES), item)
                 for url in listed:
@@ -111,7 +125,7 @@ def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Pa
                 raise SlideNotFoundError(f"{item}: no such object or prefix")
             continue
         path = Path(item).expanduser()
-        if not path.exists():
+        if not path.exists() and not Path(str(split_series_of(path))).is_dir():
             raise SlideNotFoundError(f"{path}: no such file or directory")
         if path.is_dir():
             if path.suffix.lower() == ".zarr":
@@ -130,10 +144,29 @@ def expand_slide_inputs(inputs: Iterable[str | Path], exclude: Sequence[str | Pa
     return found
 
 
+def split_series_of(path: Path | str) -> Path | str:
+    """The folder of a ``<folder>#<SeriesInstanceUID>`` DICOM selection (``path`` itself otherwise)."""
+    from wsi_encoder.io.dicom_slides import split_series
+
+    return split_series(path)[0]
+
+
+def _dicom_folders(urls: list[str]) -> list[str]:
+    """Listed objects with every ``.dcm`` replaced by its folder (one DICOM slide), order kept."""
+    out: list[str] = []
+    for url in urls:
+        item = url.rsplit("/", 1)[0] if url.lower().endswith(DICOM_SUFFIX) else url
+        if item not in out:
+            out.append(item)
+    return out
+
+
 def _walk(root: Path, excluded: set[Path]) -> Iterable[Path]:
-    for child in root.iterdir():
-        if child.name.startswith(".") or child.resolve() in excluded:
-            continue
+    children = [c for c in root.iterdir() if not c.name.startswith(".") and c.resolve() not in excluded]
+    if any(c.is_file() and c.name.lower().endswith(DICOM_SUFFIX) for c in children):
+        yield root  # a DICOM slide: the folder of its instances
+        return
+    for child in children:
         if child.is_dir():
             if child.suffix.lower() != ".zarr":
                 yield from _walk(child, excluded)

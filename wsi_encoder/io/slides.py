@@ -34,8 +34,9 @@ from wsi_encoder.io.urls import is_url, normalize
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "openslide", "tiffslide"]
-BACKENDS: tuple[str, ...] = ("openslide", "tiffslide")
+Backend = Literal["auto", "openslide", "tiffslide", "wsidicom"]
+#: ``wsidicom`` reads DICOM WSI folders only (io/dicom_slides.py); ``auto`` sends those folders to it.
+BACKENDS: tuple[str, ...] = ("openslide", "tiffslide", "wsidicom")
 RGBArray = npt.NDArray[np.uint8]
 
 #: Largest number of level pixels read at once when building a thumbnail from a large level.
@@ -665,6 +666,12 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
     SlideReadError
         The path is a directory, or no backend can read the file (the first backend's reason is given).
     """
+    if backend not in ("auto", *BACKENDS):
+        raise InvalidParameterError(f"unknown slide backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    from wsi_encoder.io.dicom_slides import DicomSlideReader, is_dicom_folder
+
+    if backend == "wsidicom" or (backend == "auto" and is_dicom_folder(path)):
+        return DicomSlideReader(path, mpp)
     if is_url(path):
         from wsi_encoder.io.remote_slides import open_remote_slide
 
@@ -673,11 +680,11 @@ def open_slide(path: str | Path, backend: Backend | str = "auto", mpp: float | N
     if not path.exists():
         raise SlideNotFoundError(f"{path}: no such file")
     if path.is_dir() and path.suffix.lower() != ".mrxs":
-        raise SlideReadError(f"{path}: is a directory, not a slide file")
+        if is_dicom_folder(path):
+            raise SlideReadError(f"{path}: a DICOM folder is read with wsidicom (--backend auto or wsidicom), not {backend}")
+        raise SlideReadError(f"{path}: is a directory, not a slide file (nor a folder of DICOM instances)")
     if path.stat().st_size == 0:
         raise SlideReadError(f"{path}: empty file, not a slide")
-    if backend not in ("auto", *BACKENDS):
-        raise InvalidParameterError(f"unknown slide backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     check_pixel_format(path)
     order = auto_backend_order(path) if backend == "auto" else [backend]
     first: SlideReadError | None = None

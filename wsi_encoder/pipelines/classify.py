@@ -35,14 +35,16 @@ from wsi_encoder.evaluation.crossval import (
     nan_to_none,
 )
 from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
-from wsi_encoder.evaluation.plots import plot_reliability, plot_roc, plot_slide_prediction
+from wsi_encoder.evaluation.outcome_plots import plot_kaplan_meier, plot_predicted_vs_true, risk_groups
+from wsi_encoder.evaluation.plots import plot_heatmap, plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
 from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
-from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
+from wsi_encoder.io.files import atomic_path, atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
+from wsi_encoder.models.outcome_files import is_outcome_model, load_outcome_model, save_outcome_model
 from wsi_encoder.models.slide_classifiers import (
     SlideClassifier,
     config_fields,
@@ -51,7 +53,8 @@ from wsi_encoder.models.slide_classifiers import (
     torch_threads,
 )
 from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
-from wsi_encoder.models.slide_classifiers.regressors import create_regressor
+from wsi_encoder.models.slide_classifiers.regressors import RidgeRegressor, create_regressor
+from wsi_encoder.models.slide_classifiers.survival import CoxLinear, create_cox_model
 
 logger = logging.getLogger(__name__)
 
@@ -369,24 +372,13 @@ def predict(
         When the store's embedding size differs from the model's, or (unless
         ``allow_encoder_mismatch``) it was written by another encoder than the training store.
     """
+    if is_outcome_model(model_dir):
+        if labels_csv is not None:
+            raise InvalidParameterError(f"{model_dir} is a regression/survival model: --labels scores classifiers only")
+        return _predict_outcome(embedding_store, model_dir, out_csv, heatmap_dir, device=device,
+                                allow_encoder_mismatch=allow_encoder_mismatch, threads=threads, on_slide=on_slide)
     model, meta = load_model(model_dir, device)
-    reader = EmbeddingStore.open(embedding_store)
-    if not reader.slide_ids:
-        raise StoreError(f"{embedding_store}: no complete slide to predict")
-    if reader.embedding_dim != model.in_dim:
-        raise StoreError(
-            f"{embedding_store}: embeddings have {reader.embedding_dim} features but the model in {model_dir} "
-            f"was trained on {model.in_dim}; encode the slides with the same encoder"
-        )
-    trained_with, here = meta.get("encoder") or {}, reader.encoder_identity()
-    if trained_with.get("weights_sha256") and here.get("weights_sha256") and trained_with != here:
-        message = (
-            f"{embedding_store} was encoded by {here.get('name')} ({str(here.get('weights_sha256'))[:12]}) but the "
-            f"model was trained on {trained_with.get('name')} ({str(trained_with.get('weights_sha256'))[:12]}) embeddings"
-        )
-        if not allow_encoder_mismatch:
-            raise StoreError(message + "; re-encode with that encoder (or pass --allow-encoder-mismatch)")
-        logger.warning("%s", message)
+    reader = _open_for(embedding_store, model_dir, model.in_dim, meta, allow_encoder_mismatch)
     classes = list(meta["classes"])
     labels: dict[str, str] = {}
     if labels_csv is not None:
@@ -437,6 +429,73 @@ def predict(
     return PredictResult(out_csv, rows, heatmaps, skipped, metrics)
 
 
+def _open_for(
+    embedding_store: str | Path, model_dir: str | Path, in_dim: int, meta: dict[str, Any], allow_encoder_mismatch: bool
+) -> EmbeddingStore:
+    """The store to predict, refused when empty, of another embedding size, or (unless allowed) another encoder."""
+    reader = EmbeddingStore.open(embedding_store)
+    if not reader.slide_ids:
+        raise StoreError(f"{embedding_store}: no complete slide to predict")
+    if reader.embedding_dim != in_dim:
+        raise StoreError(
+            f"{embedding_store}: embeddings have {reader.embedding_dim} features but the model in {model_dir} "
+            f"was trained on {in_dim}; encode the slides with the same encoder"
+        )
+    trained_with, here = meta.get("encoder") or {}, reader.encoder_identity()
+    if trained_with.get("weights_sha256") and here.get("weights_sha256") and trained_with != here:
+        message = (
+            f"{embedding_store} was encoded by {here.get('name')} ({str(here.get('weights_sha256'))[:12]}) but the "
+            f"model was trained on {trained_with.get('name')} ({str(trained_with.get('weights_sha256'))[:12]}) embeddings"
+        )
+        if not allow_encoder_mismatch:
+            raise StoreError(message + "; re-encode with that encoder (or pass --allow-encoder-mismatch)")
+        logger.warning("%s", message)
+    return reader
+
+
+def _predict_outcome(
+    embedding_store: str | Path, model_dir: str | Path, out_csv: str | Path, heatmap_dir: str | Path | None, *,
+    device: str, allow_encoder_mismatch: bool, threads: int | None, on_slide: Callable[[str], None] | None,
+) -> PredictResult:
+    """:func:`predict` with a regression or survival model: ``slide_id,prediction`` or ``slide_id,risk``.
+
+    Heatmaps (abmil: attention; gridcnn: Grad-CAM of the prediction / risk, where the features push it up);
+    ``linear`` draws none for these targets.
+    """
+    model, meta = load_outcome_model(model_dir, device)
+    reader = _open_for(embedding_store, model_dir, int(meta["in_dim"]), meta, allow_encoder_mismatch)
+    column = "risk" if meta["target"] == "survival" else "prediction"
+    heat_dir = Path(heatmap_dir) if heatmap_dir is not None and model.name != "linear" else None
+    if heatmap_dir is not None and heat_dir is None:
+        logger.warning("the linear %s model draws no heatmap", meta["target"])
+    rows: list[dict[str, Any]] = []
+    heatmaps: dict[str, Path] = {}
+    skipped = dict(reader.skipped)
+    with torch_threads(threads):
+        for slide_id in reader.slide_ids:
+            try:
+                bag = reader.load(slide_id, dihedral=model.name == "gridcnn" and reader.has_dihedral(slide_id))
+                value = float(model.predict([bag])[0])
+            except StoreError as exc:
+                logger.warning("%s: skipped (%s)", slide_id, exc)
+                skipped[slide_id] = str(exc)
+                continue
+            rows.append({"slide_id": slide_id, column: value})
+            if heat_dir is not None and not isinstance(model, RidgeRegressor | CoxLinear):
+                heat = model.heatmap(bag)
+                with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
+                    np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
+                heatmaps[slide_id] = plot_heatmap(
+                    reader.thumbnail(slide_id), heat, heat_dir / f"{slide_id}.png", geometry=reader.geometry(slide_id),
+                    title=f"{slide_id}: {column} = {value:.3f}", label=f"{model.name}: {model.heatmap_kind}",
+                )
+            if on_slide is not None:
+                on_slide(slide_id)
+    out_csv = Path(out_csv)
+    atomic_write_csv(out_csv, [[r["slide_id"], _fmt(r[column])] for r in rows], ["slide_id", column])
+    return PredictResult(out_csv, rows, heatmaps, skipped, None)
+
+
 def _fmt(value: Any) -> Any:
     return f"{value:.6f}" if isinstance(value, float) else value
 
@@ -456,6 +515,23 @@ def _draw_heatmap(
 
 
 # ---------------------------------------------------------------------------------------------- regression
+def _outcome_meta(
+    reader: EmbeddingStore, embedding_store: str | Path, labels_csv: str | Path, slide_ids: list[str], n_training: int,
+    seed: int, refit: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``model.json`` of a regression / survival model records beside the model itself."""
+    return {
+        "encoder": reader.encoder_identity(),
+        "embedding_store": str(normalize(embedding_store)),
+        "labels": str(Path(labels_csv).resolve()),
+        "n_training_slides": n_training,
+        "seed": seed,
+        "refit": refit,
+        "cv_scheme": "kfold",
+        "provenance": training_provenance(reader, slide_ids),
+    }
+
+
 @dataclass(frozen=True)
 class RegressResult:
     """What :func:`train_regressor` wrote and measured."""
@@ -493,7 +569,8 @@ def train_regressor(
     ``slide_id,patient_id,fold,prediction,target`` (out-of-fold; ``fold=test`` for ``split=test`` rows,
     predicted by a model refit on all training slides with what the folds selected). ``metrics.json``
     has the pooled out-of-fold ``spearman``, ``pearson``, ``mae`` and ``r2`` at the top level, each with
-    ``<name>_ci95`` (patient bootstrap). The other arguments are those of :func:`train_classifier`;
+    ``<name>_ci95`` (patient bootstrap); ``predicted_vs_true.png`` plots the out-of-fold predictions against the
+    target with the identity line. The other arguments are those of :func:`train_classifier`;
     ``loss`` (``mse`` or ``huber``) applies to ``abmil`` and ``gridcnn``. Only ``cv_scheme="kfold"``.
     """
     _kfold_only(cv_scheme, "regression")
@@ -517,10 +594,10 @@ def train_regressor(
             [sid, pid, int(f), f"{p:.6g}", f"{t:.6g}"]
             for sid, pid, f, p, t in zip(train.slide_ids, train.patient_ids, cv.fold_of, cv.oof_pred, train.y, strict=True)
         ]
+        final = create_regressor(model, reader.embedding_dim, overrides, loss, device)
+        final.fit(reader.bags(train.slide_ids, dihedral=dihedral), train.y, seed=seed, refit=cv.refit_params)
         test_report = None
         if test.slide_ids:
-            final = create_regressor(model, reader.embedding_dim, overrides, loss, device)
-            final.fit(reader.bags(train.slide_ids, dihedral=dihedral), train.y, seed=seed, refit=cv.refit_params)
             pred = final.predict(reader.bags(test.slide_ids, dihedral=dihedral))
             test_report = {
                 "n_slides": len(test.slide_ids),
@@ -532,6 +609,13 @@ def train_regressor(
                      for sid, pid, p, t in zip(test.slide_ids, test.patient_ids, pred, test.y, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "prediction", "target"])
+    files["model"] = save_outcome_model(final, "regression", out, _outcome_meta(
+        reader, embedding_store, labels_csv, list(train.slide_ids + test.slide_ids), len(train.slide_ids), seed, cv.refit_params,
+    ))
+    files["scatter"] = plot_predicted_vs_true(
+        train.y, cv.oof_pred, out / "predicted_vs_true.png", spearman=cv.pooled["spearman"],
+        title=f"{model}, {folds}-fold patient-grouped CV",
+    )
     metrics = {
         "target": "regression",
         "model": model,
@@ -586,6 +670,9 @@ def train_survival(
     threads: int | None = None,
     horizons: list[float] | None = None,
     min_events: int = 2,
+    loss: str = "cox",
+    time_bins: int = 10,
+    n_risk_groups: int = 2,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
     preset: str | None = None,
     cv_scheme: str = "kfold",
@@ -596,8 +683,11 @@ def train_survival(
     ``predictions.csv`` is ``slide_id,patient_id,fold,risk,time,event`` (out-of-fold; higher risk = shorter
     survival). ``metrics.json`` has the pooled ``c_index`` (Harrell) with ``c_index_ci95`` (patient
     bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
-    quartiles of the event times) and the per-fold C. ``min_events``: mini-batches of the torch models with
-    fewer events are skipped. The other arguments are those of :func:`train_classifier`; only ``kfold``,
+    quartiles of the event times), the integrated Brier score ``ibs`` over ``ibs_times`` with ``ibs_ci95``, and
+    the per-fold C. ``loss`` of the torch models: ``cox`` (``min_events``: mini-batches with fewer events are
+    skipped) or ``nll``, the discrete-time likelihood over ``time_bins`` bins. ``kaplan_meier.png``: Kaplan-Meier
+    curves of ``n_risk_groups`` (2: median split, 3: tertiles) patient risk groups with the log-rank p-value
+    (``risk_groups`` in ``metrics.json``; see :mod:`wsi_encoder.evaluation.outcome_plots`). The other arguments are those of :func:`train_classifier`; only ``kfold``,
     and no ``split=test`` rows yet.
     """
     _kfold_only(cv_scheme, "survival")
@@ -615,18 +705,33 @@ def train_survival(
         cv = cross_validate_survival(
             reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, table.patient_ids, model,
             config=overrides, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
-            horizons=horizons, min_events=min_events, on_fold=on_fold,
+            horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, on_fold=on_fold,
         )
     rows = [[sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
             for sid, pid, f, r, t, e in zip(table.slide_ids, table.patient_ids, cv.fold_of, cv.oof_risk, table.y,
                                             events, strict=True)]
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
     atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    with torch_threads(threads):
+        final = create_cox_model(model, reader.embedding_dim, overrides, device, min_events, loss, time_bins)
+        final.fit(reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, seed=seed,
+                  groups=table.patient_ids, refit=cv.refit_params)
+    files["model"] = save_outcome_model(final, "survival", out, _outcome_meta(
+        reader, embedding_store, labels_csv, list(table.slide_ids), len(table.slide_ids), seed, cv.refit_params,
+    ))
+    grouped = risk_groups(table.y, events, cv.oof_risk, table.patient_ids, cv.fold_of, n_risk_groups)
+    files["kaplan_meier"] = plot_kaplan_meier(
+        grouped, out / "kaplan_meier.png", title=f"{model}, {folds}-fold CV: out-of-fold risk groups"
+    )
     metrics = {
         "target": "survival",
         "model": model,
-        "loss": None if model == "linear" else "cox (Breslow ties, risk sets within each mini-batch)",
-        "min_events_per_batch": None if model == "linear" else min_events,
+        "loss": None if model == "linear" else {
+            "cox": "cox (Breslow ties, risk sets within each mini-batch)",
+            "nll": f"nll (discrete time, {time_bins} bins at the training fold's event-time quantiles)",
+        }[loss],
+        "min_events_per_batch": min_events if model != "linear" and loss == "cox" else None,
+        "time_bins": time_bins if model != "linear" and loss == "nll" else None,
         "preset": preset,
         "config": cv.config,
         "folds": folds,
@@ -638,6 +743,7 @@ def train_survival(
         "n_slides": len(table.slide_ids),
         "n_patients": len(set(table.patient_ids)),
         **cv.summary_json(),
+        "risk_groups": grouped.to_json(),
         "cv_scheme": cv_scheme,
         "store_skipped": reader.skipped,
         "wsi_encoder_version": __version__,

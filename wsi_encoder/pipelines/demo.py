@@ -9,7 +9,7 @@ classifier then learns from slide labels alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,8 @@ class DemoConfig:
     encoder_steps: int = 150
     embed_dim: int = 64
     classifier: str = "abmil"
+    #: ``classification`` (label: lesion present) or ``survival`` (time, event: the lesion burden sets the hazard)
+    target: str = "classification"
     folds: int = 3
     workers: int = 2
     seed: int = 0
@@ -80,20 +82,14 @@ class DemoResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def write_tile_labels(patch_store: str | Path, slides: dict[str, Path], out_csv: str | Path) -> dict[str, int]:
-    """Label the tiles of generated slides from their ground truth; write ``slide_id,tile_index,label,group``.
-
-    Returns the number of tiles per label. Ambiguous tiles (lesion fraction between the thresholds)
-    are left out.
-    """
+def _tile_lesion_fractions(patch_store: str | Path, slides: dict[str, Path]) -> Iterator[tuple[str, int, float]]:
+    """``(slide_id, tile_index, lesion fraction)`` of every stored tile of the generated slides (their ground truth)."""
     import numpy as np
     import zarr
 
     from wsi_encoder.synthetic import SlideLayout, read_synthetic_spec
 
     root = zarr.open_group(str(patch_store), mode="r")
-    counts = {"lesion": 0, "normal": 0}
-    rows: list[tuple[str, int, str, str]] = []
     for slide_id, path in slides.items():
         spec = read_synthetic_spec(path)
         if spec is None or slide_id not in root:
@@ -105,13 +101,53 @@ def write_tile_labels(patch_store: str | Path, slides: dict[str, Path], out_csv:
             raise StoreError(f"{patch_store}: slide {slide_id!r} is not a patch-store slide group with coords")
         size_l0 = float(str(group.attrs["tile_size_l0"]))
         for index, (x, y) in enumerate(np.asarray(coords[:], dtype=np.float64).tolist()):
-            fraction = layout.fraction("lesion", x, y, size_l0, size_l0)
-            label = "lesion" if fraction >= _LESION_MIN else "normal" if fraction <= _NORMAL_MAX else None
-            if label is not None:
-                rows.append((slide_id, index, label, slide_id))
-                counts[label] += 1
+            yield slide_id, index, layout.fraction("lesion", x, y, size_l0, size_l0)
+
+
+def write_tile_labels(patch_store: str | Path, slides: dict[str, Path], out_csv: str | Path) -> dict[str, int]:
+    """Label the tiles of generated slides from their ground truth; write ``slide_id,tile_index,label,group``.
+
+    Returns the number of tiles per label. Ambiguous tiles (lesion fraction between the thresholds)
+    are left out.
+    """
+    counts = {"lesion": 0, "normal": 0}
+    rows: list[tuple[str, int, str, str]] = []
+    for slide_id, index, fraction in _tile_lesion_fractions(patch_store, slides):
+        label = "lesion" if fraction >= _LESION_MIN else "normal" if fraction <= _NORMAL_MAX else None
+        if label is not None:
+            rows.append((slide_id, index, label, slide_id))
+            counts[label] += 1
     atomic_write_csv(out_csv, rows, header=["slide_id", "tile_index", "label", "group"])
     return counts
+
+
+#: Demo survival: log hazard ratio per unit of lesion burden (the share of a slide's tissue tiles that is lesion).
+_BURDEN_LOG_HAZARD = 8.0
+
+
+def write_survival_labels(
+    patch_store: str | Path, slides: Sequence[Any], out_csv: str | Path, seed: int = 0
+) -> dict[str, float]:
+    """``slide_id,time,event,patient_id`` for the generated slides: the lesion burden sets the hazard.
+
+    A slide's burden is the mean lesion fraction of its tissue tiles (0 without a lesion); its death time is
+    exponential with hazard ``0.1 * exp(8 * burden)`` and it is censored at a uniform time on (0, 25), about
+    30% censored. Returns each slide's burden.
+    """
+    import numpy as np
+
+    total: dict[str, list[float]] = {}
+    for slide_id, _, fraction in _tile_lesion_fractions(patch_store, {s.slide_id: s.path for s in slides}):
+        total.setdefault(slide_id, []).append(fraction)
+    burden = {s.slide_id: float(np.mean(total.get(s.slide_id) or [0.0])) for s in slides}
+    rng = np.random.default_rng(seed + 77)
+    rows = []
+    for s in slides:
+        death = rng.exponential(10.0 * np.exp(-_BURDEN_LOG_HAZARD * burden[s.slide_id]))
+        censor = rng.uniform(0.0, 25.0)
+        rows.append((s.slide_id, f"{min(death, censor):.3f}", int(death <= censor), s.patient_id))
+    atomic_write_csv(out_csv, rows, header=["slide_id", "time", "event", "patient_id"])
+    return burden
 
 
 def run_demo(
@@ -203,6 +239,19 @@ def run_demo(
     if bad:
         raise WsiEncoderError(f"demo encoding failed for {bad}")
 
+    if cfg.target == "survival":
+        from wsi_encoder.pipelines.classify import train_survival
+
+        survival_csv = paths["slides"] / "survival.csv"
+        write_survival_labels(paths["patches"], cohort, survival_csv, cfg.seed)
+        folder = out / f"survival_{cfg.classifier}"
+        tell(f"5/5 {cfg.classifier} survival model, {cfg.folds}-fold patient-grouped cross-validation -> {folder}")
+        outcome = train_survival(
+            paths["embeddings"], survival_csv, cfg.classifier, folder, cfg.folds, cfg.seed, n_boot=200,
+            device=cfg.device, params=None if cfg.classifier == "linear" else {"batch_size": 16},
+        )
+        return DemoResult(out=out, metrics=outcome.metrics,
+                          paths={**paths, "classifier": folder, "survival_labels": survival_csv, **outcome.files})
     tell(f"5/5 {cfg.classifier} slide classifier, {cfg.folds}-fold patient-grouped cross-validation -> {paths['classifier']}")
     result = train_classifier(
         paths["embeddings"],

@@ -98,6 +98,8 @@ class SlidePrediction:
     reason: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     pred: str | None = None
+    #: regression / survival models: the slide's ``prediction`` or ``risk`` (``pred`` and ``probabilities`` stay empty)
+    value: float | None = None
     n_tiles: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -287,6 +289,8 @@ class _Context:
     keep_stores: bool
     key: str
     progress: Callable[[int], None]
+    #: ``classification``, or the ``regression`` / ``survival`` target of an outcome model
+    target: str = "classification"
     read_threads: int = 2
     warned: set[str] = field(default_factory=set)
     #: with ``keep_stores``: the patch-store root and the embedding store, both locked for the whole run
@@ -381,6 +385,8 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
         raise InvalidParameterError(
             f"{entry.path}: the encoder gave non-finite embeddings (NaN/inf; in {settings.dtype}: out of range?)"
         )
+    if ctx.target != "classification":
+        return _predict_outcome_slide(entry, ctx, plan, bag, stored, size_l0, slide_attrs, times, t0, t)
     prob = np.asarray(ctx.model.predict_proba([bag])[0], dtype=float)
     heat = ctx.model.heatmap(bag) if (ctx.heatmaps or ctx.geojson) else None
     times["classify"] = time.perf_counter() - t
@@ -406,6 +412,74 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     return SlidePrediction(
         entry.slide_id, str(entry.path), "ok", probabilities=probabilities, pred=pred, n_tiles=plan.n_tiles,
         seconds=seconds, timings=times, files=files,
+    )  # fmt: skip
+
+
+def _outcome_column(target: str) -> str:
+    """The column and measurement name of a regression (``prediction``) or survival (``risk``) model's output."""
+    return "risk" if target == "survival" else "prediction"
+
+
+def _predict_outcome_slide(
+    entry: SlideEntry, ctx: _Context, plan: SlideTiling, bag: Any, stored: npt.NDArray[Any], size_l0: tuple[float, float],
+    slide_attrs: dict[str, Any], times: dict[str, float], t0: float, t: float,
+) -> SlidePrediction:  # fmt: skip
+    """The rest of :func:`_predict_slide` for a regression / survival model: its value, heatmap and GeoJSON.
+
+    The heatmap is abmil's attention or gridcnn's Grad-CAM of the prediction / risk (where the features push it
+    up); ``linear`` draws none. The GeoJSON's tissue annotation carries the slide's ``prediction`` / ``risk``
+    measurement, each tile the heatmap value.
+    """
+    from wsi_encoder.io.embedding_store import SlideGeometry
+
+    name = _outcome_column(ctx.target)
+    value = float(ctx.model.predict([bag])[0])
+    drawn = ctx.model.name != "linear" and (ctx.heatmaps or ctx.geojson)
+    heat = ctx.model.heatmap(bag) if drawn else None
+    times["classify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    files: dict[str, str] = {}
+    if ctx.heatmaps and heat is not None:
+        from wsi_encoder.evaluation.plots import plot_heatmap
+        from wsi_encoder.io.files import atomic_path
+
+        folder = ctx.out / "heatmaps"
+        with atomic_path(folder / f"{entry.slide_id}.npy") as tmp, tmp.open("wb") as fh:
+            np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
+        geometry = SlideGeometry((0.0, 0.0), plan.grid.stride_l0, size_l0, estimated=False)
+        files["heatmap"] = str(plot_heatmap(
+            plan.thumbnail, heat, folder / f"{entry.slide_id}.png", geometry=geometry,
+            title=f"{entry.slide_id}: {name} = {value:.3f}", label=f"{ctx.model.name}: {ctx.model.heatmap_kind}",
+        ))  # fmt: skip
+    if ctx.geojson and heat is not None:
+        from wsi_encoder.io.geojson import write_feature_collection
+        from wsi_encoder.overlays import slide_features
+
+        rows, cols = plan.rowcol[:, 0], plan.rowcol[:, 1]
+        features = slide_features(
+            plan.grid.boxes_l0(plan.rowcol), np.asarray(heat, dtype=float)[rows, cols], size_l0,
+            score_name=str(ctx.model.heatmap_kind), signed=False,
+            tile_measurements={"tissue fraction": plan.tissue, "grid row": rows, "grid col": cols},
+            tissue_mask=plan.tissue_mask.mask, tissue_measurements={name: value},
+            tissue_name=f"tissue: {name} {value:.3f}",
+        )  # fmt: skip
+        properties = {
+            "slide_id": entry.slide_id, **slide_attrs,
+            "coordinates": "level-0 pixels, origin at the top-left corner of the full-resolution image",
+            "prediction": {"target": ctx.target, name: value},
+            "model": {"folder": str(ctx.meta.get("_folder")), "name": ctx.model.name, "target": ctx.target,
+                      "heatmap_kind": ctx.model.heatmap_kind},
+            "encoder": {"name": ctx.identity.name, "spec": ctx.identity.spec, "weights_sha256": ctx.identity.weights_sha256},
+            "tiling": ctx.settings.to_json(), "n_tiles": plan.n_tiles, "wsi_encoder_version": __version__,
+        }  # fmt: skip
+        path = write_feature_collection(ctx.out / "geojson" / f"{entry.slide_id}.geojson", features, properties)
+        files["geojson"] = str(path)
+    if ctx.keep_stores:
+        files["embeddings"] = str(_keep_stores(entry, ctx, plan, stored, slide_attrs))
+    times["write"] = time.perf_counter() - t
+    return SlidePrediction(
+        entry.slide_id, str(entry.path), "ok", value=value, n_tiles=plan.n_tiles, seconds=time.perf_counter() - t0,
+        timings=times, files=files,
     )  # fmt: skip
 
 
@@ -523,7 +597,7 @@ def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) ->
     files = record.get("files") or {}
     if any(name not in files or not Path(files[name]).exists() for name in want):
         return None
-    fields_ = {k: record[k] for k in ("probabilities", "pred", "n_tiles", "seconds", "timings", "files") if k in record}
+    fields_ = {k: record[k] for k in ("probabilities", "pred", "value", "n_tiles", "seconds", "timings", "files") if k in record}
     return SlidePrediction(entry.slide_id, str(entry.path), "done", **fields_)
 
 
@@ -533,7 +607,11 @@ def _run_key(model_sha: str | None, settings: PredictSettings, identity: Encoder
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_csv(path: Path, classes: list[str], slides: list[SlidePrediction]) -> None:
+def _write_csv(path: Path, classes: list[str], slides: list[SlidePrediction], target: str = "classification") -> None:
+    if target != "classification":
+        rows_ = [[s.slide_id, f"{s.value:.6g}", s.n_tiles, f"{s.seconds:.2f}"] for s in slides if s.value is not None]
+        atomic_write_csv(path, rows_, ["slide_id", _outcome_column(target), "n_tiles", "seconds"])
+        return
     multi = len(classes) > 2
     header = ["slide_id", "prob", "pred", "n_tiles", "seconds"] + ([f"prob_{c}" for c in classes] if multi else [])
     rows: list[list[Any]] = []
@@ -631,11 +709,14 @@ def predict_slides(
     from wsi_encoder.compression import load_encoder_cached
     from wsi_encoder.devices import resolve_device
     from wsi_encoder.models.classifier_files import load_model
+    from wsi_encoder.models.outcome_files import is_outcome_model, load_outcome_model
     from wsi_encoder.models.slide_classifiers import torch_threads
 
     startup["imports"] = time.perf_counter() - t
     t = time.perf_counter()
-    model, meta = load_model(model_dir, device)
+    outcome = is_outcome_model(model_dir)
+    model, meta = load_outcome_model(model_dir, device) if outcome else load_model(model_dir, device)
+    target = str(meta["target"]) if outcome else "classification"
     meta["_folder"] = str(Path(model_dir).resolve())
     settings = resolve_settings(
         meta, model_dir, encoder=encoder, weights=weights, mpp=mpp, tile_size=tile_size, stride=stride,
@@ -650,15 +731,17 @@ def predict_slides(
     if forced:
         logger.warning("predicting despite: %s (--force)", "; ".join(forced))
         settings = PredictSettings(**{**asdict(settings), "spec": settings.spec, "forced": forced})
-    classes = [str(c) for c in meta["classes"]]
+    classes = [str(c) for c in meta.get("classes") or []]
     report = PredictReport(out=out_dir, settings=settings, classes=classes, startup=startup)
-    want = [name for name, on in (("heatmap", heatmaps), ("geojson", geojson), ("embeddings", keep_stores)) if on]
+    drawn = not (outcome and model.name == "linear")  # a linear regression / survival model draws no heatmap
+    want = [name for name, on in (("heatmap", heatmaps and drawn), ("geojson", geojson and drawn),
+                                  ("embeddings", keep_stores)) if on]  # fmt: skip
     ctx = _Context(
         model=model, meta=meta, classes=classes, encoder=module, identity=identity, settings=settings, out=out_dir,
         device=resolve_device(device), batch_size=batch_size, backend=backend, slide_mpp=slide_mpp, heatmaps=heatmaps,
         geojson=geojson, keep_stores=keep_stores,
         key=_run_key(meta.get("weights_sha256"), settings, identity, slide_mpp, backend),
-        progress=progress or (lambda n: None), read_threads=n_read,
+        progress=progress or (lambda n: None), read_threads=n_read, target=target,
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     startup["total"] = time.perf_counter() - t0
@@ -683,10 +766,11 @@ def predict_slides(
             if on_slide is not None:
                 on_slide(result)
     report.files["predictions"] = out_dir / "predictions.csv"
-    _write_csv(report.files["predictions"], classes, report.slides)
+    _write_csv(report.files["predictions"], classes, report.slides, target)
     report.files["run"] = out_dir / "run.json"
     _write_json(report.files["run"], {
-        "model": meta["_folder"], "model_name": model.name, "classes": classes, "settings": settings.to_json(),
+        "model": meta["_folder"], "model_name": model.name, "target": target, "classes": classes,
+        "settings": settings.to_json(),
         "encoder": identity.to_attrs(), "device": str(ctx.device), "startup_seconds": startup,
         "slides": [asdict(s) for s in report.slides], "wsi_encoder_version": __version__,
     })  # fmt: skip

@@ -12,8 +12,11 @@ Entries (``wsienc encoders`` lists them with their sizes, µm/px, sources and li
 - :mod:`~wsi_encoder.models.encoders.cnn`: ``nic``, the NIC authors' published ``nic-multitask-4``, ``nic-bigan``
   and ``nic-mean-rgb`` (their Keras files ship with the package), ``resnet18/34/50``, ``resnet50-trunc`` (CLAM);
 - :mod:`~wsi_encoder.models.encoders.foundation`: ``uni``, ``uni2-h``, ``virchow``, ``virchow2``,
-  ``h-optimus-0``, ``h-optimus-1``, ``prov-gigapath``, ``gpfm``, ``phikon``, ``phikon-v2``, ``hibou-b``, ``hibou-l``,
-  ``lunit-vits8``, ``kaiko-vitb8``, ``kaiko-vits16``, ``kaiko-vits8``, ``kaiko-vitb16``, ``kaiko-vitl14``, ``plip``, ``ctranspath``, ``chief-ctranspath``.
+  ``h-optimus-0``, ``h-optimus-1``, ``h0-mini``, ``prov-gigapath``, ``gpfm``, ``phikon``, ``phikon-v2``, ``hibou-b``,
+  ``hibou-l``, ``lunit-vits8``, ``lunit-vits16``, ``kaiko-vitb8``, ``kaiko-vits16``, ``kaiko-vits8``, ``kaiko-vitb16``,
+  ``kaiko-vitl14``, ``midnight-12k``;
+- :mod:`~wsi_encoder.models.encoders.vision_language`: ``plip``, ``quiltnet-b-32``, ``conch-v1_5``;
+- :mod:`~wsi_encoder.models.encoders.ctranspath`: ``ctranspath``, ``chief-ctranspath``.
 
 Weights are never downloaded. ``weights=FILE`` loads a local file (``.safetensors``, or ``.bin`` /
 ``.pth`` through ``torch.load(weights_only=True)``) strictly after the entry's documented key
@@ -36,7 +39,9 @@ from torch import nn
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.models.encoders import cnn as _cnn  # noqa: F401  (registers the entries)
+from wsi_encoder.models.encoders import ctranspath as _ctranspath  # noqa: F401
 from wsi_encoder.models.encoders import foundation as _foundation  # noqa: F401
+from wsi_encoder.models.encoders import vision_language as _vision_language  # noqa: F401
 from wsi_encoder.models.encoders.nic_keras import is_keras_h5, keras_state_dict
 from wsi_encoder.models.encoders.registry import (
     IMAGENET_MEAN,

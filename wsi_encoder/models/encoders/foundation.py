@@ -9,7 +9,7 @@ ViTs are built with ``dynamic_img_size=True`` (as TRIDENT does) so that inputs o
 of the patch size interpolate the position embedding; ``wsienc encode`` feeds every tile at the
 entry's ``input_size`` anyway.
 
-Hugging Face ``transformers`` checkpoints (Phikon, Phikon-v2, Hibou-B) are loaded into the
+Hugging Face ``transformers`` checkpoints (Phikon, Phikon-v2, Hibou-B/L, Midnight-12k) are loaded into the
 equivalent timm ViT after remapping the HF key layout; ``transformers`` is not needed.
 """
 
@@ -30,11 +30,10 @@ from wsi_encoder.models.encoders.registry import (
     register_encoder,
 )
 from wsi_encoder.models.encoders.weights import (
-    hf_clip_vision_to_timm,
+    hf_dinov2_resampled_to_timm,
     hf_dinov2_to_timm,
     hf_vit_to_timm,
     hibou_to_timm,
-    swin_v0_to_timm,
     timm_layout,
 )
 
@@ -51,7 +50,6 @@ _TIMM_FILE = "timm state dict (pytorch_model.bin or model.safetensors), keys as 
 
 
 if TYPE_CHECKING:
-    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
 
@@ -91,29 +89,6 @@ class TimmViTEncoder(Encoder):
         blocks = list(t.blocks)
         blocks[-1] = nn.ModuleList([blocks[-1], t.norm, t.fc_norm, t.head])  # the last block carries the final norm
         return [stem, *blocks]
-
-
-class SwinEncoder(Encoder):
-    """A timm Swin trunk, average-pooled after the final norm, with an optional linear embedding."""
-
-    trunk: SwinTransformer
-
-    def __init__(self, config: EncoderConfig, trunk: SwinTransformer, *, trunk_features: int) -> None:
-        super().__init__(config)
-        self.trunk = trunk
-        self.embed = nn.Linear(trunk_features, config.embed_dim) if config.embed_dim is not None else nn.Identity()
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.trunk(x))
-
-    def trunk_blocks(self) -> list[nn.Module]:
-        t = self.trunk
-        blocks: list[nn.Module] = [t.patch_embed]
-        for stage in t.layers.children():
-            blocks.append(stage.get_submodule("downsample"))
-            blocks.extend(stage.get_submodule("blocks").children())
-        blocks[-1] = nn.ModuleList([blocks[-1], t.norm])
-        return blocks
 
 
 def _vit(
@@ -626,152 +601,72 @@ for _kname, _karch, _kdim, _knative, _kpatch, _kwhat in _KAIKO_MORE:
     )(_kaiko_build)
 
 
-# ---- PLIP (Huang et al., Nat. Med. 2023) -------------------------------------------------------------------
-# huggingface.co/vinid/plip: a transformers CLIPModel (ViT-B/32 image tower, quick_gelu, LayerNorm eps 1e-5,
-# projection_dim 512); its CLIPProcessor resizes the short side to 224 (bicubic), centre-crops 224 and normalises
-# with CLIP's mean/std; the image embedding is CLIPModel.get_image_features = visual_projection(post_layernorm(
-# class token)), 512-d. The image tower is timm's "vit_base_patch32_clip_quickgelu_224" (pre-norm, no patch bias)
-# with a 512-wide head holding the projection. PLIP's images (Twitter) have no stated magnification: 0.5 µm/px here.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
+# ---- H0-mini (Bioptimus) ------------------------------------------------------------------------------------
+# Filiot et al. 2025, "Distilling foundation models for robust and efficient models in digital pathology" (ViT-B/14
+# distilled from H-optimus-0). Model card https://huggingface.co/bioptimus/H0-mini: timm.create_model(
+# "hf-hub:bioptimus/H0-mini", mlp_layer=SwiGLUPacked, act_layer=SiLU); its config.json is timm
+# "vit_base_patch14_reg4_dinov2" with img_size=224, init_values=1e-5, mlp_ratio=5.33334, reg_tokens=4,
+# global_pool="", num_classes=0 (85.74 M parameters, the 342,974,184-byte model.safetensors); the card's transform is
+# timm's create_transform of its pretrained_cfg: H-optimus mean/std, bicubic Resize(224) + CenterCrop(224). Output,
+# as the card recommends and Bioptimus's SDK declares it (output_type "cls+patch_mean", 1,536-d): the class token
+# concatenated with the mean of the 256 patch tokens after the 4 registers. 224 px @ 0.5 µm/px.
 @register_encoder(
-    "plip",
-    embed_dim=512,
+    "h0-mini",
+    embed_dim=1536,
     input_size=224,
     mpp=0.5,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    weights_format="Hugging Face transformers CLIPModel (pytorch_model.bin / model.safetensors); the vision tower and visual_projection remapped to timm, the text tower dropped",
-    weights_file="pytorch_model.bin",
-    source="https://huggingface.co/vinid/plip",
-    license="see the card (vinid/plip): research use",
+    mean=HOPTIMUS_MEAN,
+    std=HOPTIMUS_STD,
+    weights_format=_TIMM_FILE,
+    weights_file="model.safetensors",
+    source="https://huggingface.co/bioptimus/H0-mini (gated)",
+    license="CC-BY-NC-ND-4.0, gated (access on request): non-commercial research use only",
     requires_weights=True,
-    remap=hf_clip_vision_to_timm,
+    remap=timm_layout,
     lazy_init=True,
     interpolation="bicubic",
     crop="center",
-    output="projection (CLIP get_image_features)",
-    min_input_size=32,
+    output="cls+mean(patch, registers excluded)",
+    min_input_size=14,
 )
-def _plip(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
-    """PLIP (Huang et al., Nat. Med. 2023): CLIP ViT-B/32 image tower, 512-d projected image embedding."""
-    return _vit("plip", "vit_base_patch32_clip_quickgelu_224", out_dim=embed_dim, input_size=input_size,
-                input_mpp=input_mpp, native_size=224, mean=CLIP_MEAN, std=CLIP_STD, features=512, pool="head",
-                num_classes=512)
+def _h0_mini(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """H0-mini (Filiot et al. 2025): ViT-B/14 distilled from H-optimus-0, class ++ mean patch token = 1,536-d."""
+    return _vit("h0-mini", "vit_base_patch14_reg4_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, features=1536,
+                pool="cls+mean", init_values=1e-5, mlp_ratio=5.33334, reg_tokens=4, global_pool="", **_swiglu())
 
 
-# ---- CTransPath -------------------------------------------------------------------------------------------
-class ConvStem(nn.Module):
-    """CTransPath's patch embedding: two 3×3 stride-2 conv-BN-ReLU and a 1×1 conv to ``embed_dim``.
-
-    TransPath ``ctran.py`` / TRIDENT ``model_zoo/ctranspath/ctran.py``: channels ``embed_dim/8`` then
-    ``embed_dim/4``, no bias in the 3×3 convs, then an optional norm. Written for timm 1.x Swin, which
-    calls the patch embedding with ``output_fmt="NHWC"``: the output is ``(B, H/4, W/4, C)``.
-    """
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 4,
-        in_chans: int = 3,
-        embed_dim: int = 96,
-        norm_layer: Any = None,
-        **_: Any,
-    ) -> None:
-        super().__init__()
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-        if patch != (4, 4) or embed_dim % 8:
-            raise ValueError("ConvStem needs patch_size 4 and embed_dim divisible by 8")
-        self.img_size = size
-        self.patch_size = patch
-        self.grid_size = (size[0] // 4, size[1] // 4)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        stem: list[nn.Module] = []
-        c_in, c_out = in_chans, embed_dim // 8
-        for _i in range(2):
-            stem += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in, c_out = c_out, c_out * 2
-        stem.append(nn.Conv2d(c_in, embed_dim, kernel_size=1))
-        self.proj = nn.Sequential(*stem)
-        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        return img_size[0] // 4, img_size[1] // 4
-
-
-# Wang et al., Med. Image Anal. 2022 (TransPath / CTransPath), github.com/Xiyue-Wang/TransPath ctran.py and TRIDENT
-# CTransPathInferenceEncoder: swin_tiny_patch4_window7_224 (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7)
-# with embed_layer=ConvStem, head removed; ImageNet mean/std, Resize(224, bilinear, antialias); average-pooled
-# 768 features after the final norm. Two weight files exist, with the same keys but different tensors:
-# TransPath's own ctranspath.pth (its README's Google Drive link) and CHIEF's CTransPath (Wang et al., Nature
-# 2024), CHIEF_CTransPath.pth (MahmoodLab/hest-bench fm_v1/ctranspath, the file TRIDENT loads). Both are
-# torch.save {"model": state_dict} in the timm 0.5.4 Swin layout; TRIDENT takes their "model" entry and drops the
-# attn_mask keys; here they are read as tensors only (weights.read_state_dict: torch.load with weights_only=True).
-# TRIDENT's README runs CTransPath(-CHIEF) at --mag 10 (1 µm/px), --patch_size 256.
-_CTRANSPATH_FORMAT = (
-    "torch.save {'model': state_dict} in the timm 0.5.4 Swin layout; layers.i.downsample -> layers.(i+1).downsample, "
-    "relative_position_index/attn_mask/head dropped"
-)
-
-
-def _ctranspath_encoder(name: str, embed_dim: int | None, input_size: int, input_mpp: float) -> Encoder:
-    import timm
-    from timm.models.swin_transformer import SwinTransformer
-
-    check_embed_dim(embed_dim)
-    trunk = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=ConvStem, img_size=224,
-        strict_img_size=False,
-    )
-    if not isinstance(trunk, SwinTransformer):
-        raise TypeError(f"timm swin_tiny_patch4_window7_224 is a {type(trunk).__name__}, not a SwinTransformer")
-    cfg = EncoderConfig(name, int(input_size), float(input_mpp), IMAGENET_MEAN, IMAGENET_STD,
-                        768 if embed_dim is None else embed_dim, embed_dim)
-    return SwinEncoder(cfg, trunk, trunk_features=768)
-
-
+# ---- Midnight-12k (kaiko.ai) ---------------------------------------------------------------------------------
+# Karasikov et al. 2025, "Training state-of-the-art pathology foundation models with orders of magnitude less data";
+# github.com/kaiko-ai/Midnight README and the card https://huggingface.co/kaiko-ai/midnight (MIT): a transformers
+# Dinov2Model (AutoModel.from_pretrained("kaiko-ai/midnight")) trained from Meta's dinov2_vitg14 (ViT-g/14: 1,536
+# wide, 40 layers, 24 heads, SwiGLU FFN with hidden (int(6144 * 2 / 3) + 7) // 8 * 8 = 4096, layer scale, no
+# registers); transform Resize(224) + CenterCrop(224) (torchvision's default bilinear), mean = std = (0.5, 0.5, 0.5);
+# classification embedding = cat(last_hidden_state[:, 0], last_hidden_state[:, 1:].mean(1)) = 3,072-d. The card's
+# config.json is read here as the ViT-g/14 above; a position embedding built for another grid (DINOv2's 518 px) is
+# resampled at load time as transformers does for a 224-px input. TCGA tiles at 0.5 µm/px.
 @register_encoder(
-    "ctranspath",
-    embed_dim=768,
+    "midnight-12k",
+    embed_dim=3072,
     input_size=224,
-    mpp=1.0,
-    weights_format=_CTRANSPATH_FORMAT,
-    weights_file="ctranspath.pth",
-    source="https://github.com/Xiyue-Wang/TransPath (ctranspath.pth, Google Drive link in its README)",
-    license="GPL-3.0 (TransPath repository); weights for research use",
+    mpp=0.5,
+    mean=KAIKO_MEAN,
+    std=KAIKO_STD,
+    weights_format="Hugging Face transformers Dinov2Model (model.safetensors); HF DINOv2 keys remapped to timm, "
+    "mlp.weights_in/out -> mlp.fc1/fc2, the position embedding resampled to 16 x 16 as transformers does at 224 px",
+    weights_file="model.safetensors",
+    source="https://huggingface.co/kaiko-ai/midnight (github.com/kaiko-ai/Midnight)",
+    license="MIT",
     requires_weights=True,
-    remap=swin_v0_to_timm,
-    min_input_size=32,
+    remap=hf_dinov2_resampled_to_timm(16),
+    lazy_init=True,
     interpolation="bilinear",
-    output="gap",
+    crop="center",
+    output="cls+mean(patch)",
+    min_input_size=14,
 )
-def _ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
-    """CTransPath (Wang et al., MedIA 2022), TransPath's weights: Swin-T with a conv stem, 768-d, 224 px @ 1 µm/px."""
-    return _ctranspath_encoder("ctranspath", embed_dim, input_size, input_mpp)
-
-
-@register_encoder(
-    "chief-ctranspath",
-    embed_dim=768,
-    input_size=224,
-    mpp=1.0,
-    weights_format=_CTRANSPATH_FORMAT,
-    weights_file="CHIEF_CTransPath.pth",
-    source="https://huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath/CHIEF_CTransPath.pth (gated); "
-    "github.com/hms-dbmi/CHIEF",
-    license="gated (hest-bench access conditions); CHIEF's terms at github.com/hms-dbmi/CHIEF: check before use",
-    requires_weights=True,
-    remap=swin_v0_to_timm,
-    min_input_size=32,
-    interpolation="bilinear",
-    output="gap",
-)
-def _chief_ctranspath(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 1.0) -> Encoder:
-    """CHIEF's CTransPath (Wang et al., Nature 2024): the CTransPath architecture, CHIEF's weights, 768-d @ 1 µm/px."""
-    return _ctranspath_encoder("chief-ctranspath", embed_dim, input_size, input_mpp)
+def _midnight(*, embed_dim: int | None = None, input_size: int = 224, input_mpp: float = 0.5) -> Encoder:
+    """Midnight-12k (Karasikov et al. 2025): ViT-g/14 DINOv2 on TCGA, class ++ mean patch token = 3,072-d."""
+    return _vit("midnight-12k", "vit_giant_patch14_dinov2", out_dim=embed_dim, input_size=input_size,
+                input_mpp=input_mpp, native_size=224, mean=KAIKO_MEAN, std=KAIKO_STD, features=3072,
+                pool="cls+mean", init_values=1e-5, mlp_ratio=2 * 4096 / 1536)

@@ -14,15 +14,20 @@ state dict; each registry entry names the one it uses and ``docs/encoders.md`` l
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsi_encoder.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from wsi_encoder.models.encoders.registry import Remap
 
 #: Environment variable naming a folder of weight files under conventional names.
 WEIGHTS_DIR_ENV = "WSIENC_WEIGHTS_DIR"
@@ -351,6 +356,64 @@ def hf_clip_vision_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     proj = state["visual_projection.weight"]
     out["head.weight"] = proj
     out["head.bias"] = torch.zeros(proj.shape[0], dtype=proj.dtype, device=proj.device)
+    out.update(v)  # anything left over is reported as unexpected by the strict load
+    return out
+
+
+def hf_dinov2_resampled_to_timm(grid: int) -> Remap:
+    """:func:`hf_dinov2_to_timm` for a model fed ``grid`` × ``grid`` patches (kaiko-ai/midnight at 224 px: 16).
+
+    A checkpoint whose position embedding was built for another grid (DINOv2's 518 px, 37 × 37) has it resampled
+    to ``grid`` × ``grid`` exactly as transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` does at that input
+    size (bicubic, ``align_corners=False``, in float32), so the timm model's embedding at the native size is the
+    Hugging Face model's; a checkpoint already at ``grid`` is left as it is.
+    """
+
+    def remap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = hf_dinov2_to_timm(state)
+        pos = out["pos_embed"]
+        side = math.isqrt(pos.shape[1] - 1)
+        if side != grid:
+            patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+            patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False).to(pos.dtype)
+            out["pos_embed"] = torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+        return out
+
+    return remap
+
+
+def open_clip_vision_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip CLIP checkpoint (``open_clip_pytorch_model.bin``, e.g. wisdomik/QuiltNet-B-32) → its image
+    tower as a timm CLIP ViT with a projection head.
+
+    ``visual.class_embedding`` → ``cls_token`` (``(1, 1, D)``), ``visual.positional_embedding`` → ``pos_embed``
+    (``(1, N, D)``), ``visual.conv1`` → ``patch_embed.proj`` (no bias), ``visual.ln_pre`` → ``norm_pre``; per block
+    ``ln_1/ln_2`` → ``norm1/norm2``, ``attn.in_proj_{weight,bias}`` (q, k, v stacked as timm's) → ``attn.qkv``,
+    ``attn.out_proj`` → ``attn.proj``, ``mlp.c_fc/c_proj`` → ``mlp.fc1/fc2``; ``visual.ln_post`` → ``norm``;
+    ``visual.proj`` (``x @ proj``) → ``head.weight = proj.T`` with a zero ``head.bias``. The text tower,
+    ``text_projection`` and ``logit_scale`` are dropped.
+    """
+    state = strip_prefix(dict(state), "module.")
+    v = {k[len("visual.") :]: t for k, t in state.items() if k.startswith("visual.")}
+    out: dict[str, torch.Tensor] = {
+        "cls_token": v.pop("class_embedding").reshape(1, 1, -1),
+        "pos_embed": v.pop("positional_embedding").unsqueeze(0),
+        "patch_embed.proj.weight": v.pop("conv1.weight"),
+    }
+    layers = sorted({int(m.group(1)) for k in v if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in layers:
+        src, dst = f"transformer.resblocks.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{dst}.attn.qkv.{kind}"] = v.pop(f"{src}.attn.in_proj_{kind}")
+            for a, b in names.items():
+                out[f"{dst}.{b}.{kind}"] = v.pop(f"{src}.{a}.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"norm_pre.{kind}"] = v.pop(f"ln_pre.{kind}")
+        out[f"norm.{kind}"] = v.pop(f"ln_post.{kind}")
+    proj = v.pop("proj")
+    out["head.weight"] = proj.t().contiguous()
+    out["head.bias"] = torch.zeros(proj.shape[1], dtype=proj.dtype, device=proj.device)
     out.update(v)  # anything left over is reported as unexpected by the strict load
     return out
 

@@ -18,7 +18,7 @@ is not rotation-equivariant), said once per run in a warning. Heatmap: Grad-CAM 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,19 +255,24 @@ class GridCNNClassifier(TorchSlideClassifier[GridCNNConfig]):
                 probs.append(torch.softmax(self.logits((g, m))[0], dim=0))
         return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
 
-    def heatmap(self, bag: SlideBag) -> FloatArray:
+    def heatmap(self, bag: SlideBag, score_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FloatArray:
         """Grad-CAM on the first layer (upsampled to the grid when strided): ReLU of the gradient-weighted feature maps of the class score.
 
         The score is the positive-class log-odds (binary) or the predicted class's logit minus the mean
-        logit (multi-class). Scaled to [0, 1]; NaN outside tissue.
+        logit (multi-class), or ``score_of(logits)`` when given (the risk or the prediction of the survival and
+        regression targets: the map then shows where the features push that score up). Scaled to [0, 1];
+        NaN outside tissue.
         """
         self.module.eval()
         grid, mask = self.collate([bag], None)
         with torch.enable_grad():
             logits, first = self.module.forward_with_first(grid, mask)
             logits = logits[0]
-            target = 1 if self.num_classes == 2 else int(logits.argmax())
-            score = logits[target] - (logits[0] if self.num_classes == 2 else logits.mean())
+            if score_of is not None:
+                score = score_of(logits)
+            else:
+                target = 1 if self.num_classes == 2 else int(logits.argmax())
+                score = logits[target] - (logits[0] if self.num_classes == 2 else logits.mean())
             (grad,) = torch.autograd.grad(score, first)
         m = mask[0, 0]
         if first.shape[-2:] != m.shape:  # the paper's first layer is strided: its map is brought back to the grid

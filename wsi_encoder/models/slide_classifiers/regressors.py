@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,
@@ -109,9 +110,11 @@ class TorchRegressor:
         if not issubclass(cls, TorchSlideClassifier):
             raise InvalidParameterError(f"{model} is not a torch model")
         self.name = model
+        self.in_dim = in_dim
         self.loss = loss
         self.net: TorchSlideClassifier[Any] = cls(in_dim, 2, config, device)
         self.net.num_classes = 1  # one output: the standardised target (build_module reads it)
+        self.net.module = self.net.build_module().to(self.net.device)  # the head of that width
         self.config = self.net.config
         self.y_mean, self.y_std = 0.0, 1.0
 
@@ -157,6 +160,15 @@ class TorchRegressor:
         )
         return FitInfo(best_epoch=history.best_epoch, epochs_run=history.epochs_run, stopped_early=history.stopped_early)
 
+    @property
+    def heatmap_kind(self) -> str:
+        """What :meth:`heatmap` draws."""
+        return heatmap_kind(self.net, "prediction")
+
+    def heatmap(self, bag: SlideBag) -> FloatArray:
+        """``(R, Q)`` map in [0, 1], NaN outside tissue: attention (abmil), Grad-CAM of the prediction (gridcnn)."""
+        return outcome_heatmap(self.net, bag, lambda out: out[0])
+
     def predict(self, bags: Bags) -> FloatArray:
         """``(n,)`` predicted targets, in the target's units, from the whole bag (the validation view).
 
@@ -170,6 +182,23 @@ class TorchRegressor:
 
 
 Regressor = RidgeRegressor | TorchRegressor
+
+
+def outcome_heatmap(
+    net: TorchSlideClassifier[Any], bag: SlideBag, score_of: Callable[[torch.Tensor], torch.Tensor]
+) -> FloatArray:
+    """The heatmap of a regression or survival network: abmil's attention (unsigned: where the model looks),
+    gridcnn's Grad-CAM of ``score_of(outputs)`` (the prediction or the risk: where the features push it up)."""
+    from wsi_encoder.models.slide_classifiers.gridcnn import GridCNNClassifier
+
+    if isinstance(net, GridCNNClassifier):
+        return net.heatmap(bag, score_of=score_of)
+    return net.heatmap(bag)
+
+
+def heatmap_kind(net: TorchSlideClassifier[Any], score: str) -> str:
+    """What :func:`outcome_heatmap` draws, for the picture's label."""
+    return f"Grad-CAM of the {score} (first block; bright = pushes it up)" if net.name == "gridcnn" else net.heatmap_kind
 
 
 def create_regressor(model: str, in_dim: int, config: dict[str, Any] | None = None, loss: str = "mse",

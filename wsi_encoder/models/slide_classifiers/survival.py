@@ -1,12 +1,21 @@
-"""Slide-level Cox models: a risk per slide (log hazard ratio; higher = shorter survival).
+"""Slide-level survival models: a risk per slide (higher = shorter survival) and a survival function.
 
 * ``linear`` (:class:`CoxLinear`): the linear model's pooled features, standardised, into a ridge-penalised
-  Cox model (scikit-survival ``CoxPHSurvivalAnalysis``, Breslow ties); ``alpha`` is chosen on the inner
-  validation split by Harrell's C, then the model is refit on train + validation with it.
-* ``abmil`` and ``gridcnn`` (:class:`TorchCox`): the classifier's network with one output trained with
-  :func:`~wsi_encoder.models.slide_classifiers.survival_loss.cox_breslow_loss` over each mini-batch (its risk sets are the
-  batch's slides); batches with fewer than ``min_events`` events are skipped. Early stopping on the
-  partial likelihood of the whole validation split.
+  Cox model (scikit-survival ``CoxPHSurvivalAnalysis``, Breslow ties); ``alpha`` is chosen by inner
+  k-fold cross-validation of the partial likelihood on the training fold (see :meth:`CoxLinear.fit`), then
+  the model is refit on the whole training fold with it. Survival function: its Breslow baseline.
+* ``abmil`` and ``gridcnn`` (:class:`TorchCox`), ``loss="cox"``: the classifier's network with one output
+  (the log hazard ratio) trained with :func:`~wsi_encoder.models.slide_classifiers.survival_loss.cox_breslow_loss`
+  over each mini-batch (its risk sets are the batch's slides); batches with fewer than ``min_events``
+  events are skipped. Survival function: the Breslow baseline (scikit-survival ``BreslowEstimator``) of
+  the fitted risks of the training slides.
+* The same networks, ``loss="nll"``: ``time_bins`` outputs, the logits of the discrete-time hazard per bin
+  (bins at the quantiles of the training fold's event times), trained with
+  :func:`~wsi_encoder.models.slide_classifiers.survival_loss.discrete_time_nll`; the risk is minus the
+  expected number of bins survived (:func:`~wsi_encoder.models.slide_classifiers.survival_loss.discrete_time_risk`),
+  the survival function the product of ``1 - h`` over the bins passed.
+
+Early stopping of the torch models on the loss of the whole validation split.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,
@@ -30,20 +41,33 @@ from wsi_encoder.models.slide_classifiers.base import (
 )
 from wsi_encoder.models.slide_classifiers.fit_loop import fit_module
 from wsi_encoder.models.slide_classifiers.linear import pool_features
-from wsi_encoder.models.slide_classifiers.survival_loss import check_events, cox_breslow_loss
+from wsi_encoder.models.slide_classifiers.regressors import heatmap_kind, outcome_heatmap
+from wsi_encoder.models.slide_classifiers.survival_loss import (
+    check_events,
+    cox_breslow_loss,
+    discrete_survival,
+    discrete_time_nll,
+    discrete_time_risk,
+    time_bin_edges,
+    time_bin_index,
+)
 from wsi_encoder.models.slide_classifiers.torch_base import Inputs, TorchSlideClassifier, batches_of
 
-#: Models that can fit a Cox model.
+#: Models that can fit a survival model.
 SURVIVAL_MODELS = ("linear", "abmil", "gridcnn")
+#: ``--loss`` of the torch survival models.
+SURVIVAL_LOSSES = ("cox", "nll")
 
 
 @dataclass(frozen=True)
 class CoxLinearConfig:
-    """``linear`` Cox settings: ``pooling``, the ridge ``alpha`` used without a validation split, the grid ``alphas``."""
+    """``linear`` Cox settings: ``pooling``, the ridge ``alpha`` used without patients to cross-validate on,
+    the grid ``alphas`` and the number of ``inner_folds`` that choose among them."""
 
     pooling: str = "mean+max"
     alpha: float = 1.0
     alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    inner_folds: int = 5
 
     def validate(self) -> None:
         """Raise :class:`InvalidParameterError` on impossible values."""
@@ -51,6 +75,16 @@ class CoxLinearConfig:
             raise InvalidParameterError(f"linear pooling must be mean, max or mean+max, got {self.pooling!r}")
         if self.alpha <= 0 or not self.alphas or min(self.alphas) <= 0:
             raise InvalidParameterError(f"linear Cox needs alpha > 0 and positive alphas: {self}")
+        if self.inner_folds < 2:
+            raise InvalidParameterError(f"linear Cox needs inner_folds >= 2, got {self.inner_folds!r}")
+
+
+def _log_partial_likelihood(risk: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_]) -> float:
+    """Cox log partial likelihood (Breslow ties) of fixed risks, by scikit-survival's optimizer (coefficient 1)."""
+    from sksurv.linear_model.coxph import CoxPHOptimizer
+
+    optimizer = CoxPHOptimizer(risk[:, None], event, time, alpha=np.zeros(1), ties="breslow")
+    return -float(optimizer.nlog_likelihood(np.ones(1))) * len(risk)  # sksurv averages over the slides
 
 
 class CoxLinear:
@@ -76,20 +110,54 @@ class CoxLinear:
         y = Surv.from_arrays(event=event, time=time)
         return make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow")).fit(x, y)
 
+    def cross_validated_likelihood(
+        self, x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_], groups: npt.ArrayLike, seed: int = 0
+    ) -> dict[float, float]:
+        """Each alpha's cross-validated log partial likelihood (Verweij & van Houwelingen 1993), summed over folds.
+
+        Patient-grouped ``inner_folds`` folds stratified by event (scikit-learn ``StratifiedGroupKFold``);
+        fold k scores ``l(b_-k) - l_-k(b_-k)``: the log partial likelihood of all slides minus that of the
+        training part, both at the coefficients fitted without fold k. The held-out slides are thus scored
+        within the risk sets of the whole cohort, not of the small fold alone (glmnet's criterion).
+        """
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        splitter = StratifiedGroupKFold(n_splits=self.config.inner_folds, shuffle=True, random_state=seed)
+        splits = [(tr, te) for tr, te in splitter.split(x, event.astype(int), np.asarray(groups).astype(str))
+                  if event[tr].any()]
+        scores: dict[float, float] = {}
+        for alpha in self.config.alphas:
+            total = 0.0
+            for tr, _ in splits:
+                fitted = self._fit(x[tr], time[tr], event[tr], alpha)
+                risk = np.asarray(fitted.predict(x), dtype=float)
+                total += _log_partial_likelihood(risk, time, event) - _log_partial_likelihood(risk[tr], time[tr], event[tr])
+            scores[float(alpha)] = total
+        return scores
+
     def fit(
         self, train: Bags, time: npt.ArrayLike, event: npt.ArrayLike, val: Bags | None = None,
         time_val: npt.ArrayLike | None = None, event_val: npt.ArrayLike | None = None, *, seed: int = 0,
+        groups: npt.ArrayLike | None = None, refit: dict[str, Any] | None = None,
     ) -> FitInfo:
-        """Fit; with a validation split holding an event, choose ``alpha`` on it by Harrell's C."""
+        """Fit on ``train`` (and ``val``, which is simply added: ``linear`` needs no early stopping).
+
+        ``alpha``: ``refit["alpha"]`` when given; else, with ``groups`` (the patient of every slide of train then
+        val) and at least ``inner_folds`` patients, the alpha of ``alphas`` with the best
+        :meth:`cross_validated_likelihood` (ties: the stronger penalty); else ``config.alpha``.
+        """
         x, t, e = self._matrix(train), np.asarray(time, float), np.asarray(event).astype(bool)
-        alpha = self.config.alpha
-        if val is not None and len(val) and time_val is not None and event_val is not None and np.any(event_val):
-            xv, tv, ev = self._matrix(val), np.asarray(time_val, float), np.asarray(event_val).astype(bool)
-            scores = {a: _validation_c(self._fit(x, t, e, a), xv, tv, ev) for a in self.config.alphas}
-            alpha = max(scores, key=lambda a: (np.nan_to_num(scores[a], nan=-1.0), a))  # ties: the stronger penalty
-            x, t, e = np.concatenate([x, xv]), np.concatenate([t, tv]), np.concatenate([e, ev])
+        if val is not None and len(val) and time_val is not None and event_val is not None:
+            x = np.concatenate([x, self._matrix(val)])
+            t = np.concatenate([t, np.asarray(time_val, float)])
+            e = np.concatenate([e, np.asarray(event_val).astype(bool)])
+        alpha = float((refit or {}).get("alpha", self.config.alpha))
+        scores: dict[float, float] = {}
+        if refit is None and groups is not None and len(set(np.asarray(groups).astype(str))) >= self.config.inner_folds:
+            scores = self.cross_validated_likelihood(x, t, e, groups, seed)
+            alpha = max(scores, key=lambda a: (scores[a], a))
         self.model = self._fit(x, t, e, alpha)
-        return FitInfo(selected={"alpha": alpha})
+        return FitInfo(selected={"alpha": alpha, **({"cv_log_likelihood": scores} if scores else {})})
 
     def predict(self, bags: Bags) -> FloatArray:
         """``(n,)`` risks (linear predictors)."""
@@ -97,86 +165,153 @@ class CoxLinear:
             raise InvalidParameterError("the linear Cox model is not fitted")
         return np.asarray(self.model.predict(self._matrix(bags)), dtype=float)
 
+    def survival(self, bags: Bags, times: npt.ArrayLike) -> FloatArray:
+        """``(n, len(times))`` S(t | slide) from the Breslow baseline of the fit (constant past its follow-up)."""
+        if not hasattr(self.model, "predict_survival_function"):
+            raise InvalidParameterError("the linear Cox model is not fitted (a saved model keeps no baseline hazard)")
+        return _step_values(self.model.predict_survival_function(self._matrix(bags)), times)
+
+
+def _step_values(functions: Any, times: npt.ArrayLike) -> FloatArray:
+    """Values of scikit-survival step functions at ``times``, clipped into each function's domain."""
+    t = np.asarray(times, dtype=float)
+    return np.stack([fn(np.clip(t, *fn.domain)) for fn in functions]).astype(float)
+
 
 class TorchCox:
-    """A torch slide model (``abmil``, ``gridcnn``) with one output trained with the Cox partial likelihood."""
+    """A torch slide model (``abmil``, ``gridcnn``) trained for survival: Cox (one output) or discrete-time NLL."""
 
     def __init__(self, model: str, in_dim: int, config: dict[str, Any] | None = None, device: str = "auto",
-                 min_events: int = 2) -> None:
+                 min_events: int = 2, loss: str = "cox", time_bins: int = 10) -> None:
         cls = slide_classifier_class(model)
         if not issubclass(cls, TorchSlideClassifier):
             raise InvalidParameterError(f"{model} is not a torch model")
         if min_events < 1:
             raise InvalidParameterError(f"min_events must be >= 1, got {min_events!r}")
+        if loss not in SURVIVAL_LOSSES:
+            raise InvalidParameterError(f"survival --loss must be one of {', '.join(SURVIVAL_LOSSES)}, got {loss!r}")
+        if loss == "nll" and time_bins < 2:
+            raise InvalidParameterError(f"--time-bins must be at least 2, got {time_bins!r}")
         self.name = model
+        self.in_dim = in_dim
+        self.loss = loss
         self.min_events = min_events
+        self.time_bins = time_bins
         self.net: TorchSlideClassifier[Any] = cls(in_dim, 2, config, device)
-        self.net.num_classes = 1  # one output: the risk (build_module reads it)
+        # outputs: the risk (cox) or one hazard logit per time bin (nll); build_module reads num_classes
+        self.net.num_classes = 1 if loss == "cox" else time_bins
+        self.net.module = self.net.build_module().to(self.net.device)  # the head of that width
         self.config = self.net.config
+        self.edges = np.zeros(0)  # nll: inner time-bin edges of the training fold
+        self.baseline: Any = None  # cox: scikit-survival BreslowEstimator of the training slides
+
+    def _loss(self, out: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+        if self.loss == "cox":
+            return cox_breslow_loss(out[:, 0], time, event)
+        return discrete_time_nll(out, time, event, torch.as_tensor(self.edges, dtype=time.dtype, device=out.device))
 
     def fit(
         self, train: Bags, time: npt.ArrayLike, event: npt.ArrayLike, val: Bags | None = None,
         time_val: npt.ArrayLike | None = None, event_val: npt.ArrayLike | None = None, *, seed: int = 0,
+        groups: npt.ArrayLike | None = None, refit: dict[str, Any] | None = None,
     ) -> FitInfo:
-        """Train on mini-batches with at least ``min_events`` events; early stopping on the validation split."""
+        """Train with early stopping on the validation split (``refit``: a fixed number of epochs, no validation).
+
+        Cox: mini-batches with at least ``min_events`` events. NLL: every mini-batch (the likelihood is a sum
+        over slides); the time bins are placed on ``train``'s event times. ``groups`` is not used.
+        """
         net = self.net
         torch.manual_seed(seed)
         net.module = net.build_module().to(net.device)
         net._set_input_stats(train)
-        t = torch.as_tensor(np.asarray(time, float), dtype=torch.float32, device=net.device)
-        e = torch.as_tensor(np.asarray(event).astype(bool), device=net.device)
-        if int(e.sum()) < self.min_events:
+        time_np, event_np = np.asarray(time, float), np.asarray(event).astype(bool)
+        if self.loss == "nll":
+            self.edges = time_bin_edges(time_np, event_np, self.time_bins)
+        t = torch.as_tensor(time_np, dtype=torch.float32, device=net.device)
+        e = torch.as_tensor(event_np, device=net.device)
+        if self.loss == "cox" and int(e.sum()) < self.min_events:
             raise InvalidParameterError(f"the training slides hold {int(e.sum())} events; the Cox loss needs {self.min_events}")
         size = max(net.config.batch_size, 2)
 
         def batches(rng: np.random.Generator) -> Iterator[tuple[Inputs, torch.Tensor, torch.Tensor]]:
             for idx in batches_of(len(train), size, rng):
                 sel = torch.as_tensor(idx, device=net.device)
-                if len(idx) < max(net.min_batch, 2) or not check_events(e[sel], self.min_events):
+                if len(idx) < max(net.min_batch, 2) or (self.loss == "cox" and not check_events(e[sel], self.min_events)):
                     continue
                 yield net.collate([train[int(i)] for i in idx], rng), t[sel], e[sel]
 
         def batch_loss(module: nn.Module, batch: tuple[Inputs, torch.Tensor, torch.Tensor]) -> torch.Tensor:
             inputs, bt, be = batch
-            return cox_breslow_loss(net.logits(inputs)[:, 0], bt, be)
+            return self._loss(net.logits(inputs), bt, be)
 
-        val_bags = list(val) if val is not None and event_val is not None and np.any(event_val) else []
+        usable_val = val is not None and event_val is not None and (self.loss == "nll" or np.any(event_val))
+        val_bags = list(val) if usable_val and val is not None and refit is None else []
         tv = torch.as_tensor(np.asarray(time_val if val_bags else [], float), dtype=torch.float32, device=net.device)
         ev = torch.as_tensor(np.asarray(event_val if val_bags else [], bool), device=net.device)
 
         def val_loss(module: nn.Module) -> float:
-            return float(cox_breslow_loss(torch.stack([net.bag_logits(bag)[0] for bag in val_bags]), tv, ev))
+            return float(self._loss(torch.stack([net.bag_logits(bag) for bag in val_bags]), tv, ev))
 
         history = fit_module(
-            net.module, batches, batch_loss, val_loss if val_bags else None, epochs=net.config.epochs,
+            net.module, batches, batch_loss, val_loss if val_bags else None,
+            epochs=int((refit or {}).get("epochs", net.config.epochs)),
             lr=net.config.lr, weight_decay=net.config.weight_decay, patience=net.config.patience, seed=seed,
             optimizer=getattr(net.config, "optimizer", "adamw"), lr_plateau=getattr(net.config, "lr_plateau", 0.0),
             plateau_patience=getattr(net.config, "plateau_patience", 5), min_lr=getattr(net.config, "min_lr", 0.0),
         )
+        if self.loss == "cox":
+            from sksurv.linear_model.coxph import BreslowEstimator
+
+            self.baseline = BreslowEstimator().fit(self.predict(train), event_np, time_np)
         return FitInfo(best_epoch=history.best_epoch, epochs_run=history.epochs_run, stopped_early=history.stopped_early)
 
-    def predict(self, bags: Bags) -> FloatArray:
-        """``(n,)`` risks from the whole bag (the validation view)."""
+    def _outputs(self, bags: Bags) -> torch.Tensor:
         self.net.module.eval()
         with torch.no_grad():
-            return np.asarray([float(self.net.bag_logits(bag)[0]) for bag in bags], dtype=float)
+            return torch.stack([self.net.bag_logits(bag) for bag in bags]).float().cpu()
+
+    def predict(self, bags: Bags) -> FloatArray:
+        """``(n,)`` risks from the whole bag (the validation view): the log hazard ratio, or ``-sum_k S_k`` (nll)."""
+        out = self._outputs(bags)
+        risk = out[:, 0] if self.loss == "cox" else discrete_time_risk(out)
+        return np.asarray(risk.numpy(), dtype=float)
+
+    @property
+    def heatmap_kind(self) -> str:
+        """What :meth:`heatmap` draws."""
+        return heatmap_kind(self.net, "risk")
+
+    def heatmap(self, bag: SlideBag) -> FloatArray:
+        """``(R, Q)`` map in [0, 1], NaN outside tissue: attention (abmil), Grad-CAM of the risk (gridcnn)."""
+        if self.loss == "cox":
+            return outcome_heatmap(self.net, bag, lambda out: out[0])
+        return outcome_heatmap(self.net, bag, lambda out: discrete_time_risk(out[None])[0])
+
+    def survival(self, bags: Bags, times: npt.ArrayLike) -> FloatArray:
+        """``(n, len(times))`` S(t | slide): Breslow baseline (cox) or the product of ``1 - h`` over bins passed (nll).
+
+        A time in bin k has survived the bins before it (``S(t) = S_{k-1}``; 1 in bin 0), the convention of
+        the NLL, which counts a death in bin k as falling at its end.
+        """
+        t = np.asarray(times, dtype=float)
+        if self.loss == "cox":
+            if self.baseline is None:
+                raise InvalidParameterError("the Cox model is not fitted")
+            return _step_values(self.baseline.get_survival_function(self.predict(bags)), t)
+        surv = discrete_survival(self._outputs(bags)).double()
+        passed = F.pad(surv, (1, 0), value=1.0)
+        k = time_bin_index(torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(self.edges, dtype=torch.float64))
+        return np.asarray(passed[:, k].numpy(), dtype=float)
+
+
+SurvivalModel = CoxLinear | TorchCox
 
 
 def create_cox_model(model: str, in_dim: int, config: dict[str, Any] | None = None, device: str = "auto",
-                     min_events: int = 2) -> CoxLinear | TorchCox:
-    """A fresh Cox model by name."""
+                     min_events: int = 2, loss: str = "cox", time_bins: int = 10) -> SurvivalModel:
+    """A fresh survival model by name (``loss``, ``time_bins`` and ``min_events`` apply to the torch models)."""
     if model not in SURVIVAL_MODELS:
         raise InvalidParameterError(f"model {model!r} cannot fit survival; choose from {', '.join(SURVIVAL_MODELS)}")
     if model == "linear":
         return CoxLinear(in_dim, config)
-    return TorchCox(model, in_dim, config, device, min_events)
-
-
-def _validation_c(model: Any, x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_]) -> float:
-    """Harrell's C of a fitted scikit-survival pipeline on a validation split (its own ``score``); nan without a pair."""
-    from sksurv.util import Surv
-
-    try:
-        return float(model.score(x, Surv.from_arrays(event=event, time=time)))
-    except ZeroDivisionError:
-        return float("nan")
+    return TorchCox(model, in_dim, config, device, min_events, loss, time_bins)

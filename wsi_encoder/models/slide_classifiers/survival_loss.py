@@ -1,4 +1,4 @@
-"""The Cox partial likelihood as a torch loss, with Breslow's handling of tied times.
+"""Survival losses of the torch slide models: the Cox partial likelihood (Breslow ties) and the discrete-time NLL.
 
 For risks ``r`` (log hazard ratios; higher = shorter survival), times ``t`` and events ``d`` (1 = death,
 0 = censored) of one batch, the negative log partial likelihood is
@@ -13,7 +13,10 @@ events per batch (a batch without an event has no partial likelihood at all).
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 
 from wsi_encoder.errors import InvalidParameterError
 
@@ -41,3 +44,62 @@ def check_events(event: torch.Tensor, minimum: int) -> bool:
     if minimum < 1:
         raise InvalidParameterError(f"the minimum number of events per batch must be >= 1, got {minimum!r}")
     return int(event.to(torch.bool).sum()) >= minimum
+
+
+# ---------------------------------------------------------------------------------------------- discrete time
+# ``--loss nll --time-bins K``: the follow-up is cut into K bins at the quantiles of the training fold's event
+# times; the network's K outputs are the logits of the hazard h_k = P(death in bin k | alive at its start).
+# A slide whose time falls in bin k (edges[k-1] <= t < edges[k]) and died there contributes
+# -log h_k - sum_{l<k} log(1 - h_l); censored there, it is counted as having survived through bin k:
+# -sum_{l<=k} log(1 - h_l) (the convention of pycox's logistic-hazard loss). Unlike the Cox loss it is a sum
+# over slides, so a mini-batch needs no risk set and no minimum number of events.
+
+
+def time_bin_edges(time: npt.ArrayLike, event: npt.ArrayLike, n_bins: int) -> npt.NDArray[np.float64]:
+    """The ``n_bins - 1`` inner edges of the time bins: quantiles of the event times (``k / n_bins``, k = 1..K-1).
+
+    Bin 0 is ``[0, edges[0])``, bin K-1 ``[edges[-1], inf)``. Tied quantiles (many deaths at one time) are
+    kept, the bins between them are then empty.
+
+    Raises
+    ------
+    InvalidParameterError
+        When ``n_bins < 2`` or there is no event.
+    """
+    if n_bins < 2:
+        raise InvalidParameterError(f"--time-bins must be at least 2, got {n_bins!r}")
+    t, e = np.asarray(time, dtype=float), np.asarray(event).astype(bool)
+    if not e.any():
+        raise InvalidParameterError("the training slides hold no event; the time bins of --loss nll cannot be placed")
+    return np.asarray(np.quantile(t[e], np.arange(1, n_bins) / n_bins), dtype=float)
+
+
+def time_bin_index(time: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bin of each time: the number of inner edges at or below it (0 .. K-1)."""
+    return torch.bucketize(time, edges.to(time.dtype), right=True)
+
+
+def discrete_time_nll(logits: torch.Tensor, time: torch.Tensor, event: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Mean over slides of the discrete-time negative log-likelihood of ``(n, K)`` hazard logits."""
+    k = time_bin_index(time.to(logits.device), edges.to(logits.device)).unsqueeze(1)
+    dead = event.to(device=logits.device, dtype=torch.bool)
+    log_survive = F.logsigmoid(-logits)  # log(1 - h)
+    through = torch.cumsum(log_survive, dim=1)  # log P(alive at the end of bin l)
+    before = torch.gather(F.pad(through, (1, 0))[:, :-1], 1, k).squeeze(1)
+    died = before + torch.gather(F.logsigmoid(logits), 1, k).squeeze(1)
+    censored = torch.gather(through, 1, k).squeeze(1)
+    return -torch.where(dead, died, censored).mean()
+
+
+def discrete_survival(logits: torch.Tensor) -> torch.Tensor:
+    """``(n, K)`` probability of being alive at the end of each bin, ``prod_{l<=k} (1 - h_l)``."""
+    return torch.exp(torch.cumsum(F.logsigmoid(-logits), dim=1))
+
+
+def discrete_time_risk(logits: torch.Tensor) -> torch.Tensor:
+    """The risk of a discrete-time model: minus the expected number of bins survived, ``-sum_k S_k``.
+
+    ``sum_k S_k`` (S_k: alive at the end of bin k) is the mean survival time restricted to the K bins,
+    in bins, so the risk ranks slides by their expected survival: higher = shorter, as for Cox.
+    """
+    return -discrete_survival(logits).sum(dim=1)
