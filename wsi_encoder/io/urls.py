@@ -327,12 +327,10 @@ def local_output(path: str | Path) -> Iterator[Path]:
     check_writable(path)
     check_bucket(str(path))
     fs, inner = filesystem(path)
-    # The same staging folder for the same URL on every run, so records that name their files by
-    # local path (resume bookkeeping) stay valid when the folder is fetched again.
+    # A staging folder of this run's own (two runs writing one URL never share or delete each other's);
+    # records inside the folder name their files relative to it, so a later run resumes from its copy.
     digest = hashlib.sha256(str(normalize(path)).encode()).hexdigest()[:16]
-    tmp = Path(tempfile.gettempdir()) / f"wsienc-output-{os.getuid()}-{digest}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"wsienc-output-{digest}-"))
     target = tmp / name_of(path)
     try:
         if fs.isdir(inner):
