@@ -152,3 +152,74 @@ def test_without_retries_faults_fail_and_with_them_reads_succeed(
     monkeypatch.setenv("WSIENC_RETRIES", "8")
     assert read_all() == [bytes([i]) * 1000 for i in range(12)]
     assert proxy.faults() > 3
+
+
+def test_a_lock_whose_create_answer_was_lost_is_ours(s3: str) -> None:
+    """A conditional PUT that took effect but whose answer was reset is retried and refused (412): the lock
+    holds our token, so the run goes on instead of refusing itself."""
+    from wsi_encoder.io.store_lock import StoreLock
+
+    class LostAnswer(StoreLock):
+        def _create(self, record: dict[str, Any]) -> None:
+            super()._create(record)
+            raise FileExistsError(str(self.path))
+
+    lock = LostAnswer(f"{s3}/p.zarr")
+    lock.acquire()
+    other = StoreLock(f"{s3}/p.zarr")
+    other_record_refused = pytest.raises(Exception, match="another wsienc run is writing this store")
+    import socket
+    from unittest import mock
+
+    with other_record_refused, mock.patch("wsi_encoder.io.store_lock.socket.gethostname", return_value="elsewhere"):
+        other.acquire()
+    assert socket.gethostname() != "elsewhere"
+    lock.release()
+
+
+KEY_ID, SECRET = "AKIAWSIENCLEAKCHECK7", "wsiencLeakCheckSecret/do-not-print+Q9"
+
+
+def test_credentials_never_reach_stores_logs_or_error_lines(s3: str, s3_server: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import logging
+
+    import s3fs
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+    from wsi_encoder.io.urls import describe_error
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    s3fs.S3FileSystem.clear_instance_cache()
+    _DIRECT.append(s3_server)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    upload(s3, small_slide(folder / "a.tiff", seed=1), "cohort/a.tiff")
+    texts: list[str] = []
+    runner = CliRunner()  # -vv: every log line wsienc writes (DEBUG, tracebacks) is in the output
+    try:
+        for args in (
+            ["-vv", "tile", f"{s3}/cohort/", "--out", f"{s3}/p.zarr", "--qc-dir", str(tmp_path / "qc"), "--workers", "1"],
+            ["-vv", "encode", f"{s3}/p.zarr", "--encoder", "nic", "--out", f"{s3}/e.zarr", "--h5-dir", str(tmp_path / "h5")],
+            ["-vv", "tile", f"{s3}/cohort/missing.tiff", "--out", f"{s3}/q.zarr"],  # a failure line
+            ["info", f"s3://{KEY_ID}:{SECRET}@nosuchbucket-x/a.svs"],  # credentials in a URL
+        ):
+            result = runner.invoke(main, args)
+            texts.append(result.output + str(result.exception or ""))
+        assert "1 slide(s) tiled" in texts[0], texts[0]
+    finally:
+        logging.getLogger("wsi_encoder").handlers.clear()
+    texts.append(describe_error(f"https://{KEY_ID}:{SECRET}@host/a.svs?X-Amz-Signature={SECRET}", OSError("boom")))
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            texts.append(path.read_bytes().decode("latin-1"))
+    assert (tmp_path / "qc" / "a.png").is_file() and (tmp_path / "h5" / "a.h5").is_file()
+    assert "DEBUG" in texts[0] and "Error:" in texts[3]
+    for url in (f"{s3}/p.zarr", f"{s3}/e.zarr"):
+        texts.extend(repr(v) for v in _store_objects(url).values())
+    assert len(texts) > 20
+    for text in texts:
+        for secret in (KEY_ID, SECRET, SECRET.split("/")[0]):
+            assert secret not in text

@@ -182,8 +182,23 @@ def filesystem(url: str | Path) -> tuple[Any, str]:
         raise InvalidParameterError(f"{url}: bad URL or storage options ({type(exc).__name__})") from None
 
 
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^@\s]+@")  # secrets may hold "/"
+_QUERY = re.compile(r"(://[^\s?'\"]*)\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info (``user:secret@``) and query strings (signatures, SAS tokens) of its URLs
+    replaced by ``***``."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+
+
 def describe_error(url: str | Path, exc: BaseException) -> str:
-    """One line naming ``url`` and what is wrong with reaching it (no option values, no secrets)."""
+    """One line naming ``url`` and what is wrong with reaching it (no option values, no secrets: user info
+    and query strings of URLs are redacted)."""
+    return redact(_describe_error(url, exc))
+
+
+def _describe_error(url: str | Path, exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc)
     if name in ("NoCredentialsError", "PartialCredentialsError") or "Unable to locate credentials" in text:
