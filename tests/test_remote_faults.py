@@ -223,3 +223,55 @@ def test_credentials_never_reach_stores_logs_or_error_lines(s3: str, s3_server: 
     for text in texts:
         for secret in (KEY_ID, SECRET, SECRET.split("/")[0]):
             assert secret not in text
+
+
+def test_a_tile_run_killed_midway_resumes_to_an_identical_store(faulty_s3: tuple[str, Any], s3_server: str, tmp_path: Path) -> None:
+    """A tile run in a subprocess, killed (SIGKILL) once some chunks are in; the re-run takes over the dead
+    run's lock, redoes only what is missing and leaves the store identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import s3fs
+
+    bucket, proxy = faulty_s3
+    _DIRECT.append(s3_server)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    proxy.enabled = False
+    upload(bucket, small_slide(folder / "a.tiff", width=2400, height=2000, seed=3), "cohort/a.tiff")
+    tile_cohort([f"{bucket}/cohort"], f"{bucket}/clean.zarr", SPEC, chunk_tiles=8, workers=1)
+    proxy.enabled = True
+    proxy.fault_rate, proxy.delay_rate, proxy.max_delay_s = 0.0, 1.0, 0.06  # slow, so the kill lands mid-run
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = (
+        "from wsi_encoder.pipelines.tile_cohort import tile_cohort; from wsi_encoder.tiling import TileSpec; "
+        f"tile_cohort([{bucket + '/cohort'!r}], {bucket + '/k.zarr'!r}, TileSpec(0.5, 128), chunk_tiles=8, workers=1)"
+    )
+    command = [sys.executable, "-c", script]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    marker_prefix = f"{bucket.removeprefix('s3://')}/k.zarr/a/chunks_done/c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if len(fs.find(marker_prefix)) >= 2:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket.removeprefix('s3://')}/k.zarr.lock")  # the killed run left its lock
+    n_before = len(fs.find(marker_prefix))
+    n_chunks = len(fs.find(f"{bucket.removeprefix('s3://')}/clean.zarr/a/chunks_done/c"))
+    assert 2 <= n_before < n_chunks  # killed mid-way: some chunks in, not all
+    proxy.delay_rate, proxy.fault_rate = 0.1, 0.02
+    report = tile_cohort([f"{bucket}/cohort"], f"{bucket}/k.zarr", SPEC, chunk_tiles=8, workers=1)
+    assert not report.failed and [o.status for o in report.outcomes] == ["ok"]
+    proxy.enabled = False
+    assert_same_objects(f"{bucket}/clean.zarr", f"{bucket}/k.zarr")
