@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,9 @@ def _free_port() -> int:
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a moto S3 server on loopback (module scope: one server per test file)."""
     pytest.importorskip("s3fs", reason="s3fs is needed for the object-storage tests (pip install .[dev])")
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is needed for the object-storage tests")
+    server_mod = pytest.importorskip(
+        "moto.server", reason="moto[server] is needed for the object-storage tests"
+    )
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -71,3 +74,22 @@ def upload(s3_url: str, local: Path, key: str) -> str:
     url = f"{s3_url}/{key}"
     fs.put(str(local), url)
     return url
+
+
+@pytest.fixture
+def faulty_s3(s3: str, s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
+    """``(bucket URL, proxy)``: the bucket of :func:`s3`, reached through a :class:`~tests.faulty_proxy.FaultyProxy`
+    on 127.0.0.1 that fails 2% of the requests (seeded) and delays others; ``proxy.enabled = False``
+    makes it a plain proxy. Started and stopped here."""
+    import s3fs
+
+    from tests.faulty_proxy import FaultyProxy
+
+    proxy = FaultyProxy(s3_server, fault_rate=0.02, seed=23).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield s3, proxy
+    finally:
+        proxy.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

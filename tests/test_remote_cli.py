@@ -154,3 +154,10 @@ def test_predict_slides_model_and_output_on_s3(s3: str, tmp_path: Path) -> None:
     assert fs.isfile(f"{s3}/pred/geojson/s0.geojson")
     code, out = _run(args)  # a re-run finds the finished slides in the uploaded folder
     assert code == 0 and "earlier run" in out
+    # The model is recorded as given (its URL, not the local copy), the outputs relative to the folder.
+    import json
+
+    run = json.loads(fs.cat_file(f"{s3}/pred/run.json"))
+    assert run["model"] == f"{s3}/clf"
+    record = json.loads(fs.cat_file(f"{s3}/pred/slides/s0.json"))
+    assert record["files"]["geojson"] == "geojson/s0.geojson"

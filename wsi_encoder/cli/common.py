@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import click
 
 from wsi_encoder.errors import WsiEncoderError
-from wsi_encoder.io.urls import as_local, check_bucket, is_url, set_storage_options
+from wsi_encoder.io.urls import (
+    DEFAULT_RETRIES,
+    as_local,
+    check_bucket,
+    is_url,
+    set_retries,
+    set_storage_options,
+)
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -175,7 +182,23 @@ def _set_storage_options(ctx: click.Context, param: click.Parameter, value: str 
             raise click.BadParameter(str(exc).removeprefix("--storage-options "), ctx=ctx, param=param) from None
 
 
-storage_options_option = click.option(
+def _set_retries(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        set_retries(value)
+
+
+_retries_option = click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_retries,
+    help=f"Retries of a failed object-store request (5xx, throttling, resets, cut bodies) with exponential "
+    f"backoff [default: $WSIENC_RETRIES or {DEFAULT_RETRIES}]; see docs/scale.md.",
+)
+
+_storage_options_option = click.option(
     "--storage-options",
     metavar="JSON",
     default=None,
@@ -186,6 +209,11 @@ storage_options_option = click.option(
     "\"https://minio.example:9000\"}' or '{\"anon\": true}'. Credentials come best from the standard environment "
     "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL); see docs/cluster.md.",
 )
+
+
+def storage_options_option(command: Any) -> Any:
+    """``--storage-options JSON`` and ``--retries N``, for every command that may reach object storage."""
+    return _storage_options_option(_retries_option(command))
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
+from wsi_encoder.io.urls import is_url, local_output
 
 
 class EncodeProgress(Progress):
@@ -32,8 +34,8 @@ class EncodeProgress(Progress):
 @click.option("--chunk-tiles", type=click.IntRange(min=1), default=1024, show_default=True, help="Tiles per task (and per stored chunk).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel tasks: threads here (default 1, torch uses every core), or worker processes with --scheduler processes.")
 @click.option("--scheduler", default=None, metavar="threads|processes|tcp://HOST:PORT", help="Where tasks run: this process (threads, default), a local dask cluster of --workers processes, or a running dask scheduler.")
-@click.option("--h5-dir", type=click.Path(path_type=Path), default=None, help="Also write <slide_id>.h5 (features, coords; CLAM/TRIDENT layout) here.")
-@click.option("--preview-dir", type=click.Path(path_type=Path), default=None, help="Also write a PNG per slide: PCA-RGB grid beside the thumbnail.")
+@click.option("--h5-dir", type=PATH_OR_URL, default=None, help="Also write <slide_id>.h5 (features, coords; CLAM/TRIDENT layout) here (a URL: staged locally, uploaded at the end; local or --scheduler processes workers only).")
+@click.option("--preview-dir", type=PATH_OR_URL, default=None, help="Also write a PNG per slide: PCA-RGB grid beside the thumbnail (a path or URL, as --h5-dir).")
 @click.option("--overwrite", is_flag=True, help="Re-encode slides that are already complete.")
 @device_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Forward pass precision (autocast): bf16 on CUDA or recent CPUs, fp16 on CUDA. Features are stored as --dtype.")
@@ -51,8 +53,8 @@ def encode(
     chunk_tiles: int,
     workers: int | None,
     scheduler: str | None,
-    h5_dir: Path | None,
-    preview_dir: Path | None,
+    h5_dir: Path | str | None,
+    preview_dir: Path | str | None,
     overwrite: bool,
     device: str,
     precision: str,
@@ -73,8 +75,14 @@ def encode(
     """
     from wsi_encoder.pipelines.encode_store import encode_store
 
+    staged = [folder for folder in (h5_dir, preview_dir) if folder is not None and is_url(folder)]
+    if staged and scheduler not in (None, "threads", "synchronous", "processes"):
+        raise click.ClickException("--h5-dir/--preview-dir URLs are staged on this machine: use local workers, or a path the cluster shares")
     bar = EncodeProgress()
-    try:
+    with ExitStack() as stack:
+        h5_folder = None if h5_dir is None else stack.enter_context(local_output(h5_dir))
+        preview_folder = None if preview_dir is None else stack.enter_context(local_output(preview_dir))
+        stack.callback(bar.close)
         result = encode_store(
             patch_store,
             encoder,
@@ -85,8 +93,8 @@ def encode(
             chunk_tiles=chunk_tiles,
             workers=workers,
             scheduler=scheduler,
-            h5_dir=h5_dir,
-            preview_dir=preview_dir,
+            h5_dir=h5_folder,
+            preview_dir=preview_folder,
             overwrite=overwrite,
             device=device,
             slides=list(slide_ids) or None,
@@ -95,8 +103,6 @@ def encode(
             compile=compile_model,
             dihedral=dihedral,
         )
-    finally:
-        bar.close()
     for slide in result.slides.values():
         if slide.status == "failed":
             echo_err(f"error: slide {slide.slide_id}: {slide.reason}")

@@ -118,7 +118,7 @@ def predict(
             mpp_tolerance=mpp_tolerance, tissue_threshold=tissue_threshold, force=force, keep_stores=keep_stores,
                 heatmaps=heatmaps, geojson=geojson, slide_mpp=slide_mpp, backend=backend, device=device,
                 batch_size=batch_size, threads=threads, read_threads=read_threads, overwrite=overwrite, on_slide=on_slide,
-                progress=bar.update,
+                progress=bar.update, model_source=str(model_dir),
             )  # fmt: skip
     finally:
         bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from wsi_encoder.cli.common import (
     slide_mpp_option,
     storage_options_option,
 )
+from wsi_encoder.io.urls import local_copy, local_output
 
 if TYPE_CHECKING:
     from wsi_encoder.pipelines.tile_cohort import ProgressEvent
@@ -56,7 +58,7 @@ class TileProgress(Progress):
 @click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True, help="pad: the grid covers the whole slide, tiles crossing the right/bottom edge are kept and padded with the background; drop: only whole tiles.")
 @slide_mpp_option
 @click.option("--force-slide-mpp", is_flag=True, help="Use --slide-mpp for every slide, replacing recorded values (each replacement is reported).")
-@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
+@click.option("--slide-mpp-csv", type=PATH_OR_URL, default=None, help="CSV (a path or URL) with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
 @click.option("--tissue-mask", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of per-slide masks used instead of tissue detection: <slide>.png (non-zero = tissue) or QuPath GeoJSON <slide>.geojson.")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default="jpeg", show_default=True, help="jpeg: lossy, near the slide's size; zstd: lossless.")
@@ -71,7 +73,7 @@ class TileProgress(Progress):
     "tcp://HOST:PORT: a running dask.distributed scheduler (see docs/tile.md, 'Cluster runs').",
 )
 @click.option("--overwrite", is_flag=True, help="Re-tile slides that are already complete in the store.")
-@click.option("--qc-dir", type=click.Path(path_type=Path), default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles).")
+@click.option("--qc-dir", type=PATH_OR_URL, default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles); a URL is staged locally and uploaded at the end.")
 @slide_backend_option
 @storage_options_option
 def tile(
@@ -84,7 +86,7 @@ def tile(
     edge: str,
     slide_mpp: float | None,
     force_slide_mpp: bool,
-    slide_mpp_csv: Path | None,
+    slide_mpp_csv: Path | str | None,
     tissue_threshold: float,
     tissue_mask: Path | None,
     codec: str,
@@ -93,7 +95,7 @@ def tile(
     workers: int | None,
     scheduler: str | None,
     overwrite: bool,
-    qc_dir: Path | None,
+    qc_dir: Path | str | None,
     backend: str,
 ) -> None:
     """Cut SLIDES (files or folders of slides, local or s3:// URLs) into tiles at --mpp and store them in --out.
@@ -119,7 +121,10 @@ def tile(
     if verbosity < 2:  # a truncated TIFF makes tifffile log per page; the per-slide failure line says it once
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     bar = TileProgress()
-    try:
+    with ExitStack() as stack:
+        csv_file = None if slide_mpp_csv is None else stack.enter_context(local_copy(slide_mpp_csv))
+        qc_folder = None if qc_dir is None else stack.enter_context(local_output(qc_dir))
+        stack.callback(bar.close)
         report = tile_cohort(
             slides,
             out,
@@ -131,16 +136,14 @@ def tile(
             backend=backend,
             slide_mpp=slide_mpp,
             force_slide_mpp=force_slide_mpp,
-            slide_mpp_csv=slide_mpp_csv,
+            slide_mpp_csv=csv_file,
             tissue_mask=tissue_mask,
             overwrite=overwrite,
-            qc_dir=qc_dir,
+            qc_dir=qc_folder,
             workers=workers,
             scheduler=scheduler,
             progress=bar,
         )
-    finally:
-        bar.close()
     for outcome in report.failed:
         reason = outcome.reason or "unknown error"
         echo_err(f"failed: {reason}" if outcome.source in reason else f"failed: {outcome.source}: {reason}")

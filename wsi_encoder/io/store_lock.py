@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,17 @@ class StoreLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`~wsi_encoder.errors.StoreError`."""
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "token": uuid.uuid4().hex}  # fmt: skip
         for _ in range(2):
             try:
                 self._create(record)
             except FileExistsError:
                 holder = self._holder()
+                if holder is not None and holder.get("token") == record["token"]:
+                    # Our own create took effect but its answer was lost (a reset), and the retry was refused.
+                    self._held = True
+                    return
                 if holder and holder.get("host") == record["host"] and not _pid_alive(int(holder.get("pid", -1))):
                     logger.warning("taking over the lock %s left by dead process %s", self.path, holder.get("pid"))
                     self._delete()

@@ -28,6 +28,10 @@ from wsi_encoder.errors import InvalidParameterError, StoreError
 
 #: Environment variable holding the JSON storage options (``--storage-options``).
 STORAGE_OPTIONS_ENV = "WSIENC_STORAGE_OPTIONS"
+#: Environment variable holding the retry count for object-store requests (``--retries``).
+RETRIES_ENV = "WSIENC_RETRIES"
+#: Retries of a failed object-store request when ``WSIENC_RETRIES`` is not set.
+DEFAULT_RETRIES = 5
 #: Bytes fetched per range request when reading a remote slide (neighbouring TIFF tiles share a request).
 SLIDE_BLOCK_SIZE = 4 * 1024 * 1024
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -81,6 +85,34 @@ def set_storage_options(options: str | dict[str, Any] | None) -> None:
     os.environ[STORAGE_OPTIONS_ENV] = json.dumps(value)
 
 
+def retries() -> int:
+    """Retries of a failed object-store request: ``WSIENC_RETRIES`` (``--retries``), default :data:`DEFAULT_RETRIES`.
+
+    For S3 this is botocore's ``max_attempts`` in its ``standard`` retry mode (500/502/503/504, throttling
+    such as ``503 SlowDown``, connection errors; backoff ``random(0, 1) * 2**attempt`` seconds, at most
+    20 s) and one more than the attempts of s3fs's own layer around each call, which also retries a
+    response cut mid-body (backoff ``min(0.1 * 1.7**attempt, 15)`` seconds).
+    """
+    text = os.environ.get(RETRIES_ENV, "").strip()
+    if not text:
+        return DEFAULT_RETRIES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidParameterError(f"{RETRIES_ENV}={text!r}: the retry count must be a whole number >= 0")
+    return value
+
+
+def set_retries(count: int | None) -> None:
+    """Use ``count`` retries for every object-store request from now on, here and in worker processes started later."""
+    if count is None:
+        os.environ.pop(RETRIES_ENV, None)
+    else:
+        os.environ[RETRIES_ENV] = str(int(count))
+
+
 def check_writable(path: str | Path) -> None:
     """Raise :class:`InvalidParameterError` when ``path`` is a read-only URL (``http(s)://``)."""
     if is_url(path) and _protocol(path) in _READ_ONLY:
@@ -107,7 +139,17 @@ def storage_options(url: str | Path) -> dict[str, Any]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
             options["endpoint_url"] = endpoint
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": retries(), "mode": "standard"})
+        options["config_kwargs"] = config
     return options
+
+
+def _set_library_retries(fs: Any) -> Any:
+    """Give s3fs's own retry layer ``retries() + 1`` attempts (it has no constructor option for it)."""
+    if hasattr(fs, "retries") and type(fs).__name__ == "S3FileSystem":
+        fs.retries = retries() + 1
+    return fs
 
 
 def _protocol(url: str | Path) -> str:
@@ -134,13 +176,29 @@ def filesystem(url: str | Path) -> tuple[Any, str]:
     except ValueError:
         raise InvalidParameterError(f"{url}: unknown URL scheme {protocol!r} (use a local path, s3://, gs://, az:// or https://)") from None
     try:
-        return fsspec.core.url_to_fs(str(url), **storage_options(url))
+        fs, inner = fsspec.core.url_to_fs(str(url), **storage_options(url))
+        return _set_library_retries(fs), inner
     except (TypeError, ValueError) as exc:
         raise InvalidParameterError(f"{url}: bad URL or storage options ({type(exc).__name__})") from None
 
 
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^@\s]+@")  # secrets may hold "/"
+_QUERY = re.compile(r"(://[^\s?'\"]*)\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info (``user:secret@``) and query strings (signatures, SAS tokens) of its URLs
+    replaced by ``***``."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+
+
 def describe_error(url: str | Path, exc: BaseException) -> str:
-    """One line naming ``url`` and what is wrong with reaching it (no option values, no secrets)."""
+    """One line naming ``url`` and what is wrong with reaching it (no option values, no secrets: user info
+    and query strings of URLs are redacted)."""
+    return redact(_describe_error(url, exc))
+
+
+def _describe_error(url: str | Path, exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc)
     if name in ("NoCredentialsError", "PartialCredentialsError") or "Unable to locate credentials" in text:
@@ -243,7 +301,9 @@ def zarr_store(path: str | Path, read_only: bool = False) -> Any:
     from zarr.storage import FsspecStore
 
     filesystem(path)  # a clear line for an unknown scheme or a missing package
-    return FsspecStore.from_url(str(path), storage_options=storage_options(path), read_only=read_only)
+    store = FsspecStore.from_url(str(path), storage_options=storage_options(path), read_only=read_only)
+    _set_library_retries(store.fs)
+    return store
 
 
 @contextmanager
@@ -282,12 +342,10 @@ def local_output(path: str | Path) -> Iterator[Path]:
     check_writable(path)
     check_bucket(str(path))
     fs, inner = filesystem(path)
-    # The same staging folder for the same URL on every run, so records that name their files by
-    # local path (resume bookkeeping) stay valid when the folder is fetched again.
+    # A staging folder of this run's own (two runs writing one URL never share or delete each other's);
+    # records inside the folder name their files relative to it, so a later run resumes from its copy.
     digest = hashlib.sha256(str(normalize(path)).encode()).hexdigest()[:16]
-    tmp = Path(tempfile.gettempdir()) / f"wsienc-output-{os.getuid()}-{digest}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"wsienc-output-{digest}-"))
     target = tmp / name_of(path)
     try:
         if fs.isdir(inner):

@@ -234,7 +234,7 @@ def resolve_settings(
         raise InvalidParameterError(f"--tissue-threshold {threshold!r} must be a fraction in [0, 1]")
     return PredictSettings(
         encoder=encoder,
-        weights=None if weights is None else str(Path(weights).resolve()),
+        weights=None if weights is None else str(weights),  # recorded as given (a path or URL), never absolutised
         spec=spec,
         tissue_threshold=threshold,
         thumbnail_size=None if thumb is None else int(thumb),
@@ -402,11 +402,11 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
         png = plot_slide_prediction(
             ctx.model, entry.slide_id, heat, prob, classes, ctx.out / "heatmaps", plan.thumbnail, geometry
         )
-        files["heatmap"] = str(png)
+        files["heatmap"] = _relative(png, ctx.out)
     if ctx.geojson and heat is not None:
-        files["geojson"] = str(_write_geojson(entry, ctx, plan, heat, probabilities, pred, size_l0, slide_attrs))
+        files["geojson"] = _relative(_write_geojson(entry, ctx, plan, heat, probabilities, pred, size_l0, slide_attrs), ctx.out)
     if ctx.keep_stores:
-        files["embeddings"] = str(_keep_stores(entry, ctx, plan, stored, slide_attrs))
+        files["embeddings"] = _relative(_keep_stores(entry, ctx, plan, stored, slide_attrs), ctx.out)
     times["write"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     return SlidePrediction(
@@ -578,6 +578,14 @@ def _keep_stores(entry: SlideEntry, ctx: _Context, plan: SlideTiling, features: 
 
 
 # ---------------------------------------------------------------------------------------------- records
+def _relative(path: str | Path, out: Path) -> str:
+    """``path`` as recorded in a slide record: relative to the output folder ``out`` when inside it."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return str(path)
+
+
 def _record_path(out: Path, slide_id: str) -> Path:
     return out / "slides" / f"{slide_id}.json"
 
@@ -595,7 +603,7 @@ def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) ->
     if record.get("key") != key or record.get("source") != str(entry.path) or record.get("status") != "ok":
         return None
     files = record.get("files") or {}
-    if any(name not in files or not Path(files[name]).exists() for name in want):
+    if any(name not in files or not (out / files[name]).exists() for name in want):
         return None
     fields_ = {k: record[k] for k in ("probabilities", "pred", "value", "n_tiles", "seconds", "timings", "files") if k in record}
     return SlidePrediction(entry.slide_id, str(entry.path), "done", **fields_)
@@ -653,6 +661,7 @@ def predict_slides(
     overwrite: bool = False,
     on_slide: Callable[[SlidePrediction], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    model_source: str | None = None,
 ) -> PredictReport:
     """Predict slide files with a ``classify train`` model, streaming tiles -> encoder -> classifier.
 
@@ -688,6 +697,11 @@ def predict_slides(
         Called after each slide (progress, printing).
     progress
         Called with the number of tiles of each encoded batch.
+    model_source
+        What to record as the model (default ``model_dir`` as given): the URL a local copy was fetched from.
+
+    Output files are recorded relative to ``out``, and the model and weights as given (paths or URLs,
+    not absolutised), so an output folder moved or staged elsewhere stays valid.
 
     Returns
     -------
@@ -717,7 +731,7 @@ def predict_slides(
     outcome = is_outcome_model(model_dir)
     model, meta = load_outcome_model(model_dir, device) if outcome else load_model(model_dir, device)
     target = str(meta["target"]) if outcome else "classification"
-    meta["_folder"] = str(Path(model_dir).resolve())
+    meta["_folder"] = str(model_dir if model_source is None else model_source)  # as given, not absolutised
     settings = resolve_settings(
         meta, model_dir, encoder=encoder, weights=weights, mpp=mpp, tile_size=tile_size, stride=stride,
         mpp_tolerance=mpp_tolerance, tissue_threshold=tissue_threshold, thumbnail_size=thumbnail_size, force=force,
