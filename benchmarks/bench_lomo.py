@@ -9,6 +9,8 @@ All in this process, with the same model, batch size, optimiser and device:
   (as many synthetic images as real ones added on top of each batch, upsampled on the fly), reading
   the decoded-image memmap, augmenting, and validating on 10 % extra images after every epoch. Rates
   count every image that goes through the network (real and synthetic);
+* DataLoader: the baseline arm again with ``--workers`` DataLoader processes (default 0, 1, 2;
+  :mod:`wsi_encoder.training.lomo_loader`), each reading the memmap ahead of the step; images/s per count;
 * DCGAN: :func:`wsi_encoder.training.gan_trainer.train_dcgan` vs a bare loop of the same G/D steps
   on tensors in memory.
 
@@ -18,7 +20,9 @@ for the public BreaKHis (7,909 images) with the given settings, from the measure
 ``docs/lomo.md``).
 
 Run: ``.venv/bin/python benchmarks/bench_lomo.py [--backbone resnet18] [--image-size 224] [--images 96]
-[--batch-size 32] [--gan-width 64] [--repeats 2]``
+[--batch-size 32] [--gan-width 64] [--repeats 2] [--workers 0,1,2] [--device auto]``. ``--quick`` (64 px,
+32 images, batch 8, 1 repeat, 32 DCGAN images) only checks that the script runs; its figures mean nothing.
+On CUDA the trainer's bf16 autocast and pinned memory are in the timed path.
 
 Timed runs include each arm's validation pass after the epoch, so the arm rates are slightly pessimistic.
 """
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_encoder.devices import resolve_device
 from wsi_encoder.models.dcgan import Discriminator, Generator
 from wsi_encoder.models.encoders import create_encoder
 from wsi_encoder.training.gan_trainer import DcganSpec, train_dcgan
@@ -49,10 +54,17 @@ from wsi_encoder.training.lomo_trainer import (
 BREAKHIS_IMAGES = 7909
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_classifier_rate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, device: torch.device
 ) -> float:
-    """Images/s of forward + backward + Adam on in-memory tensors."""
+    """Images/s of forward + backward + Adam on in-memory tensors already on ``device``."""
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
     start = time.perf_counter()
@@ -63,6 +75,7 @@ def bare_classifier_rate(
         opt.zero_grad()
         loss.backward()
         opt.step()
+    _sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -97,7 +110,14 @@ def main() -> None:
     parser.add_argument("--gan-epochs", type=int, default=100, help="for the full-run estimate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.image_size, args.images, args.batch_size, args.repeats, args.gan_images = 64, 32, 8, 1, 32
+    device = resolve_device(args.device)
+    worker_counts = [int(w) for w in args.workers.split(",")]
     torch.set_num_threads(args.threads)
     size, n, batch = args.image_size, args.images, args.batch_size
     rng = np.random.default_rng(0)
@@ -111,12 +131,13 @@ def main() -> None:
         rows = np.arange(n + n_val, dtype=np.int64)
         enc = create_encoder(args.backbone, input_size=size)
         init = shared_state(enc, 0)
-        x = torch.from_numpy(pixels[:n]).permute(0, 3, 1, 2).float() / 255
-        yt = torch.from_numpy(y[:n]).float()
-        bare_classifier_rate(build_classifier(enc, init), x, yt, 1, batch)  # warm-up
+        x = (torch.from_numpy(pixels[:n]).permute(0, 3, 1, 2).float() / 255).to(device)
+        yt = torch.from_numpy(y[:n]).float().to(device)
+        bare_classifier_rate(build_classifier(enc, init), x, yt, 1, batch, device)  # warm-up
         bare, rates = 0.0, dict.fromkeys(("baseline", "grl", "gan"), 0.0)
+        loader_rates = dict.fromkeys(worker_counts, 0.0)
         for _ in range(args.repeats):  # interleaved, best of each (the machine is shared)
-            bare = max(bare, bare_classifier_rate(build_classifier(enc, init), x, yt, n // batch, batch))
+            bare = max(bare, bare_classifier_rate(build_classifier(enc, init), x, yt, n // batch, batch, device))
             for arm in rates:
                 data = TrainData(cache, rows[:n], y[:n], rows[:n] % 3, rows[n:], y[n:])
                 strategy = BaselineArm()
@@ -127,17 +148,30 @@ def main() -> None:
                     strategy = GrlArm(3)
                 model = build_classifier(create_encoder(args.backbone, input_size=size), init, strategy)
                 start = time.perf_counter()
-                result = train_classifier(model, data, TrainSpec(epochs=1, batch_size=batch), strategy, seed=0)
+                result = train_classifier(model, data, TrainSpec(epochs=1, batch_size=batch), strategy, seed=0,
+                                          device=device)
+                _sync(device)
                 seen = sum(result.real_seen) + sum(result.extra_seen)
                 rates[arm] = max(rates[arm], seen / (time.perf_counter() - start))
+            for w in worker_counts:
+                data = TrainData(cache, rows[:n], y[:n], rows[:n] % 3, rows[n:], y[n:])
+                model = build_classifier(create_encoder(args.backbone, input_size=size), init, BaselineArm())
+                start = time.perf_counter()
+                result = train_classifier(model, data, TrainSpec(epochs=1, batch_size=batch, workers=w),
+                                          BaselineArm(), seed=0, device=device)
+                _sync(device)
+                loader_rates[w] = max(loader_rates[w], sum(result.real_seen) / (time.perf_counter() - start))
         start = time.perf_counter()
-        embed(model, cache, rows, batch_size=batch)
+        embed(model, cache, rows, batch_size=batch, device=device)
+        _sync(device)
         infer = len(rows) / (time.perf_counter() - start)
         del cache
-    print(f"{args.backbone} @ {size} px, batch {batch}, {args.threads} threads, device cpu")
+    print(f"{args.backbone} @ {size} px, batch {batch}, {args.threads} threads, device {device}")
     print(f"  bare loop (in-memory tensors)   {bare:8.1f} images/s")
     for arm, rate in rates.items():
         print(f"  train_classifier {arm:<9}      {rate:8.1f} images/s   ratio {rate / bare:.2f}")
+    for w, rate in loader_rates.items():
+        print(f"  baseline, DataLoader workers {w}  {rate:8.1f} images/s   ratio {rate / bare:.2f}")
     print(f"  embedding (inference)           {infer:8.1f} images/s")
 
     gan_images = rng.integers(0, 256, size=(args.gan_images, 64, 64, 3), dtype=np.uint8)

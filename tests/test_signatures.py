@@ -274,3 +274,32 @@ def test_size_and_jaccard_intervals_come_from_whole_training_patients(monkeypatc
     none = SignatureRecord.from_evaluation("arm", "c", evaluate_fold(x, y, g, xt, yt, SignatureSpec(bootstrap=0),
                                                                      groups_test=gt), 0.5)
     assert none.boot_indices == () and np.isnan(none.size_interval()[0])
+
+
+def test_standardisation_uses_training_statistics_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every standardisation is fit on training rows: test rows never enter the mean and SD (spy)."""
+    import wsi_encoder.evaluation.signatures as sig
+
+    x, y, g = _data(4)
+    x = np.asarray(x, dtype=np.float64)
+    xt, yt, gt = _data(5)
+    xt = xt + 3.0  # a shifted test set: any test statistics in a fit would change the numbers below
+    fitted_on: list[np.ndarray] = []
+    real = sig.standardise
+
+    def spy(x_train, *others):  # type: ignore[no-untyped-def]
+        fitted_on.append(np.asarray(x_train, dtype=np.float64).copy())
+        return real(x_train, *others)
+
+    monkeypatch.setattr(sig, "standardise", spy)
+    ev = sig.evaluate_fold(x, y, g, xt, yt, SignatureSpec(bootstrap=0), groups_test=gt)
+    assert fitted_on
+    train_rows = {row.tobytes() for row in x}
+    cols = np.asarray(ev.selection.indices, dtype=np.int64)
+    train_sig_rows = {row.tobytes() for row in np.ascontiguousarray(x[:, cols])}
+    for m in fitted_on:
+        allowed = train_rows if m.shape[1] == x.shape[1] else train_sig_rows
+        assert all(np.ascontiguousarray(row).tobytes() in allowed for row in m), m.shape
+    # the lasso's and the full probe's standardisations saw the whole training set, not a test-shifted one
+    full = [m for m in fitted_on if m.shape == x.shape]
+    assert full and all(np.allclose(m.mean(axis=0), x.mean(axis=0)) for m in full)
