@@ -56,7 +56,7 @@ def test_regressor_learns_lesion_size(cohort: tuple[Path, Path], tmp_path: Path,
     result = train_regressor(store, labels, model, tmp_path, folds=4, seed=0, loss=loss, params=FAST[model],
                              device="cpu", n_boot=200, threads=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["spearman"] > 0.5, metrics["pooled"]
+    assert metrics["spearman"] >= 0.8, metrics["pooled"]  # the bar (the target is the lesion size plus unit noise)
     assert result.files["scatter"] == tmp_path / "predicted_vs_true.png" and result.files["scatter"].stat().st_size > 0
     for name in ("spearman", "pearson", "mae", "r2"):
         low, high = metrics[f"{name}_ci95"]

@@ -20,6 +20,7 @@ Early stopping of the torch models on the loss of the whole validation split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ from wsi_encoder.models.slide_classifiers.torch_base import Inputs, TorchSlideCl
 SURVIVAL_MODELS = ("linear", "abmil", "gridcnn")
 #: ``--loss`` of the torch survival models.
 SURVIVAL_LOSSES = ("cox", "nll")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,14 +104,19 @@ class CoxLinear:
         return np.stack([pool_features(b, self.config.pooling) for b in bags])
 
     @staticmethod
-    def _fit(x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_], alpha: float) -> Any:
+    def _fit(x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_], alpha: float) -> Any | None:
+        """The standardised ridge Cox fit at ``alpha``, or None where it overflows (the penalty is too weak)."""
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sksurv.linear_model import CoxPHSurvivalAnalysis
         from sksurv.util import Surv
 
         y = Surv.from_arrays(event=event, time=time)
-        return make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow")).fit(x, y)
+        try:  # a penalty too weak for (nearly) separable data overflows exp(risk): no usable fit at this alpha
+            with np.errstate(over="raise", invalid="raise"):
+                return make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow")).fit(x, y)
+        except (FloatingPointError, np.linalg.LinAlgError):
+            return None
 
     def cross_validated_likelihood(
         self, x: FloatArray, time: FloatArray, event: npt.NDArray[np.bool_], groups: npt.ArrayLike, seed: int = 0
@@ -130,9 +138,12 @@ class CoxLinear:
             total = 0.0
             for tr, _ in splits:
                 fitted = self._fit(x[tr], time[tr], event[tr], alpha)
+                if fitted is None:
+                    total = -np.inf
+                    break
                 risk = np.asarray(fitted.predict(x), dtype=float)
                 total += _log_partial_likelihood(risk, time, event) - _log_partial_likelihood(risk[tr], time[tr], event[tr])
-            scores[float(alpha)] = total
+            scores[float(alpha)] = float(total)
         return scores
 
     def fit(
@@ -156,7 +167,15 @@ class CoxLinear:
         if refit is None and groups is not None and len(set(np.asarray(groups).astype(str))) >= self.config.inner_folds:
             scores = self.cross_validated_likelihood(x, t, e, groups, seed)
             alpha = max(scores, key=lambda a: (scores[a], a))
-        self.model = self._fit(x, t, e, alpha)
+        model = self._fit(x, t, e, alpha)
+        for stronger in sorted(a for a in (*self.config.alphas, alpha * 10, alpha * 100) if a > alpha):
+            if model is not None:
+                break
+            logger.warning("linear Cox: alpha %g overflows on these slides (separable data); using %g", alpha, stronger)
+            alpha, model = stronger, self._fit(x, t, e, stronger)
+        if model is None:
+            raise InvalidParameterError(f"linear Cox: no ridge penalty up to alpha {alpha:g} gives a finite fit")
+        self.model = model
         return FitInfo(selected={"alpha": alpha, **({"cv_log_likelihood": scores} if scores else {})})
 
     def predict(self, bags: Bags) -> FloatArray:
