@@ -58,3 +58,73 @@ def test_tile_and_encode_path_options_take_urls(s3: str, tmp_path: Path) -> None
     assert fs.cat_file(f"{inner}/qc/a.png") == (tmp_path / "qc" / "a.png").read_bytes()
     assert fs.isfile(f"{inner}/h5/a.h5") and fs.isfile(f"{inner}/pv/a.png")
     assert fs.cat_file(f"{inner}/pv/a.png") == (tmp_path / "pv" / "a.png").read_bytes()
+
+
+def test_weights_from_a_url_give_the_local_files_embeddings(s3: str, tmp_path: Path) -> None:
+    """encode --weights s3://...: fetched once per process, the same features as the local file, the URL recorded."""
+    import numpy as np
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from tests._tile_helpers import small_slide
+    from wsi_encoder.cli import main
+    from wsi_encoder.io.embedding_store import EmbeddingStore
+    from wsi_encoder.models.encoders import create_encoder
+    from wsi_encoder.models.encoders.weights import file_sha256
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    small_slide(folder / "a.tiff", seed=2)
+    weights = tmp_path / "nic.safetensors"
+    encoder = create_encoder("nic", require_weights=False, seed=7)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
+    fs, inner = filesystem(s3)
+    fs.put(str(weights), f"{inner}/weights/nic.safetensors")
+    runner = CliRunner()
+    store = tmp_path / "p.zarr"
+    assert runner.invoke(main, ["tile", str(folder), "--out", str(store), "--slide-mpp", "0.25"]).exit_code == 0
+    features = {}
+    for name, given in (("local", str(weights)), ("url", f"{s3}/weights/nic.safetensors")):
+        out = tmp_path / f"{name}.zarr"
+        result = runner.invoke(main, ["encode", str(store), "--encoder", "nic", "--weights", given, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        emb = EmbeddingStore.open(out)
+        features[name] = emb.load("a").features
+        assert emb.encoder_identity()["weights_sha256"] == file_sha256(weights)  # the file's, fetched or not
+    np.testing.assert_array_equal(features["local"], features["url"])
+    missing = runner.invoke(main, ["encode", str(store), "--encoder", "nic", "--weights", f"{s3}/weights/none.safetensors",
+                                   "--out", str(tmp_path / "m.zarr")])  # fmt: skip
+    assert missing.exit_code != 0 and "none.safetensors" in missing.output
+
+
+def test_tissue_masks_from_a_url_replace_detection_as_local_ones(s3: str, tmp_path: Path) -> None:
+    """tile --tissue-mask s3://...: the same tiles as the local folder; the mask file recorded as its URL."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tests._tile_helpers import small_slide
+    from wsi_encoder.cli import main
+    from wsi_encoder.io.patch_store import open_patch_store
+
+    folder, masks = tmp_path / "slides", tmp_path / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    small_slide(folder / "a.tiff", seed=3)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:, 40:] = 255  # the right half is tissue
+    Image.fromarray(mask).save(masks / "a.png")
+    fs, inner = filesystem(s3)
+    fs.put(str(masks / "a.png"), f"{inner}/masks/a.png")
+    runner = CliRunner()
+    for name, given in (("local", str(masks)), ("url", f"{s3}/masks")):
+        result = runner.invoke(main, ["tile", str(folder), "--out", str(tmp_path / f"{name}.zarr"), "--slide-mpp", "0.25",
+                                      "--tissue-mask", given, "--coords-only", "--workers", "1"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    local, url = open_patch_store(tmp_path / "local.zarr")["a"], open_patch_store(tmp_path / "url.zarr")["a"]
+    assert url.attrs["tissue_method"] == "external-png" and len(url.grid)
+    np.testing.assert_array_equal(local.grid, url.grid)
+    np.testing.assert_array_equal(local.tissue, url.tissue)
+    assert url.attrs["tissue_mask_file"] == f"{s3}/masks/a.png"
+    bad = runner.invoke(main, ["tile", str(folder), "--out", str(tmp_path / "b.zarr"), "--tissue-mask", f"{s3}/nothing"])
+    assert bad.exit_code != 0 and "not a folder" in bad.output

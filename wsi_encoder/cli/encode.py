@@ -27,7 +27,7 @@ class EncodeProgress(Progress):
 @click.command()
 @click.argument("patch_store", type=PATH_OR_URL)
 @click.option("--encoder", required=True, help="A `wsienc train-encoder` checkpoint folder or a registered encoder name (see `wsienc encoders`: uni, virchow2, resnet50-trunc, ...).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights of a registered encoder (.safetensors preferred; .bin/.pth read with weights_only; or a snapshot folder). Default: $WSIENC_WEIGHTS_DIR/<name>/<file>. Never downloaded.")
+@click.option("--weights", type=str, default=None, help="Weights of a registered encoder: a path or a URL (s3://...; fetched once per worker process) of a .safetensors (preferred; .bin/.pth read with weights_only) file or snapshot folder. Default: $WSIENC_WEIGHTS_DIR/<name>/<file>. Never downloaded from a model hub.")
 @click.option("--out", type=PATH_OR_URL, required=True, help="Embedding store to write (zarr v3, a folder or an s3:// URL; resumed when it exists).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage type of features and grid.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
@@ -46,7 +46,7 @@ class EncodeProgress(Progress):
 def encode(
     patch_store: Path | str,
     encoder: str,
-    weights: Path | None,
+    weights: str | None,
     out: Path | str,
     dtype: str,
     batch_size: int,

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
               "an s3:// URL is written locally and uploaded at the end.")
 @click.option("--encoder", default=None,
               help="Encoder checkpoint folder or registered name [default: the one the model's training embeddings came from].")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Local weights for a registered encoder name (as given to `wsienc encode`).")
+@click.option("--weights", type=str, default=None,
+              help="Weights for a registered encoder name, a path or a URL (as given to `wsienc encode`).")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Tile resolution in µm/px [default: the model's training tiles'].")
 @click.option("--tile-size", type=click.IntRange(8, 8192), default=None, help="Tile edge in px [default: the model's].")
@@ -64,7 +64,7 @@ def predict(
     model_dir: Path | str,
     out: Path | str,
     encoder: str | None,
-    weights: Path | None,
+    weights: str | None,
     mpp: float | None,
     tile_size: int | None,
     stride: int | None,

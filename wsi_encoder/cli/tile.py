@@ -60,7 +60,7 @@ class TileProgress(Progress):
 @click.option("--force-slide-mpp", is_flag=True, help="Use --slide-mpp for every slide, replacing recorded values (each replacement is reported).")
 @click.option("--slide-mpp-csv", type=PATH_OR_URL, default=None, help="CSV (a path or URL) with per-slide level-0 µm/px: header slide_id,mpp or path,mpp; wins over --slide-mpp and metadata.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Keep tiles whose tissue fraction is at least this; 0 keeps every tile (e.g. fluorescence).")
-@click.option("--tissue-mask", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of per-slide masks used instead of tissue detection: <slide>.png (non-zero = tissue) or QuPath GeoJSON <slide>.geojson.")
+@click.option("--tissue-mask", type=str, default=None, help="Folder (a path or a URL, fetched once per worker process) of per-slide masks used instead of tissue detection: <slide>.png (non-zero = tissue) or QuPath GeoJSON <slide>.geojson.")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default="jpeg", show_default=True, help="jpeg: lossy, near the slide's size; zstd: lossless.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality of the stored tiles.")
 @click.option("--coords-only", is_flag=True, help="Store coordinates, grid, tissue, thumbnail and mask, but no pixels.")
@@ -88,7 +88,7 @@ def tile(
     force_slide_mpp: bool,
     slide_mpp_csv: Path | str | None,
     tissue_threshold: float,
-    tissue_mask: Path | None,
+    tissue_mask: str | None,
     codec: str,
     jpeg_quality: int,
     coords_only: bool,

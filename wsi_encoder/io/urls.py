@@ -13,14 +13,16 @@ object) and never the options: no secret is ever put in a message, a log, a stor
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -327,6 +329,25 @@ def local_copy(path: str | Path) -> Iterator[Path]:
         yield target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_FETCHED: dict[str, Path] = {}
+_FETCHED_LOCK = threading.Lock()
+_FETCHED_HELD = ExitStack()
+atexit.register(_FETCHED_HELD.close)
+
+
+def fetched_copy(path: str | Path) -> Path:
+    """``path`` itself, or for a URL a local copy fetched once per process (by :func:`local_copy`) and removed
+    when the process exits. For inputs every worker process opens, such as ``--weights`` files and
+    ``--tissue-mask`` folders: each process fetches them once, however many tasks it runs."""
+    if not is_url(path):
+        return as_local(path)
+    key = str(path)
+    with _FETCHED_LOCK:
+        if key not in _FETCHED:
+            _FETCHED[key] = _FETCHED_HELD.enter_context(local_copy(key))
+        return _FETCHED[key]
 
 
 @contextmanager

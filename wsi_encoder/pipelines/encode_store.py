@@ -580,7 +580,7 @@ def encode_store(
     check_precision(precision, resolve_device(device))
     patch_root = open_patch_store(patch_store).root
     local = client is None and scheduler in (None, "", "threads", "synchronous")
-    weights_path = None if weights is None else str(Path(weights).resolve())
+    weights_path = None if weights is None else str(weights) if is_url(weights) else str(Path(weights).resolve())
     # The tasks of a local run reuse this very model (same cache key); elsewhere only its identity is needed here.
     _, identity = load_encoder_cached(
         str(encoder), weights_path, device if local else "cpu", precision=precision, compile=compile

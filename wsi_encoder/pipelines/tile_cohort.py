@@ -58,7 +58,7 @@ from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_
 from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp, read_slide_mpp_csv
 from wsi_encoder.io.store_lock import StoreLock
 from wsi_encoder.io.tissue_masks import find_mask_file
-from wsi_encoder.io.urls import normalize, zarr_store
+from wsi_encoder.io.urls import fetched_copy, filesystem, is_url, normalize, zarr_store
 from wsi_encoder.pipelines.cluster import TaskFailure, TaskRunner, get_runner
 from wsi_encoder.qc import save_tile_qc
 from wsi_encoder.tiling import (
@@ -301,9 +301,12 @@ def _resume(config: TileConfig, entry: SlideEntry, reader: SlideReader, group: z
 def _fresh_plan(
     config: TileConfig, entry: SlideEntry, reader: SlideReader, root: zarr.Group, mpp_source: str, note: str | None
 ) -> PlanResult:
-    mask_file = None
+    mask_file = recorded_mask = None
     if config.tissue_mask_dir is not None:
-        mask_file = find_mask_file(config.tissue_mask_dir, entry.slide_id, entry.path)
+        mask_file = find_mask_file(fetched_copy(config.tissue_mask_dir), entry.slide_id, entry.path)
+        recorded_mask = (  # as given: the URL of the file, not the process's fetched copy
+            f"{config.tissue_mask_dir.rstrip('/')}/{mask_file.name}" if is_url(config.tissue_mask_dir) else str(mask_file)
+        )
     tiling = plan_tiles(
         reader,
         config.spec,
@@ -318,7 +321,7 @@ def _fresh_plan(
         "tissue_method": tiling.tissue_mask.method,
         "tissue_mask_threshold": tiling.tissue_mask.threshold,
         "tissue_area_fraction": tiling.tissue_mask.fraction,
-        "tissue_mask_file": None if mask_file is None else str(mask_file),
+        "tissue_mask_file": recorded_mask,
         "thumbnail_downsample": list(tiling.thumbnail_downsample),
         "n_tiles": len(rowcol),
         "n_edge_tiles": int(np.sum(tiling.inside < 1.0)),
@@ -544,10 +547,16 @@ def tile_cohort(
         raise InvalidParameterError(f"chunk_tiles {chunk_tiles!r} must be at least 1")
     if force_slide_mpp and slide_mpp is None:
         raise InvalidParameterError("--force-slide-mpp needs --slide-mpp (the value to use for every slide)")
-    mask_dir = None
+    mask_dir: str | None = None
     if tissue_mask is not None:
-        mask_dir = Path(tissue_mask).expanduser().resolve()
-        if not mask_dir.is_dir():
+        if is_url(tissue_mask):  # each worker process fetches the folder once (urls.fetched_copy)
+            mask_dir = str(normalize(tissue_mask))
+            fs, inner = filesystem(mask_dir)
+            is_dir = fs.isdir(inner)
+        else:
+            mask_dir = str(Path(tissue_mask).expanduser().resolve())
+            is_dir = Path(mask_dir).is_dir()
+        if not is_dir:
             raise InvalidParameterError(f"--tissue-mask {tissue_mask}: not a folder of per-slide PNG or GeoJSON masks")
     table = read_slide_mpp_csv(slide_mpp_csv) if slide_mpp_csv is not None else {}
     out = normalize(out)
@@ -565,7 +574,7 @@ def tile_cohort(
         chunk_tiles=chunk_tiles,
         force_slide_mpp=force_slide_mpp,
         slide_mpp_table=tuple(sorted(table.items())),
-        tissue_mask_dir=None if mask_dir is None else str(mask_dir),
+        tissue_mask_dir=mask_dir,
     )
     if table:
         known = {e.slide_id for e in entries} | {str(normalize(e.path)) for e in entries}

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
+from wsi_encoder.io.urls import fetched_copy, is_url
 from wsi_encoder.models.encoders import cnn as _cnn  # noqa: F401  (registers the entries)
 from wsi_encoder.models.encoders import ctranspath as _ctranspath  # noqa: F401
 from wsi_encoder.models.encoders import foundation as _foundation  # noqa: F401
@@ -113,9 +114,9 @@ def resolve_weights(name: str, weights: str | Path | None, *, required: bool | N
     """
     spec = get_spec(name)
     if weights is not None:
-        p = Path(weights).expanduser()
+        p = fetched_copy(weights) if is_url(weights) else Path(weights).expanduser()  # a URL: fetched once
         if not p.exists():
-            raise CheckpointError(f"weights file {str(p)!r} does not exist; pass a local .safetensors or .pt file")
+            raise CheckpointError(f"weights file {str(p)!r} does not exist; pass a .safetensors or .pt file (a path or a URL)")
         return weights_file_in(p)
     found = find_in_weights_dir(name, spec.weights_file)
     if found is not None:
@@ -275,7 +276,7 @@ def create_encoder(
                 torch.manual_seed(seed)
                 _materialise(encoder)
         encoder.weights_sha256 = file_sha256(path)
-        encoder.weights_path = str(Path(path).resolve())
+        encoder.weights_path = str(weights) if weights is not None and is_url(weights) else str(Path(path).resolve())
         log.info("encoder %s: loaded %s (sha256 %s)", name, path, encoder.weights_sha256[:12])
     else:
         encoder.weights_sha256 = state_sha256(encoder)
