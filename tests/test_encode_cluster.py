@@ -44,21 +44,23 @@ def test_two_worker_cluster_equals_a_local_run(tmp_path: Path) -> None:
 
 
 def test_storage_options_travel_to_workers_started_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers of an existing cluster did not inherit the client's --storage-options: each task carries them."""
+    """Workers of an existing cluster did not inherit the client's --storage-options and --retries: each task carries them."""
     import os
 
-    from wsi_encoder.io.urls import STORAGE_OPTIONS_ENV, set_storage_options
+    from wsi_encoder.io.urls import RETRIES_ENV, STORAGE_OPTIONS_ENV, set_storage_options
     from wsi_encoder.pipelines.cluster import get_runner
 
     monkeypatch.delenv(STORAGE_OPTIONS_ENV, raising=False)
+    monkeypatch.delenv(RETRIES_ENV, raising=False)
     with (
         LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         set_storage_options('{"anon": true, "endpoint_url": "http://127.0.0.1:9"}')  # after the worker started
+        monkeypatch.setenv(RETRIES_ENV, "7")  # --retries 7 on the client, after the worker started
         try:
             runner = get_runner(client=client)
-            seen = dict(runner.map_unordered(lambda _: os.environ.get(STORAGE_OPTIONS_ENV), [0, 1]))
+            seen = dict(runner.map_unordered(lambda _: (os.environ.get(STORAGE_OPTIONS_ENV), os.environ.get(RETRIES_ENV)), [0, 1]))
         finally:
             set_storage_options(None)
-    assert seen == {0: '{"anon": true, "endpoint_url": "http://127.0.0.1:9"}', 1: seen[0]}
+    assert seen == {0: ('{"anon": true, "endpoint_url": "http://127.0.0.1:9"}', "7"), 1: seen[0]}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.io.urls import STORAGE_OPTIONS_ENV
+from wsi_encoder.io.urls import RETRIES_ENV, STORAGE_OPTIONS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,13 @@ def _unless_stopped(stop: threading.Event, fn: Callable[..., Any], item: Any) ->
     return _guarded(fn, item)
 
 
-def _guarded(fn: Callable[..., Any], item: Any, storage_options: str | None = None) -> Any:
-    if storage_options is not None:  # the driver's --storage-options, on a worker started elsewhere
-        os.environ[STORAGE_OPTIONS_ENV] = storage_options
+#: Settings a task carries to workers started elsewhere: --storage-options and --retries.
+_TASK_ENV = (STORAGE_OPTIONS_ENV, RETRIES_ENV)
+
+
+def _guarded(fn: Callable[..., Any], item: Any, env: dict[str, str] | None = None) -> Any:
+    for name, value in (env or {}).items():  # the driver's settings, on a worker started elsewhere
+        os.environ[name] = value
     try:
         return fn(item)
     except Exception as exc:  # reported per task; the job goes on
@@ -184,8 +188,9 @@ class DistributedRunner(TaskRunner):
             return
         prefix = f"{name}-{uuid.uuid4().hex[:8]}-"
         # Workers of an external scheduler were started without this process's environment: every task
-        # carries the --storage-options it was given (WSIENC_STORAGE_OPTIONS), so remote paths open alike.
-        storage_options = os.environ.get(STORAGE_OPTIONS_ENV)
+        # carries the --storage-options and --retries it was given (WSIENC_STORAGE_OPTIONS, WSIENC_RETRIES),
+        # so remote paths open alike and retry alike.
+        env = {name: os.environ[name] for name in _TASK_ENV if name in os.environ}
         window = max(16, 4 * self.workers)
         pending = iter(enumerate(items))
         index_of: dict[str, int] = {}
@@ -196,7 +201,7 @@ class DistributedRunner(TaskRunner):
             except StopIteration:
                 return None
             future = self.client.submit(
-                _guarded, fn, item, storage_options, key=f"{prefix}{i}", pure=False, retries=0
+                _guarded, fn, item, env, key=f"{prefix}{i}", pure=False, retries=0
             )
             index_of[future.key] = i
             return future
