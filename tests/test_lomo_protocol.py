@@ -401,6 +401,10 @@ def test_results_carry_intervals_paired_deltas_and_the_kept_epoch(small_run: tup
     )
     for r in rows:
         assert float(r["brier_ci_low"]) <= float(r["brier"]) <= float(r["brier_ci_high"])
+        for metric in ("f1", "ece", "patient_auc"):  # each fold's own intervals, beside AUC and Brier's
+            if r[metric] not in ("", "nan") and r[f"{metric}_ci_low"] not in ("", "nan"):  # nan: one class of patients
+                assert float(r[f"{metric}_ci_low"]) <= float(r[metric]) + 1e-9 <= float(r[f"{metric}_ci_high"]) + 2e-9, (metric, r)
+        assert r["f1_ci_low"] != "" and r["ece_ci_high"] != ""
         if r["arm"] == "baseline":
             assert r["delta_auc"] == "" and r["grl_lambda"] == ""
         else:
