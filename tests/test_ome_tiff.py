@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from tests import _remote_fixtures as remote
 from wsi_encoder.cli import main
-from wsi_encoder.io.slides import ome_mpp, open_slide
+from wsi_encoder.io.slide_mpp import ome_mpp
+from wsi_encoder.io.slides import open_slide
 from wsi_encoder.pipelines.tile_cohort import tile_cohort
 from wsi_encoder.tiling import TileSpec
 

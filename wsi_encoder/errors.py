@@ -37,3 +37,9 @@ class DatasetError(WsiEncoderError, ValueError):
 
 class CheckpointError(WsiEncoderError, OSError):
     """A model checkpoint is missing or malformed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), at most 300 characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]

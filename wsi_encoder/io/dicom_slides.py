@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from wsi_encoder.errors import SlideNotFoundError, SlideReadError
-from wsi_encoder.io.slides import RGBArray, SlideReader, _reason, _valid_mpp
+from wsi_encoder.errors import SlideNotFoundError, SlideReadError, first_line
+from wsi_encoder.io.slide_mpp import valid_mpp
+from wsi_encoder.io.slides import RGBArray, SlideReader
 from wsi_encoder.io.urls import SLIDE_BLOCK_SIZE, filesystem, is_url
 
 __all__ = ["SERIES_SEPARATOR", "DicomSlideReader", "is_dicom_folder", "split_series"]
@@ -101,7 +102,7 @@ class DicomSlideReader(SlideReader):
         except NotADirectoryError:
             raise SlideReadError(f"{path}: not a folder of DICOM instances (the wsidicom backend reads DICOM WSI folders)") from None
         except Exception as exc:
-            raise SlideReadError(f"{path}: cannot list the DICOM folder ({_reason(exc)})") from None
+            raise SlideReadError(f"{path}: cannot list the DICOM folder ({first_line(exc)})") from None
         series: dict[str, list[Any]] = {}
         for name in names:
             # Kept open: wsidicom reads frames from it (remote: 4 MiB blocks, never a whole multi-GB instance).
@@ -137,7 +138,7 @@ class DicomSlideReader(SlideReader):
             self._levels = list(self._wsi.pyramid)
         except Exception as exc:
             self._close_streams()
-            raise SlideReadError(f"{path}: not a readable DICOM whole-slide image ({_reason(exc)})") from None
+            raise SlideReadError(f"{path}: not a readable DICOM whole-slide image ({first_line(exc)})") from None
         paths = self._levels[0].optical_paths
         if len(paths) > 1:
             self.close()
@@ -164,7 +165,7 @@ class DicomSlideReader(SlideReader):
 
     def _metadata_mpp(self) -> tuple[float, float] | None:
         spacing = self._levels[0].mpp  # µm/px from the level's PixelSpacing (mm)
-        mx, my = _valid_mpp(spacing.width), _valid_mpp(spacing.height)
+        mx, my = valid_mpp(spacing.width), valid_mpp(spacing.height)
         return (mx, my) if mx is not None and my is not None else None
 
     def _vendor(self) -> str | None:
@@ -183,7 +184,7 @@ class DicomSlideReader(SlideReader):
             image = self._wsi.read_region((x, y), self._levels[level].level, (width, height))
         except Exception as exc:
             raise SlideReadError(
-                f"{self.path}: cannot decode region ({x}, {y}) of level {level} ({_reason(exc)}); "
+                f"{self.path}: cannot decode region ({x}, {y}) of level {level} ({first_line(exc)}); "
                 "the instances may be truncated or corrupt"
             ) from exc
         arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)

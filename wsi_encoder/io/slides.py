@@ -28,7 +28,14 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from wsi_encoder.errors import InvalidParameterError, MissingMppError, SlideNotFoundError, SlideReadError
+from wsi_encoder.errors import (
+    InvalidParameterError,
+    MissingMppError,
+    SlideNotFoundError,
+    SlideReadError,
+    first_line,
+)
+from wsi_encoder.io.slide_mpp import RESOLUTION_UNIT_UM, ome_mpp, valid_mpp
 from wsi_encoder.io.tiff_regions import TiffTileDecoder, cached_decoder
 from wsi_encoder.io.urls import is_url, normalize
 
@@ -41,9 +48,6 @@ RGBArray = npt.NDArray[np.uint8]
 
 #: Largest number of level pixels read at once when building a thumbnail from a large level.
 _STRIP_PIXELS = 8192 * 1024
-#: Mpp values outside this range (µm/px) are metadata noise, not a resolution.
-_MPP_RANGE = (0.01, 1000.0)
-_RESOLUTION_UNIT_UM = {"centimeter": 1e4, "inch": 25400.0, 3: 1e4, 2: 25400.0}
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,6 @@ class LevelChoice:
         return self.scale != 1.0
 
 
-def _valid_mpp(value: Any) -> float | None:
-    try:
-        mpp = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(mpp) or not _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
-        return None
-    return mpp
-
-
 def resize_rgb(image: RGBArray, size: tuple[int, int]) -> RGBArray:
     """Resample an RGB array to ``size = (width, height)`` with antialiasing (Pillow Lanczos)."""
     if (image.shape[1], image.shape[0]) == tuple(size):
@@ -123,7 +117,7 @@ class SlideReader(ABC):
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self.path: Path | str = str(path) if is_url(path) else Path(path)
         self._mpp_override = None if mpp is None else float(mpp)
-        if self._mpp_override is not None and _valid_mpp(self._mpp_override) is None:
+        if self._mpp_override is not None and valid_mpp(self._mpp_override) is None:
             raise InvalidParameterError(f"slide mpp override {mpp!r} is not a resolution in µm/px")
 
     # ---- backend hooks -------------------------------------------------------------------------
@@ -204,7 +198,7 @@ class SlideReader(ABC):
 
     def override_mpp(self, mpp: float | None) -> None:
         """Set (or with None, clear) the level-0 µm/px used instead of the metadata."""
-        if mpp is not None and _valid_mpp(mpp) is None:
+        if mpp is not None and valid_mpp(mpp) is None:
             raise InvalidParameterError(f"{self.path}: slide mpp {mpp!r} is not a resolution in µm/px")
         self._mpp_override = None if mpp is None else float(mpp)
 
@@ -387,48 +381,7 @@ class SlideReader(ABC):
         except SlideReadError:
             raise
         except Exception as exc:
-            raise SlideReadError(f"{self.path}: cannot decode the slide's pixels ({_reason(exc)}); the file may be truncated or corrupt") from exc
-
-
-def read_slide_mpp_csv(path: str | Path) -> dict[str, float]:
-    """Per-slide level-0 µm/px from a CSV with a header ``slide_id,mpp`` or ``path,mpp``.
-
-    Returns ``{key: mpp}`` where a key is a slide id, or a slide path resolved against the CSV's
-    folder (absolute). Raises :class:`~wsi_encoder.errors.InvalidParameterError` naming the file and
-    line of the first bad row.
-    """
-    import csv
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise InvalidParameterError(f"{path}: cannot read the slide mpp CSV ({_reason(exc)})") from exc
-    rows = list(csv.reader(text.splitlines()))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    key = "slide_id" if "slide_id" in header else "path" if "path" in header else None
-    if key is None or "mpp" not in header:
-        raise InvalidParameterError(f"{path}: the slide mpp CSV needs a header 'slide_id,mpp' or 'path,mpp' (got {','.join(header) or 'nothing'})")
-    ki, mi = header.index(key), header.index("mpp")
-    table: dict[str, float] = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) <= max(ki, mi):
-            raise InvalidParameterError(f"{path}:{line}: expected {key} and mpp, got {row!r}")
-        mpp = _valid_mpp(row[mi].strip())
-        if mpp is None:
-            raise InvalidParameterError(f"{path}:{line}: mpp {row[mi]!r} is not a resolution in µm/px")
-        name = row[ki].strip()
-        if key == "path":  # a slide URL is kept as it is; a local path is resolved against the CSV's folder
-            name = str(normalize(name)) if is_url(name) else str((path.parent / Path(name).expanduser()).resolve())
-        table[name] = mpp
-    return table
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+            raise SlideReadError(f"{self.path}: cannot decode the slide's pixels ({first_line(exc)}); the file may be truncated or corrupt") from exc
 
 
 class OpenSlideReader(SlideReader):
@@ -445,7 +398,7 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideReadError(f"{self.path}: not a format OpenSlide can read") from exc
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({_reason(exc)})") from exc
+            raise SlideReadError(f"{self.path}: OpenSlide cannot open it ({first_line(exc)})") from exc
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -453,17 +406,17 @@ class OpenSlideReader(SlideReader):
 
     def _metadata_mpp(self) -> tuple[float, float] | None:
         props = self._slide.properties
-        mx, my = _valid_mpp(props.get("openslide.mpp-x")), _valid_mpp(props.get("openslide.mpp-y"))
+        mx, my = valid_mpp(props.get("openslide.mpp-x")), valid_mpp(props.get("openslide.mpp-y"))
         if mx is not None and my is not None:
             return (mx, my)
-        unit = _RESOLUTION_UNIT_UM.get(str(props.get("tiff.ResolutionUnit", "")).lower())
+        unit = RESOLUTION_UNIT_UM.get(str(props.get("tiff.ResolutionUnit", "")).lower())
         if unit is None:
             return None
         try:
             rx, ry = float(props["tiff.XResolution"]), float(props["tiff.YResolution"])
         except (KeyError, ValueError):
             return None
-        mx, my = _valid_mpp(unit / rx) if rx > 0 else None, _valid_mpp(unit / ry) if ry > 0 else None
+        mx, my = valid_mpp(unit / rx) if rx > 0 else None, valid_mpp(unit / ry) if ry > 0 else None
         return (mx, my) if mx is not None and my is not None else None
 
     def _vendor(self) -> str | None:
@@ -483,7 +436,7 @@ class OpenSlideReader(SlideReader):
             rgba = np.asarray(self._slide.read_region(location_l0, level, size))
         except openslide.OpenSlideError as exc:
             raise SlideReadError(
-                f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)}); "
+                f"{self.path}: cannot decode region at {location_l0} level {level} ({first_line(exc)}); "
                 "the file may be truncated or corrupt"
             ) from exc
         rgb = rgba[..., :3]
@@ -513,7 +466,7 @@ class TiffSlideReader(SlideReader):
                 self._slide = tiffslide.TiffSlide(self._source())
                 self._props = dict(self._slide.properties)
         except Exception as exc:
-            raise SlideReadError(f"{self.path}: not a readable slide ({_reason(exc)})") from exc
+            raise SlideReadError(f"{self.path}: not a readable slide ({first_line(exc)})") from exc
 
     def _source(self) -> Any:
         """What tiffslide opens: the local path (a remote reader gives a prefetching file object)."""
@@ -526,7 +479,7 @@ class TiffSlideReader(SlideReader):
     def _metadata_mpp(self) -> tuple[float, float] | None:
         props = self._props
         if props.get("tiffslide.vendor") is not None:
-            mx, my = _valid_mpp(props.get("tiffslide.mpp-x")), _valid_mpp(props.get("tiffslide.mpp-y"))
+            mx, my = valid_mpp(props.get("tiffslide.mpp-x")), valid_mpp(props.get("tiffslide.mpp-y"))
             if mx is not None and my is not None:
                 return (mx, my)
         tif = self._slide.ts_tifffile
@@ -538,13 +491,13 @@ class TiffSlideReader(SlideReader):
         page = tif.pages[0]
         tags = page.tags
         unit_tag = tags.get("ResolutionUnit")
-        unit = _RESOLUTION_UNIT_UM.get(int(unit_tag.value)) if unit_tag is not None else None
+        unit = RESOLUTION_UNIT_UM.get(int(unit_tag.value)) if unit_tag is not None else None
         xres, yres = tags.get("XResolution"), tags.get("YResolution")
         if unit is None or xres is None or yres is None:
             return None
         rx = xres.value[0] / xres.value[1] if xres.value[1] else 0.0
         ry = yres.value[0] / yres.value[1] if yres.value[1] else 0.0
-        mx, my = _valid_mpp(unit / rx) if rx > 0 else None, _valid_mpp(unit / ry) if ry > 0 else None
+        mx, my = valid_mpp(unit / rx) if rx > 0 else None, valid_mpp(unit / ry) if ry > 0 else None
         return (mx, my) if mx is not None and my is not None else None
 
     def _vendor(self) -> str | None:
@@ -588,7 +541,7 @@ class TiffSlideReader(SlideReader):
             arr = self._slide.read_region(location_l0, level, size, as_array=True)
         except Exception as exc:
             raise SlideReadError(
-                f"{self.path}: cannot decode region at {location_l0} level {level} ({_reason(exc)}); "
+                f"{self.path}: cannot decode region at {location_l0} level {level} ({first_line(exc)}); "
                 "the file may be truncated or corrupt"
             ) from exc
         arr = np.asarray(arr)
@@ -782,36 +735,3 @@ def levels_elsewhere(path: str | Path, info: SlideInfo) -> dict[str, list[list[i
 
 
 #: OME ``UnitsLength`` symbols in µm (PhysicalSize defaults to µm when no unit is given).
-_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
-
-
-def ome_mpp(xml: str, image_index: int = 0) -> tuple[float, float] | None:
-    """``(mpp_x, mpp_y)`` of OME-XML ``Image`` ``image_index`` from its ``Pixels`` PhysicalSizeX/Y (and units), or None.
-
-    The OME-XML is the authority on an OME-TIFF's pixel size; an unknown unit or a missing or implausible
-    value gives None (the caller falls back to the TIFF resolution tags, then to ``--slide-mpp``).
-    """
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    images = [el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
-    if not 0 <= image_index < len(images):
-        return None
-    pixels = next((el for el in images[image_index] if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    values = []
-    for axis in ("X", "Y"):
-        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        scale = _OME_UNITS_UM.get(unit)
-        try:
-            value = _valid_mpp(float(size) * scale) if size is not None and scale is not None else None
-        except ValueError:
-            value = None
-        if value is None:
-            return None
-        values.append(value)
-    return (values[0], values[1])

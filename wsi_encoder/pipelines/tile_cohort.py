@@ -55,7 +55,8 @@ from wsi_encoder.io.patch_store import (
     write_tile_chunk,
 )
 from wsi_encoder.io.slide_ids import SlideEntry, assign_slide_ids, expand_slide_inputs
-from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp, read_slide_mpp_csv
+from wsi_encoder.io.slide_mpp import read_slide_mpp_csv
+from wsi_encoder.io.slides import SlideReader, get_reader, open_slide_with_mpp
 from wsi_encoder.io.store_lock import StoreLock
 from wsi_encoder.io.tissue_masks import find_mask_file
 from wsi_encoder.io.urls import fetched_copy, filesystem, is_url, normalize, zarr_store
