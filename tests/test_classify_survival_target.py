@@ -68,21 +68,45 @@ def test_survival_model_ranks_by_lesion_size(cohort: tuple[Path, Path], tmp_path
     assert m["time_bins"] == (4 if loss == "nll" else None)
     assert (tmp_path / "kaplan_meier.png").stat().st_size > 0
     assert m["risk_groups"]["n_groups"] == 2 and 0 <= m["risk_groups"]["logrank_p"] <= 1
-    # the issue's bar, C >= 0.75 out of fold, holds fold by fold (the true lesion size gives about 0.87); risks
-    # pooled over the 4 fold models mix 4 scales (a ridge Cox's scale follows its penalty), which costs the
-    # pooled C about 0.15 here
-    assert m["c_index_folds_mean"] >= 0.75 and m["c_index"] > 0.6, (m["c_index"], m["c_index_folds_mean"])
+    # the issue's bar on the headline: C >= 0.75 out of fold (the true lesion size gives about 0.87), over pairs
+    # within a fold; pooling the 4 fold models' risks as one ranking mixes 4 scales and scores lower
+    assert m["c_index"] >= 0.75, (m["c_index"], m["c_index_folds_mean"], m["c_index_pooled_naive"])
     low, high = m["c_index_ci95"]
     assert low <= m["c_index"] <= high
+    assert m["bootstrap"]["unit"] == "patient, resampled within its fold"
     assert len(m["horizons"]) == 3 and m["uno_c_tau"] == max(m["horizons"]) and len(m["td_auc"]) == 3
+    assert len(m["uno_c_strata"]) == 4 and m["uno_c"] == pytest.approx(np.nanmean(
+        [np.nan if u is None else u for u in m["uno_c_strata"]]))
     with (tmp_path / "predictions.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["slide_id", "patient_id", "fold", "risk", "time", "event"]
-    from sksurv.metrics import concordance_index_censored
+    assert m["c_index"] == pytest.approx(_lifelines_within_fold_c(rows), abs=1e-9)
+    assert m["c_index_pooled_naive"] == pytest.approx(_lifelines_pooled_c(rows), abs=1e-9)
+    # the risk sign: the same predictions with the sign flipped fall below 0.5
+    for r in rows:
+        r["risk"] = str(-float(r["risk"]))
+    assert _lifelines_within_fold_c(rows) < 0.5
 
-    c = concordance_index_censored(np.array([r["event"] == "1" for r in rows]), np.array([float(r["time"]) for r in rows]),
-                                   np.array([float(r["risk"]) for r in rows]))[0]
-    assert m["c_index"] == pytest.approx(c, abs=1e-4)
+
+def _lifelines_within_fold_c(rows: list[dict[str, str]]) -> float:
+    """Harrell's C of ``predictions.csv`` over pairs within a fold, from lifelines' pair counts per fold."""
+    from lifelines.utils.concordance import _concordance_summary_statistics
+
+    good = pairs = 0.0
+    for fold in {r["fold"] for r in rows}:
+        sel = [r for r in rows if r["fold"] == fold]
+        correct, tied, n = _concordance_summary_statistics(  # lifelines: a higher score = longer survival
+            np.array([float(r["time"]) for r in sel]), -np.array([float(r["risk"]) for r in sel]),
+            np.array([r["event"] == "1" for r in sel]))
+        good, pairs = good + correct + 0.5 * tied, pairs + n
+    return good / pairs
+
+
+def _lifelines_pooled_c(rows: list[dict[str, str]]) -> float:
+    from lifelines.utils import concordance_index
+
+    return float(concordance_index([float(r["time"]) for r in rows], [-float(r["risk"]) for r in rows],
+                                   [r["event"] == "1" for r in rows]))
 
 
 def test_event_strata_are_per_patient() -> None:

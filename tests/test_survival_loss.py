@@ -73,6 +73,46 @@ def test_c_index_sign_risk_minus_time_is_one() -> None:
     assert len(m["horizons"]) == 3 and all(v == pytest.approx(1.0) for v in m["td_auc"].values())
 
 
+def test_stratified_c_compares_pairs_within_a_fold_only() -> None:
+    from lifelines.utils import concordance_index
+    from sksurv.metrics import concordance_index_ipcw
+    from sksurv.util import Surv
+
+    from wsi_encoder.evaluation.metrics import (
+        c_index_bootstrap,
+        harrell_c,
+        patient_resample_weights,
+        survival_metrics,
+    )
+
+    rng = np.random.default_rng(1)
+    time = rng.exponential(10, 120)
+    event = rng.random(120) < 0.7
+    fold = np.repeat([0, 1, 2], 40)
+    risk = -time / 10 + rng.normal(size=120)
+    shifted = risk + 5.0 * fold  # each fold model has its own constant: pooled pairs across folds go wrong
+    by_fold = harrell_c(time, event, risk, fold)
+    assert harrell_c(time, event, shifted, fold) == pytest.approx(by_fold, abs=1e-12)
+    assert harrell_c(time, event, shifted) < by_fold - 0.05
+    # one fold alone: lifelines' Harrell's C (higher score = longer survival there)
+    f0 = fold == 0
+    assert harrell_c(time[f0], event[f0], risk[f0], fold[f0]) == pytest.approx(
+        concordance_index(time[f0], -risk[f0], event[f0]), abs=1e-12)
+    m = survival_metrics(time, event, shifted, strata=fold)
+    assert m["c_index"] == pytest.approx(by_fold) and m["c_index_pooled_naive"] == pytest.approx(harrell_c(time, event, shifted))
+    # Uno's C of each fold, censoring estimated on all slides, as scikit-survival computes it; their mean is uno_c
+    y = Surv.from_arrays(event, time)
+    tau = m["uno_c_tau"]
+    unos = [concordance_index_ipcw(y, y[fold == k], shifted[fold == k], tau=tau)[0] for k in range(3)]
+    assert m["uno_c_strata"] == pytest.approx(unos) and m["uno_c"] == pytest.approx(np.mean(unos))
+    # the bootstrap draws patients within their fold: every resample keeps 40 slides per fold
+    patients = np.array([f"p{i // 2}" for i in range(120)])
+    weights = patient_resample_weights(patients, 50, 0, strata=fold)
+    assert np.allclose([[w[fold == k].sum() for k in range(3)] for w in weights], 40)
+    low, high = c_index_bootstrap(time, event, shifted, patients, 200, 0, strata=fold)
+    assert low < by_fold < high and high - low < 0.2
+
+
 # ---------------------------------------------------------------------------------------------- discrete time
 def _pycox_logistic_hazard_nll(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
     """pycox's ``nll_logistic_hazard`` (pycox.models.loss), written out: BCE against a one-hot of the event bin,

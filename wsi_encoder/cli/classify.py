@@ -248,9 +248,10 @@ def _train_survival(
     m = result.metrics
     low, high = m["c_index_ci95"]
     click.echo(f"{model} survival: {m['n_slides']} slides, {m['n_patients']} patients, {m['labels']['n_events']} events")
-    click.echo(f"Harrell's C {_fmt(m['c_index'])} [{_fmt(low).strip()}, {_fmt(high).strip()}] (pooled out-of-fold)")
+    click.echo(f"Harrell's C {_fmt(m['c_index'])} [{_fmt(low).strip()}, {_fmt(high).strip()}] "
+               "(out-of-fold, pairs within each fold)")
     if m.get("uno_c") is not None:
-        click.echo(f"Uno's C (tau {m['uno_c_tau']:g}) {_fmt(m['uno_c'])}; time-dependent AUC "
+        click.echo(f"Uno's C (tau {m['uno_c_tau']:g}) {_fmt(m['uno_c'])}; time-dependent AUC (fold means) "
                    + ", ".join(f"t={k}: {_fmt(v)}" for k, v in m["td_auc"].items()))
     if m.get("ibs") is not None:
         low, high = m["ibs_ci95"]

@@ -133,16 +133,27 @@ def weighted_auc(y_true: npt.ArrayLike, score: npt.ArrayLike, weights: npt.Array
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def patient_resample_weights(groups: npt.ArrayLike, n_boot: int = 1000, seed: int = 0) -> FloatArray:
+def patient_resample_weights(
+    groups: npt.ArrayLike, n_boot: int = 1000, seed: int = 0, strata: npt.ArrayLike | None = None
+) -> FloatArray:
     """``(n_boot, n)`` multiplicities of a patient-grouped bootstrap: patients drawn with replacement.
 
     Every image of a drawn patient comes along (as often as the patient is drawn), so the resamples
-    respect the clustering of images within patients.
+    respect the clustering of images within patients. With ``strata`` (one value per image, the same for
+    all images of a patient: the cross-validation fold), patients are drawn within each stratum, so every
+    resample keeps each fold's number of patients.
     """
     g = np.asarray(groups).astype(str)
-    uniq, inv = np.unique(g, return_inverse=True)
+    uniq, first, inv = np.unique(g, return_index=True, return_inverse=True)
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=n_boot)
+    if strata is None:
+        counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=n_boot)
+    else:
+        of_patient = np.asarray(strata).astype(str)[first]
+        counts = np.zeros((n_boot, len(uniq)), dtype=np.int64)
+        for stratum in np.unique(of_patient):
+            members = np.flatnonzero(of_patient == stratum)
+            counts[:, members] = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), size=n_boot)
     return counts[:, inv].astype(float)
 
 
@@ -192,17 +203,41 @@ def _surv(time: npt.ArrayLike, event: npt.ArrayLike) -> npt.NDArray[np.void]:
     return np.asarray(Surv.from_arrays(event=np.asarray(event).astype(bool), time=np.asarray(time, dtype=float)))
 
 
-def harrell_c(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike) -> float:
-    """Harrell's concordance (scikit-survival), higher ``risk`` = shorter survival; nan without a comparable pair."""
+def concordance_counts(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike) -> tuple[float, int]:
+    """Harrell's C as counts (scikit-survival): concordant pairs + 0.5 x pairs tied on risk, and comparable pairs.
+
+    Higher ``risk`` = shorter survival. ``(0.0, 0)`` without a comparable pair.
+    """
     from sksurv.metrics import concordance_index_censored
 
     t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
     if not e.any():
-        return float("nan")
+        return 0.0, 0
     try:
-        return float(concordance_index_censored(e, t, r)[0])
+        _, concordant, discordant, tied_risk, _ = concordance_index_censored(e, t, r)
     except ZeroDivisionError:  # no comparable pair
-        return float("nan")
+        return 0.0, 0
+    return float(concordant + 0.5 * tied_risk), int(concordant + discordant + tied_risk)
+
+
+def harrell_c(
+    time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, strata: npt.ArrayLike | None = None
+) -> float:
+    """Harrell's concordance, higher ``risk`` = shorter survival; nan without a comparable pair.
+
+    With ``strata`` (the cross-validation fold of every slide), only pairs within the same stratum are
+    compared: the concordant (+0.5 tied) pairs of all strata over their comparable pairs (stratified
+    Harrell's C). Out-of-fold risks of different fold models are on different scales (a Cox risk is known
+    only up to an additive constant), so a pair across two folds compares two models, not two patients.
+    """
+    t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    s = np.zeros(len(t), dtype=np.int64) if strata is None else np.asarray(strata)
+    good, pairs = 0.0, 0
+    for stratum in np.unique(s):
+        sel = s == stratum
+        g, n = concordance_counts(t[sel], e[sel], r[sel])
+        good, pairs = good + g, pairs + n
+    return good / pairs if pairs else float("nan")
 
 
 def default_horizons(time: npt.ArrayLike, event: npt.ArrayLike) -> list[float]:
@@ -211,41 +246,86 @@ def default_horizons(time: npt.ArrayLike, event: npt.ArrayLike) -> list[float]:
     return [float(q) for q in np.quantile(t[e] if e.any() else t, [0.25, 0.5, 0.75])]
 
 
+def _uno_and_auc(
+    y_all: npt.NDArray[np.void], t: FloatArray, e: npt.NDArray[np.bool_], r: FloatArray, usable: list[float], tau: float
+) -> tuple[float, dict[float, float], float]:
+    """Uno's C at ``tau`` and the cumulative/dynamic AUC of one stratum, censoring estimated on ``y_all``."""
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+
+    y = _surv(t, e)
+    uno, auc, mean_auc = float("nan"), {}, float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        try:
+            uno = float(concordance_index_ipcw(y_all, y, r, tau=tau)[0])
+        except (ValueError, ZeroDivisionError):  # no comparable pair before tau in this stratum
+            pass
+        inside = sorted({h for h in usable if t.min() <= h < t.max()})
+        if inside and e.any():
+            try:
+                values, mean = cumulative_dynamic_auc(y_all, y, r, inside)
+                auc = {h: float(a) for h, a in zip(inside, values, strict=True) if np.isfinite(a)}
+                mean_auc = float(mean)
+            except (ValueError, ZeroDivisionError):  # no case or no control at these horizons
+                pass
+    return uno, auc, mean_auc
+
+
 def survival_metrics(
-    time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, horizons: list[float] | None = None
+    time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, horizons: list[float] | None = None,
+    strata: npt.ArrayLike | None = None,
 ) -> dict[str, object]:
     """Harrell's C, Uno's C truncated at the last horizon, and cumulative/dynamic AUC at each horizon.
 
-    All by scikit-survival on the given slides (the censoring distribution of Uno's C and the AUC is
-    the Kaplan-Meier estimate of these same slides). Horizons at or beyond the last observed time are
-    dropped (the AUC is undefined there).
+    All by scikit-survival; the censoring distribution of Uno's C and the AUC is the Kaplan-Meier estimate
+    of all the given slides. Horizons at or beyond the last observed time are dropped (the AUC is undefined
+    there). With ``strata`` (the fold of every out-of-fold risk) no metric compares slides of two strata:
+    ``c_index`` is the stratified :func:`harrell_c` (and ``c_index_pooled_naive`` the one that ignores the
+    folds, for comparison); ``uno_c`` and ``td_auc`` are computed within each stratum and averaged over the
+    strata where they are defined (``uno_c_strata``, ``td_auc_strata``), ``td_auc_mean`` is the mean of the
+    strata's scikit-survival mean AUC over the horizons inside each stratum's follow-up.
     """
-    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
-
     t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    s = np.zeros(len(t), dtype=np.int64) if strata is None else np.asarray(strata)
     wanted = default_horizons(t, e) if horizons is None else [float(h) for h in horizons]
     usable = [h for h in wanted if t.min() <= h < t.max()]
-    y = _surv(t, e)
-    out: dict[str, object] = {"c_index": harrell_c(t, e, r), "horizons": usable}
+    out: dict[str, object] = {"c_index": harrell_c(t, e, r, s), "horizons": usable}
+    levels = np.unique(s)
+    if len(levels) > 1:
+        out["c_index_pooled_naive"] = harrell_c(t, e, r)
     if usable and e.any():
         tau = max(usable)
-        out["uno_c"], out["uno_c_tau"] = float(concordance_index_ipcw(y, y, r, tau=tau)[0]), tau
-        auc, mean_auc = cumulative_dynamic_auc(y, y, r, usable)
-        out["td_auc"] = {f"{h:g}": float(a) for h, a in zip(usable, auc, strict=True)}
-        out["td_auc_mean"] = float(mean_auc)
+        y_all = _surv(t, e)
+        parts = [_uno_and_auc(y_all, t[s == k], e[s == k], r[s == k], usable, tau) for k in levels]
+        unos = [u for u, _, _ in parts if np.isfinite(u)]
+        out["uno_c"] = float(np.mean(unos)) if unos else float("nan")
+        out["uno_c_tau"] = tau
+        out["td_auc"] = {f"{h:g}": _mean([a[h] for _, a, _ in parts if h in a]) for h in sorted(set(usable))}
+        out["td_auc_mean"] = _mean([m for _, _, m in parts if np.isfinite(m)])
+        if len(levels) > 1:
+            out["uno_c_strata"] = [u for u, _, _ in parts]
+            out["td_auc_strata"] = [{f"{h:g}": v for h, v in a.items()} for _, a, _ in parts]
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def c_index_bootstrap(
     time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike, groups: npt.ArrayLike, n_boot: int = 1000,
-    seed: int = 0, alpha: float = 0.05,
+    seed: int = 0, alpha: float = 0.05, strata: npt.ArrayLike | None = None,
 ) -> tuple[float, float]:
-    """Percentile ``1 - alpha`` interval of Harrell's C over :func:`patient_resample_weights`."""
+    """Percentile ``1 - alpha`` interval of Harrell's C over :func:`patient_resample_weights`.
+
+    With ``strata`` (the folds), patients are resampled within their fold and each resample scores the
+    stratified C (pairs within a fold only), the estimate it brackets.
+    """
     t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    s = np.zeros(len(t), dtype=np.int64) if strata is None else np.asarray(strata)
     values = []
-    for weights in patient_resample_weights(groups, n_boot, seed) if n_boot > 0 else []:
+    for weights in patient_resample_weights(groups, n_boot, seed, strata) if n_boot > 0 else []:
         idx = np.repeat(np.arange(len(t)), weights.astype(int))
-        value = harrell_c(t[idx], e[idx], r[idx])
+        value = harrell_c(t[idx], e[idx], r[idx], s[idx])
         if np.isfinite(value):
             values.append(value)
     if not values:
@@ -270,12 +350,13 @@ def integrated_brier(time: npt.ArrayLike, event: npt.ArrayLike, survival: npt.Ar
 
 def integrated_brier_bootstrap(
     time: npt.ArrayLike, event: npt.ArrayLike, survival: npt.ArrayLike, times: npt.ArrayLike, groups: npt.ArrayLike,
-    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, strata: npt.ArrayLike | None = None,
 ) -> tuple[float, float]:
-    """Percentile ``1 - alpha`` interval of :func:`integrated_brier` over :func:`patient_resample_weights`."""
+    """Percentile ``1 - alpha`` interval of :func:`integrated_brier` over :func:`patient_resample_weights`
+    (patients drawn within their stratum, the fold, with ``strata``)."""
     t, e, s = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(survival, float)
     values = []
-    for weights in patient_resample_weights(groups, n_boot, seed) if n_boot > 0 else []:
+    for weights in patient_resample_weights(groups, n_boot, seed, strata) if n_boot > 0 else []:
         idx = np.repeat(np.arange(len(t)), weights.astype(int))
         value = integrated_brier(t[idx], e[idx], s[idx], times)
         if np.isfinite(value):

@@ -6,10 +6,16 @@ The torch models' inner validation split (:func:`~wsi_encoder.evaluation.crossva
 stopping) is stratified the same way; ``linear`` takes the whole training fold and chooses its penalty by
 an inner patient-grouped k-fold (:meth:`~wsi_encoder.models.slide_classifiers.survival.CoxLinear.cross_validated_likelihood`).
 Every model has a survival function, so the pooled out-of-fold S(t | slide) also gets the integrated
-Brier score (:func:`~wsi_encoder.evaluation.metrics.integrated_brier`) with a patient-bootstrap interval. Every slide gets one out-of-fold risk; Harrell's C is reported per fold, and the pooled
-out-of-fold risks get :func:`~wsi_encoder.evaluation.metrics.survival_metrics` plus a patient-bootstrap
-interval of Harrell's C. Risks of different fold models are on different scales, so the per-fold C is
-the cleaner figure; the pooled one is the usual report.
+Brier score (:func:`~wsi_encoder.evaluation.metrics.integrated_brier`) with a patient-bootstrap interval
+(survival probabilities are on one absolute scale whatever the fold model, so pooling them is sound).
+
+Every slide gets one out-of-fold risk, but the risks of two fold models are not on one scale: a Cox risk
+is identified only up to an additive constant, and each fold's penalty or training sets its spread. So
+the headline ``c_index`` is the stratified Harrell's C (:func:`~wsi_encoder.evaluation.metrics.harrell_c`
+with ``strata`` = fold): only pairs of slides of the same test fold are compared, the concordant pairs of
+all folds over their comparable pairs. Its interval resamples patients within their fold. Uno's C and the
+time-dependent AUC are computed per fold and averaged (:func:`~wsi_encoder.evaluation.metrics.survival_metrics`);
+``c_index_pooled_naive`` (all out-of-fold risks as one ranking) is kept only to show what pooling costs.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def event_strata(event: npt.ArrayLike, groups: npt.ArrayLike) -> npt.NDArray[np.
 
 @dataclass(frozen=True)
 class SurvivalCVResult:
-    """Out-of-fold risks, per-fold C and the pooled survival metrics."""
+    """Out-of-fold risks, per-fold C and the fold-stratified survival metrics (``pooled``: over all folds)."""
 
     model: str
     config: dict[str, Any]
@@ -63,14 +69,15 @@ class SurvivalCVResult:
     refit_params: dict[str, Any]
 
     def summary_json(self) -> dict[str, Any]:
-        """The metrics part of ``metrics.json``: pooled metrics top-level, ``c_index_ci95`` with them."""
+        """The metrics part of ``metrics.json``: the fold-stratified metrics top-level, ``c_index_ci95`` with them."""
         c = [f["c_index"] for f in self.per_fold]
         return nan_to_none({
             **self.pooled,
             "c_index_ci95": list(self.c_index_ci95),
             "c_index_folds_mean": float(np.nanmean(c)) if np.isfinite(c).any() else float("nan"),
             "per_fold": list(self.per_fold),
-            "bootstrap": {"n_boot": self.n_boot, "unit": "patient", "interval": "percentile 95%",
+            "bootstrap": {"n_boot": self.n_boot, "unit": "patient, resampled within its fold",
+                          "interval": "percentile 95%",
                           "metrics": ["c_index", "ibs"] if "ibs" in self.pooled else ["c_index"]},
             "refit": {"params": self.refit_params},
         })
@@ -131,14 +138,14 @@ def cross_validate_survival(
         logger.info("fold %d: C-index %.3f", fold, c)
         if on_fold is not None:
             on_fold(fold, {"c_index": c})
-    pooled = survival_metrics(t, e, oof, horizons)
+    pooled = survival_metrics(t, e, oof, horizons, strata=fold_of)
     if len(grid):
         pooled["ibs"] = integrated_brier(t, e, surv, grid)
-        pooled["ibs_ci95"] = list(integrated_brier_bootstrap(t, e, surv, grid, g, n_boot, seed))
+        pooled["ibs_ci95"] = list(integrated_brier_bootstrap(t, e, surv, grid, g, n_boot, seed, strata=fold_of))
         pooled["ibs_times"] = [float(grid[0]), float(grid[-1])]
     return SurvivalCVResult(
         model=model, config=used, folds=folds, oof_risk=oof, fold_of=fold_of, per_fold=tuple(per_fold),
-        pooled=pooled, c_index_ci95=c_index_bootstrap(t, e, oof, g, n_boot, seed), n_boot=n_boot,
+        pooled=pooled, c_index_ci95=c_index_bootstrap(t, e, oof, g, n_boot, seed, strata=fold_of), n_boot=n_boot,
         oof_survival=surv, survival_times=grid, refit_params=survival_refit_params(model, infos),
     )
 
