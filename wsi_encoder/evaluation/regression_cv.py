@@ -6,6 +6,11 @@ ranked by their mean target and cut into ``n_patients // folds`` (at most 5) equ
 spans the target's range. Every slide gets one out-of-fold prediction; metrics are reported per fold
 and on the pooled out-of-fold predictions with patient-bootstrap 95% intervals
 (:func:`~wsi_encoder.evaluation.metrics.regression_bootstrap`).
+
+Pooling is sound here, unlike for survival risks: every fold model predicts on the target's own scale (the
+torch models undo their training fold's standardisation, ridge fits an intercept), so two slides of two folds
+are compared on one scale. A fold model's offset only adds its own error, which the pooled MAE and R² should
+count. ``spearman_folds_mean`` (the mean of the per-fold Spearman) is reported beside the pooled value.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class RegressionCVResult:
         for name, value in self.pooled.items():
             top[name] = value
             top[f"{name}_ci95"] = list(self.pooled_ci95[name])
+        per_fold = [f["metrics"]["spearman"] for f in self.per_fold]
+        top["spearman_folds_mean"] = float(np.nanmean(per_fold)) if np.isfinite(per_fold).any() else float("nan")
         return nan_to_none({
             **top,
             "per_fold": list(self.per_fold),
