@@ -34,7 +34,7 @@ def test_linear_models_round_trip_and_predict(cohort: tuple[Path, Path], tmp_pat
     assert model_json["target"] == "survival" and model_json["refit"] == result.crossval.refit_params
     out = predict(store, tmp_path / "surv", tmp_path / "surv_pred.csv", tmp_path / "heat")
     rows = _rows(out.out_csv)
-    assert list(rows[0]) == ["slide_id", "risk"] and not out.heatmaps  # linear draws no heatmap
+    assert list(rows[0])[:2] == ["slide_id", "risk"] and not out.heatmaps  # linear draws no heatmap
     reader = EmbeddingStore.open(store)
     table = result.targets
     fresh = create_cox_model("linear", reader.embedding_dim)
@@ -44,6 +44,19 @@ def test_linear_models_round_trip_and_predict(cohort: tuple[Path, Path], tmp_pat
     risk = dict(zip([r["slide_id"] for r in rows], [float(r["risk"]) for r in rows], strict=True))
     # the final model, on the slides it was fit on, ranks them by their outcome (higher risk = shorter survival)
     assert harrell_c(table.y, table.events, [risk[s] for s in table.slide_ids]) > 0.7
+    # the saved Breslow baseline: survival_at_<t> at the training horizons is scikit-survival's Breslow estimate
+    # on the final model's risks of its training slides
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    horizons = model_json["horizons"]
+    assert horizons == result.metrics["horizons"] and len(horizons) == 3
+    breslow = BreslowEstimator().fit(fresh.predict(reader.bags(list(table.slide_ids))), np.asarray(table.events),
+                                     np.asarray(table.y))
+    expected_s = np.stack([fn(np.array(horizons)) for fn in breslow.get_survival_function(expected)])
+    got_s = np.array([[float(r[f"survival_at_{h:g}"]) for h in horizons] for r in rows])
+    assert np.allclose(got_s, expected_s, atol=2e-6) and got_s.std() > 0.01
+    at = predict(store, tmp_path / "surv", tmp_path / "surv_at.csv", horizons=[2.5]).rows
+    assert [list(r) for r in at[:1]] == [["slide_id", "risk", "survival_at_2.5"]]
     with pytest.raises(InvalidParameterError, match="--labels scores classifiers only"):
         predict(store, tmp_path / "surv", tmp_path / "x.csv", labels_csv=labels)
 
@@ -81,3 +94,26 @@ def test_a_classifier_folder_is_not_an_outcome_model(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(json.dumps({"format": "wsi_encoder.slide_classifier/1"}))
     with pytest.raises(CheckpointError):
         load_outcome_model(tmp_path)
+
+
+def test_breslow_baseline_matches_scikit_survival() -> None:
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    from wsi_encoder.models.slide_classifiers.survival import BreslowBaseline
+
+    rng = np.random.default_rng(3)
+    time = np.round(rng.exponential(5, 80), 1) + 0.5  # rounded: tied times
+    event = rng.random(80) < 0.7
+    risk = rng.normal(size=80)
+    ours = BreslowBaseline.fit(risk, time, event)
+    ref = BreslowEstimator().fit(risk, event, time)
+    new = rng.normal(size=5)
+    grid = np.linspace(time.min(), time.max(), 37)
+    expected = np.stack([fn(grid) for fn in ref.get_survival_function(new)])
+    assert np.allclose(ours.survival(new, grid), expected, rtol=1e-10, atol=1e-12)
+    # H0 = 0 before the first time (S = 1), constant after the last
+    assert np.allclose(ours.survival(new, [0.1]), 1.0)
+    assert np.allclose(ours.survival(new, [time.max() * 10]), expected[:, -1:])
+    again = BreslowBaseline.from_arrays(ours.to_arrays())
+    assert again is not None and np.array_equal(again.survival(new, grid), ours.survival(new, grid))
+    assert BreslowBaseline.from_arrays({}) is None

@@ -235,7 +235,8 @@ def test_regression_and_survival_models_predict_slides(slide_dir: Path, tmp_path
     model.net.module.eval()
     recorded = {"name": "nic", "spec": "nic", "weights_sha256": identity.weights_sha256, "dtype": "float16"}
     meta = {"encoder": {k: recorded[k] for k in ("name", "weights_sha256")},
-            "provenance": {"format": 1, "encoder": recorded, "tiling": TILING, "tiling_note": None}}
+            "provenance": {"format": 1, "encoder": recorded, "tiling": TILING, "tiling_note": None},
+            "horizons": [1.0, 4.0, 7.0] if target == "survival" else []}  # one horizon in each nll bin
     save_outcome_model(model, target, tmp_path / "m", meta)
     loaded, _ = load_outcome_model(tmp_path / "m", "cpu")
     result = _run(["predict", str(slide_dir / "s0.tif"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p"),
@@ -243,9 +244,12 @@ def test_regression_and_survival_models_predict_slides(slide_dir: Path, tmp_path
     column = "risk" if target == "survival" else "prediction"
     with (tmp_path / "p" / "predictions.csv").open() as fh:
         (row,) = list(csv.DictReader(fh))
-    assert list(row) == ["slide_id", column, "n_tiles", "seconds"] and f"s0: {float(row[column]):.4g}" in result.output
+    at = ["survival_at_1", "survival_at_4", "survival_at_7"] if target == "survival" else []
+    assert list(row) == ["slide_id", column, *at, "n_tiles", "seconds"] and f"s0: {float(row[column]):.4g}" in result.output
     if target == "survival":
         assert -3 <= float(row[column]) <= 0  # minus the expected number of the 3 bins survived
+        s1, s4, s7 = (float(row[k]) for k in at)  # S before bin 0 ends, S_0, S_1: the risk is -(S_0 + S_1 + S_2)
+        assert s1 == 1.0 and 1 > s4 > s7 > 0 and s4 + s7 < -float(row[column]) < s4 + 2 * s7  # 0 < S_2 < S_1
     collection = json.loads((tmp_path / "p" / "geojson" / "s0.geojson").read_text())
     assert collection["properties"]["prediction"] == {"target": target, column: pytest.approx(float(row[column]), rel=1e-5)}
     tissue = [f for f in collection["features"] if f["properties"].get("classification", {}).get("name") == "Tissue"

@@ -276,6 +276,8 @@ def _train_survival(
               help="Optional labels CSV: adds a label column and prints metrics.")
 @click.option("--allow-encoder-mismatch", is_flag=True,
               help="Predict even if the store was encoded by another encoder than the training store.")
+@click.option("--horizons", default=None, metavar="T1,T2,...",
+              help="Survival models: write survival_at_<t> at these times (default: the training run's horizons).")
 @device_option
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
@@ -287,6 +289,7 @@ def predict(
     heatmap_dir: Path | str | None,
     labels_csv: Path | str | None,
     allow_encoder_mismatch: bool,
+    horizons: str | None,
     device: str,
     threads: int | None,
 ) -> None:
@@ -302,7 +305,7 @@ def predict(
         result = run_predict(
             embeddings, model_folder, csv_file, heat_folder, labels_csv=labels_file, device=device,
             allow_encoder_mismatch=allow_encoder_mismatch, threads=threads,
-            on_slide=lambda slide_id: bar.update(),
+            on_slide=lambda slide_id: bar.update(), horizons=_parse_horizons(horizons),
         )
     for slide_id, reason in result.skipped.items():
         echo_err(f"skipped {slide_id}: {reason}")

@@ -4,12 +4,17 @@
 scaler's mean and scale and the coefficients (and the ridge intercept). ``model.json`` (written last,
 format ``wsi_encoder.slide_outcome/1``) holds the target, model name, config, ``in_dim``, ``loss`` and what
 the arrays do not: the target's standardisation of a torch regressor, the time-bin edges of ``--loss nll``.
-A loaded model predicts (``prediction`` / ``risk``) and draws heatmaps; the survival function of a loaded
-Cox model is not kept (its Breslow baseline lives in the training run's ``metrics.json`` only as the IBS).
+A Cox model (``linear``, or a torch model with ``loss=cox``) also saves its Breslow baseline
+(:class:`~wsi_encoder.models.slide_classifiers.survival.BreslowBaseline`: ``baseline_times`` and
+``baseline_cum_hazard`` in ``model.safetensors``), so a loaded survival model gives S(t | slide) as it did in
+training (``--loss nll`` needs only its bin edges). A loaded model predicts (``prediction`` / ``risk``), survival
+probabilities (survival models) and draws heatmaps.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +24,23 @@ import torch
 
 from wsi_encoder import __version__
 from wsi_encoder.errors import CheckpointError, WsiEncoderError
+from wsi_encoder.models.slide_classifiers.base import Bags
 from wsi_encoder.models.slide_classifiers.regressors import (
     Regressor,
     RidgeRegressor,
     TorchRegressor,
     create_regressor,
 )
-from wsi_encoder.models.slide_classifiers.survival import CoxLinear, SurvivalModel, TorchCox, create_cox_model
+from wsi_encoder.models.slide_classifiers.survival import (
+    BreslowBaseline,
+    CoxLinear,
+    SurvivalModel,
+    TorchCox,
+    create_cox_model,
+)
 from wsi_encoder.models.weights_folder import load_folder_weights, read_folder_config, save_weights_folder
+
+logger = logging.getLogger(__name__)
 
 OUTCOME_FORMAT = "wsi_encoder.slide_outcome/1"
 MODEL_JSON = "model.json"
@@ -56,13 +70,42 @@ def _arrays(model: OutcomeModel) -> tuple[dict[str, npt.NDArray[Any]], dict[str,
             mean, scale, coef = scaler.mean_, scaler.scale_, estimator.coef_
             intercept = float(getattr(estimator, "intercept_", 0.0))
         arrays = {"mean": mean, "scale": scale, "coef": coef, "intercept": np.array([intercept])}
+        if isinstance(model, CoxLinear) and model.baseline is not None:
+            arrays.update(model.baseline.to_arrays())
         return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, {}
     extra: dict[str, Any] = {"loss": model.loss}
     if isinstance(model, TorchRegressor):
         extra.update(y_mean=model.y_mean, y_std=model.y_std)
     else:
         extra.update(time_bins=model.time_bins, min_events=model.min_events, edges=[float(v) for v in model.edges])
+        if model.baseline is not None:
+            return {**model.net.state_arrays(), **model.baseline.to_arrays()}, extra
     return model.net.state_arrays(), extra
+
+
+def survival_column(horizon: float) -> str:
+    """The ``predictions.csv`` column of S(horizon | slide): ``survival_at_<horizon>`` (``%g``, the labels' time unit)."""
+    return f"survival_at_{horizon:g}"
+
+
+def model_horizons(meta: dict[str, Any]) -> list[float]:
+    """The horizons a survival model was evaluated at in training (``horizons`` of ``model.json``; empty if none)."""
+    return [float(h) for h in meta.get("horizons") or []]
+
+
+def survival_at(model: OutcomeModel, bags: Bags, horizons: Sequence[float]) -> list[dict[str, float]]:
+    """Per slide, ``{survival_at_<t>: S(t | slide)}`` at ``horizons``.
+
+    An empty dict per slide for a regression model, without horizons, or for a Cox model saved before its
+    baseline was (it predicts risks only).
+    """
+    if not horizons or isinstance(model, RidgeRegressor | TorchRegressor):
+        return [{} for _ in bags]
+    if (isinstance(model, CoxLinear) or model.loss == "cox") and model.baseline is None:
+        logger.warning("%s: this survival model was saved without its baseline hazard; no survival_at_<t>", model.name)
+        return [{} for _ in bags]
+    values = model.survival(bags, list(horizons))
+    return [{survival_column(h): float(v) for h, v in zip(horizons, row, strict=True)} for row in values]
 
 
 def save_outcome_model(model: OutcomeModel, target: str, out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -114,6 +157,10 @@ def load_outcome_model(model_dir: str | Path, device: str = "auto") -> tuple[Out
                                      str(meta.get("loss") or "cox"), int(meta.get("time_bins") or 10))
         else:
             raise CheckpointError(f"target {target!r} is not regression or survival")
+        baseline = BreslowBaseline.from_arrays(arrays)
+        arrays = {k: v for k, v in arrays.items() if k not in ("baseline_times", "baseline_cum_hazard")}
+        if isinstance(model, CoxLinear | TorchCox):
+            model.baseline = baseline
         if isinstance(model, RidgeRegressor | CoxLinear):
             model.model = LinearPredictor(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"][0]))
         else:

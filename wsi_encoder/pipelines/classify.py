@@ -44,7 +44,13 @@ from wsi_encoder.io.files import atomic_path, atomic_write_csv, atomic_write_jso
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
-from wsi_encoder.models.outcome_files import is_outcome_model, load_outcome_model, save_outcome_model
+from wsi_encoder.models.outcome_files import (
+    is_outcome_model,
+    load_outcome_model,
+    model_horizons,
+    save_outcome_model,
+    survival_at,
+)
 from wsi_encoder.models.slide_classifiers import (
     SlideClassifier,
     config_fields,
@@ -357,6 +363,7 @@ def predict(
     allow_encoder_mismatch: bool = False,
     threads: int | None = None,
     on_slide: Callable[[str], None] | None = None,
+    horizons: list[float] | None = None,
 ) -> PredictResult:
     """Predict every usable slide of a store with a trained model; optionally draw heatmaps and score.
 
@@ -376,7 +383,8 @@ def predict(
         if labels_csv is not None:
             raise InvalidParameterError(f"{model_dir} is a regression/survival model: --labels scores classifiers only")
         return _predict_outcome(embedding_store, model_dir, out_csv, heatmap_dir, device=device,
-                                allow_encoder_mismatch=allow_encoder_mismatch, threads=threads, on_slide=on_slide)
+                                allow_encoder_mismatch=allow_encoder_mismatch, threads=threads, on_slide=on_slide,
+                                horizons=horizons)
     model, meta = load_model(model_dir, device)
     reader = _open_for(embedding_store, model_dir, model.in_dim, meta, allow_encoder_mismatch)
     classes = list(meta["classes"])
@@ -456,8 +464,12 @@ def _open_for(
 def _predict_outcome(
     embedding_store: str | Path, model_dir: str | Path, out_csv: str | Path, heatmap_dir: str | Path | None, *,
     device: str, allow_encoder_mismatch: bool, threads: int | None, on_slide: Callable[[str], None] | None,
+    horizons: list[float] | None = None,
 ) -> PredictResult:
     """:func:`predict` with a regression or survival model: ``slide_id,prediction`` or ``slide_id,risk``.
+
+    A survival model adds ``survival_at_<t>`` columns, S(t | slide), at ``horizons`` (default: the horizons of
+    its training run, recorded in ``model.json``).
 
     Heatmaps (abmil: attention; gridcnn: Grad-CAM of the prediction / risk, where the features push it up);
     ``linear`` draws none for these targets.
@@ -465,6 +477,7 @@ def _predict_outcome(
     model, meta = load_outcome_model(model_dir, device)
     reader = _open_for(embedding_store, model_dir, int(meta["in_dim"]), meta, allow_encoder_mismatch)
     column = "risk" if meta["target"] == "survival" else "prediction"
+    at = model_horizons(meta) if horizons is None else [float(h) for h in horizons]
     heat_dir = Path(heatmap_dir) if heatmap_dir is not None and model.name != "linear" else None
     if heatmap_dir is not None and heat_dir is None:
         logger.warning("the linear %s model draws no heatmap", meta["target"])
@@ -480,7 +493,7 @@ def _predict_outcome(
                 logger.warning("%s: skipped (%s)", slide_id, exc)
                 skipped[slide_id] = str(exc)
                 continue
-            rows.append({"slide_id": slide_id, column: value})
+            rows.append({"slide_id": slide_id, column: value, **survival_at(model, [bag], at)[0]})
             if heat_dir is not None and not isinstance(model, RidgeRegressor | CoxLinear):
                 heat = model.heatmap(bag)
                 with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
@@ -492,7 +505,8 @@ def _predict_outcome(
             if on_slide is not None:
                 on_slide(slide_id)
     out_csv = Path(out_csv)
-    atomic_write_csv(out_csv, [[r["slide_id"], _fmt(r[column])] for r in rows], ["slide_id", column])
+    header = ["slide_id", column, *[k for k in (rows[0] if rows else {}) if k.startswith("survival_at_")]]
+    atomic_write_csv(out_csv, [[_fmt(r[k]) for k in header] for r in rows], header)
     return PredictResult(out_csv, rows, heatmaps, skipped, None)
 
 
@@ -718,7 +732,7 @@ def train_survival(
                   groups=table.patient_ids, refit=cv.refit_params)
     files["model"] = save_outcome_model(final, "survival", out, _outcome_meta(
         reader, embedding_store, labels_csv, list(table.slide_ids), len(table.slide_ids), seed, cv.refit_params,
-    ))
+    ) | {"horizons": cv.pooled["horizons"]})
     grouped = risk_groups(table.y, events, cv.oof_risk, table.patient_ids, cv.fold_of, n_risk_groups)
     files["kaplan_meier"] = plot_kaplan_meier(
         grouped, out / "kaplan_meier.png", title=f"{model}, {folds}-fold CV: out-of-fold risk groups"

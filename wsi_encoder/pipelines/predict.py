@@ -69,6 +69,8 @@ class SlidePrediction:
     pred: str | None = None
     #: regression / survival models: the slide's ``prediction`` or ``risk`` (``pred`` and ``probabilities`` stay empty)
     value: float | None = None
+    #: survival models: ``survival_at_<t>`` -> S(t | slide) at the horizons of the model's training run
+    survival: dict[str, float] = field(default_factory=dict)
     n_tiles: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -258,9 +260,11 @@ def _predict_outcome_slide(
     measurement, each tile the heatmap value.
     """
     from wsi_encoder.io.embedding_store import SlideGeometry
+    from wsi_encoder.models.outcome_files import model_horizons, survival_at
 
     name = _outcome_column(ctx.target)
     value = float(ctx.model.predict([bag])[0])
+    survival = survival_at(ctx.model, [bag], model_horizons(ctx.meta))[0]
     drawn = ctx.model.name != "linear" and (ctx.heatmaps or ctx.geojson)
     heat = ctx.model.heatmap(bag) if drawn else None
     times["classify"] = time.perf_counter() - t
@@ -287,7 +291,7 @@ def _predict_outcome_slide(
             plan.grid.boxes_l0(plan.rowcol), np.asarray(heat, dtype=float)[rows, cols], size_l0,
             score_name=str(ctx.model.heatmap_kind), signed=False,
             tile_measurements={"tissue fraction": plan.tissue, "grid row": rows, "grid col": cols},
-            tissue_mask=plan.tissue_mask.mask, tissue_measurements={name: value},
+            tissue_mask=plan.tissue_mask.mask, tissue_measurements={name: value, **survival},
             tissue_name=f"tissue: {name} {value:.3f}",
         )  # fmt: skip
         properties = {
@@ -305,8 +309,8 @@ def _predict_outcome_slide(
         files["embeddings"] = str(_keep_stores(entry, ctx, plan, stored, slide_attrs))
     times["write"] = time.perf_counter() - t
     return SlidePrediction(
-        entry.slide_id, str(entry.path), "ok", value=value, n_tiles=plan.n_tiles, seconds=time.perf_counter() - t0,
-        timings=times, files=files,
+        entry.slide_id, str(entry.path), "ok", value=value, survival=survival, n_tiles=plan.n_tiles,
+        seconds=time.perf_counter() - t0, timings=times, files=files,
     )  # fmt: skip
 
 
@@ -432,7 +436,8 @@ def _load_record(out: Path, entry: SlideEntry, key: str, want: Iterable[str]) ->
     files = record.get("files") or {}
     if any(name not in files or not (out / files[name]).exists() for name in want):
         return None
-    fields_ = {k: record[k] for k in ("probabilities", "pred", "value", "n_tiles", "seconds", "timings", "files") if k in record}
+    fields_ = {k: record[k] for k in ("probabilities", "pred", "value", "survival", "n_tiles", "seconds", "timings", "files")
+               if k in record}
     return SlidePrediction(entry.slide_id, str(entry.path), "done", **fields_)
 
 
@@ -444,8 +449,11 @@ def _run_key(model_sha: str | None, settings: PredictSettings, identity: Encoder
 
 def _write_csv(path: Path, classes: list[str], slides: list[SlidePrediction], target: str = "classification") -> None:
     if target != "classification":
-        rows_ = [[s.slide_id, f"{s.value:.6g}", s.n_tiles, f"{s.seconds:.2f}"] for s in slides if s.value is not None]
-        atomic_write_csv(path, rows_, ["slide_id", _outcome_column(target), "n_tiles", "seconds"])
+        done = [s for s in slides if s.value is not None]
+        at = list(done[0].survival) if done else []  # survival_at_<t> columns: one model, the same horizons
+        rows_ = [[s.slide_id, f"{s.value:.6g}", *[f"{s.survival.get(k, float('nan')):.6g}" for k in at], s.n_tiles,
+                  f"{s.seconds:.2f}"] for s in done]
+        atomic_write_csv(path, rows_, ["slide_id", _outcome_column(target), *at, "n_tiles", "seconds"])
         return
     multi = len(classes) > 2
     header = ["slide_id", "prob", "pred", "n_tiles", "seconds"] + ([f"prob_{c}" for c in classes] if multi else [])

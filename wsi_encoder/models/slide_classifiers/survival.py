@@ -3,12 +3,13 @@
 * ``linear`` (:class:`CoxLinear`): the linear model's pooled features, standardised, into a ridge-penalised
   Cox model (scikit-survival ``CoxPHSurvivalAnalysis``, Breslow ties); ``alpha`` is chosen by inner
   k-fold cross-validation of the partial likelihood on the training fold (see :meth:`CoxLinear.fit`), then
-  the model is refit on the whole training fold with it. Survival function: its Breslow baseline.
+  the model is refit on the whole training fold with it. Survival function: its Breslow baseline
+  (:class:`BreslowBaseline`).
 * ``abmil`` and ``gridcnn`` (:class:`TorchCox`), ``loss="cox"``: the classifier's network with one output
   (the log hazard ratio) trained with :func:`~wsi_encoder.models.slide_classifiers.survival_loss.cox_breslow_loss`
   over each mini-batch (its risk sets are the batch's slides); batches with fewer than ``min_events``
-  events are skipped. Survival function: the Breslow baseline (scikit-survival ``BreslowEstimator``) of
-  the fitted risks of the training slides.
+  events are skipped. Survival function: the Breslow baseline (:class:`BreslowBaseline`) of the fitted
+  risks of the training slides.
 * The same networks, ``loss="nll"``: ``time_bins`` outputs, the logits of the discrete-time hazard per bin
   (bins at the quantiles of the training fold's event times), trained with
   :func:`~wsi_encoder.models.slide_classifiers.survival_loss.discrete_time_nll`; the risk is minus the
@@ -63,6 +64,45 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BreslowBaseline:
+    """Breslow's cumulative baseline hazard of a fitted Cox model, as plain arrays (saved with the model).
+
+    ``times``: the distinct observed times of the slides it was fit on, ascending; ``cum_hazard``: H0 at each
+    (scikit-survival ``BreslowEstimator`` on the fitted risks, i.e. the log hazard ratios, of those slides).
+    """
+
+    times: FloatArray
+    cum_hazard: FloatArray
+
+    @classmethod
+    def fit(cls, risk: npt.ArrayLike, time: npt.ArrayLike, event: npt.ArrayLike) -> BreslowBaseline:
+        """The baseline of ``risk`` (log hazard ratios) on slides with ``time`` and ``event``."""
+        from sksurv.linear_model.coxph import BreslowEstimator
+
+        fitted = BreslowEstimator().fit(np.asarray(risk, float), np.asarray(event).astype(bool), np.asarray(time, float))
+        steps = fitted.cum_baseline_hazard_
+        return cls(np.asarray(steps.x, dtype=float), np.asarray(steps.y, dtype=float))
+
+    def survival(self, risk: npt.ArrayLike, times: npt.ArrayLike) -> FloatArray:
+        """``(n, len(times))`` S(t | risk) = exp(-H0(t) exp(risk)); H0 is 0 before the first time, constant after the last."""
+        r, t = np.asarray(risk, dtype=float), np.asarray(times, dtype=float)
+        step = np.searchsorted(self.times, t, side="right") - 1
+        h0 = np.where(step >= 0, self.cum_hazard[np.clip(step, 0, None)], 0.0)
+        return np.asarray(np.exp(-np.outer(np.exp(r), h0)), dtype=float)
+
+    def to_arrays(self) -> dict[str, FloatArray]:
+        """The arrays saved beside the model's own (``baseline_times``, ``baseline_cum_hazard``)."""
+        return {"baseline_times": self.times, "baseline_cum_hazard": self.cum_hazard}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, npt.NDArray[Any]]) -> BreslowBaseline | None:
+        """The baseline saved by :meth:`to_arrays`, or None when the arrays hold none (a model saved without it)."""
+        if "baseline_times" not in arrays:
+            return None
+        return cls(np.asarray(arrays["baseline_times"], float), np.asarray(arrays["baseline_cum_hazard"], float))
+
+
+@dataclass(frozen=True)
 class CoxLinearConfig:
     """``linear`` Cox settings: ``pooling``, the ridge ``alpha`` used without patients to cross-validate on,
     the grid ``alphas`` and the number of ``inner_folds`` that choose among them."""
@@ -99,6 +139,7 @@ class CoxLinear:
         self.in_dim = in_dim
         self.config: CoxLinearConfig = make_config(CoxLinearConfig, dict(config or {}))
         self.model: Any = None
+        self.baseline: BreslowBaseline | None = None
 
     def _matrix(self, bags: Bags) -> FloatArray:
         return np.stack([pool_features(b, self.config.pooling) for b in bags])
@@ -176,6 +217,7 @@ class CoxLinear:
         if model is None:
             raise InvalidParameterError(f"linear Cox: no ridge penalty up to alpha {alpha:g} gives a finite fit")
         self.model = model
+        self.baseline = BreslowBaseline.fit(model.predict(x), t, e)
         return FitInfo(selected={"alpha": alpha, **({"cv_log_likelihood": scores} if scores else {})})
 
     def predict(self, bags: Bags) -> FloatArray:
@@ -186,15 +228,9 @@ class CoxLinear:
 
     def survival(self, bags: Bags, times: npt.ArrayLike) -> FloatArray:
         """``(n, len(times))`` S(t | slide) from the Breslow baseline of the fit (constant past its follow-up)."""
-        if not hasattr(self.model, "predict_survival_function"):
-            raise InvalidParameterError("the linear Cox model is not fitted (a saved model keeps no baseline hazard)")
-        return _step_values(self.model.predict_survival_function(self._matrix(bags)), times)
-
-
-def _step_values(functions: Any, times: npt.ArrayLike) -> FloatArray:
-    """Values of scikit-survival step functions at ``times``, clipped into each function's domain."""
-    t = np.asarray(times, dtype=float)
-    return np.stack([fn(np.clip(t, *fn.domain)) for fn in functions]).astype(float)
+        if self.baseline is None:
+            raise InvalidParameterError("the linear Cox model has no baseline hazard (not fitted, or saved without one)")
+        return self.baseline.survival(self.predict(bags), times)
 
 
 class TorchCox:
@@ -222,7 +258,7 @@ class TorchCox:
         self.net.module = self.net.build_module().to(self.net.device)  # the head of that width
         self.config = self.net.config
         self.edges = np.zeros(0)  # nll: inner time-bin edges of the training fold
-        self.baseline: Any = None  # cox: scikit-survival BreslowEstimator of the training slides
+        self.baseline: BreslowBaseline | None = None  # cox: the Breslow baseline of the training slides
 
     def _loss(self, out: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
         if self.loss == "cox":
@@ -279,9 +315,7 @@ class TorchCox:
             plateau_patience=getattr(net.config, "plateau_patience", 5), min_lr=getattr(net.config, "min_lr", 0.0),
         )
         if self.loss == "cox":
-            from sksurv.linear_model.coxph import BreslowEstimator
-
-            self.baseline = BreslowEstimator().fit(self.predict(train), event_np, time_np)
+            self.baseline = BreslowBaseline.fit(self.predict(train), time_np, event_np)
         return FitInfo(best_epoch=history.best_epoch, epochs_run=history.epochs_run, stopped_early=history.stopped_early)
 
     def _outputs(self, bags: Bags) -> torch.Tensor:
@@ -315,8 +349,8 @@ class TorchCox:
         t = np.asarray(times, dtype=float)
         if self.loss == "cox":
             if self.baseline is None:
-                raise InvalidParameterError("the Cox model is not fitted")
-            return _step_values(self.baseline.get_survival_function(self.predict(bags)), t)
+                raise InvalidParameterError("the Cox model has no baseline hazard (not fitted, or saved without one)")
+            return self.baseline.survival(self.predict(bags), t)
         surv = discrete_survival(self._outputs(bags)).double()
         passed = F.pad(surv, (1, 0), value=1.0)
         k = time_bin_index(torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(self.edges, dtype=torch.float64))
