@@ -151,3 +151,35 @@ def test_cli_survival_losses(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     assert "integrated Brier score" in res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["time_bins"] == 3 and m["loss"].startswith("nll") and m["min_events_per_batch"] is None
+
+
+def test_test_split_is_scored_by_the_final_model(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    from lifelines.utils import concordance_index
+
+    from wsi_encoder.io.embedding_store import EmbeddingStore
+    from wsi_encoder.models.outcome_files import load_outcome_model
+
+    store, labels = cohort
+    with labels.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    held = {f"P{i:03d}" for i in range(0, 40, 3)}  # 14 of the 40 patients
+    split_csv = write_labels(tmp_path / "split.csv", [(r["slide_id"], r["time"], r["event"], r["patient_id"],
+                                                       "test" if r["patient_id"] in held else "") for r in rows],
+                             ("slide_id", "time", "event", "patient_id", "split"))
+    m = train_survival(store, split_csv, "linear", tmp_path / "run", folds=4, device="cpu", n_boot=200).metrics
+    with (tmp_path / "run" / "predictions.csv").open(newline="") as fh:
+        out = list(csv.DictReader(fh))
+    test_rows = [r for r in out if r["fold"] == "test"]
+    assert {r["patient_id"] for r in test_rows} == held and m["test"]["n_slides"] == len(test_rows)
+    assert m["n_slides"] == len(out) - len(test_rows) and not held & {r["patient_id"] for r in out if r["fold"] != "test"}
+    # the test slides' risks are the saved final model's, and their C is lifelines' on those rows
+    model, _ = load_outcome_model(tmp_path / "run", "cpu")
+    bags = EmbeddingStore.open(store).bags([r["slide_id"] for r in test_rows])
+    assert np.allclose([float(r["risk"]) for r in test_rows], model.predict(bags), atol=1e-5)
+    c = concordance_index([float(r["time"]) for r in test_rows], [-float(r["risk"]) for r in test_rows],
+                          [r["event"] == "1" for r in test_rows])
+    test = m["test"]
+    assert test["metrics"]["c_index"] == pytest.approx(c, abs=1e-5) and c >= 0.7, c
+    low, high = test["c_index_ci95"]
+    assert low <= c <= high and 0 < test["ibs_ci95"][0] <= test["metrics"]["ibs"] <= test["ibs_ci95"][1] < 0.25
+    assert test["n_events"] == sum(r["event"] == "1" for r in test_rows)

@@ -262,6 +262,10 @@ def _train_survival(
     click.echo(f"{groups['n_groups']} risk groups (patients): " + ", ".join(
         f"{name} {g['n_patients']} ({g['n_events']} events)" for name, g in groups["groups"].items())
         + f"; log-rank p = {p_value}")
+    if m.get("test"):
+        test, (low, high) = m["test"], m["test"]["c_index_ci95"]
+        click.echo(f"held-out test split ({test['n_slides']} slides, {test['n_events']} events): Harrell's C "
+                   f"{_fmt(test['metrics']['c_index'])} [{_fmt(low).strip()}, {_fmt(high).strip()}] (final model)")
     _echo_files(result.files, out_dir)
 
 

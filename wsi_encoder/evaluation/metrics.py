@@ -214,7 +214,8 @@ def concordance_counts(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.Arra
     if not e.any():
         return 0.0, 0
     try:
-        _, concordant, discordant, tied_risk, _ = concordance_index_censored(e, t, r)
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when the only pairs are tied in time
+            _, concordant, discordant, tied_risk, _ = concordance_index_censored(e, t, r)
     except ZeroDivisionError:  # no comparable pair
         return 0.0, 0
     return float(concordant + 0.5 * tied_risk), int(concordant + discordant + tied_risk)

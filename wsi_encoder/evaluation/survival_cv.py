@@ -39,7 +39,7 @@ from wsi_encoder.evaluation.metrics import (
 )
 from wsi_encoder.io.embedding_store import SlideBag
 from wsi_encoder.models.slide_classifiers.base import FitInfo, config_dict, slide_classifier_class
-from wsi_encoder.models.slide_classifiers.survival import create_cox_model
+from wsi_encoder.models.slide_classifiers.survival import SurvivalModel, create_cox_model
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +163,31 @@ def survival_refit_params(model: str, infos: Sequence[FitInfo]) -> dict[str, Any
         chosen = [i.selected["alpha"] for i in infos if i.selected]
         return {"alpha": max(set(chosen), key=lambda a: (chosen.count(a), a))} if chosen else {}
     return slide_classifier_class(model).refit_params(infos)
+
+
+def held_out_report(
+    model: SurvivalModel, bags: Sequence[SlideBag], time: npt.ArrayLike, event: npt.ArrayLike, groups: npt.ArrayLike,
+    horizons: list[float], n_boot: int = 1000, seed: int = 0,
+) -> dict[str, Any]:
+    """A held-out (``split=test``) cohort scored by one fitted model: ``metrics.json``'s ``test`` (plus ``risk``).
+
+    One model scores every slide, so the risks are on one scale and nothing is stratified: Harrell's C with a
+    patient-bootstrap interval, Uno's C and AUC(t) at the training run's ``horizons`` (those inside the held-out
+    follow-up; censoring by Kaplan-Meier of these slides), and the integrated Brier score of the model's survival
+    function over :func:`ibs_grid` of these slides with its interval. ``risk``: the ``(n,)`` risks.
+    """
+    t, e, g = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(groups).astype(str)
+    risk = model.predict(bags)
+    metrics = survival_metrics(t, e, risk, horizons)
+    report: dict[str, Any] = {
+        "n_slides": len(t), "n_patients": len(set(g)), "n_events": int(e.sum()), "metrics": metrics,
+        "c_index_ci95": list(c_index_bootstrap(t, e, risk, g, n_boot, seed)),
+    }
+    grid = ibs_grid(t, e, horizons)
+    if len(grid):
+        surv = model.survival(bags, grid)
+        metrics["ibs"] = integrated_brier(t, e, surv, grid)
+        report["ibs_ci95"] = list(integrated_brier_bootstrap(t, e, surv, grid, g, n_boot, seed))
+        report["ibs_times"] = [float(grid[0]), float(grid[-1])]
+    report["risk"] = risk
+    return report

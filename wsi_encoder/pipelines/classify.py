@@ -38,7 +38,7 @@ from wsi_encoder.evaluation.metrics import classification_metrics, regression_bo
 from wsi_encoder.evaluation.outcome_plots import plot_kaplan_meier, plot_predicted_vs_true, risk_groups
 from wsi_encoder.evaluation.plots import plot_heatmap, plot_reliability, plot_roc, plot_slide_prediction
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
-from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival
+from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival, held_out_report
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
 from wsi_encoder.io.files import atomic_path, atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
@@ -693,7 +693,7 @@ def train_survival(
 ) -> SurvivalResult:
     """Cross-validate a slide Cox model (``--target survival``); write ``metrics.json`` and ``predictions.csv``.
 
-    ``labels_csv`` is ``slide_id,time,event[,patient_id]`` (event 1 = death, 0 = censored).
+    ``labels_csv`` is ``slide_id,time,event[,patient_id][,split]`` (event 1 = death, 0 = censored).
     ``predictions.csv`` is ``slide_id,patient_id,fold,risk,time,event`` (out-of-fold; higher risk = shorter
     survival). ``metrics.json`` has the pooled ``c_index`` (Harrell) with ``c_index_ci95`` (patient
     bootstrap), ``uno_c`` truncated at ``uno_c_tau`` (the last horizon), ``td_auc`` at ``horizons`` (default:
@@ -701,8 +701,11 @@ def train_survival(
     the per-fold C. ``loss`` of the torch models: ``cox`` (``min_events``: mini-batches with fewer events are
     skipped) or ``nll``, the discrete-time likelihood over ``time_bins`` bins. ``kaplan_meier.png``: Kaplan-Meier
     curves of ``n_risk_groups`` (2: median split, 3: tertiles) patient risk groups with the log-rank p-value
-    (``risk_groups`` in ``metrics.json``; see :mod:`wsi_encoder.evaluation.outcome_plots`). The other arguments are those of :func:`train_classifier`; only ``kfold``,
-    and no ``split=test`` rows yet.
+    (``risk_groups`` in ``metrics.json``; see :mod:`wsi_encoder.evaluation.outcome_plots`). ``split=test`` rows
+    stay out of cross-validation and are scored by the final model (refit on the training slides; ``fold=test``
+    in ``predictions.csv``, ``test`` in ``metrics.json``, see
+    :func:`~wsi_encoder.evaluation.survival_cv.held_out_report`). The other arguments are
+    those of :func:`train_classifier`; only ``kfold``.
     """
     _kfold_only(cv_scheme, "survival")
     out = Path(out_dir)
@@ -710,30 +713,41 @@ def train_survival(
     reader = EmbeddingStore.open(embedding_store)
     table = read_targets(labels_csv, "survival", reader.slide_ids, store_name=str(embedding_store),
                          allow_missing=allow_missing, store_skipped=reader.skipped)
-    if "test" in table.splits:
-        raise DatasetError(f"{labels_csv}: split=test rows are not supported for --target survival yet")
     overrides = _model_overrides(model, preset, params, epochs)
-    dihedral = model == "gridcnn" and reader.all_dihedral(list(table.slide_ids))
-    events = np.asarray(table.events)
+    train, test = table.select("train"), table.select("test")
+    dihedral = model == "gridcnn" and reader.all_dihedral(list(train.slide_ids + test.slide_ids))
+    events = np.asarray(train.events)
+    logger.info("%s survival: %d training slides (%d patients, %d events), %d test slides", model,
+                len(train.slide_ids), len(set(train.patient_ids)), int(events.sum()), len(test.slide_ids))
     with torch_threads(threads):
         cv = cross_validate_survival(
-            reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, table.patient_ids, model,
+            reader.bags(list(train.slide_ids), dihedral=dihedral), train.y, events, train.patient_ids, model,
             config=overrides, folds=folds, seed=seed, device=device, val_fraction=val_fraction, n_boot=n_boot,
             horizons=horizons, min_events=min_events, loss=loss, time_bins=time_bins, on_fold=on_fold,
         )
-    rows = [[sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
-            for sid, pid, f, r, t, e in zip(table.slide_ids, table.patient_ids, cv.fold_of, cv.oof_risk, table.y,
-                                            events, strict=True)]
-    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
-    atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
+    rows: list[list[Any]] = [
+        [sid, pid, int(f), f"{r:.6g}", f"{t:.6g}", int(e)]
+        for sid, pid, f, r, t, e in zip(train.slide_ids, train.patient_ids, cv.fold_of, cv.oof_risk, train.y, events,
+                                        strict=True)
+    ]
     with torch_threads(threads):
         final = create_cox_model(model, reader.embedding_dim, overrides, device, min_events, loss, time_bins)
-        final.fit(reader.bags(list(table.slide_ids), dihedral=dihedral), table.y, events, seed=seed,
-                  groups=table.patient_ids, refit=cv.refit_params)
+        final.fit(reader.bags(list(train.slide_ids), dihedral=dihedral), train.y, events, seed=seed,
+                  groups=train.patient_ids, refit=cv.refit_params)
+        test_report = None
+        if test.slide_ids:
+            test_bags = reader.bags(list(test.slide_ids), dihedral=dihedral)
+            test_report = held_out_report(final, test_bags, test.y, test.events, test.patient_ids,
+                                          list(cv.pooled["horizons"]), n_boot, seed)
+            rows += [[sid, pid, "test", f"{r:.6g}", f"{t:.6g}", int(e)] for sid, pid, r, t, e in zip(
+                test.slide_ids, test.patient_ids, test_report.pop("risk"), test.y, test.events, strict=True)]
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json"}
+    atomic_write_csv(files["predictions"], rows, ["slide_id", "patient_id", "fold", "risk", "time", "event"])
     files["model"] = save_outcome_model(final, "survival", out, _outcome_meta(
-        reader, embedding_store, labels_csv, list(table.slide_ids), len(table.slide_ids), seed, cv.refit_params,
+        reader, embedding_store, labels_csv, list(train.slide_ids + test.slide_ids), len(train.slide_ids), seed,
+        cv.refit_params,
     ) | {"horizons": cv.pooled["horizons"]})
-    grouped = risk_groups(table.y, events, cv.oof_risk, table.patient_ids, cv.fold_of, n_risk_groups)
+    grouped = risk_groups(train.y, events, cv.oof_risk, train.patient_ids, cv.fold_of, n_risk_groups)
     files["kaplan_meier"] = plot_kaplan_meier(
         grouped, out / "kaplan_meier.png", title=f"{model}, {folds}-fold CV: out-of-fold risk groups"
     )
@@ -754,13 +768,15 @@ def train_survival(
         "embedding_store": str(normalize(embedding_store)),
         "encoder": reader.encoder_identity(),
         "labels": table.to_json(),
-        "n_slides": len(table.slide_ids),
-        "n_patients": len(set(table.patient_ids)),
+        "n_slides": len(train.slide_ids),
+        "n_patients": len(set(train.patient_ids)),
         **cv.summary_json(),
         "risk_groups": grouped.to_json(),
         "cv_scheme": cv_scheme,
+        "test": test_report,
         "store_skipped": reader.skipped,
         "wsi_encoder_version": __version__,
     }
     atomic_write_json(files["metrics"], nan_to_none(metrics))
     return SurvivalResult(out, metrics, cv, table, files)
+
