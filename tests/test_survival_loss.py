@@ -215,3 +215,14 @@ def test_linear_cox_alpha_by_cross_validated_partial_likelihood() -> None:
 
         total += _loglik(risk, time, event, np.arange(n)) - _loglik(risk, time, event, tr)
     assert scores[10.0] == pytest.approx(total, rel=1e-8)
+
+
+def test_c_index_without_a_comparable_pair_is_nan() -> None:
+    from wsi_encoder.evaluation.metrics import c_index_bootstrap, harrell_c
+
+    # the only death is the last time: no pair can be ordered (a small fold or bootstrap resample)
+    assert np.isnan(harrell_c([1.0, 2.0, 3.0], [0, 0, 1], [0.1, 0.2, 0.3]))
+    # a fold without a comparable pair adds nothing; the other fold's one concordant pair gives 1
+    assert harrell_c([1.0, 2.0, 3.0, 1.0, 2.0], [0, 0, 1, 1, 0], [0.1, 0.2, 0.3, 0.5, 0.1], strata=[0, 0, 0, 1, 1]) == 1.0
+    low, high = c_index_bootstrap([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], [0.1, 0.2, 0.4, 0.3], ["a", "b", "c", "d"], 50)
+    assert 0 <= low <= high <= 1

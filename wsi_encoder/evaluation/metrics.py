@@ -208,6 +208,7 @@ def concordance_counts(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.Arra
 
     Higher ``risk`` = shorter survival. ``(0.0, 0)`` without a comparable pair.
     """
+    from sksurv.exceptions import NoComparablePairException
     from sksurv.metrics import concordance_index_censored
 
     t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
@@ -216,7 +217,7 @@ def concordance_counts(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.Arra
     try:
         with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when the only pairs are tied in time
             _, concordant, discordant, tied_risk, _ = concordance_index_censored(e, t, r)
-    except ZeroDivisionError:  # no comparable pair
+    except (ZeroDivisionError, NoComparablePairException):  # no comparable pair
         return 0.0, 0
     return float(concordant + 0.5 * tied_risk), int(concordant + discordant + tied_risk)
 

@@ -121,8 +121,8 @@ def write_tile_labels(patch_store: str | Path, slides: dict[str, Path], out_csv:
     return counts
 
 
-#: Demo survival: log hazard ratio per unit of lesion burden (the share of a slide's tissue tiles that is lesion).
-_BURDEN_LOG_HAZARD = 8.0
+#: Demo survival: log hazard ratio of the cohort's largest lesion burden (burden 0: ratio 1).
+_BURDEN_LOG_HAZARD = 4.0
 
 
 def write_survival_labels(
@@ -130,9 +130,11 @@ def write_survival_labels(
 ) -> dict[str, float]:
     """``slide_id,time,event,patient_id`` for the generated slides: the lesion burden sets the hazard.
 
-    A slide's burden is the mean lesion fraction of its tissue tiles (0 without a lesion); its death time is
-    exponential with hazard ``0.1 * exp(8 * burden)`` and it is censored at a uniform time on (0, 25), about
-    30% censored. Returns each slide's burden.
+    A slide's burden is the mean lesion fraction of its tissue tiles (0 without a lesion). Its death time is
+    exponential with hazard ``0.1 * exp(4 * burden / b_max)``, ``b_max`` the cohort's largest burden (so the
+    hazard ratios span 1 to e^4 whatever the slide size; a fixed coefficient per unit of burden gave ratios of
+    at most 3 on small slides, whose lesions cover little tissue), and it is censored at a uniform time on
+    (0, 20), about 25% censored. Returns each slide's burden.
     """
     import numpy as np
 
@@ -140,11 +142,12 @@ def write_survival_labels(
     for slide_id, _, fraction in _tile_lesion_fractions(patch_store, {s.slide_id: s.path for s in slides}):
         total.setdefault(slide_id, []).append(fraction)
     burden = {s.slide_id: float(np.mean(total.get(s.slide_id) or [0.0])) for s in slides}
+    scale = max(burden.values(), default=0.0) or 1.0
     rng = np.random.default_rng(seed + 77)
     rows = []
     for s in slides:
-        death = rng.exponential(10.0 * np.exp(-_BURDEN_LOG_HAZARD * burden[s.slide_id]))
-        censor = rng.uniform(0.0, 25.0)
+        death = rng.exponential(10.0 * np.exp(-_BURDEN_LOG_HAZARD * burden[s.slide_id] / scale))
+        censor = rng.uniform(0.0, 20.0)
         rows.append((s.slide_id, f"{min(death, censor):.3f}", int(death <= censor), s.patient_id))
     atomic_write_csv(out_csv, rows, header=["slide_id", "time", "event", "patient_id"])
     return burden

@@ -167,11 +167,18 @@ class CoxLinear:
         Patient-grouped ``inner_folds`` folds stratified by event (scikit-learn ``StratifiedGroupKFold``);
         fold k scores ``l(b_-k) - l_-k(b_-k)``: the log partial likelihood of all slides minus that of the
         training part, both at the coefficients fitted without fold k. The held-out slides are thus scored
-        within the risk sets of the whole cohort, not of the small fold alone (glmnet's criterion).
+        within the risk sets of the whole cohort, not of the small fold alone (glmnet's criterion). With fewer
+        slides with (or without) an event than ``inner_folds``, that many folds are used; with fewer than 2, no
+        alpha is scored (empty dict).
         """
         from sklearn.model_selection import StratifiedGroupKFold
 
-        splitter = StratifiedGroupKFold(n_splits=self.config.inner_folds, shuffle=True, random_state=seed)
+        n_splits = min(self.config.inner_folds, int(np.bincount(event.astype(int), minlength=2).min()))
+        if n_splits < 2:
+            return {}
+        if n_splits < self.config.inner_folds:
+            logger.info("linear Cox: %d inner folds (the rarer event class has %d slides)", n_splits, n_splits)
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         splits = [(tr, te) for tr, te in splitter.split(x, event.astype(int), np.asarray(groups).astype(str))
                   if event[tr].any()]
         scores: dict[float, float] = {}
@@ -207,7 +214,7 @@ class CoxLinear:
         scores: dict[float, float] = {}
         if refit is None and groups is not None and len(set(np.asarray(groups).astype(str))) >= self.config.inner_folds:
             scores = self.cross_validated_likelihood(x, t, e, groups, seed)
-            alpha = max(scores, key=lambda a: (scores[a], a))
+            alpha = max(scores, key=lambda a: (scores[a], a)) if scores else alpha
         model = self._fit(x, t, e, alpha)
         for stronger in sorted(a for a in (*self.config.alphas, alpha * 10, alpha * 100) if a > alpha):
             if model is not None:
