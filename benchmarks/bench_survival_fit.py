@@ -8,8 +8,8 @@ Each requested model (``linear``; ``abmil`` and ``gridcnn`` with ``--loss cox`` 
 :func:`wsi_encoder.evaluation.survival_cv.cross_validate_survival` (``--folds`` folds, early stopping on
 the inner split for the torch models, the inner 5-fold alpha search for linear), timed once per model
 (the lead runs benchmarks; one run on a busy machine is a rough figure). Printed: seconds in all, per
-fold, per slide and epoch run, and the pooled out-of-fold Harrell C as a sanity check (it should be well
-above 0.5).
+fold, per slide and epoch run, and the out-of-fold Harrell C over pairs within a fold (the headline
+``c_index``) as a sanity check (it should be well above 0.5).
 
 Run: ``.venv/bin/python benchmarks/bench_survival_fit.py [--slides 1000] [--models linear,abmil:cox,abmil:nll]
 [--epochs 20] [--device auto] [--threads 2]``
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"cohort: {len(bags)} slides, {len(set(patients))} patients, {int(event.sum())} events "
           f"({100 * (1 - event.mean()):.0f}% censored), {args.grid}x{args.grid} tiles x {args.dim}-d, "
           f"built in {time.perf_counter() - t:.1f} s")
-    print(f"{'model':<14} {'seconds':>8} {'s/fold':>7} {'ms/slide/epoch':>15} {'epochs':>7} {'C (pooled)':>11}")
+    print(f"{'model':<14} {'seconds':>8} {'s/fold':>7} {'ms/slide/epoch':>15} {'epochs':>7} {'C (in folds)':>12}")
     for item in args.models.split(","):
         model, _, loss = item.strip().partition(":")
         config = {} if model == "linear" else {"epochs": args.epochs, "batch_size": args.batch_size}
@@ -85,7 +85,7 @@ def main() -> None:
         per = 1000 * seconds / max(1, sum(e * (f["n_train"] + f["n_val"]) for e, f in zip(epochs, cv.per_fold, strict=True)))
         shown = f"{per:15.2f}" if sum(epochs) else f"{'-':>15}"
         print(f"{item:<14} {seconds:8.1f} {seconds / args.folds:7.1f} {shown} {sum(epochs) / args.folds:7.1f} "
-              f"{cv.pooled['c_index']:11.3f}   ({train // args.folds} training slides per fold)")
+              f"{cv.pooled['c_index']:12.3f}   ({train // args.folds} training slides per fold)")
 
 
 if __name__ == "__main__":

@@ -226,3 +226,35 @@ def test_c_index_without_a_comparable_pair_is_nan() -> None:
     assert harrell_c([1.0, 2.0, 3.0, 1.0, 2.0], [0, 0, 1, 1, 0], [0.1, 0.2, 0.3, 0.5, 0.1], strata=[0, 0, 0, 1, 1]) == 1.0
     low, high = c_index_bootstrap([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], [0.1, 0.2, 0.4, 0.3], ["a", "b", "c", "d"], 50)
     assert 0 <= low <= high <= 1
+
+
+def test_nll_head_starts_at_the_baseline_hazards() -> None:
+    from wsi_encoder.models.slide_classifiers.survival_loss import baseline_hazard_logits, discrete_time_nll
+
+    rng = np.random.default_rng(4)
+    time = rng.exponential(5, 200)
+    event = rng.random(200) < 0.7
+    edges = time_bin_edges(time, event, 6)
+    start = torch.tensor(baseline_hazard_logits(time, event, edges), requires_grad=True)
+    # the maximum-likelihood hazards of slides all alike: the NLL's gradient at them is zero ...
+    loss = discrete_time_nll(start.expand(200, -1), torch.as_tensor(time), torch.as_tensor(event), torch.as_tensor(edges))
+    (grad,) = torch.autograd.grad(loss, start)
+    assert grad.abs().max() < 1e-6
+    # ... and any other constant hazards score worse
+    for shift in (-0.3, 0.3):
+        worse = discrete_time_nll((start + shift).expand(200, -1), torch.as_tensor(time), torch.as_tensor(event),
+                                  torch.as_tensor(edges))
+        assert worse > loss
+    # a network that has barely trained predicts that baseline: S at the bins' ends is the baseline's
+    from wsi_encoder.io.slide_records import SlideBag
+    from wsi_encoder.models.slide_classifiers.survival import TorchCox
+
+    cells = np.argwhere(np.ones((4, 4), dtype=bool)).astype(np.int64)
+    bags = [SlideBag(f"s{i}", rng.normal(size=(16, 8)).astype(np.float32), cells, (4, 4)) for i in range(200)]
+    model = TorchCox("abmil", 8, {"epochs": 1, "lr": 1e-9, "batch_size": 32}, "cpu", loss="nll", time_bins=6)
+    model.fit(bags, time, event, seed=0, refit={"epochs": 1})
+    baseline = np.cumprod(1 - 1 / (1 + np.exp(-start.detach().numpy())))
+    surv = model.survival(bags, edges)  # at each inner edge: alive through the bins before it
+    # (within the spread the head's random weights add; a head starting at h = 0.5 gives S_k = 0.5^(k+1))
+    assert np.allclose(surv.mean(0), baseline[:-1], atol=0.06), (surv.mean(0), baseline)
+    assert np.abs(0.5 ** np.arange(1, 6) - baseline[:-1]).max() > 0.3

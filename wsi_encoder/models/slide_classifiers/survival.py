@@ -11,7 +11,8 @@
   events are skipped. Survival function: the Breslow baseline (:class:`BreslowBaseline`) of the fitted
   risks of the training slides.
 * The same networks, ``loss="nll"``: ``time_bins`` outputs, the logits of the discrete-time hazard per bin
-  (bins at the quantiles of the training fold's event times), trained with
+  (bins at the quantiles of the training fold's event times; the output bias starts at the fold's
+  maximum-likelihood hazards, :func:`~wsi_encoder.models.slide_classifiers.survival_loss.baseline_hazard_logits`), trained with
   :func:`~wsi_encoder.models.slide_classifiers.survival_loss.discrete_time_nll`; the risk is minus the
   expected number of bins survived (:func:`~wsi_encoder.models.slide_classifiers.survival_loss.discrete_time_risk`),
   the survival function the product of ``1 - h`` over the bins passed.
@@ -45,6 +46,7 @@ from wsi_encoder.models.slide_classifiers.fit_loop import fit_module
 from wsi_encoder.models.slide_classifiers.linear import pool_features
 from wsi_encoder.models.slide_classifiers.regressors import heatmap_kind, outcome_heatmap
 from wsi_encoder.models.slide_classifiers.survival_loss import (
+    baseline_hazard_logits,
     check_events,
     cox_breslow_loss,
     discrete_survival,
@@ -289,6 +291,7 @@ class TorchCox:
         time_np, event_np = np.asarray(time, float), np.asarray(event).astype(bool)
         if self.loss == "nll":
             self.edges = time_bin_edges(time_np, event_np, self.time_bins)
+            _start_at(net.module, baseline_hazard_logits(time_np, event_np, self.edges))
         t = torch.as_tensor(time_np, dtype=torch.float32, device=net.device)
         e = torch.as_tensor(event_np, device=net.device)
         if self.loss == "cox" and int(e.sum()) < self.min_events:
@@ -362,6 +365,15 @@ class TorchCox:
         passed = F.pad(surv, (1, 0), value=1.0)
         k = time_bin_index(torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(self.edges, dtype=torch.float64))
         return np.asarray(passed[:, k].numpy(), dtype=float)
+
+
+def _start_at(module: nn.Module, bias: FloatArray) -> None:
+    """Set the bias of ``module``'s output layer (its last ``nn.Linear``, of ``len(bias)`` outputs) to ``bias``."""
+    heads = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not heads or heads[-1].out_features != len(bias) or heads[-1].bias is None:
+        raise InvalidParameterError(f"internal: no output layer of {len(bias)} units to start at the baseline hazards")
+    with torch.no_grad():
+        heads[-1].bias.copy_(torch.as_tensor(bias, dtype=heads[-1].bias.dtype))
 
 
 SurvivalModel = CoxLinear | TorchCox

@@ -103,3 +103,21 @@ def discrete_time_risk(logits: torch.Tensor) -> torch.Tensor:
     in bins, so the risk ranks slides by their expected survival: higher = shorter, as for Cox.
     """
     return -discrete_survival(logits).sum(dim=1)
+
+
+def baseline_hazard_logits(time: npt.ArrayLike, event: npt.ArrayLike, edges: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``(K,)`` logits of the per-bin hazards that maximise :func:`discrete_time_nll` for slides all alike.
+
+    ``h_k = d_k / n_k``: deaths in bin k over the slides still in the risk set at its start (time in bin k or
+    later; one censored in bin k counts as surviving it, the loss's convention), clipped to [1e-4, 1 - 1e-4].
+    The torch models start their hazard head at these (output bias; the weights start near 0), so training
+    starts from the Kaplan-Meier-like baseline and spends its epochs on how slides differ.
+    """
+    t, e = np.asarray(time, dtype=float), np.asarray(event).astype(bool)
+    cuts = np.asarray(edges, dtype=float)
+    k = np.searchsorted(cuts, t, side="right")  # as time_bin_index: edges at or below the time
+    n_bins = len(cuts) + 1
+    deaths = np.bincount(k[e], minlength=n_bins).astype(float)
+    at_risk = np.cumsum(np.bincount(k, minlength=n_bins)[::-1])[::-1].astype(float)
+    h = np.clip(np.divide(deaths, at_risk, out=np.zeros(n_bins), where=at_risk > 0), 1e-4, 1 - 1e-4)
+    return np.asarray(np.log(h / (1 - h)), dtype=float)
