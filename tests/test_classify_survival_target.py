@@ -128,6 +128,14 @@ def test_cli_target_survival(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     assert "Harrell's C" in res.output and "log-rank p" in res.output and "kaplan_meier.png" in res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["target"] == "survival" and m["horizons"] == [1.0, 3.0] and m["uno_c_tau"] == 3.0
+    assert "pairs within each fold" in res.output
+    res = CliRunner().invoke(main, ["classify", "predict", str(store), "--model", str(out), "--out",
+                                    str(tmp_path / "p.csv"), "--horizons", "2,4.5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["slide_id", "risk", "survival_at_2", "survival_at_4.5"]
+    assert all(1 >= float(r["survival_at_2"]) >= float(r["survival_at_4.5"]) >= 0 for r in rows)
 
 
 def test_cli_survival_losses(cohort: tuple[Path, Path], tmp_path: Path) -> None:
