@@ -223,7 +223,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     pred = classes[int(prob.argmax())]
     files: dict[str, str] = {}
     if ctx.heatmaps and heat is not None:
-        from wsi_encoder.evaluation.plots import plot_slide_prediction
+        from wsi_encoder.evaluation.heatmaps import plot_slide_prediction
 
         geometry = SlideGeometry((0.0, 0.0), grid.stride_l0, size_l0, estimated=False)
         png = plot_slide_prediction(
@@ -267,15 +267,11 @@ def _predict_outcome_slide(
     t = time.perf_counter()
     files: dict[str, str] = {}
     if ctx.heatmaps and heat is not None:
-        from wsi_encoder.evaluation.plots import plot_heatmap
-        from wsi_encoder.io.files import atomic_path
+        from wsi_encoder.evaluation.heatmaps import save_heatmap
 
-        folder = ctx.out / "heatmaps"
-        with atomic_path(folder / f"{entry.slide_id}.npy") as tmp, tmp.open("wb") as fh:
-            np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
         geometry = SlideGeometry((0.0, 0.0), plan.grid.stride_l0, size_l0, estimated=False)
-        files["heatmap"] = str(plot_heatmap(
-            plan.thumbnail, heat, folder / f"{entry.slide_id}.png", geometry=geometry,
+        files["heatmap"] = str(save_heatmap(
+            ctx.out / "heatmaps", entry.slide_id, heat, plan.thumbnail, geometry,
             title=f"{entry.slide_id}: {name} = {value:.3f}", label=f"{ctx.model.name}: {ctx.model.heatmap_kind}",
         ))  # fmt: skip
     if ctx.geojson and heat is not None:
