@@ -62,3 +62,15 @@ def test_save_heatmap_writes_the_grid_and_the_picture(tmp_path) -> None:
     png = save_heatmap(tmp_path, "s0", heat, np.zeros((50, 50, 3), np.uint8), None, title="s0", label="x")
     assert png == tmp_path / "s0.png" and Image.open(png).format == "PNG"
     np.testing.assert_array_equal(np.load(tmp_path / "s0.npy"), heat.astype(np.float32))
+
+
+def test_geojson_colours_are_the_pictures_colours() -> None:
+    from wsi_encoder.overlays import score_colors
+
+    heat = np.array([[-1.5, 0.0, 3.0, np.nan]])
+    band = np.asarray(render_heatmap(None, heat, title="s", signed=True))[46 + 10, 10 : 10 + PANEL_PX]
+    cell = PANEL_PX // 4
+    colours = score_colors(heat[0], signed=True)
+    for i in range(3):
+        np.testing.assert_array_equal(colours[i], band[i * cell + cell // 2])
+    np.testing.assert_array_equal(colours[3], [128, 128, 128])  # no value: grey in QuPath

@@ -62,6 +62,19 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def value_range(values: npt.ArrayLike, *, signed: bool) -> tuple[float, float]:
+    """The colour scale's limits of a heatmap: ``(-b, b)`` with ``b = max |value|`` when ``signed`` (a diverging
+    map centred on 0), else the finite minimum and maximum; ``(-1, 1)`` / ``(0, 1)`` when there is no finite value."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    if signed:
+        bound = float(np.abs(finite).max()) if finite.size else 0.0
+        return (-bound, bound) if bound > 0 else (-1.0, 1.0)
+    if not finite.size:
+        return 0.0, 1.0
+    return float(finite.min()), float(finite.max())
+
+
 def levels(values: npt.NDArray[np.floating], vmin: float, vmax: float) -> npt.NDArray[np.intp]:
     """Indices into a 256-entry colour map for ``values`` scaled from ``[vmin, vmax]`` (clipped; NaN -> 0)."""
     span = vmax - vmin

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.io.files import atomic_path, atomic_write_image
-from wsi_encoder.pictures import colormap, draw_colorbar, font, levels
+from wsi_encoder.pictures import colormap, draw_colorbar, font, levels, value_range
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,16 +30,6 @@ if TYPE_CHECKING:
 PANEL_PX = 480
 #: Opacity of the heat over the thumbnail.
 HEAT_ALPHA = 0.55
-
-
-def _scale_range(heat: npt.NDArray[np.float64], signed: bool) -> tuple[float, float]:
-    finite = heat[np.isfinite(heat)]
-    if signed:  # diverging, centred on 0
-        bound = float(np.abs(finite).max()) if finite.size else 0.0
-        return (-bound, bound) if bound > 0 else (-1.0, 1.0)
-    if not finite.size:
-        return 0.0, 1.0
-    return float(finite.min()), float(finite.max())
 
 
 def _cell_index(n_px: int, scale: float, origin: float, step: float, n_cells: int) -> npt.NDArray[np.intp]:
@@ -71,7 +61,7 @@ def render_heatmap(
     grid: npt.NDArray[np.float64] = np.asarray(heat, dtype=np.float64)
     rows, cols = grid.shape
     lut = colormap("RdBu_r" if signed else "inferno")
-    vmin, vmax = _scale_range(grid, signed)
+    vmin, vmax = value_range(grid, signed=signed)
     if thumbnail is not None:
         base = np.asarray(thumbnail)[..., :3]
         th, tw = base.shape[:2]
