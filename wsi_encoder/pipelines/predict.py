@@ -163,7 +163,7 @@ def _chunks(
 
 def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     from wsi_encoder.compression import encode_tiles, plan_resample
-    from wsi_encoder.io.embedding_store import SlideBag, SlideGeometry
+    from wsi_encoder.io.slide_records import SlideBag, SlideGeometry
     from wsi_encoder.io.slides import open_slide_with_mpp
     from wsi_encoder.models.encoders.registry import resize_options
     from wsi_encoder.tiling import plan_tiles
@@ -257,7 +257,7 @@ def _predict_outcome_slide(
     up); ``linear`` draws none. The GeoJSON's tissue annotation carries the slide's ``prediction`` / ``risk``
     measurement, each tile the heatmap value.
     """
-    from wsi_encoder.io.embedding_store import SlideGeometry
+    from wsi_encoder.io.slide_records import SlideGeometry
 
     name = _outcome_column(ctx.target)
     value = float(ctx.model.predict([bag])[0])
