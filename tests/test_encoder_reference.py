@@ -25,6 +25,7 @@ table and compares the registry with it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -754,6 +755,80 @@ def test_ctranspath_equals_transpath_official_forward(name: str, real_tiles: np.
         expected = fresh.eval()(_official_input(name, real_tiles))
     assert expected.shape == (len(real_tiles), 768)
     _assert_same(_ours(name, path, real_tiles), expected)
+
+
+# ---- the resize each card prescribes: pixels, and the µm/px the encoder sees -----------------------------------
+
+def _card_steps(name: str) -> list[Any]:
+    """The card's resize as torchvision writes it (the pinned CARDS values, not the registry's)."""
+    from torchvision import transforms as T
+
+    card = CARDS[name]
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[card["interp"]]
+    if card["crop"] is None:
+        return [T.Resize((card["input"], card["input"]), mode, antialias=True)]
+    return [T.Resize(card["crop"][0], mode, antialias=True), T.CenterCrop(card["crop"][1])]
+
+
+@pytest.fixture(scope="module")
+def real_tiles_of_sizes() -> dict[int, np.ndarray]:
+    """Real tiles of CMU-1-Small-Region.svs at four sides: smaller than, equal to, and larger than the cards' sides."""
+    from tests.conftest import shared_path
+    from wsi_encoder.io.slides import get_reader
+
+    reader = get_reader(shared_path("slides", "CMU-1-Small-Region.svs"))
+    return {size: np.stack([reader.read_region((x, y), 0, (size, size))[..., :3] for x, y in ((600, 900), (1000, 1400))])
+            .astype(np.uint8) for size in (224, 256, 300, 512)}
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_resize_gives_the_cards_torchvision_pixels(name: str, real_tiles_of_sizes: dict[int, np.ndarray]) -> None:
+    """``tiles_to_tensor`` with the entry's ``resize_options`` against torchvision's ``Compose([Resize, CenterCrop])``
+    of the card, on real tiles of 224, 256, 300 and 512 px.
+
+    On float tensors (what the embedding tests feed) the pixels are the same. On PIL images (what the cards' code
+    feeds) a bilinear resize agrees within one grey level: PIL rounds to 8 bits, here the values stay float. A
+    bicubic resize agrees within one grey level at >= 99 % of the pixels: PIL resizes in two 8-bit passes
+    (horizontal, then vertical) and clips the intermediate image to 0..255, so where bicubic overshoots at a sharp
+    edge its second pass starts from clipped values (up to ~10 grey levels at those few pixels; mean < 0.3).
+    Where no resize happens (Prov-GigaPath's 256-px tile, only centre-cropped) the pixels are identical."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    card = CARDS[name]
+    steps = _card_steps(name)
+    for size, tiles in real_tiles_of_sizes.items():
+        ours = tiles_to_tensor(tiles, torch.device("cpu"), card["input"], **resize_options(name))
+        assert ours.shape == (len(tiles), 3, card["input"], card["input"]), (name, size)
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+        expected = T.Compose([steps[0], T.Lambda(lambda t: t.clamp(0, 1)), *steps[1:]])(x)
+        assert float((ours - expected).abs().max()) <= 1e-6, (name, size)
+        pil = np.stack([np.asarray(T.Compose(steps)(Image.fromarray(t))) for t in tiles]).astype(np.float64)
+        diff = np.abs(ours.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255 - pil)
+        resized = size != (card["input"] if card["crop"] is None else card["crop"][0])
+        if not resized:
+            assert diff.max() <= 1e-3, (name, size)
+        elif card["interp"] == "bilinear":
+            assert diff.max() <= 1.01, (name, size, diff.max())
+        else:
+            assert (diff <= 1.01).mean() >= 0.99 and diff.mean() < 0.3, (name, size, (diff > 1.01).mean(), diff.mean())
+
+
+def test_encoders_json_matches_the_pinned_cards() -> None:
+    """``wsienc encoders --json`` lists each card's mean/std, input, µm/px, interpolation, crop and output."""
+    from click.testing import CliRunner
+
+    from wsi_encoder.cli import main
+
+    result = CliRunner().invoke(main, ["encoders", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    for name, card in CARDS.items():
+        r = rows[name]
+        crop = None if r["crop"] is None else (round(r["input_size"] / r["crop_fraction"]), r["input_size"])
+        got = {"norm": (tuple(r["mean"]), tuple(r["std"])), "input": r["input_size"], "mpp": r["mpp"],
+               "interp": r["interpolation"], "crop": crop, "output": r["output"]}
+        assert got == card, name
 
 
 # ---- the pinned card table ---------------------------------------------------------------------------
