@@ -91,6 +91,14 @@ CARDS: dict[str, dict[str, Any]] = {
                        "output": "gap (after layer3)"},
     **{arch: {"norm": IMAGENET, "input": 224, "mpp": 0.5, "interp": "bilinear", "crop": None, "output": "gap"}
        for arch in ("resnet18", "resnet34", "resnet50")},  # torchvision's ImageNet eval resize, whole tile
+    # the NIC code (Tellez et al.): 128-px tiles at 0.5 µm/px, pixels scaled to [-1, 1]; the Keras files are tested
+    # against Keras's own output in test_nic_keras.py
+    **{k: {"norm": KAIKO, "input": 128, "mpp": 0.5, "interp": "bilinear", "crop": None,
+           "output": "dense (flatten of the last conv block → linear 128)"} for k in ("nic-multitask-4", "nic-bigan")},
+    "nic-mean-rgb": {"norm": KAIKO, "input": 128, "mpp": 0.5, "interp": "bilinear", "crop": None,
+                     "output": "mean over the tile of each channel scaled to [-1, 1]"},
+    "nic": {"norm": KAIKO, "input": 128, "mpp": 0.5, "interp": "bilinear", "crop": None,
+            "output": "dense (flatten of the last conv block → linear)"},
 }
 
 REDUCED_DEPTH = 2
@@ -841,5 +849,5 @@ def test_registry_matches_the_pinned_cards() -> None:
         got = {"norm": (s.mean, s.std), "input": s.input_size, "mpp": s.mpp, "interp": s.interpolation, "crop": crop,
                "output": s.output}
         assert got == card, name
-    assert set(CARDS) >= {s.name for s in encoder_specs() if s.requires_weights and not s.name.startswith("nic")}
+    assert set(CARDS) == {s.name for s in encoder_specs()}
 
