@@ -185,7 +185,11 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
                 f"{100 * plan.tissue_mask.fraction:.1f}% of the thumbnail); lower --tissue-threshold to predict it"
             )
         grid = plan.grid
-        resample = plan_resample(settings.spec.tile_size, grid.actual_mpp, ctx.identity.input_size, ctx.identity.input_mpp)
+        resize = resize_options(ctx.identity.name)
+        resample = plan_resample(
+            settings.spec.tile_size, grid.actual_mpp, ctx.identity.input_size, ctx.identity.input_mpp,
+            crop_fraction=resize.get("crop_fraction", 1.0),
+        )  # fmt: skip
         message = resample.describe()
         if message and message not in ctx.warned:  # as `wsienc encode` says it, once per run
             ctx.warned.add(message)
@@ -194,7 +198,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
         features = encode_tiles(
             ctx.encoder, _chunks(reader, plan, settings.spec, times, ctx.read_threads), n_tiles=plan.n_tiles,
             embedding_dim=ctx.identity.embedding_dim, batch_size=ctx.batch_size, out_size=resample.out_size,
-            device=ctx.device, progress=ctx.progress, **resize_options(ctx.identity.name),
+            device=ctx.device, progress=ctx.progress, **resize,
         )  # fmt: skip
         times["encode"] = time.perf_counter() - t  # includes the reads it waited for
         size_l0 = (float(grid.width_l0), float(grid.height_l0))
