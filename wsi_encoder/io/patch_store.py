@@ -40,6 +40,7 @@ import numpy.typing as npt
 import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
+from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
@@ -68,7 +69,7 @@ _ZSTD_LEVEL = 1
 #: Chunk keys of the tiles array as files beside each other (`c.<i>.0.0.0`), not nested folders (`c/<i>/0/0/0`):
 #: each new folder of the nested layout cost a mkdir per chunk (a fifth of the tiles' CPU beyond the decode
 #: and encode). zarr reads either from the array's metadata; object stores see only the key names change.
-_FLAT_KEYS = {"name": "default", "separator": "."}
+_FLAT_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
 _WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
