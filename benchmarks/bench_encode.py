@@ -22,8 +22,19 @@ tiles/s are printed against the JPEG-decode bound of the same tiles (every store
 as many threads, bytes already in memory). That is the rate at which ``wsienc encode`` can feed a GPU:
 decoding, conversion to the model's input, the host-to-device copy, writing the features.
 
+``--gpu-suite`` is the one GPU command of issue 21: the model forward's tiles/s of ``resnet50-trunc``, ``uni``
+(ViT-L/16), ``virchow2`` (ViT-H/14) and ``h-optimus-0`` (ViT-g/14) at fp32 and bf16, eager and with
+``--compile`` (the same :class:`~wsi_encoder.models.inference.InferenceModel` ``wsienc encode`` runs), on
+device-resident 224-px batches, after printing the device and the library versions. The architectures get
+random values on the device (built on ``meta``, no weights file: speed does not depend on the values). Each
+configuration is timed for ``--config-seconds`` after its warm-up (which includes compilation); a configuration
+is skipped, with a line saying so, once ``--budget-s`` has passed, so the command ends in under 5 minutes on one
+GPU. The eager configurations of all four run first. Without CUDA it says so in one line and exits 0
+(``--device cpu`` runs it anyway, to check the script, not for figures).
+
 Run: ``.venv/bin/python benchmarks/bench_encode.py [--encoder resnet50-trunc,phikon] [--tiles 512] [--batch-size 64]``
 or ``.venv/bin/python benchmarks/bench_encode.py --null [--tiles 8192] [--workers 1,2,4]``
+or ``.venv/bin/python benchmarks/bench_encode.py --gpu-suite [--budget-s 270] [--config-seconds 8]``
 """
 
 from __future__ import annotations
@@ -232,14 +243,102 @@ def bench_null(args: argparse.Namespace, work: Path) -> None:
     print("  (target: ratio >= 0.8 on 2 cores; a ViT-L/16 at bf16 on one H100 consumes ~2,000-3,000 tiles/s of 224 px)")
 
 
+#: The encoders of issue 21's GPU figure: CLAM's CNN and the three ViT sizes users run most.
+GPU_SUITE = ("resnet50-trunc", "uni", "virchow2", "h-optimus-0")
+#: (precision, compile) in the order they run: every eager configuration before any compiled one.
+SUITE_CONFIGS = (("fp32", False), ("bf16", False), ("bf16", True), ("fp32", True))
+
+
+def _versions(device: torch.device) -> str:
+    """The device and the library versions, one line (to compare figures with other machines)."""
+    import platform
+
+    import timm
+    import transformers
+
+    where = str(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, "
+                 f"cuDNN {torch.backends.cudnn.version()}")  # fmt: skip
+    return (f"device {where}; torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
+            f"numpy {np.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")  # fmt: skip
+
+
+def _random_encoder(name: str, device: torch.device) -> torch.nn.Module:
+    """The entry's architecture with random values on ``device`` (giants built on ``meta``, filled in place)."""
+    from wsi_encoder.models.encoders import build_skeleton
+
+    enc = build_skeleton(name)
+    if not any(p.is_meta for p in enc.parameters()):
+        return enc.eval().to(device)
+    mean, std = enc._mean.clone(), enc._std.clone()
+    enc = enc.to_empty(device=device)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0.0, 0.02)
+        enc._mean.copy_(mean)
+        enc._std.copy_(std)
+    return enc.eval()
+
+
+def gpu_suite(args: argparse.Namespace, names: list[str]) -> None:
+    """tiles/s of the model forward for every GPU_SUITE encoder and SUITE_CONFIGS configuration, within the budget."""
+    from wsi_encoder.models.inference import InferenceModel
+
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print("bench_encode --gpu-suite: no CUDA device here (torch.cuda.is_available() is False); nothing to measure")
+        return
+    device = resolve_device(args.device)
+    configs = [c for c in SUITE_CONFIGS if f"{c[0]}{'+compile' if c[1] else ''}" in args.suite_configs.split(",")]
+    print(_versions(device))
+    print(f"batch {args.batch_size} x 3 x 224 x 224 already on the device; each configuration timed "
+          f"{args.config_seconds:g} s after its warm-up; budget {args.budget_s:g} s")  # fmt: skip
+    start = time.perf_counter()
+    rows: list[str] = []
+    for precision, compiled in configs:
+        for name in names:
+            label = f"{name:<15} {precision:<5} {'compiled' if compiled else 'eager':<8}"
+            if time.perf_counter() - start > args.budget_s:
+                rows.append(f"{label} skipped (the {args.budget_s:g} s budget has passed)")
+                print(rows[-1], flush=True)
+                continue
+            t0 = time.perf_counter()
+            model = InferenceModel(_random_encoder(name, device), device, precision=precision, compile=compiled)
+            x = torch.rand(args.batch_size, 3, 224, 224, device=device)
+            with torch.inference_mode():
+                for _ in range(3):  # compilation, cuDNN/cuBLAS autotuning, allocator warm-up
+                    model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                warm = time.perf_counter() - t0
+                n, t1 = 0, time.perf_counter()
+                while n < 3 or time.perf_counter() - t1 < args.config_seconds:
+                    model(x)
+                    n += 1
+                    if device.type == "cuda" and n % 4 == 0:
+                        torch.cuda.synchronize()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t1
+            rows.append(f"{label} {n * args.batch_size / elapsed:10.1f} tiles/s   ({n} batches in {elapsed:.1f} s; "
+                        f"build + warm-up {warm:.1f} s)")  # fmt: skip
+            print(rows[-1], flush=True)
+            del model, x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"gpu suite done in {time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", default="resnet50-trunc,phikon", help="comma-separated registered encoders")
+    parser.add_argument("--encoder", default=None,
+                        help="comma-separated registered encoders (default resnet50-trunc,phikon; with --gpu-suite its four)")
     parser.add_argument("--weights", default=None, help="weights file (one encoder only); default: random weights")
     parser.add_argument("--tiles", type=int, default=None,
                         help="tiles in the store (default 8192 for nic or on CUDA, 512 for the big CPU encoders; "
                              "small stores measure start-up overhead, not throughput)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64; 128 with --gpu-suite")
     parser.add_argument("--codec", choices=["jpeg", "zstd"], default="jpeg")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
@@ -249,12 +348,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)")
     parser.add_argument("--null", action="store_true", help="measure the feed: a do-nothing model vs the JPEG-decode bound")
     parser.add_argument("--workers", default="1,2,4", help="with --null: the worker counts to run")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help=f"tiles/s of {', '.join(GPU_SUITE)} at fp32/bf16, eager and compiled (one command, < 5 min)")
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="with --gpu-suite: configurations starting after this many seconds are skipped")
+    parser.add_argument("--config-seconds", type=float, default=8.0,
+                        help="with --gpu-suite: seconds each configuration is timed after its warm-up")
+    parser.add_argument("--suite-configs", default="fp32,bf16,bf16+compile,fp32+compile",
+                        help="with --gpu-suite: the configurations to run")
     args = parser.parse_args()
+    args.batch_size = args.batch_size or (128 if args.gpu_suite else 64)
+    args.encoder = args.encoder or (",".join(GPU_SUITE) if args.gpu_suite else "resnet50-trunc,phikon")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.encoder.split(",") if n.strip()]
     if args.weights is not None and len(names) != 1:
         raise SystemExit("--weights goes with a single --encoder")
+    if args.gpu_suite:
+        gpu_suite(args, names)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     if args.null:
         try:

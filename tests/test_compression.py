@@ -221,3 +221,35 @@ def test_tiles_to_tensor_values_are_torchvisions_to_tensor_bit_for_bit() -> None
     ours = nic.tiles_to_tensor(tiles, torch.device("cpu"), 16)
     assert ours.dtype == torch.float32 and ours.shape == (1, 3, 16, 16)
     assert torch.equal(ours[0], to_tensor(tiles[0]))
+
+
+def test_resample_plan_honours_the_cards_centre_crop() -> None:
+    """Prov-GigaPath's Resize(256) + CenterCrop(224): its card's 256-px tiles at 0.5 µm/px reach the encoder at
+    0.5 µm/px (the crop keeps pixels, it does not rescale them); 224-px tiles are enlarged to 256 first."""
+    from wsi_encoder.models.encoders import resize_options
+
+    crop = resize_options("prov-gigapath")["crop_fraction"]
+    plan = nic.plan_resample(256, 0.5, 224, 0.5, crop_fraction=crop)
+    assert plan.out_size == 224 and plan.resize_size == 256 and plan.out_mpp == pytest.approx(0.5)
+    assert plan.describe() is None
+    plan = nic.plan_resample(224, 0.5, 224, 0.5, crop_fraction=crop)
+    assert plan.out_mpp == pytest.approx(224 * 0.5 / 256)
+    message = plan.describe()
+    assert message is not None and "resized to 256 px and centre-cropped to 224 px" in message
+    assert "--tile-size 256" in message
+    assert nic.plan_resample(224, 0.5, 224, 0.5, crop_fraction=resize_options("kaiko-vitb8")["crop_fraction"]).describe() is None
+    with pytest.raises(InvalidParameterError, match="crop_fraction"):
+        nic.plan_resample(256, 0.5, 224, 0.5, crop_fraction=0.0)
+
+
+def test_encode_plans_with_the_entrys_crop() -> None:
+    """The plan `wsienc encode` makes for a slide's tiles takes the encoder's crop from the registry."""
+    from wsi_encoder.pipelines.encode_store import _plan
+
+    def identity(name: str) -> nic.EncoderIdentity:
+        return nic.EncoderIdentity(name=name, spec=name, config={}, weights_sha256=None, embedding_dim=1,
+                                   input_size=224, input_mpp=0.5)
+
+    attrs = {"tile_size": 256, "actual_mpp": 0.5}
+    assert _plan(attrs, identity("prov-gigapath")).out_mpp == pytest.approx(0.5)
+    assert _plan(attrs, identity("uni")).out_mpp == pytest.approx(256 * 0.5 / 224)

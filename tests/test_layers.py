@@ -17,6 +17,7 @@ SCIENCE = 3  # every other top-level module or package: the science, ordered by 
 #: evaluation metrics; evaluation fits and scores models; models never import training or evaluation.
 SCIENCE_ORDER = {
     "devices": 0,
+    "pictures": 0,
     "tissue": 0,
     "synthetic": 0,
     "tasks": 0,

@@ -231,8 +231,12 @@ def test_third_party_warnings_only_with_verbose(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PYTHONWARNINGS", "default")  # restored after the test
     original = tc.tile_cohort
 
+    calls = iter(range(10))
+
     def noisy(*args: object, **kwargs: object) -> object:
-        warnings.warn("return getattr(self, f'parse_{fmt}')()  # third-party noise", UserWarning, stacklevel=1)
+        # a new text each call: Python shows a warning once per text and place, and other tests may have run this place
+        text = f"return getattr(self, f'parse_{{fmt}}')()  # third-party noise {tmp_path.name}-{next(calls)}"
+        warnings.warn(text, UserWarning, stacklevel=1)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(tc, "tile_cohort", noisy)

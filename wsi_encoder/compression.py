@@ -158,7 +158,10 @@ class ResamplePlan:
 
     Every tile is resized to the encoder's ``input_size`` (as CLAM and TRIDENT do): the tile keeps its
     field of view, so the encoder sees ``out_mpp = tile_size * tile_mpp / input_size`` µm/px, which is
-    compared with the encoder's ``input_mpp``.
+    compared with the encoder's ``input_mpp``. An entry whose card centre-crops (``crop_fraction < 1``,
+    Prov-GigaPath's ``Resize(256)`` + ``CenterCrop(224)``) resizes the tile to ``input_size / crop_fraction``
+    and keeps its centre: the encoder then sees ``tile_size * tile_mpp / (input_size / crop_fraction)`` µm/px
+    and the central ``crop_fraction`` of the tile's field of view.
 
     Attributes
     ----------
@@ -170,6 +173,8 @@ class ResamplePlan:
         What the encoder was built for.
     tolerance
         Relative µm/px difference accepted without a warning (the tile spec's ``mpp_tolerance``).
+    crop_fraction
+        The side the card's centre crop keeps over the side it resizes to (1: no crop, the whole tile).
     """
 
     tile_size: int
@@ -179,10 +184,16 @@ class ResamplePlan:
     input_size: int
     input_mpp: float
     tolerance: float = MPP_TOLERANCE
+    crop_fraction: float = 1.0
+
+    @property
+    def resize_size(self) -> int:
+        """Side in px the tile is resized to before the centre crop (``out_size`` without a crop)."""
+        return round(self.out_size / self.crop_fraction)
 
     @property
     def resample(self) -> bool:
-        """Whether tiles are resized before the encoder."""
+        """Whether tiles are resized or cropped before the encoder."""
         return self.out_size != self.tile_size
 
     @property
@@ -196,15 +207,23 @@ class ResamplePlan:
             return None
         stored = f"{self.tile_size} px at {self.tile_mpp:.4g} µm/px ({self.tile_size * self.tile_mpp:.4g} µm)"
         expected = f"{self.input_size} px at {self.input_mpp:.4g} µm/px ({self.input_size * self.input_mpp:.4g} µm)"
+        side = self.resize_size
+        resize = f"resized to {side} px" + (f" and centre-cropped to {self.out_size} px" if side != self.out_size else "")
         return (
-            f"tiles are {stored} but the encoder expects {expected}; every tile is resized to {self.out_size} px, "
+            f"tiles are {stored} but the encoder expects {expected}; every tile is {resize}, "
             f"so the encoder sees {self.out_mpp:.4g} µm/px instead of {self.input_mpp:.4g} (more than "
-            f"{self.tolerance:.0%} off): re-tile with --mpp {self.input_mpp:g} --tile-size {self.input_size} to match"
+            f"{self.tolerance:.0%} off): re-tile with --mpp {self.input_mpp:g} --tile-size {side} to match"
         )
 
 
 def plan_resample(
-    tile_size: int, tile_mpp: float | None, input_size: int, input_mpp: float, tolerance: float = MPP_TOLERANCE
+    tile_size: int,
+    tile_mpp: float | None,
+    input_size: int,
+    input_mpp: float,
+    tolerance: float = MPP_TOLERANCE,
+    *,
+    crop_fraction: float = 1.0,
 ) -> ResamplePlan:
     """Decide how ``tile_size`` px tiles at ``tile_mpp`` µm/px are fed to an encoder.
 
@@ -218,12 +237,21 @@ def plan_resample(
         The encoder's expected tile side (px) and µm/px.
     tolerance
         Relative µm/px difference accepted without a warning.
+    crop_fraction
+        The entry's centre crop (``resize_options(name)["crop_fraction"]``; 1: none): the tile is resized to
+        ``round(input_size / crop_fraction)`` px, as :func:`tiles_to_tensor` does, and the µm/px the encoder
+        sees is computed from that side.
     """
     if tile_size < 1:
         raise InvalidParameterError(f"tile size {tile_size!r} must be positive")
+    if not 0 < crop_fraction <= 1:
+        raise InvalidParameterError(f"crop_fraction {crop_fraction!r} must be in (0, 1]")
     mpp = input_mpp if tile_mpp is None else float(tile_mpp)
-    out_mpp = tile_size * mpp / input_size
-    return ResamplePlan(tile_size, mpp, int(input_size), out_mpp, int(input_size), float(input_mpp), float(tolerance))
+    out_mpp = tile_size * mpp / round(input_size / crop_fraction)
+    return ResamplePlan(
+        tile_size, mpp, int(input_size), out_mpp, int(input_size), float(input_mpp), float(tolerance),
+        float(crop_fraction),
+    )  # fmt: skip
 
 
 def tiles_to_tensor(

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from skimage import measure
 
 from wsi_encoder.io.geojson import Ring, qupath_feature, square_ring
+from wsi_encoder.pictures import colormap, levels, value_range
 
 TISSUE_CLASS = "Tissue"
 TISSUE_COLOR = (80, 160, 80)
@@ -129,19 +130,10 @@ def score_colors(values: npt.ArrayLike, *, signed: bool) -> npt.NDArray[np.uint8
 
     The same colour maps and limits as the heatmap PNG; non-finite values are grey.
     """
-    from matplotlib import colormaps
-
     v = np.asarray(values, dtype=float)
     finite = np.isfinite(v)
-    if signed:
-        bound = float(np.abs(v[finite]).max()) if finite.any() else 1.0
-        lo, hi, cmap = -(bound or 1.0), bound or 1.0, colormaps["RdBu_r"]
-    else:
-        lo = float(v[finite].min()) if finite.any() else 0.0
-        hi = float(v[finite].max()) if finite.any() else 1.0
-        cmap = colormaps["inferno"]
-    t = np.clip((np.where(finite, v, lo) - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
-    rgb = np.round(np.asarray(cmap(t))[:, :3] * 255).astype(np.uint8)
+    lo, hi = value_range(v, signed=signed)
+    rgb = colormap("RdBu_r" if signed else "inferno")[levels(v, lo, hi)]
     rgb[~finite] = 128
     return rgb
 

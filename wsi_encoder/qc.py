@@ -10,9 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.io.files import atomic_write_image
+from wsi_encoder.pictures import colormap, draw_colorbar, font, levels
 
 if TYPE_CHECKING:
-    from PIL import Image, ImageFont
+    from PIL import Image
 
     from wsi_encoder.io.patch_store import PatchSlide
 
@@ -86,19 +87,6 @@ def _box_edges(ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     return edge & covered
 
 
-def _viridis_lut() -> npt.NDArray[np.uint8]:
-    """viridis as a 256-step 8-bit RGB table, so that drawing a QC picture needs no matplotlib."""
-    # 17 anchors of matplotlib's viridis, linearly interpolated (within a few levels of its 256 entries).
-    anchors = np.array(
-        [[68, 1, 84], [72, 24, 106], [71, 45, 123], [66, 64, 134], [59, 82, 139], [51, 99, 141], [44, 114, 142],
-         [38, 130, 142], [33, 145, 140], [31, 160, 136], [40, 174, 128], [63, 188, 115], [94, 201, 98],
-         [132, 212, 75], [173, 220, 48], [216, 226, 25], [253, 231, 37]], dtype=np.float64,
-    )  # fmt: skip
-    t = np.linspace(0.0, 1.0, 256)
-    grid = np.linspace(0.0, 1.0, len(anchors))
-    return np.stack([np.interp(t, grid, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
-
-
 _OUTLINE_RGB = (0, 200, 83)
 _TILE_EDGE_RGB = (31, 78, 121)
 _OVERLAY_ALPHA = 0.3
@@ -118,20 +106,6 @@ def _outline(mask: npt.NDArray[np.bool_], width: int = 2) -> npt.NDArray[np.bool
         shrunk[:, [0, -1]] = False
         inner = shrunk
     return mask & ~inner
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """DejaVu Sans (shipped with matplotlib; it has ``µ``) at ``size`` px, else Pillow's default font."""
-    import importlib.util
-
-    from PIL import ImageFont
-
-    spec = importlib.util.find_spec("matplotlib")  # finds the package without importing it
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if path.is_file():
-            return ImageFont.truetype(str(path), size)
-    return ImageFont.load_default(size=size)
 
 
 def render_tile_qc(
@@ -159,13 +133,13 @@ def render_tile_qc(
     # Edge tiles run past the slide (padded): draw the part inside it.
     boxes = np.minimum(boxes, [w, h, w, h])
     n_edge = int(np.sum((xy[:, 0] + size > float(attrs["width"]) + 0.5) | (xy[:, 1] + size > float(attrs["height"]) + 0.5)))
-    lut = _viridis_lut()
+    lut = colormap("viridis")
     image = np.array(thumbnail[..., :3], dtype=np.uint8)
     if len(boxes):
         ids = _box_ids((h, w), boxes, np.asarray(tissue, dtype=np.float32))
         overlay = _values_at(ids, np.asarray(tissue, dtype=np.float32))
         covered = ids >= 0
-        level = (np.clip(np.nan_to_num(overlay), 0.0, 1.0) * 255 + 0.5).astype(np.intp)
+        level = levels(overlay, 0.0, 1.0)
         blended = (image.astype(np.uint16) * _KEEP + lut[level].astype(np.uint16) * _TINT + 5) // 10  # 30% tint
         image = np.where(covered[..., None], blended, image).astype(np.uint8)
         if size * sx >= _OUTLINE_MIN_PX:  # tile edges, blended in at 50%
@@ -173,7 +147,7 @@ def render_tile_qc(
             image[on] = (image[on] // 2 + np.asarray(_TILE_EDGE_RGB, np.uint8) // 2).astype(np.uint8)
     image[_outline(tissue_mask)] = _OUTLINE_RGB
     picture = Image.fromarray(image)
-    font, small = _font(13), _font(11)
+    large, small = font(13), font(11)
     mpp = attrs.get("actual_mpp")
     edge_note = f" ({n_edge} at the edge, padded)" if n_edge else ""
     if not len(boxes):
@@ -190,20 +164,13 @@ def render_tile_qc(
     canvas = Image.new("RGB", (width, h + top + 34), "white")
     canvas.paste(picture, (margin, top))
     text = ImageDraw.Draw(canvas)
-    text.text((width // 2, 6), title, fill="black", font=font, anchor="ma")
+    text.text((width // 2, 6), title, fill="black", font=large, anchor="ma")
     text.text((width // 2, 24), detail, fill="black", font=small, anchor="ma")
     # colour bar of the tissue fraction, to the right of the picture
     bx, bh = margin + w + 14, max(h * 3 // 4, 60)
     by = top + (h - bh) // 2
-    ramp = lut[np.linspace(255, 0, bh).round().astype(np.intp)]
-    tinted = (1 - _OVERLAY_ALPHA) * 255 + _OVERLAY_ALPHA * ramp.astype(np.float32)
-    canvas.paste(Image.fromarray(np.repeat(tinted.round().astype(np.uint8)[:, None], bar_w, axis=1)), (bx, by))
-    text.rectangle((bx, by, bx + bar_w - 1, by + bh - 1), outline="black")
-    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
-        ty = by + round((1 - value) * (bh - 1))
-        text.line((bx + bar_w, ty, bx + bar_w + 4, ty), fill="black")
-        text.text((bx + bar_w + 7, ty), f"{value:g}", fill="black", font=small, anchor="lm")
-    text.text((bx, by - 6), "tissue fraction", fill="black", font=small, anchor="ld")
+    draw_colorbar(canvas, (bx, by, bar_w, bh), lut, [(v, f"{v:g}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)],
+                  label="tissue fraction", alpha=_OVERLAY_ALPHA)
     # legend under the picture
     ly = top + h + 10
     text.line((margin, ly + 7, margin + 22, ly + 7), fill=_OUTLINE_RGB, width=2)

@@ -28,8 +28,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.evaluation.metrics import classification_metrics
-from wsi_encoder.io.embedding_store import SlideBag
 from wsi_encoder.io.files import atomic_write_json
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.classifier_files import MODEL_JSON, load_model, save_model
 from wsi_encoder.models.slide_classifiers import FitInfo, SlideClassifier, create_slide_classifier
 from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble

@@ -1,13 +1,14 @@
-"""Pictures of a slide classifier: reliability diagram, ROC curves, heatmaps over slide thumbnails.
+"""Pictures of a slide classifier's cross-validation: reliability diagram and ROC curves.
 
-All figures are drawn with matplotlib's Agg backend (no display needed) and written atomically as PNG.
+They are drawn with matplotlib's Agg backend (no display needed) and written atomically as PNG. Heatmaps
+over slide thumbnails are drawn with Pillow (:mod:`wsi_encoder.evaluation.heatmaps`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,12 +18,10 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
-from wsi_encoder.io.embedding_store import SlideGeometry
-from wsi_encoder.io.files import atomic_path, atomic_write_figure
+from wsi_encoder.io.files import atomic_write_figure
 
 if TYPE_CHECKING:
-    from wsi_encoder.models.slide_classifiers import SlideClassifier
-    from wsi_encoder.models.slide_classifiers.ensemble import FoldEnsemble
+    pass
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -119,100 +118,3 @@ def plot_roc(
     ax.set_title(f"{title}\n{heading}".strip())
     ax.legend(loc="lower right", fontsize=8, frameon=False)
     return save_figure(fig, path)
-
-
-def plot_heatmap(
-    thumbnail: npt.NDArray[np.uint8] | None,
-    heat: npt.NDArray[np.floating],
-    path: str | Path,
-    *,
-    geometry: SlideGeometry | None = None,
-    title: str = "",
-    label: str = "",
-    signed: bool = False,
-    alpha: float = 0.55,
-) -> Path:
-    """The thumbnail beside the thumbnail overlaid with the ``(R, Q)`` grid map ``heat`` (NaN = no tissue).
-
-    ``geometry`` places the grid on the thumbnail (grid origin, step and slide size in level-0 pixels);
-    without it the map is stretched over the whole thumbnail. ``signed`` uses a diverging colour map
-    centred on 0 (for logit contributions), else a sequential one.
-    """
-    heat = np.asarray(heat, dtype=float)
-    rows, cols = heat.shape
-    masked = np.ma.masked_invalid(heat)
-    if signed:
-        bound = float(np.nanmax(np.abs(heat))) if np.isfinite(heat).any() else 1.0
-        norm: dict[str, Any] = {"cmap": "RdBu_r", "vmin": -bound or -1, "vmax": bound or 1}
-    else:
-        finite = heat[np.isfinite(heat)]
-        norm = {"cmap": "inferno", "vmin": float(finite.min()) if finite.size else 0, "vmax": float(finite.max()) if finite.size else 1}
-    panels = 2 if thumbnail is not None else 1
-    if thumbnail is not None:
-        h, w = thumbnail.shape[:2]
-        if geometry is not None:
-            sx, sy = w / geometry.size_l0[0], h / geometry.size_l0[1]
-            x0, y0 = geometry.origin_l0[0] * sx, geometry.origin_l0[1] * sy
-            extent = (x0, x0 + cols * geometry.stride_l0 * sx, y0 + rows * geometry.stride_l0 * sy, y0)
-        else:
-            extent = (0, w, h, 0)
-        aspect = h / max(w, 1)
-    else:
-        extent, aspect = (0, cols, rows, 0), rows / max(cols, 1)
-    fig, axes = plt.subplots(
-        1, panels, figsize=(4.2 * panels + 0.8, min(max(2.0, 4.2 * aspect), 8.0) + 0.7), squeeze=False,
-        layout="constrained",
-    )
-    axes = axes[0]
-    if thumbnail is not None:
-        axes[0].imshow(thumbnail)
-        axes[0].set_title("thumbnail", fontsize=9)
-        axes[1].imshow(thumbnail)
-        image = axes[1].imshow(masked, extent=extent, interpolation="nearest", alpha=alpha, **norm)
-        axes[1].set_xlim(0, thumbnail.shape[1])
-        axes[1].set_ylim(thumbnail.shape[0], 0)
-    else:
-        image = axes[0].imshow(masked, extent=extent, interpolation="nearest", **norm)
-    axes[-1].set_title(label, fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(image, ax=axes[-1], shrink=0.9, pad=0.02)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
-
-
-def plot_slide_prediction(
-    model: SlideClassifier | FoldEnsemble,
-    slide_id: str,
-    heat: npt.NDArray[np.floating],
-    prob: npt.NDArray[np.floating],
-    classes: Sequence[str],
-    heat_dir: str | Path,
-    thumbnail: npt.NDArray[np.uint8] | None,
-    geometry: SlideGeometry | None,
-) -> Path:
-    """``<heat_dir>/<slide_id>.npy`` (the ``(R, Q)`` float32 map, NaN outside tissue) and ``.png`` (over the thumbnail).
-
-    ``model`` is a slide classifier (its ``name``, ``heatmap_kind`` and ``heatmap_signed`` label the
-    picture); the title gives the slide's prediction.
-    """
-    heat_dir = Path(heat_dir)
-    with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
-        np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
-    prob = np.asarray(prob, dtype=float)
-    top = int(prob.argmax())
-    if len(classes) == 2:
-        verdict = f"P({classes[1]}) = {prob[1]:.3f}"
-    else:
-        verdict = f"predicted {classes[top]} (p = {prob[top]:.3f})"
-    return plot_heatmap(
-        thumbnail,
-        heat,
-        heat_dir / f"{slide_id}.png",
-        geometry=geometry,
-        title=f"{slide_id}: {verdict}",
-        label=f"{model.name}: {model.heatmap_kind}",
-        signed=bool(model.heatmap_signed),
-    )

@@ -26,7 +26,7 @@ import numpy.typing as npt
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.evaluation.crossval import Take, inner_split, nan_to_none, patient_folds
 from wsi_encoder.evaluation.metrics import regression_bootstrap, regression_metrics
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import FitInfo, config_dict
 from wsi_encoder.models.slide_classifiers.regressors import create_regressor, refit_params
 

@@ -37,7 +37,7 @@ from wsi_encoder.evaluation.metrics import (
     integrated_brier_bootstrap,
     survival_metrics,
 )
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import FitInfo, config_dict, slide_classifier_class
 from wsi_encoder.models.slide_classifiers.survival import SurvivalModel, create_cox_model
 

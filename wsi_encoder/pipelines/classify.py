@@ -34,13 +34,14 @@ from wsi_encoder.evaluation.crossval import (
     cross_validate,
     nan_to_none,
 )
+from wsi_encoder.evaluation.heatmaps import plot_slide_prediction, save_heatmap
 from wsi_encoder.evaluation.metrics import classification_metrics, regression_bootstrap, regression_metrics
 from wsi_encoder.evaluation.outcome_plots import plot_kaplan_meier, plot_predicted_vs_true, risk_groups
-from wsi_encoder.evaluation.plots import plot_heatmap, plot_reliability, plot_roc, plot_slide_prediction
+from wsi_encoder.evaluation.plots import plot_reliability, plot_roc
 from wsi_encoder.evaluation.regression_cv import RegressionCVResult, cross_validate_regression
 from wsi_encoder.evaluation.survival_cv import SurvivalCVResult, cross_validate_survival, held_out_report
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag
-from wsi_encoder.io.files import atomic_path, atomic_write_csv, atomic_write_json
+from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import load_model, save_model
@@ -495,11 +496,8 @@ def _predict_outcome(
                 continue
             rows.append({"slide_id": slide_id, column: value, **survival_at(model, [bag], at)[0]})
             if heat_dir is not None and not isinstance(model, RidgeRegressor | CoxLinear):
-                heat = model.heatmap(bag)
-                with atomic_path(heat_dir / f"{slide_id}.npy") as tmp, tmp.open("wb") as fh:
-                    np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
-                heatmaps[slide_id] = plot_heatmap(
-                    reader.thumbnail(slide_id), heat, heat_dir / f"{slide_id}.png", geometry=reader.geometry(slide_id),
+                heatmaps[slide_id] = save_heatmap(
+                    heat_dir, slide_id, model.heatmap(bag), reader.thumbnail(slide_id), reader.geometry(slide_id),
                     title=f"{slide_id}: {column} = {value:.3f}", label=f"{model.name}: {model.heatmap_kind}",
                 )
             if on_slide is not None:

@@ -196,11 +196,12 @@ def _tile_reader(group: zarr.Group, batch_size: int) -> _StoreTiles | _SlideTile
 
 
 def _plan(attrs: Mapping[str, Any], identity: EncoderIdentity) -> ResamplePlan:
-    """Tiles of a slide → the encoder's input size; µm/px compared within the tile spec's tolerance."""
+    """Tiles of a slide → the encoder's input size (and its card's crop); µm/px compared within the tile spec's tolerance."""
     tolerance = attrs.get("mpp_tolerance")
     return plan_resample(
         int(attrs["tile_size"]), _tile_mpp(attrs), identity.input_size, identity.input_mpp,
         MPP_TOLERANCE if tolerance is None else float(tolerance),
+        crop_fraction=resize_options(identity.name).get("crop_fraction", 1.0),
     )  # fmt: skip
 
 

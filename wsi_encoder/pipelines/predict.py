@@ -165,7 +165,7 @@ def _chunks(
 
 def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     from wsi_encoder.compression import encode_tiles, plan_resample
-    from wsi_encoder.io.embedding_store import SlideBag, SlideGeometry
+    from wsi_encoder.io.slide_records import SlideBag, SlideGeometry
     from wsi_encoder.io.slides import open_slide_with_mpp
     from wsi_encoder.models.encoders.registry import resize_options
     from wsi_encoder.tiling import plan_tiles
@@ -187,7 +187,11 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
                 f"{100 * plan.tissue_mask.fraction:.1f}% of the thumbnail); lower --tissue-threshold to predict it"
             )
         grid = plan.grid
-        resample = plan_resample(settings.spec.tile_size, grid.actual_mpp, ctx.identity.input_size, ctx.identity.input_mpp)
+        resize = resize_options(ctx.identity.name)
+        resample = plan_resample(
+            settings.spec.tile_size, grid.actual_mpp, ctx.identity.input_size, ctx.identity.input_mpp,
+            crop_fraction=resize.get("crop_fraction", 1.0),
+        )  # fmt: skip
         message = resample.describe()
         if message and message not in ctx.warned:  # as `wsienc encode` says it, once per run
             ctx.warned.add(message)
@@ -196,7 +200,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
         features = encode_tiles(
             ctx.encoder, _chunks(reader, plan, settings.spec, times, ctx.read_threads), n_tiles=plan.n_tiles,
             embedding_dim=ctx.identity.embedding_dim, batch_size=ctx.batch_size, out_size=resample.out_size,
-            device=ctx.device, progress=ctx.progress, **resize_options(ctx.identity.name),
+            device=ctx.device, progress=ctx.progress, **resize,
         )  # fmt: skip
         times["encode"] = time.perf_counter() - t  # includes the reads it waited for
         size_l0 = (float(grid.width_l0), float(grid.height_l0))
@@ -225,7 +229,7 @@ def _predict_slide(entry: SlideEntry, ctx: _Context) -> SlidePrediction:
     pred = classes[int(prob.argmax())]
     files: dict[str, str] = {}
     if ctx.heatmaps and heat is not None:
-        from wsi_encoder.evaluation.plots import plot_slide_prediction
+        from wsi_encoder.evaluation.heatmaps import plot_slide_prediction
 
         geometry = SlideGeometry((0.0, 0.0), grid.stride_l0, size_l0, estimated=False)
         png = plot_slide_prediction(
@@ -259,7 +263,7 @@ def _predict_outcome_slide(
     up); ``linear`` draws none. The GeoJSON's tissue annotation carries the slide's ``prediction`` / ``risk``
     measurement, each tile the heatmap value.
     """
-    from wsi_encoder.io.embedding_store import SlideGeometry
+    from wsi_encoder.io.slide_records import SlideGeometry
     from wsi_encoder.models.outcome_files import model_horizons, survival_at
 
     name = _outcome_column(ctx.target)
@@ -271,15 +275,11 @@ def _predict_outcome_slide(
     t = time.perf_counter()
     files: dict[str, str] = {}
     if ctx.heatmaps and heat is not None:
-        from wsi_encoder.evaluation.plots import plot_heatmap
-        from wsi_encoder.io.files import atomic_path
+        from wsi_encoder.evaluation.heatmaps import save_heatmap
 
-        folder = ctx.out / "heatmaps"
-        with atomic_path(folder / f"{entry.slide_id}.npy") as tmp, tmp.open("wb") as fh:
-            np.save(fh, np.asarray(heat, dtype=np.float32), allow_pickle=False)
         geometry = SlideGeometry((0.0, 0.0), plan.grid.stride_l0, size_l0, estimated=False)
-        files["heatmap"] = str(plot_heatmap(
-            plan.thumbnail, heat, folder / f"{entry.slide_id}.png", geometry=geometry,
+        files["heatmap"] = str(save_heatmap(
+            ctx.out / "heatmaps", entry.slide_id, heat, plan.thumbnail, geometry,
             title=f"{entry.slide_id}: {name} = {value:.3f}", label=f"{ctx.model.name}: {ctx.model.heatmap_kind}",
         ))  # fmt: skip
     if ctx.geojson and heat is not None:

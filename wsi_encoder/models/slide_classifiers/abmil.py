@@ -13,7 +13,7 @@ import numpy.typing as npt
 import torch
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     FloatArray,
     check_class_weight,

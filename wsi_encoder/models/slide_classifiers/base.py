@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import InvalidParameterError
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 
 Bags = Sequence[SlideBag]
 IntArray = npt.NDArray[np.int64]

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,

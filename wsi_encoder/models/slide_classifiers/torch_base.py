@@ -21,7 +21,7 @@ from torch import nn
 
 from wsi_encoder.devices import resolve_device
 from wsi_encoder.errors import CheckpointError
-from wsi_encoder.io.embedding_store import SlideBag
+from wsi_encoder.io.slide_records import SlideBag
 from wsi_encoder.models.slide_classifiers.base import (
     Bags,
     FitInfo,
