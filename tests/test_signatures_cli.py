@@ -258,3 +258,65 @@ def test_signatures_select_on_the_validation_patients_by_splits_roles(tmp_path: 
     store, labels = write_embedding_store(tmp_path / "store", n_patients=8)
     _single_line_error(*_invoke("signatures", store, "--labels", labels, "--out", tmp_path / "s", "--select-on", "val")[::2],
                        "--select-on val")
+
+
+def _seed_rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["arm"], r["fold"]): r for r in _rows(out / "seed_null.csv")}
+
+
+@pytest.mark.parametrize("second", ["differ", "same"])
+def test_seed_null_reading_follows_a_planted_second_seed(tmp_path: Path, second: str) -> None:
+    """Planted: the second seed's class signal lies in other dimensions (seed-to-seed Jaccard about 0, while the
+    folds agree: cross-magnification stability exceeds it), or the second seed's embeddings equal the first's
+    (seed-to-seed Jaccard exactly 1 in every paired resample: no evidence that cross-magnification exceeds it)."""
+    seed_null = (20, 24, 28, 32, 36) if second == "differ" else "same"
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100, 200), n_train_patients=60,
+                            effect=1.0, seed_null=seed_null)
+    out = tmp_path / "out"
+    code, _, err = _invoke("signatures", src, "--out", out, "--bootstrap", "10", "--relaxed", "--one-se")
+    assert code == 0, err
+    rows = _seed_rows(out)
+    assert list(next(iter(rows.values()))) == ["arm", "fold", "jaccard_seed", "jaccard_seed_ci_low", "jaccard_seed_ci_high",
+                                              "jaccard_cross", "jaccard_cross_ci_low", "jaccard_cross_ci_high", "difference",
+                                              "difference_ci_low", "difference_ci_high", "n_bootstrap", "verdict"]
+    assert set(rows) == {("grl", f) for f in ("40X", "100X", "200X", "overall")}
+    data = json.loads((out / "signatures.json").read_text())
+    for fold in ("40X", "100X", "200X"):
+        rec = data["arms"]["grl"]["folds"][fold]
+        assert jaccard(rec["indices"], rec["seed_null_indices"]) == pytest.approx(float(rows[("grl", fold)]["jaccard_seed"]), abs=1e-5)
+        assert float(rows[("grl", fold)]["jaccard_cross"]) >= 0.6
+    report = (out / "report.md").read_text()
+    for key, row in rows.items():
+        seed, lo, hi = (float(row[k]) for k in ("jaccard_seed", "jaccard_seed_ci_low", "jaccard_seed_ci_high"))
+        d_lo, d_hi = float(row["difference_ci_low"]), float(row["difference_ci_high"])
+        assert int(row["n_bootstrap"]) == 10
+        if second == "same":
+            assert seed == lo == hi == 1.0  # same embeddings, same resampled patients: identical signatures
+            assert d_hi <= 0 and not row["verdict"].startswith("cross-magnification stability exceeds")
+            assert row["verdict"].startswith(("no evidence that", "cross-magnification stability is below"))
+        else:
+            assert seed <= 0.2 and hi <= 0.3
+            assert d_lo > 0 and row["verdict"].startswith("cross-magnification stability exceeds seed-to-seed"), key
+        assert row["verdict"] in report
+    assert "Seed-to-seed reference Jaccard" in report and "not computed" not in report
+
+
+def test_without_a_second_seed_the_report_says_the_seed_null_was_not_computed(lomo_run: Path) -> None:
+    assert _rows(lomo_run / "seed_null.csv") == []
+    assert (lomo_run / "seed_null.csv").read_text().startswith("arm,fold,jaccard_seed,")
+    report = (lomo_run / "report.md").read_text()
+    assert "**The seed null was not computed**" in report and "wsienc lomo --seed-null" in report
+    assert json.loads((lomo_run / "signatures.json").read_text())["seed_null"] == {}
+
+
+def test_a_second_seed_on_other_images_is_refused(tmp_path: Path) -> None:
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100), n_train_patients=24, seed_null="same")
+    path = src / "seed_null" / "embeddings" / "grl" / "heldout_40.npz"
+    with np.load(path) as fh:
+        arrays = {k: fh[k] for k in fh.files}
+    arrays["y_train"] = 1 - arrays["y_train"]
+    np.savez(path, **arrays)
+    code, _, err = _invoke("signatures", src, "--out", tmp_path / "out", "--bootstrap", "0")
+    assert code == 0, err
+    failed = json.loads((tmp_path / "out" / "signatures.json").read_text())["failed"]
+    assert list(failed) == ["grl/40X"] and "only the seed differing" in failed["grl/40X"]

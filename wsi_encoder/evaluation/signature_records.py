@@ -448,8 +448,9 @@ def seed_null_rows(records: Sequence[SignatureRecord]) -> list[SeedNullRow]:
             n_used = sum(np.isfinite(d) for d in diff_b)
             out.append(SeedNullRow(arm, rec.fold, (est_seed, *_percentile(seed_b)), (est_cross, *_percentile(cross_b)),
                                    diff, int(n_used), seed_null_verdict(diff)))
-            per_fold.append((seed_b, cross_b, diff_b))
-        rows = out[-len(with_seed):]
+            if np.isfinite(diff[0]):  # the overall row averages the folds where both Jaccards are defined
+                per_fold.append((seed_b, cross_b, diff_b))
+        rows = [r for r in out[-len(with_seed):] if np.isfinite(r.difference[0])]
         overall = [[_mean_if_all([fold[k][b] for fold in per_fold]) for b in range(n_boot)] for k in range(3)]
         seed = (_nanmean([r.seed[0] for r in rows]), *_percentile(overall[0]))
         cross = (_nanmean([r.cross[0] for r in rows]), *_percentile(overall[1]))
