@@ -58,6 +58,7 @@ from wsi_encoder.io.breakhis import patient_key
 from wsi_encoder.io.embedding_store import EmbeddingStore
 from wsi_encoder.io.files import atomic_write_text
 from wsi_encoder.io.labels import read_labels
+from wsi_encoder.pipelines.lomo_config import SEED_NULL_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ LOMO_KEYS = ("X_train", "y_train", "patient_train", "X_test", "y_test", "patient
 #: Which LOMO images select the signature: ``val`` (default) the validation-role patients of ``splits.csv``,
 #: whose embeddings the encoder never fitted; ``train`` (sensitivity) every training-side image, the old rule.
 SELECT_ON = ("val", "train")
-#: Sub-folder of a LOMO folder holding the second-seed encoders of ``wsienc lomo --seed-null``.
-SEED_NULL_DIR = "seed_null"
 _HELDOUT_RE = re.compile(r"^heldout_(\d+)\.npz$")
 
 
