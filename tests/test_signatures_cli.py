@@ -185,7 +185,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path) -> None:
     _single_line_error(*_invoke("signatures", broken, "--out", out)[::2], "splits.csv", "--select-on train")
     # single class
     single = write_lomo_folder(tmp_path / "single", arms=("grl",), held_out=(40,), single_class=True, n_train_patients=8)
-    _single_line_error(*_invoke("signatures", single, "--out", out)[::2], "grl/40X", "classes [0]")
+    _single_line_error(*_invoke("signatures", single, "--out", out)[::2], "grl/40X", "class 0 only", "--select-on train")
+    _single_line_error(*_invoke("signatures", single, "--out", out, "--select-on", "train")[::2], "grl/40X", "classes [0]")
 
 
 def test_bad_store_inputs_give_one_clear_line(tmp_path: Path) -> None:

@@ -181,10 +181,12 @@ def _validation_side(data: FoldData, roles: Mapping[str, str], path: Path, split
             "(expected train or val); the npz and splits.csv are from different runs"
         )
     keep = np.array([r == "val" for r in found], dtype=bool)
-    if not keep.any():
+    classes = np.unique(data.y_train[keep]).tolist()
+    if len(classes) < 2:
         raise DatasetError(
-            f"{path}: no validation-role image in {splits} for this fold; use --select-on train, or a run with "
-            "a larger --val-fraction"
+            f"{path}: the fold's validation patients in {splits} (the selection set of --select-on val) hold "
+            f"{'no image' if not classes else f'class {classes[0]} only'}; use --select-on train, or a run with a "
+            "larger --val-fraction"
         )
     return replace(
         data, x_train=data.x_train[keep], y_train=data.y_train[keep], patient_train=data.patient_train[keep],
