@@ -24,6 +24,8 @@ from wsi_encoder.pipelines import lomo as lomo_pipeline
 from wsi_encoder.pipelines.lomo_config import SEED_NULL_OFFSET, LomoConfig
 from wsi_encoder.pipelines.signatures import run_signatures
 
+pytestmark = pytest.mark.slow  # two small LOMO trainings: about 15 s on a quiet core, more under load
+
 
 def _state_sha(model: Any) -> str:
     h = hashlib.sha256()

@@ -114,7 +114,7 @@ class SignatureRecord:
     seed_boot_indices: tuple[tuple[int, ...] | None, ...] = ()
 
     def size_interval(self, alpha: float = 0.05) -> tuple[float, float]:
-        """Percentile interval of the signature size over the training-patient bootstrap (nan without one)."""
+        """Percentile interval of the signature size over the selection-patient bootstrap (nan without one)."""
         sizes = [len(b) for b in self.boot_indices if b is not None]
         if len(sizes) < 2:
             return (float("nan"), float("nan"))
@@ -271,7 +271,7 @@ class ArmJaccard:
     chance: FloatArray
     corrected: FloatArray
     n_dims: int = 0
-    #: Mean off-diagonal Jaccard of each training-patient bootstrap resample (resample b of every fold).
+    #: Mean off-diagonal Jaccard of each selection-patient bootstrap resample (resample b of every fold).
     boot_means: tuple[float, ...] = ()
 
     def mean_interval(self, alpha: float = 0.05) -> tuple[float, float]:
@@ -338,7 +338,7 @@ def arm_jaccards(records: Sequence[SignatureRecord]) -> list[ArmJaccard]:
 
 
 #: Columns of ``seed_null.csv``: per arm and fold (and ``overall``), the seed-to-seed Jaccard, the
-#: cross-magnification Jaccard and their paired difference, each with a training-patient bootstrap interval.
+#: cross-magnification Jaccard and their paired difference, each with a selection-patient bootstrap interval.
 SEED_NULL_COLUMNS = (
     "arm",
     "fold",

@@ -175,7 +175,7 @@ def _arm_summary(records: Sequence[SignatureRecord], jaccards: Sequence[ArmJacca
 def _fold_table(records: Sequence[SignatureRecord]) -> list[str]:
     lines = [
         "| arm | fold | size | L1-fit size | AUC full | AUC signature | AUC lasso | F1 full | F1 signature "
-        "| Brier full | Brier signature | ECE full | ECE signature | train / test samples | train / test patients |",
+        "| Brier full | Brier signature | ECE full | ECE signature | selection / test samples | selection / test patients |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -193,9 +193,9 @@ def _jaccard_interval(jac: ArmJaccard) -> str:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return " No bootstrap interval (`--bootstrap 0`, or too few resamples that every fold could select on)."
     return (
-        f" Over {len(jac.boot_means)} resamples of each fold's training patients (signatures re-selected from scratch), "
+        f" Over {len(jac.boot_means)} resamples of each fold's selection patients (signatures re-selected from scratch), "
         f"the mean Jaccard's 95% percentile interval is [{_num(lo)}, {_num(hi)}]: how much of the value is the luck of "
-        "which patients trained, beside the uniform-random chance level above (a weak null: folds share training "
+        "which patients selected, beside the uniform-random chance level above (a weak null: folds share "
         "patients and the initial weights)."
     )
 
@@ -220,7 +220,7 @@ def _vs_full_table(records: Sequence[SignatureRecord]) -> list[str]:
         "(each with all of its images) for both models at once: AUC by BCa, Brier by BCa. An interval that includes 0 "
         "is no evidence that the signature loses (or gains) anything, not evidence that it does not.",
         "",
-        "| arm | fold | size [95% CI, training-patient bootstrap] | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
+        "| arm | fold | size [95% CI, selection-patient bootstrap] | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
@@ -340,7 +340,7 @@ def _method(ctx: ReportContext) -> list[str]:
     if s.get("stability"):
         selection = (
             f"stability selection: the dimensions chosen in at least {s.get('stability_threshold')} of "
-            f"{s.get('stability')} L1 fits on random halves of the training patients (per class), at the "
+            f"{s.get('stability')} L1 fits on random halves of the selection patients (per class), at the "
             "cross-validated per-sample penalty"
         )
     else:
@@ -355,7 +355,7 @@ def _method(ctx: ReportContext) -> list[str]:
         "val": "**Selection set: the fold's validation-role patients** (`splits.csv` role `val`): the encoder never "
         "fitted their labels, so their embeddings show what it learned rather than what it memorised of its own "
         "training patients. The signature, the penalty, both probes and the standardisation use only these images "
-        "(*train* samples/patients below count them); test patients are only scored.",
+        "(the per-fold table's *selection* samples and patients count them); test patients are only scored.",
         "train": "**Selection set: every training-side image**"
         + (" (`--select-on train`, a sensitivity analysis: the encoder fitted most of these labels, so a signature "
            "selected on them can reflect memorised training patients)." if ctx.kind == "lomo" else
