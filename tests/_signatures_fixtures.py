@@ -53,11 +53,18 @@ def write_lomo_folder(
     shared_init: bool | None = True,
     single_class: bool = False,
     seed: int = 0,
+    val_share: float = 0.5,
+    seed_null: Informative | None = None,
+    splits: bool = True,
 ) -> Path:
-    """A folder laid out like `wsienc lomo` output: ``config.json`` + ``embeddings/<arm>/heldout_<m>.npz``.
+    """A folder laid out like `wsienc lomo` output: ``config.json``, ``splits.csv`` + ``embeddings/<arm>/heldout_<m>.npz``.
 
     ``informative`` is a list of dimensions, or ``f(arm, held_out) -> dims`` to make them differ per fold.
     ``shared_init=None`` leaves the key out of config.json. ``single_class`` makes every label 0.
+    ``val_share`` of each class's training patients get role ``val`` in ``splits.csv`` (the others ``train``;
+    ``splits=False`` writes no splits.csv). ``seed_null`` adds a second-seed encoder's embeddings
+    (``seed_null/embeddings/...``: the same images, labels and patients) whose class signal lies in those
+    dimensions (a list, or ``f(arm, held_out)``); ``"same"`` copies the first seed's embeddings exactly.
     """
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -72,6 +79,7 @@ def write_lomo_folder(
     if shared_init is not None:
         config["shared_init"] = shared_init
     (root / "config.json").write_text(json.dumps(config))
+    split_rows: dict[int, list[tuple[object, ...]]] = {}
     for arm in arms:
         for m in held_out:
             dims = informative(arm, m) if callable(informative) else informative
@@ -99,7 +107,43 @@ def write_lomo_folder(
             out = root / "embeddings" / arm / f"heldout_{m}.npz"
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez(out, **arrays)
+            split_rows[m] = _split_rows(arrays, m, val_share)
+            if seed_null is not None:
+                second = dict(arrays)
+                if seed_null != "same":
+                    dims2 = seed_null(arm, m) if callable(seed_null) else seed_null
+                    x2 = rng.normal(size=x_tr.shape)
+                    x2[:, list(dims2)] += effect * (2 * y_tr[:, None] - 1)
+                    second["X_train"] = x2.astype(np.float32)
+                path = root / "seed_null" / "embeddings" / arm / f"heldout_{m}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(path, **second)
+    if splits:
+        with (root / "splits.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["filename", "patient_id", "class", "magnification", "fold", "role"])
+            for rows in split_rows.values():
+                writer.writerows(rows)
     return root
+
+
+def _split_rows(arrays: dict[str, np.ndarray], held_out: int, val_share: float) -> list[tuple[object, ...]]:
+    """``splits.csv`` rows of one fold: ``val_share`` of each class's training patients are ``val``, the rest ``train``."""
+    y, patients = arrays["y_train"], arrays["patient_train"]
+    val: set[str] = set()
+    for c in (0, 1):
+        members = sorted(set(patients[y == c].tolist()))
+        val |= set(members[: round(val_share * len(members))])
+    classes = ("benign", "malignant")
+    rows: list[tuple[object, ...]] = [
+        (name, p, classes[int(c)], int(mag), held_out, "val" if p in val else "train")
+        for name, p, c, mag in zip(arrays["filename_train"], patients, y, arrays["magnification_train"], strict=True)
+    ]
+    rows += [
+        (name, p, classes[int(c)], held_out, held_out, "test")
+        for name, p, c in zip(arrays["filename_test"], arrays["patient_test"], arrays["y_test"], strict=True)
+    ]
+    return rows
 
 
 def write_embedding_store(

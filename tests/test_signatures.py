@@ -303,3 +303,37 @@ def test_standardisation_uses_training_statistics_only(monkeypatch: pytest.Monke
     # the lasso's and the full probe's standardisations saw the whole training set, not a test-shifted one
     full = [m for m in fitted_on if m.shape == x.shape]
     assert full and all(np.allclose(m.mean(axis=0), x.mean(axis=0)) for m in full)
+
+
+def _record(fold: str, indices, boot, seed=None, seed_boot=()) -> SignatureRecord:
+    metrics = {k: 0.5 for k in ("auc", "f1", "brier", "ece", "balanced_accuracy")}
+    return SignatureRecord("grl", fold, tuple(indices), tuple(indices), 0.1, 1.0, metrics, metrics, 0.5, 0.5,
+                           10, 5, 4, 2, 8, boot_indices=tuple(boot), seed_indices=seed, seed_boot_indices=tuple(seed_boot))
+
+
+def test_seed_null_rows_pair_the_resamples_and_word_the_difference() -> None:
+    """Hand-computed: the difference cross − seed per resample b uses resample b of both seeds and every fold."""
+    from wsi_encoder.evaluation.signature_records import seed_null_rows, seed_null_verdict
+
+    boot_a = [(0, 1), (0, 1), (0, 1), (0, 1)]
+    seed_a = [(0, 1), (5,), (0, 1), (5,)]  # per-resample seed Jaccard 1, 0, 1, 0
+    boot_b = [(0, 1), (0, 1), (0, 1), (0, 1)]  # per-resample cross Jaccard 1
+    recs = [_record("40X", (0, 1), boot_a, (0, 1), seed_a), _record("100X", (0, 2), boot_b),
+            _record("patient_fold_1/40X", (7,), boot_b, (7,), boot_b)]  # another split: not a peer of 40X
+    rows = {(r.arm, r.fold): r for r in seed_null_rows(recs)}
+    a = rows[("grl", "40X")]
+    assert a.seed[0] == 1.0 and a.cross[0] == pytest.approx(1 / 3)  # J({0,1},{0,2}); the other split is left out
+    assert a.difference[0] == pytest.approx(1 / 3 - 1)
+    assert a.difference[1:] == pytest.approx(tuple(np.quantile([0, 1, 0, 1], [0.025, 0.975])))
+    assert a.verdict.startswith("no evidence that cross-magnification stability exceeds")
+    lone = rows[("grl", "patient_fold_1/40X")]
+    assert np.isnan(lone.cross[0]) and lone.verdict.startswith("not estimable")
+    assert ("grl", "100X") not in rows
+    overall = rows[("grl", "overall")]  # the mean over the folds where both Jaccards are defined (40X only)
+    assert overall.difference == pytest.approx(a.difference) and overall.verdict == a.verdict
+    assert seed_null_verdict((0.2, 0.1, 0.3)).startswith("cross-magnification stability exceeds")
+    assert seed_null_verdict((-0.2, -0.3, -0.1)).startswith("cross-magnification stability is below")
+    assert seed_null_verdict((0.2, float("nan"), float("nan"))).startswith("no interval")
+    assert seed_null_rows([_record("40X", (0,), boot_a)]) == []
+    rec = recs[0]
+    assert SignatureRecord.from_json(rec.to_json()) == rec

@@ -35,7 +35,12 @@ def test_lomo_then_signatures_on_real_breakhis(breakhis_dirs: list[Path], tmp_pa
     assert config["shared_init"] is True and config["held_out"]
 
     out = tmp_path / "sig"
+    # 15 patients leave a fold one or two validation patients, of one class: the default selection set
+    # (--select-on val) cannot select there, and says so in one line naming the way out
     result = runner.invoke(main, ["signatures", str(lomo_dir), "--out", str(out), "--stability", "4"])
+    assert result.exit_code == 1
+    assert "validation patients" in result.stderr and "--select-on train" in result.stderr
+    result = runner.invoke(main, ["signatures", str(lomo_dir), "--out", str(out), "--stability", "4", "--select-on", "train"])
     assert result.exit_code == 0, result.output
     assert "baseline: signature sizes" in result.stdout
 

@@ -41,7 +41,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def lomo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sig_lomo")
-    src = write_lomo_folder(root / "lomo", informative=_baseline_dims)
+    # half of the 120 training patients are validation patients: the selection set (--select-on val, the default)
+    src = write_lomo_folder(root / "lomo", informative=_baseline_dims, n_train_patients=120)
     code, out, err = _invoke("signatures", src, "--out", root / "out", "--relaxed", "--one-se")
     assert code == 0, err
     assert "grl: signature sizes 40X" in out
@@ -179,10 +180,13 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path) -> None:
     (broken / "embeddings" / "grl").mkdir(parents=True)
     (broken / "config.json").write_text(json.dumps({"arms": ["grl"], "held_out": [40], "shared_init": True}))
     np.savez(broken / "embeddings" / "grl" / "heldout_40.npz", X_train=np.zeros((3, 2)))
-    _single_line_error(*_invoke("signatures", broken, "--out", out)[::2], "heldout_40.npz", "lacks")
+    _single_line_error(*_invoke("signatures", broken, "--out", out, "--select-on", "train")[::2], "heldout_40.npz", "lacks")
+    # --select-on val (the default) needs splits.csv to find the validation patients
+    _single_line_error(*_invoke("signatures", broken, "--out", out)[::2], "splits.csv", "--select-on train")
     # single class
     single = write_lomo_folder(tmp_path / "single", arms=("grl",), held_out=(40,), single_class=True, n_train_patients=8)
-    _single_line_error(*_invoke("signatures", single, "--out", out)[::2], "grl/40X", "classes [0]")
+    _single_line_error(*_invoke("signatures", single, "--out", out)[::2], "grl/40X", "class 0 only", "--select-on train")
+    _single_line_error(*_invoke("signatures", single, "--out", out, "--select-on", "train")[::2], "grl/40X", "classes [0]")
 
 
 def test_bad_store_inputs_give_one_clear_line(tmp_path: Path) -> None:
@@ -203,3 +207,117 @@ def test_bad_store_inputs_give_one_clear_line(tmp_path: Path) -> None:
     # --labels on a LOMO folder
     lomo = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40,), n_train_patients=8)
     _single_line_error(*_invoke("signatures", lomo, "--labels", labels, "--out", out)[::2], "--labels")
+
+
+def _split_roles(path: Path) -> dict[tuple[int, str], str]:
+    return {(int(r["fold"]), r["filename"]): r["role"] for r in _rows(path)}
+
+
+def test_signatures_select_on_the_validation_patients_by_splits_roles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spy: every selection (and every probe fit) sees exactly the fold's validation-role images of splits.csv,
+    never a test patient's and never a fitting patient's; ``--select-on train`` (the sensitivity option)
+    sees every training-side image; config/provenance record the rule."""
+    from wsi_encoder.evaluation.lomo_outputs import load_fold_embeddings
+    from wsi_encoder.pipelines import signatures as pipeline
+
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100), n_train_patients=24)
+    roles = _split_roles(src / "splits.csv")
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real = pipeline.evaluate_fold
+
+    def spy(x_train, y_train, groups_train, x_test, y_test, spec, **kw):  # type: ignore[no-untyped-def]
+        seen.append((np.asarray(x_train).copy(), np.asarray(groups_train).astype(str).copy()))
+        return real(x_train, y_train, groups_train, x_test, y_test, spec, **kw)
+
+    monkeypatch.setattr(pipeline, "evaluate_fold", spy)
+    for select_on, wanted in (("val", {"val"}), ("train", {"train", "val"})):
+        seen.clear()
+        out = tmp_path / f"out_{select_on}"
+        code, _, err = _invoke("signatures", src, "--out", out, "--select-on", select_on, "--bootstrap", "0")
+        assert code == 0, err
+        assert len(seen) == 2
+        for (x_sel, groups), m in zip(seen, (40, 100), strict=True):
+            arrays = load_fold_embeddings(src / "embeddings" / "grl" / f"heldout_{m}.npz")
+            names = arrays["filename_train"].astype(str)
+            keep = np.array([roles[(m, n)] in wanted for n in names])
+            assert keep.sum() < len(names) or select_on == "train"
+            np.testing.assert_array_equal(x_sel, arrays["X_train"][keep])  # exactly those images, in order
+            np.testing.assert_array_equal(groups, arrays["patient_train"][keep].astype(str))
+            test_patients = {p for (f, _), r in roles.items() if f == m and r == "test" for p in arrays["patient_test"]}
+            assert not set(groups) & test_patients
+            # and no test embedding row is among the selection rows
+            test_rows = {row.tobytes() for row in np.ascontiguousarray(arrays["X_test"])}
+            assert not any(np.ascontiguousarray(row).tobytes() in test_rows for row in x_sel)
+        data = json.loads((out / "signatures.json").read_text())
+        assert data["select_on"] == select_on and data["settings"]["select_on"] == select_on
+        fold = data["arms"]["grl"]["folds"]["40X"]
+        by_role = {r["patient_id"] for r in _rows(src / "splits.csv") if r["fold"] == "40" and r["role"] in wanted}
+        assert set(fold["selection_patients"]) == by_role and len(by_role) == fold["n_train_patients"]
+        report = (out / "report.md").read_text()
+        assert ("validation-role patients" in report) == (select_on == "val")
+    # the store input refuses --select-on val in one line
+    store, labels = write_embedding_store(tmp_path / "store", n_patients=8)
+    _single_line_error(*_invoke("signatures", store, "--labels", labels, "--out", tmp_path / "s", "--select-on", "val")[::2],
+                       "--select-on val")
+
+
+def _seed_rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["arm"], r["fold"]): r for r in _rows(out / "seed_null.csv")}
+
+
+@pytest.mark.parametrize("second", ["differ", "same"])
+def test_seed_null_reading_follows_a_planted_second_seed(tmp_path: Path, second: str) -> None:
+    """Planted: the second seed's class signal lies in other dimensions (seed-to-seed Jaccard about 0, while the
+    folds agree: cross-magnification stability exceeds it), or the second seed's embeddings equal the first's
+    (seed-to-seed Jaccard exactly 1 in every paired resample: no evidence that cross-magnification exceeds it)."""
+    seed_null = (20, 24, 28, 32, 36) if second == "differ" else "same"
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100, 200), n_train_patients=60,
+                            effect=1.0, seed_null=seed_null)
+    out = tmp_path / "out"
+    code, _, err = _invoke("signatures", src, "--out", out, "--bootstrap", "10", "--relaxed", "--one-se")
+    assert code == 0, err
+    rows = _seed_rows(out)
+    assert list(next(iter(rows.values()))) == ["arm", "fold", "jaccard_seed", "jaccard_seed_ci_low", "jaccard_seed_ci_high",
+                                              "jaccard_cross", "jaccard_cross_ci_low", "jaccard_cross_ci_high", "difference",
+                                              "difference_ci_low", "difference_ci_high", "n_bootstrap", "verdict"]
+    assert set(rows) == {("grl", f) for f in ("40X", "100X", "200X", "overall")}
+    data = json.loads((out / "signatures.json").read_text())
+    for fold in ("40X", "100X", "200X"):
+        rec = data["arms"]["grl"]["folds"][fold]
+        assert jaccard(rec["indices"], rec["seed_null_indices"]) == pytest.approx(float(rows[("grl", fold)]["jaccard_seed"]), abs=1e-5)
+        assert float(rows[("grl", fold)]["jaccard_cross"]) >= 0.6
+    report = (out / "report.md").read_text()
+    for key, row in rows.items():
+        seed, lo, hi = (float(row[k]) for k in ("jaccard_seed", "jaccard_seed_ci_low", "jaccard_seed_ci_high"))
+        d_lo, d_hi = float(row["difference_ci_low"]), float(row["difference_ci_high"])
+        assert int(row["n_bootstrap"]) == 10
+        if second == "same":
+            assert seed == lo == hi == 1.0  # same embeddings, same resampled patients: identical signatures
+            assert d_hi <= 0 and not row["verdict"].startswith("cross-magnification stability exceeds")
+            assert row["verdict"].startswith(("no evidence that", "cross-magnification stability is below"))
+        else:
+            assert seed <= 0.2 and hi <= 0.3
+            assert d_lo > 0 and row["verdict"].startswith("cross-magnification stability exceeds seed-to-seed"), key
+        assert row["verdict"] in report
+    assert "Seed-to-seed reference Jaccard" in report and "not computed" not in report
+
+
+def test_without_a_second_seed_the_report_says_the_seed_null_was_not_computed(lomo_run: Path) -> None:
+    assert _rows(lomo_run / "seed_null.csv") == []
+    assert (lomo_run / "seed_null.csv").read_text().startswith("arm,fold,jaccard_seed,")
+    report = (lomo_run / "report.md").read_text()
+    assert "**The seed null was not computed**" in report and "wsienc lomo --seed-null" in report
+    assert json.loads((lomo_run / "signatures.json").read_text())["seed_null"] == {}
+
+
+def test_a_second_seed_on_other_images_is_refused(tmp_path: Path) -> None:
+    src = write_lomo_folder(tmp_path / "lomo", arms=("grl",), held_out=(40, 100), n_train_patients=24, seed_null="same")
+    path = src / "seed_null" / "embeddings" / "grl" / "heldout_40.npz"
+    with np.load(path) as fh:
+        arrays = {k: fh[k] for k in fh.files}
+    arrays["y_train"] = 1 - arrays["y_train"]
+    np.savez(path, **arrays)
+    code, _, err = _invoke("signatures", src, "--out", tmp_path / "out", "--bootstrap", "0")
+    assert code == 0, err
+    failed = json.loads((tmp_path / "out" / "signatures.json").read_text())["failed"]
+    assert list(failed) == ["grl/40X"] and "only the seed differing" in failed["grl/40X"]

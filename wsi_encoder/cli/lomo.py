@@ -193,6 +193,14 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     show_default=True,
     help="DataLoader processes reading training batches (speed only; the results do not change).",
 )
+@click.option(
+    "--seed-null",
+    is_flag=True,
+    default=D("seed_null"),
+    help="Also train every arm x fold with a second training seed (same initial weights, images and roles) into "
+    "seed_null/: the seed-to-seed reference Jaccard of `wsienc signatures`. Resuming a finished run with it trains "
+    "only the second seeds.",
+)
 @device_option
 def lomo(
     data: tuple[Path, ...],

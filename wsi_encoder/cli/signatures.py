@@ -39,6 +39,10 @@ from wsi_encoder.cli.common import Progress, echo_err
 @click.option("--bootstrap", type=click.IntRange(min=0), default=20, show_default=True,
               help="Resamples of each fold's training patients, re-selected from scratch, behind the intervals of size "
               "and Jaccard (0: none; each costs one selection).")
+@click.option("--select-on", type=click.Choice(["val", "train"]), default=None,
+              help="LOMO input: the images whose embeddings select the signature and fit the probes: `val` (default: "
+              "the validation-role patients of splits.csv, whose labels the encoder never fitted) or `train` (every "
+              "training-side image; a sensitivity analysis). Embedding stores always use their training folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of folds, inner CV, subsamples and solvers.")
 def signatures(
     src: Path,
@@ -56,13 +60,15 @@ def signatures(
     positive_class: str | None,
     allow_missing: bool,
     bootstrap: int,
+    select_on: str | None,
     seed: int,
 ) -> None:
     """Sparse signatures (L1 logistic regression) of the embeddings in SRC, per arm and fold.
 
     SRC is a `wsienc lomo` output folder (config.json + embeddings/<arm>/heldout_<m>.npz) or an
-    embedding store with --labels and --folds. Writes signatures.csv, jaccard.csv, signatures.json,
-    jaccard_<arm>.png, size_vs_auc.png and report.md in --out.
+    embedding store with --labels and --folds. Writes signatures.csv, jaccard.csv, seed_null.csv,
+    signatures.json, jaccard_<arm>.png, size_vs_auc.png and report.md in --out. A LOMO folder made with
+    `wsienc lomo --seed-null` also gives each fold's seed-to-seed reference Jaccard.
     """
     from wsi_encoder.evaluation.signatures import SignatureSpec
     from wsi_encoder.pipelines.signatures import run_signatures
@@ -88,6 +94,7 @@ def signatures(
             spec=spec,
             positive_class=positive_class,
             allow_missing=allow_missing,
+            select_on=select_on,
             iterate=bar.iterate,
         )
     arms = dict.fromkeys(r.arm for r in run.records)

@@ -20,11 +20,21 @@ from wsi_encoder.evaluation.signatures import (
     FoldEvaluation,
     corrected_jaccard,
     expected_jaccard,
+    jaccard,
     jaccard_matrix,
     mean_off_diagonal,
 )
 
-__all__ = ["JACCARD_COLUMNS", "SIGNATURE_COLUMNS", "ArmJaccard", "SignatureRecord", "arm_jaccards"]
+__all__ = [
+    "JACCARD_COLUMNS",
+    "SEED_NULL_COLUMNS",
+    "SIGNATURE_COLUMNS",
+    "ArmJaccard",
+    "SeedNullRow",
+    "SignatureRecord",
+    "arm_jaccards",
+    "seed_null_rows",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -96,9 +106,15 @@ class SignatureRecord:
     vs_full: dict[str, float] = field(default_factory=dict)
     #: Signatures re-selected on patient resamples of the training set (None: a resample that failed).
     boot_indices: tuple[tuple[int, ...] | None, ...] = ()
+    #: The patients whose embeddings selected the signature (the fold's selection set).
+    selection_patients: tuple[str, ...] = ()
+    #: The signature of the same fold's encoder trained with a second seed, by the same rule (None: no seed null).
+    seed_indices: tuple[int, ...] | None = None
+    #: The second seed's signatures on the same patient resamples as :attr:`boot_indices` (paired by index).
+    seed_boot_indices: tuple[tuple[int, ...] | None, ...] = ()
 
     def size_interval(self, alpha: float = 0.05) -> tuple[float, float]:
-        """Percentile interval of the signature size over the training-patient bootstrap (nan without one)."""
+        """Percentile interval of the signature size over the selection-patient bootstrap (nan without one)."""
         sizes = [len(b) for b in self.boot_indices if b is not None]
         if len(sizes) < 2:
             return (float("nan"), float("nan"))
@@ -196,6 +212,9 @@ class SignatureRecord:
             "stability_frequencies": None if self.frequencies is None else {str(k): v for k, v in self.frequencies.items()},
             "vs_full": clean(self.vs_full),
             "bootstrap_signatures": [None if b is None else list(b) for b in self.boot_indices],
+            "selection_patients": list(self.selection_patients),
+            "seed_null_indices": None if self.seed_indices is None else list(self.seed_indices),
+            "seed_null_bootstrap_signatures": [None if b is None else list(b) for b in self.seed_boot_indices],
         }
 
     @classmethod
@@ -227,10 +246,15 @@ class SignatureRecord:
             n_dims=int(data["n_dims"]),
             frequencies=None if freq is None else {int(k): float(v) for k, v in freq.items()},
             vs_full=metrics(data.get("vs_full") or {}),
-            boot_indices=tuple(
-                None if b is None else tuple(int(i) for i in b) for b in data.get("bootstrap_signatures") or []
-            ),
+            boot_indices=_signature_list(data.get("bootstrap_signatures")),
+            selection_patients=tuple(str(p) for p in data.get("selection_patients") or []),
+            seed_indices=None if data.get("seed_null_indices") is None else tuple(int(i) for i in data["seed_null_indices"]),
+            seed_boot_indices=_signature_list(data.get("seed_null_bootstrap_signatures")),
         )
+
+
+def _signature_list(values: Any) -> tuple[tuple[int, ...] | None, ...]:
+    return tuple(None if b is None else tuple(int(i) for i in b) for b in values or [])
 
 
 @dataclass(frozen=True)
@@ -247,7 +271,7 @@ class ArmJaccard:
     chance: FloatArray
     corrected: FloatArray
     n_dims: int = 0
-    #: Mean off-diagonal Jaccard of each training-patient bootstrap resample (resample b of every fold).
+    #: Mean off-diagonal Jaccard of each selection-patient bootstrap resample (resample b of every fold).
     boot_means: tuple[float, ...] = ()
 
     def mean_interval(self, alpha: float = 0.05) -> tuple[float, float]:
@@ -310,4 +334,127 @@ def arm_jaccards(records: Sequence[SignatureRecord]) -> list[ArmJaccard]:
                 continue
             boot_means.append(mean_off_diagonal(jaccard_matrix([sig or () for sig in signatures])))
         out.append(ArmJaccard(arm, tuple(r.fold for r in recs), matrix, chance, corrected, d, tuple(boot_means)))
+    return out
+
+
+#: Columns of ``seed_null.csv``: per arm and fold (and ``overall``), the seed-to-seed Jaccard, the
+#: cross-magnification Jaccard and their paired difference, each with a selection-patient bootstrap interval.
+SEED_NULL_COLUMNS = (
+    "arm",
+    "fold",
+    "jaccard_seed",
+    "jaccard_seed_ci_low",
+    "jaccard_seed_ci_high",
+    "jaccard_cross",
+    "jaccard_cross_ci_low",
+    "jaccard_cross_ci_high",
+    "difference",
+    "difference_ci_low",
+    "difference_ci_high",
+    "n_bootstrap",
+    "verdict",
+)
+
+
+@dataclass(frozen=True)
+class SeedNullRow:
+    """Cross-magnification vs seed-to-seed stability of one fold (or ``overall``: the mean over an arm's folds).
+
+    ``jaccard_seed`` is the Jaccard of the fold's signature with that of the same fold's encoder trained
+    with a second seed; ``jaccard_cross`` the mean Jaccard of the fold's signature with the other
+    held-out magnifications' of the same patient split; ``difference`` = cross − seed. Intervals are 95%
+    percentiles over the selection-patient bootstrap, paired: resample b re-selects every signature on
+    the same drawn patients. ``verdict`` says in words what the difference's interval supports.
+    """
+
+    arm: str
+    fold: str
+    seed: tuple[float, float, float]
+    cross: tuple[float, float, float]
+    difference: tuple[float, float, float]
+    n_bootstrap: int
+    verdict: str
+
+    def row(self) -> list[object]:
+        """The ``seed_null.csv`` row (:data:`SEED_NULL_COLUMNS`)."""
+        return [self.arm, self.fold, *self.seed, *self.cross, *self.difference, self.n_bootstrap, self.verdict]
+
+
+def _percentile(values: Sequence[float], alpha: float = 0.05) -> tuple[float, float]:
+    finite = [v for v in values if np.isfinite(v)]
+    if len(finite) < 2:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _mean_if_all(values: Sequence[float]) -> float:
+    """Mean of ``values`` when every one is finite (a resample some fold could not use is dropped), else nan."""
+    return float(np.mean(values)) if all(np.isfinite(values)) else float("nan")
+
+
+def seed_null_verdict(difference: tuple[float, float, float]) -> str:
+    """The words for a paired difference (cross − seed Jaccard) and its 95% interval."""
+    est, lo, hi = difference
+    if not np.isfinite(est):
+        return "not estimable (empty signatures, or no other fold to compare with)"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no interval (--bootstrap 0, or too few usable resamples): no claim either way"
+    if lo > 0:
+        return "cross-magnification stability exceeds seed-to-seed stability (the difference's 95% interval lies above 0)"
+    if hi < 0:
+        return "cross-magnification stability is below seed-to-seed stability (the difference's 95% interval lies below 0)"
+    return "no evidence that cross-magnification stability exceeds seed-to-seed stability (the difference's 95% interval covers 0)"
+
+
+def _split_of(fold: str) -> str:
+    """The patient split a fold belongs to (``patient_fold_<i>`` or the single split)."""
+    return fold.rsplit("/", 1)[0] if "/" in fold else ""
+
+
+def _jac(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> float:
+    return float("nan") if a is None or b is None else jaccard(a, b)
+
+
+def seed_null_rows(records: Sequence[SignatureRecord]) -> list[SeedNullRow]:
+    """Per arm, a :class:`SeedNullRow` for every fold with a second-seed signature, then the arm's ``overall`` row.
+
+    Arms without any second seed give no rows (the report says the seed null was not computed).
+    """
+    arms: dict[str, list[SignatureRecord]] = {}
+    for rec in records:
+        arms.setdefault(rec.arm, []).append(rec)
+    out: list[SeedNullRow] = []
+    for arm, recs in arms.items():
+        with_seed = [r for r in recs if r.seed_indices is not None]
+        if not with_seed:
+            continue
+        per_fold: list[tuple[list[float], list[float], list[float]]] = []
+        n_boot = min(len(r.boot_indices) for r in recs)
+        n_boot = min([n_boot] + [len(r.seed_boot_indices) for r in with_seed])
+        for rec in with_seed:
+            peers = [r for r in recs if r is not rec and _split_of(r.fold) == _split_of(rec.fold)]
+            seed_b = [_jac(rec.boot_indices[b], rec.seed_boot_indices[b]) for b in range(n_boot)]
+            cross_b = [_nanmean([_jac(rec.boot_indices[b], p.boot_indices[b]) for p in peers]) for b in range(n_boot)]
+            diff_b = [c - s for c, s in zip(cross_b, seed_b, strict=True)]
+            est_seed = _jac(rec.indices, rec.seed_indices)
+            est_cross = _nanmean([_jac(rec.indices, p.indices) for p in peers])
+            diff = (est_cross - est_seed, *_percentile(diff_b))
+            n_used = sum(np.isfinite(d) for d in diff_b)
+            out.append(SeedNullRow(arm, rec.fold, (est_seed, *_percentile(seed_b)), (est_cross, *_percentile(cross_b)),
+                                   diff, int(n_used), seed_null_verdict(diff)))
+            if np.isfinite(diff[0]):  # the overall row averages the folds where both Jaccards are defined
+                per_fold.append((seed_b, cross_b, diff_b))
+        rows = [r for r in out[-len(with_seed):] if np.isfinite(r.difference[0])]
+        overall = [[_mean_if_all([fold[k][b] for fold in per_fold]) for b in range(n_boot)] for k in range(3)]
+        seed = (_nanmean([r.seed[0] for r in rows]), *_percentile(overall[0]))
+        cross = (_nanmean([r.cross[0] for r in rows]), *_percentile(overall[1]))
+        diff = (_nanmean([r.difference[0] for r in rows]), *_percentile(overall[2]))
+        n_used = sum(np.isfinite(d) for d in overall[2])
+        out.append(SeedNullRow(arm, "overall", seed, cross, diff, int(n_used), seed_null_verdict(diff)))
     return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_encoder.evaluation.signature_records import ArmJaccard, SignatureRecord
+from wsi_encoder.evaluation.signature_records import ArmJaccard, SeedNullRow, SignatureRecord
 from wsi_encoder.io.files import atomic_write_figure, atomic_write_text
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _arm_summary(records: Sequence[SignatureRecord], jaccards: Sequence[ArmJacca
 def _fold_table(records: Sequence[SignatureRecord]) -> list[str]:
     lines = [
         "| arm | fold | size | L1-fit size | AUC full | AUC signature | AUC lasso | F1 full | F1 signature "
-        "| Brier full | Brier signature | ECE full | ECE signature | train / test samples | train / test patients |",
+        "| Brier full | Brier signature | ECE full | ECE signature | selection / test samples | selection / test patients |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -193,9 +193,9 @@ def _jaccard_interval(jac: ArmJaccard) -> str:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return " No bootstrap interval (`--bootstrap 0`, or too few resamples that every fold could select on)."
     return (
-        f" Over {len(jac.boot_means)} resamples of each fold's training patients (signatures re-selected from scratch), "
+        f" Over {len(jac.boot_means)} resamples of each fold's selection patients (signatures re-selected from scratch), "
         f"the mean Jaccard's 95% percentile interval is [{_num(lo)}, {_num(hi)}]: how much of the value is the luck of "
-        "which patients trained, beside the uniform-random chance level above (a weak null: folds share training "
+        "which patients selected, beside the uniform-random chance level above (a weak null: folds share "
         "patients and the initial weights)."
     )
 
@@ -220,7 +220,7 @@ def _vs_full_table(records: Sequence[SignatureRecord]) -> list[str]:
         "(each with all of its images) for both models at once: AUC by BCa, Brier by BCa. An interval that includes 0 "
         "is no evidence that the signature loses (or gains) anything, not evidence that it does not.",
         "",
-        "| arm | fold | size [95% CI, training-patient bootstrap] | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
+        "| arm | fold | size [95% CI, selection-patient bootstrap] | ΔAUC [95% CI] | ΔBrier [95% CI] | test images / patients |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
@@ -267,6 +267,60 @@ def _jaccard_tables(
     return lines
 
 
+def _ci3(v: tuple[float, float, float], sign: bool = False) -> str:
+    fmt = "+.3f" if sign else ".3f"
+    est, lo, hi = v
+    if not np.isfinite(est):
+        return "n/a"
+    ci = f"{lo:{fmt}}, {hi:{fmt}}" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
+    return f"{est:{fmt}} [{ci}]"
+
+
+def _seed_null_section(records: Sequence[SignatureRecord], rows: Sequence[SeedNullRow], kind: str) -> list[str]:
+    """The seed-to-seed reference Jaccard beside the cross-magnification Jaccard, per fold and overall, in words."""
+    lines = [
+        "How stable would a signature be if nothing but the training seed changed? For each fold the same encoder "
+        "(same initial weights, same images, same roles) was trained again with a second seed, and its signature "
+        "selected by the same rule on the same selection images. The seed-to-seed Jaccard is the reference a "
+        "cross-magnification Jaccard must be read against; the uniform-random chance level is a far weaker null. "
+        "*Cross* is the mean Jaccard of the fold's signature with those of the other held-out magnifications of the "
+        "same patient split; the difference is cross − seed. Intervals: 95% percentiles over the selection-patient "
+        "bootstrap, paired (resample b re-selects both seeds and every fold on the same drawn patients).",
+        "",
+    ]
+    if kind != "lomo":
+        return [*lines, "Not computed: an embedding store has one frozen encoder, so there is no training seed to vary.", ""]
+    arms = list(dict.fromkeys(r.arm for r in records))
+    with_rows = {r.arm for r in rows}
+    missing = [a for a in arms if a not in with_rows]
+    if not rows:
+        return [
+            *lines,
+            "**The seed null was not computed**: the run has no second seed (no `seed_null/` folder). "
+            "`wsienc lomo --seed-null` on the same folder trains only the second seeds (the first ones are reused); "
+            "without it, nothing here says whether cross-magnification stability exceeds what the training seed "
+            "alone would leave.",
+            "",
+        ]
+    lines += [
+        "| arm | fold | seed-to-seed Jaccard [95% CI] | cross-magnification Jaccard [95% CI] | cross − seed [95% CI] | resamples | reading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.arm} | {'**overall**' if r.fold == 'overall' else r.fold} | {_ci3(r.seed)} | {_ci3(r.cross)} "
+        f"| {_ci3(r.difference, sign=True)} | {r.n_bootstrap} | {r.verdict} |"
+        for r in rows
+    ]
+    lines.append("")
+    for r in rows:
+        if r.fold == "overall":
+            lines.append(f"- **{r.arm}**, over its folds: {r.verdict}.")
+    if missing:
+        lines.append(f"- The seed null was not computed for {', '.join(f'`{a}`' for a in missing)} (no second seed).")
+    lines.append("")
+    return lines
+
+
 def _dimension_note(dims: Mapping[str, int]) -> list[str]:
     values = sorted(set(dims.values()))
     text = ", ".join(str(d) for d in values)
@@ -286,7 +340,7 @@ def _method(ctx: ReportContext) -> list[str]:
     if s.get("stability"):
         selection = (
             f"stability selection: the dimensions chosen in at least {s.get('stability_threshold')} of "
-            f"{s.get('stability')} L1 fits on random halves of the training patients (per class), at the "
+            f"{s.get('stability')} L1 fits on random halves of the selection patients (per class), at the "
             "cross-validated per-sample penalty"
         )
     else:
@@ -297,10 +351,22 @@ def _method(ctx: ReportContext) -> list[str]:
         else "the held-out log-loss of the L1 model"
     )
     positive = ctx.classes[1] if len(ctx.classes) == 2 else "class 1"
+    where = {
+        "val": "**Selection set: the fold's validation-role patients** (`splits.csv` role `val`): the encoder never "
+        "fitted their labels, so their embeddings show what it learned rather than what it memorised of its own "
+        "training patients. The signature, the penalty, both probes and the standardisation use only these images "
+        "(the per-fold table's *selection* samples and patients count them); test patients are only scored.",
+        "train": "**Selection set: every training-side image**"
+        + (" (`--select-on train`, a sensitivity analysis: the encoder fitted most of these labels, so a signature "
+           "selected on them can reflect memorised training patients)." if ctx.kind == "lomo" else
+           " of each fold (one frozen encoder that never saw these labels)."),
+    }[str(s.get("select_on", "train"))]
     return [
         "## Method",
         "",
-        "1. Each dimension is standardised with the fold's training mean and SD.",
+        where,
+        "",
+        "1. Each dimension is standardised with the selection set's mean and SD.",
         f"2. An L1-penalised logistic regression (scikit-learn, solver `{s.get('solver')}`) is fitted along "
         f"{s.get('n_lambdas')} per-sample penalties from the smallest that keeps every coefficient at zero down "
         f"to {s.get('lambda_ratio')} of it. The penalty is chosen by patient-grouped, class-stratified inner "
@@ -324,9 +390,17 @@ def _method(ctx: ReportContext) -> list[str]:
 
 
 def write_report(
-    out_dir: str | Path, records: Sequence[SignatureRecord], jaccards: Sequence[ArmJaccard], ctx: ReportContext
+    out_dir: str | Path,
+    records: Sequence[SignatureRecord],
+    jaccards: Sequence[ArmJaccard],
+    ctx: ReportContext,
+    seed_rows: Sequence[SeedNullRow] = (),
 ) -> list[Path]:
-    """Write ``jaccard_<arm>.png`` per arm, ``size_vs_auc.png`` and ``report.md``; return their paths."""
+    """Write ``jaccard_<arm>.png`` per arm, ``size_vs_auc.png`` and ``report.md``; return their paths.
+
+    ``seed_rows`` (:func:`~wsi_encoder.evaluation.signature_records.seed_null_rows`) fill the seed-null
+    section; without them it says the seed null was not computed.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -364,6 +438,7 @@ def write_report(
         lines += [f"- `{key}`: {reason}" for key, reason in ctx.failed.items()]
         lines.append("")
     lines += ["## Cross-fold reproducibility (Jaccard)", "", *_jaccard_tables(jaccards, heatmaps, {(r.arm, r.fold): r.size for r in records})]
+    lines += ["## Seed-to-seed reference Jaccard (the null that matters)", "", *_seed_null_section(records, seed_rows, ctx.kind)]
     lines += _method(ctx)
     lines += ["## For orientation", "", PAPER_REFERENCE, "", "Selected indices per fold: `signatures.json`.", ""]
     report = out / "report.md"

@@ -63,7 +63,7 @@ from wsi_encoder.io.files import atomic_write_bytes, atomic_write_json
 from wsi_encoder.models.checkpoint import read_checkpoint_config, training_record
 from wsi_encoder.models.encoders import Encoder, create_encoder, state_sha256
 from wsi_encoder.models.encoders.weights import BUNDLED_WEIGHTS_DIR
-from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
+from wsi_encoder.pipelines.lomo_config import ARMS, SEED_NULL_DIR, SEED_NULL_OFFSET, LomoConfig
 from wsi_encoder.pipelines.lomo_summary import (
     EventHandler,
     LomoEvent,
@@ -253,12 +253,13 @@ def check_backbone(config: LomoConfig, provenance: dict[str, Any]) -> list[str]:
     return lines
 
 
-#: Settings that change speed, not results: left out of the resume check.
-_SPEED_ONLY = ("workers",)
+#: Settings left out of the resume check: ``workers`` changes speed, not results; ``seed_null`` only adds
+#: the second-seed encoders (``seed_null/``) and leaves every other output as it is.
+_NOT_RESUME_CHECKED = ("workers", "seed_null")
 
 
 def _settings(config: LomoConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k not in _SPEED_ONLY}
+    return {k: v for k, v in asdict(config).items() if k not in _NOT_RESUME_CHECKED}
 
 
 def _check_resume(out_dir: Path, config: LomoConfig, filenames: Sequence[str] | None) -> dict[str, Any]:
@@ -529,6 +530,11 @@ def _run_split(
         "unreadable_images": ctx.failed,
         "n_images": len(filenames),
         "images_sha256": _names_sha(filenames),
+        "seed_null": {
+            "dir": SEED_NULL_DIR,
+            "training_seed": f"seed + held-out magnification + {SEED_NULL_OFFSET}",
+            "shared": "initial weights, images, roles, DCGAN images, domain-head initialisation",
+        } if config.seed_null else None,
     }
     if previous:
         cfg["arms"] = previous.get("arms", [])
@@ -570,8 +576,26 @@ def _run_split(
                 f"Brier {_f(metrics['brier'])}, F1 {_f(metrics['f1'])} (epoch {metrics['selected_epoch']} kept)",
             ),
         )
+    if config.seed_null:
+        _run_seed_null(ctx, jobs, out, tag)
     results = write_outputs(out, ctx.on_event)
     return LomoRun(out, results, skipped, trained, resumed, refused)
+
+
+def _run_seed_null(ctx: _Context, jobs: Sequence[tuple[LomoFold, str]], out: Path, tag: str) -> None:
+    """Every (fold, arm) of ``jobs`` again with its second training seed, into ``out/seed_null`` (resumable)."""
+    dest = out / SEED_NULL_DIR
+    for done_count, (fold, arm) in enumerate(jobs, start=1):
+        where = f"{tag}{arm} / {fold.held_out}X held out, second seed"
+        metrics_path = dest / "runs" / arm / f"heldout_{fold.held_out}" / "metrics.json"
+        if metrics_path.is_file() and (dest / "embeddings" / arm / f"heldout_{fold.held_out}.npz").is_file():
+            ctx.emit(LomoEvent("skip", arm, fold.held_out, done_count, len(jobs), message=f"{where}: already done, skipped"))
+            continue
+        ctx.emit(LomoEvent("start", arm, fold.held_out, done_count, len(jobs), message=f"{where} (seed null)"))
+        metrics = _run_arm(ctx, arm, fold, out, seed_null=True)
+        atomic_write_json(metrics_path, metrics)
+        ctx.emit(LomoEvent("done", arm, fold.held_out, done_count, len(jobs), values=metrics,
+                           message=f"{where}: AUC {_f(metrics['auc'])} (not part of results.csv)"))
 
 
 def _f(v: float) -> str:
@@ -595,9 +619,14 @@ def _make_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path, mags: list[int
     return BaselineArm()
 
 
-def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, Any]:
-    """Train one arm on one fold, save its embeddings and return its metrics."""
+def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path, seed_null: bool = False) -> dict[str, Any]:
+    """Train one arm on one fold, save its embeddings and return its metrics.
+
+    With ``seed_null`` the training seed is offset by :data:`SEED_NULL_OFFSET` and the embeddings go to
+    ``out/seed_null/``; everything else (initial weights, images, roles, DCGAN images) is the same.
+    """
     config, device = ctx.config, ctx.device
+    emb_root = out / SEED_NULL_DIR / "embeddings" if seed_null else out / "embeddings"
     assert ctx.init is not None
     spec = TrainSpec(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, selection=config.selection(arm),
@@ -621,16 +650,15 @@ def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, An
         ctx.emit(LomoEvent("epoch", arm, fold.held_out, epoch, epochs, stats,
                            f"  {arm} / {fold.held_out}X epoch {epoch}/{epochs}: {parts}"))
 
-    result = train_classifier(
-        model, data, spec, strategy, seed=config.seed + fold.held_out, device=device, on_epoch=epoch_cb
-    )
+    train_seed = config.seed + fold.held_out + (SEED_NULL_OFFSET if seed_null else 0)
+    result = train_classifier(model, data, spec, strategy, seed=train_seed, device=device, on_epoch=epoch_cb)
     side = sorted(fold.train + fold.val)
     bs = config.batch_size
     x_train, _ = embed(model, ctx.cache, ctx.rows(side), batch_size=bs, device=device)
     x_test, prob = embed(model, ctx.cache, ctx.rows(fold.test), batch_size=bs, device=device)
     x_probe, _ = embed(model, ctx.cache, ctx.rows(fold.probe_test), batch_size=bs, device=device)
     save_fold_embeddings(
-        out / "embeddings" / arm / f"heldout_{fold.held_out}.npz",
+        emb_root / arm / f"heldout_{fold.held_out}.npz",
         {
             "X_train": x_train,
             "y_train": ctx.labels(side),
@@ -660,6 +688,7 @@ def _run_arm(ctx: _Context, arm: str, fold: LomoFold, out: Path) -> dict[str, An
         **metrics,
         "selected_epoch": result.selected_epoch,
         "selection": result.selection,
+        "training_seed": train_seed,
         "grl_lambda": selected.get("lambda") if arm == "grl" else None,
         "steps": result.steps,
         "real_images_per_epoch": result.real_seen,

@@ -14,6 +14,10 @@ from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.io.breakhis import PATIENT_KEYS
 
 ARMS = ("baseline", "gan", "grl")
+#: Offset added to a fold's training seed for its second-seed encoder (``seed_null``).
+SEED_NULL_OFFSET = 1000
+#: Sub-folder of a patient split's folder holding the second-seed encoders' runs and embeddings.
+SEED_NULL_DIR = "seed_null"
 #: Epoch selection rules. ``last`` (the default, for every arm) keeps the final epoch's weights;
 #: ``best-val`` (a sensitivity analysis) the best validation epoch among those that end after the
 #: grl arm's λ ramp (:func:`wsi_encoder.models.grl.dann_ramp_end`), the same rule for every arm.
@@ -71,6 +75,12 @@ class LomoConfig:
     workers : int
         DataLoader processes reading the training batches (speed only: results are the same for any
         value, so a run may resume with another).
+    seed_null : bool
+        Train every arm × fold a second time with another training seed (batch order, augmentation;
+        the same initial weights, images, roles and DCGAN images) into ``seed_null/``: the seed-to-seed
+        reference that ``wsienc signatures`` reads beside the cross-magnification Jaccard. It adds
+        outputs without changing the others, so a finished run may resume with it to train only the
+        second seeds.
     """
 
     backbone: str = "resnet18"
@@ -98,6 +108,7 @@ class LomoConfig:
     n_bootstrap: int = 1000
     allow_contaminated_backbone: bool = False
     workers: int = 0
+    seed_null: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -25,7 +25,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +39,33 @@ from wsi_encoder.evaluation.lomo_outputs import load_fold_embeddings
 from wsi_encoder.evaluation.metrics import classification_metrics
 from wsi_encoder.evaluation.signature_records import (
     JACCARD_COLUMNS,
+    SEED_NULL_COLUMNS,
     SIGNATURE_COLUMNS,
+    SeedNullRow,
     SignatureRecord,
     arm_jaccards,
+    seed_null_rows,
 )
 from wsi_encoder.evaluation.signature_report import ReportContext, write_report
-from wsi_encoder.evaluation.signatures import SignatureSpec, evaluate_fold
+from wsi_encoder.evaluation.signatures import (
+    SignatureSpec,
+    bootstrap_signatures,
+    evaluate_fold,
+    select_signature,
+)
+from wsi_encoder.evaluation.splits import read_splits_csv
 from wsi_encoder.io.breakhis import patient_key
 from wsi_encoder.io.embedding_store import EmbeddingStore
 from wsi_encoder.io.files import atomic_write_text
 from wsi_encoder.io.labels import read_labels
+from wsi_encoder.pipelines.lomo_config import SEED_NULL_DIR
 
 logger = logging.getLogger(__name__)
 
 LOMO_KEYS = ("X_train", "y_train", "patient_train", "X_test", "y_test", "patient_test")
+#: Which LOMO images select the signature: ``val`` (default) the validation-role patients of ``splits.csv``,
+#: whose embeddings the encoder never fitted; ``train`` (sensitivity) every training-side image, the old rule.
+SELECT_ON = ("val", "train")
 _HELDOUT_RE = re.compile(r"^heldout_(\d+)\.npz$")
 
 
@@ -67,16 +80,19 @@ class FoldData:
     y_test: npt.NDArray[np.int64]
     patient_test: npt.NDArray[np.str_]
     prob_test: npt.NDArray[np.floating[Any]] | None = None
+    filename_train: npt.NDArray[np.str_] | None = None
 
 
 @dataclass(frozen=True)
 class FoldJob:
-    """One arm × fold to evaluate: how to load it and a fingerprint of its input."""
+    """One arm × fold to evaluate: how to load it (its selection set as the training side), a fingerprint
+    of its input, and how to load the same fold's second-seed encoder's embeddings (None: no seed null)."""
 
     arm: str
     fold: str
     load: Callable[[], FoldData] = field(compare=False)
     input_id: str = ""
+    load_seed: Callable[[], FoldData] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ class SignatureInputs:
     basis_note: str
     warnings: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
+    #: The images that select each fold's signature (:data:`SELECT_ON`; ``train`` for an embedding store).
+    select_on: str = "train"
 
 
 @dataclass(frozen=True)
@@ -111,8 +129,12 @@ def _fold_sort_key(name: str) -> tuple[int, str]:
     return (int(digits) if digits else 1 << 30, name)
 
 
-def _read_lomo_npz(path: Path) -> FoldData:
-    """Load and check one ``heldout_<m>.npz`` (no pickles)."""
+def _read_lomo_npz(path: Path, roles: Mapping[str, str] | None = None, splits: Path | None = None) -> FoldData:
+    """Load and check one ``heldout_<m>.npz`` (no pickles).
+
+    With ``roles`` (file name -> role in this fold, from ``splits``), the training side is cut to the
+    validation-role images: the selection set of ``--select-on val``.
+    """
     arrays = load_fold_embeddings(path, required=LOMO_KEYS)
     for side in ("train", "test"):
         x, y, g = arrays[f"X_{side}"], arrays[f"y_{side}"], arrays[f"patient_{side}"]
@@ -132,7 +154,8 @@ def _read_lomo_npz(path: Path) -> FoldData:
         prob = prob[:, -1] if prob.ndim == 2 else prob
         if prob.shape != (len(arrays["X_test"]),):
             prob = None
-    return FoldData(
+    names = arrays.get("filename_train")
+    data = FoldData(
         x_train=arrays["X_train"],
         y_train=arrays["y_train"].astype(np.int64),
         patient_train=_patients(arrays, "train"),
@@ -140,7 +163,49 @@ def _read_lomo_npz(path: Path) -> FoldData:
         y_test=arrays["y_test"].astype(np.int64),
         patient_test=_patients(arrays, "test"),
         prob_test=prob,
+        filename_train=None if names is None else names.astype(str),
     )
+    return data if roles is None else _validation_side(data, roles, path, splits)
+
+
+def _validation_side(data: FoldData, roles: Mapping[str, str], path: Path, splits: Path | None) -> FoldData:
+    """``data`` with its training side cut to the images whose role in ``splits.csv`` is ``val``."""
+    names = data.filename_train
+    if names is None or len(names) != len(data.y_train):
+        raise DatasetError(f"{path}: no filename_train array; --select-on val needs it to find the validation images")
+    found = [roles.get(str(n)) for n in names]
+    bad = [(str(n), r) for n, r in zip(names, found, strict=True) if r not in ("train", "val")]
+    if bad:
+        raise DatasetError(
+            f"{path}: training-side image {bad[0][0]} has role {bad[0][1]!r} in {splits} for this fold "
+            "(expected train or val); the npz and splits.csv are from different runs"
+        )
+    keep = np.array([r == "val" for r in found], dtype=bool)
+    classes = np.unique(data.y_train[keep]).tolist()
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{path}: the fold's validation patients in {splits} (the selection set of --select-on val) hold "
+            f"{'no image' if not classes else f'class {classes[0]} only'}; use --select-on train, or a run with a "
+            "larger --val-fraction"
+        )
+    return replace(
+        data, x_train=data.x_train[keep], y_train=data.y_train[keep], patient_train=data.patient_train[keep],
+        filename_train=names[keep],
+    )
+
+
+def _fold_roles(folder: Path) -> dict[int, dict[str, str]]:
+    """``held-out magnification -> {file name: role}`` from a LOMO folder's ``splits.csv``."""
+    path = folder / "splits.csv"
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: missing; --select-on val (the default) reads the validation patients from it "
+            "(use --select-on train for a folder without splits.csv)"
+        )
+    out: dict[int, dict[str, str]] = {}
+    for row in read_splits_csv(path):
+        out.setdefault(int(row["fold"]), {})[str(row["filename"])] = str(row["role"])
+    return out
 
 
 def _patients(arrays: Mapping[str, np.ndarray], side: str) -> npt.NDArray[np.str_]:
@@ -170,10 +235,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _lomo_jobs(
-    folder: Path, config: Mapping[str, Any], prefix: str = "", arm_suffix: str = ""
+    folder: Path, config: Mapping[str, Any], prefix: str = "", arm_suffix: str = "", select_on: str = "val"
 ) -> tuple[list[FoldJob], list[str]]:
-    """Fold jobs of one LOMO folder (arms in config order, then any other arm folder found)."""
+    """Fold jobs of one LOMO folder (arms in config order, then any other arm folder found).
+
+    A fold whose second-seed embeddings exist (``seed_null/embeddings/<arm>/heldout_<m>.npz``) gets a
+    ``load_seed``, cut to the same selection set.
+    """
     emb_root = folder / "embeddings"
+    has_files = emb_root.is_dir() and any(emb_root.glob("*/heldout_*.npz"))
+    roles = _fold_roles(folder) if select_on == "val" and has_files else None
     listed_arms = [str(a) for a in config.get("arms", [])]
     found_arms = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
     held_out = [int(m) for m in config.get("held_out", [])]
@@ -191,13 +262,22 @@ def _lomo_jobs(
                 notes.append(f"arm {arm!r}: {arm_dir / f'heldout_{mag}.npz'} is missing; that fold is left out")
         for mag in [m for m in held_out if m in files] + sorted(m for m in files if m not in held_out):
             path = files[mag]
-            stat = path.stat()
-            input_id = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-            load = functools.partial(_read_lomo_npz, path)
-            jobs.append(FoldJob(f"{arm}{arm_suffix}", f"{prefix}{mag}X", load, input_id))
+            fold_roles = None if roles is None else roles.get(mag, {})
+            load = functools.partial(_read_lomo_npz, path, fold_roles, folder / "splits.csv")
+            seed_path = folder / SEED_NULL_DIR / "embeddings" / arm / path.name
+            load_seed = None
+            if seed_path.is_file():
+                load_seed = functools.partial(_read_lomo_npz, seed_path, fold_roles, folder / "splits.csv")
+            input_id = ":".join([_file_id(path), select_on, _file_id(seed_path) if load_seed else "no-seed-null"])
+            jobs.append(FoldJob(f"{arm}{arm_suffix}", f"{prefix}{mag}X", load, input_id, load_seed))
     for m, reason in dict(config.get("skipped_held_out") or {}).items():
         notes.append(f"{folder}: `wsienc lomo` did not run the {m}X-held-out fold ({reason})")
     return jobs, notes
+
+
+def _file_id(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _lomo_leaves(
@@ -216,8 +296,11 @@ def _lomo_leaves(
     return out
 
 
-def load_lomo_inputs(src: str | Path) -> SignatureInputs:
+def load_lomo_inputs(src: str | Path, select_on: str = "val") -> SignatureInputs:
     """The folds of a ``wsienc lomo`` output folder (``config.json`` + ``embeddings/<arm>/heldout_<m>.npz``).
+
+    ``select_on="val"`` (default) gives each fold's validation-role images (``splits.csv``) as its
+    selection set; ``"train"`` every training-side image of the npz (fitting and validation patients).
 
     A run with patient folds (``config.json`` lists ``fold_dirs``) contributes the folds of every
     patient-fold folder, named ``<fold_dir>/<m>X``. A run with repeats (``repeat_dirs``) contributes
@@ -234,14 +317,14 @@ def load_lomo_inputs(src: str | Path) -> SignatureInputs:
     leaves = _lomo_leaves(src, config)
     if leaves[0][0] != src:
         for sub, sub_config, prefix, suffix in leaves:
-            sub_jobs, notes = _lomo_jobs(sub, sub_config, prefix=prefix, arm_suffix=suffix)
+            sub_jobs, notes = _lomo_jobs(sub, sub_config, prefix=prefix, arm_suffix=suffix, select_on=select_on)
             jobs += sub_jobs
             warnings += notes
             shared = shared and sub_config.get("shared_init") is True
             if not suffix:
                 inits.add(str(sub_config.get("init_sha256")))
     else:
-        jobs, warnings = _lomo_jobs(src, config)
+        jobs, warnings = _lomo_jobs(src, config, select_on=select_on)
     if not jobs:
         raise DatasetError(
             f"{src}: no embeddings/<arm>/heldout_<m>.npz files; run `wsienc lomo` (it saves them) or pass an "
@@ -279,7 +362,7 @@ def load_lomo_inputs(src: str | Path) -> SignatureInputs:
             + "; the folds' encoders may not share their initial weights, so the cross-fold Jaccard of raw "
             "dimension indices may be meaningless (near 0 by permutation symmetry alone)",
         )
-    return SignatureInputs("lomo", src, tuple(jobs), classes, basis, tuple(warnings), config)
+    return SignatureInputs("lomo", src, tuple(jobs), classes, basis, tuple(warnings), config, select_on)
 
 
 # ----------------------------------------------------------------------------- embedding stores
@@ -379,15 +462,27 @@ def load_inputs(
     seed: int = 0,
     positive_class: str | None = None,
     allow_missing: bool = False,
+    select_on: str | None = None,
 ) -> SignatureInputs:
-    """Recognise ``src`` (LOMO folder or embedding store) and list its folds."""
+    """Recognise ``src`` (LOMO folder or embedding store) and list its folds.
+
+    ``select_on`` (LOMO input only; default ``val``): see :data:`SELECT_ON`. An embedding store's folds
+    select on their training slides: its frozen encoder never fitted their labels.
+    """
     src = Path(src)
+    if select_on is not None and select_on not in SELECT_ON:
+        raise InvalidParameterError(f"--select-on {select_on!r}: choose {' or '.join(SELECT_ON)}")
     if not src.exists():
         raise StoreError(f"{src}: no such folder (expected a `wsienc lomo` output folder or an embedding store)")
     is_zarr = (src / "zarr.json").is_file()
     if is_zarr:
         if labels is None:
             raise InvalidParameterError(f"{src} is an embedding store: pass --labels CSV (slide_id,label,patient_id)")
+        if select_on == "val":
+            raise InvalidParameterError(
+                f"--select-on val applies to `wsienc lomo` folders; {src} is an embedding store (its folds select "
+                "on their training slides, which its frozen encoder never fitted)"
+            )
         return load_store_inputs(
             src, labels, 5 if n_folds is None else n_folds, seed=seed, positive_class=positive_class, allow_missing=allow_missing
         )
@@ -397,7 +492,7 @@ def load_inputs(
         raise StoreError(
             f"{src}: neither a `wsienc lomo` output folder (config.json, embeddings/) nor a zarr embedding store"
         )
-    return load_lomo_inputs(src)
+    return load_lomo_inputs(src, select_on or "val")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -435,10 +530,33 @@ def _fingerprint(job: FoldJob, spec: SignatureSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _seed_null(job: FoldJob, data: FoldData, spec: SignatureSpec) -> tuple[tuple[int, ...], tuple[tuple[int, ...] | None, ...]]:
+    """The signature of the fold's second-seed encoder, selected by the same rule on the same selection images,
+    and its bootstrap signatures (the same patient resamples as the first seed's: same patients, same seed)."""
+    assert job.load_seed is not None
+    other = job.load_seed()
+    same = (
+        other.filename_train is not None and data.filename_train is not None
+        and np.array_equal(other.filename_train, data.filename_train)
+        and np.array_equal(other.patient_train, data.patient_train) and np.array_equal(other.y_train, data.y_train)
+    )
+    if not same:
+        raise DatasetError(
+            f"{job.arm} / {job.fold}: the second-seed embeddings ({SEED_NULL_DIR}/) hold other selection images than "
+            "the first seed's; a seed null needs the same data and roles, only the seed differing"
+        )
+    selection = select_signature(other.x_train, other.y_train, other.patient_train, spec)
+    return selection.indices, bootstrap_signatures(np.asarray(other.x_train, dtype=np.float64), other.y_train, other.patient_train, spec)
+
+
 def _evaluate_job(job: FoldJob, spec: SignatureSpec) -> SignatureRecord:
     data = job.load()
     ev = evaluate_fold(data.x_train, data.y_train, data.patient_train, data.x_test, data.y_test, spec, groups_test=data.patient_test)
     where = f"{job.arm} / {job.fold}"
+    seed_indices: tuple[int, ...] | None = None
+    seed_boot: tuple[tuple[int, ...] | None, ...] = ()
+    if job.load_seed is not None:
+        seed_indices, seed_boot = _seed_null(job, data, spec)
     if len(np.unique(data.y_test)) < 2:
         logger.warning("%s: the test set holds one class only (%d images); AUC is undefined there", where, len(data.y_test))
     if ev.selection.at_path_end:
@@ -449,7 +567,13 @@ def _evaluate_job(job: FoldJob, spec: SignatureSpec) -> SignatureRecord:
     auc_network = float("nan")
     if data.prob_test is not None:
         auc_network = classification_metrics(data.y_test, data.prob_test)["auc"]
-    return SignatureRecord.from_evaluation(job.arm, job.fold, ev, auc_network)
+    record = SignatureRecord.from_evaluation(job.arm, job.fold, ev, auc_network)
+    return replace(
+        record,
+        selection_patients=tuple(sorted(set(data.patient_train.tolist()))),
+        seed_indices=seed_indices,
+        seed_boot_indices=seed_boot,
+    )
 
 
 def run_signatures(
@@ -461,6 +585,7 @@ def run_signatures(
     spec: SignatureSpec | None = None,
     positive_class: str | None = None,
     allow_missing: bool = False,
+    select_on: str | None = None,
     iterate: Callable[[Sequence[FoldJob]], Iterable[FoldJob]] = iter,
 ) -> SignatureRun:
     """Signatures of every arm × fold of ``src``; writes the CSVs, JSON, PNGs and ``report.md`` in ``out_dir``.
@@ -477,6 +602,10 @@ def run_signatures(
         Selection settings (its ``seed`` also seeds the store folds).
     positive_class, allow_missing
         For store input: the class taken as positive, and whether to skip slides missing from either side.
+    select_on
+        LOMO input: ``val`` (default; the validation-role patients of ``splits.csv``) or ``train`` (every
+        training-side image, a sensitivity analysis): the images whose embeddings select the signature
+        and fit the full and signature probes. Store input: always its training folds.
     iterate
         Wraps the list of fold jobs (the CLI passes a progress bar).
 
@@ -488,7 +617,9 @@ def run_signatures(
     """
     spec = (spec or SignatureSpec()).validate()
     out = Path(out_dir)
-    inputs = load_inputs(src, labels, n_folds, seed=spec.seed, positive_class=positive_class, allow_missing=allow_missing)
+    inputs = load_inputs(
+        src, labels, n_folds, seed=spec.seed, positive_class=positive_class, allow_missing=allow_missing, select_on=select_on
+    )
     for message in inputs.warnings:
         logger.warning("%s", message)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,18 +652,34 @@ def run_signatures(
     return _write_outputs(out, inputs, records, failed, spec)
 
 
+def _seed_null_json(rows: Sequence[SeedNullRow]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{arm: {fold: {column: value}}}`` of the seed-null rows (nan as null)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        values = r.row()[2:]
+        out.setdefault(r.arm, {})[r.fold] = {
+            k: None if isinstance(v, float) and math.isnan(v) else v for k, v in zip(SEED_NULL_COLUMNS[2:], values, strict=True)
+        }
+    return out
+
+
 def _write_outputs(
     out: Path, inputs: SignatureInputs, records: list[SignatureRecord], failed: dict[str, str], spec: SignatureSpec
 ) -> SignatureRun:
     jaccards = arm_jaccards(records)
-    files = [out / "signatures.csv", out / "jaccard.csv", out / "signatures.json"]
+    seed_rows = seed_null_rows(records)
+    files = [out / "signatures.csv", out / "jaccard.csv", out / "seed_null.csv", out / "signatures.json"]
     atomic_write_text(files[0], _csv(SIGNATURE_COLUMNS, [list(r.row().values()) for r in records]))
     atomic_write_text(files[1], _csv(JACCARD_COLUMNS, [[j.arm, *pair] for j in jaccards for pair in j.pairs()]))
+    atomic_write_text(files[2], _csv(SEED_NULL_COLUMNS, [r.row() for r in seed_rows]))
+    settings = {**spec.to_dict(), "select_on": inputs.select_on}
     payload = {
         "source": str(inputs.source.resolve()),
         "kind": inputs.kind,
         "classes": list(inputs.classes),
-        "settings": spec.to_dict(),
+        "settings": settings,
+        "select_on": inputs.select_on,
+        "seed_null": _seed_null_json(seed_rows),
         "wsi_encoder_version": __version__,
         "basis": inputs.basis_note,
         "warnings": list(inputs.warnings),
@@ -557,7 +704,7 @@ def _write_outputs(
             for j in jaccards
         },
     }
-    atomic_write_text(files[2], json.dumps(payload, indent=1))
+    atomic_write_text(files[3], json.dumps(payload, indent=1))
     context = ReportContext(
         source=str(inputs.source),
         kind=inputs.kind,
@@ -565,7 +712,7 @@ def _write_outputs(
         basis_note=inputs.basis_note,
         warnings=inputs.warnings,
         failed=dict(failed),
-        settings=spec.to_dict(),
+        settings=settings,
     )
-    files += write_report(out, records, jaccards, context)
+    files += write_report(out, records, jaccards, context, seed_rows)
     return SignatureRun(out, tuple(records), failed, tuple(files), inputs.warnings)
