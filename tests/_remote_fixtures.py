@@ -72,7 +72,7 @@ def upload(s3_url: str, local: Path, key: str) -> str:
 
     fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     url = f"{s3_url}/{key}"
-    fs.put(str(local), url)
+    fs.pipe(url, local.read_bytes())  # bytes, not fs.put: put leaves the local file open (a ResourceWarning)
     return url
 
 

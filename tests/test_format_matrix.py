@@ -128,7 +128,8 @@ def _qptiff(path: Path) -> Path:
         for c, name in enumerate(("DAPI", "FITC", "Cy5")):
             tif.write(np.full((512, 512), 40 * c, np.uint8), tile=(256, 256), description=desc.format(name),
                       photometric="minisblack", metadata=None, software="PerkinElmer-QPI")
-    assert tifffile.TiffFile(path).is_qpi
+    with tifffile.TiffFile(path) as written:
+        assert written.is_qpi
     return path
 
 
