@@ -214,6 +214,28 @@ def test_encode_tiles_checks_the_tile_count(nic_model: tuple[torch.nn.Module, ni
         nic.encode_tiles(model, [tiles], n_tiles=3, embedding_dim=128, batch_size=0, out_size=128, device=torch.device("cpu"))
 
 
+def test_reused_batch_buffers_never_hand_a_batch_the_pixels_of_another() -> None:
+    """The CPU feed converts batches into reused buffers while the model runs: a slow model whose output is a
+    view of its input (copied out before its buffer is reused) still gets every tile's own pixels."""
+    import time
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (7, 16, 3, 16, 16, 1, 9)]
+    seen: list[int] = []
+
+    def viewing_model(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.005)  # the producer threads run ahead into other buffers
+        seen.append(x.data_ptr())
+        return x[:, :, 0, :2].reshape(x.shape[0], -1)  # a view into the batch's buffer
+
+    got = nic.encode_tiles(viewing_model, blocks, n_tiles=68, embedding_dim=6, batch_size=4, out_size=8,
+                           device=torch.device("cpu"))  # fmt: skip
+    tiles = np.concatenate(blocks)
+    expected = (tiles[:, 0, :2, :].transpose(0, 2, 1).astype(np.float32) / np.float32(255)).reshape(68, 6)
+    np.testing.assert_array_equal(got, expected)
+    assert len(set(seen)) < len(seen)  # buffers were reused (fewer buffers than batches)
+
+
 def test_tiles_to_tensor_values_are_torchvisions_to_tensor_bit_for_bit() -> None:
     from torchvision.transforms.functional import to_tensor
 

@@ -15,6 +15,7 @@ batch decoded while the current one runs, and grid assembly. Reading and writing
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -262,6 +263,7 @@ def tiles_to_tensor(
     interpolation: str = "bilinear",
     crop: str | None = None,
     crop_fraction: float = 1.0,
+    host_buffer: npt.NDArray[np.float32] | None = None,
 ) -> torch.Tensor:
     """uint8 ``(B, T, T, 3)`` tiles → float ``(B, 3, S, S)`` in [0, 1] on ``device``, S = ``out_size``.
 
@@ -275,6 +277,11 @@ def tiles_to_tensor(
     Resizing is ``torch.nn.functional.interpolate`` with ``interpolation`` (``bilinear`` or ``bicubic``)
     and antialiasing, which is what torchvision's ``Resize`` does on float tensors; the result is
     clamped to [0, 1], as a resize of 8-bit images (PIL, which the cards' transforms use) is.
+
+    ``host_buffer`` (CPU only): a float32 array of the tiles' shape that receives the converted pixels
+    (the result may be a view of it). A batch of 64 tiles of 224 px is 38 MB of float32: above glibc's
+    largest mmap threshold, so a fresh array is mapped and zero-filled by the kernel every batch, which
+    costs as much as the conversion itself.
     """
     if interpolation not in ("bilinear", "bicubic"):
         raise InvalidParameterError(f"interpolation {interpolation!r} must be 'bilinear' or 'bicubic'")
@@ -284,7 +291,8 @@ def tiles_to_tensor(
         x = torch.from_numpy(np.ascontiguousarray(tiles)).pin_memory().to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
     else:  # numpy's one-pass uint8 -> float32 division: the same values as torch's, 3x cheaper on the CPU
-        x = torch.from_numpy(np.divide(tiles, np.float32(255.0), dtype=np.float32)).permute(0, 3, 1, 2).to(device)
+        scaled = np.divide(tiles, np.float32(255.0), dtype=np.float32, out=host_buffer)
+        x = torch.from_numpy(scaled).permute(0, 3, 1, 2).to(device)
     h, w = x.shape[-2:]
     if crop is None:
         size = (out_size, out_size)
@@ -378,20 +386,38 @@ def encode_tiles(
     if batch_size < 1:
         raise InvalidParameterError(f"batch size {batch_size!r} must be at least 1")
     out = np.empty((n_tiles, embedding_dim), dtype=np.float32)
+    # On the CPU, converted batches go into reused float32 buffers (see tiles_to_tensor's host_buffer):
+    # the caller hands each back once the model's output is copied out; one is made whenever none is free.
+    free: queue.SimpleQueue[npt.NDArray[np.float32]] = queue.SimpleQueue()
 
-    def batches() -> Iterator[torch.Tensor]:
+    def host_buffer(tiles: TileBatch) -> npt.NDArray[np.float32] | None:
+        if device.type != "cpu":
+            return None
+        shape = (batch_size, *tiles.shape[1:])
+        try:
+            buffer = free.get_nowait()
+        except queue.Empty:
+            buffer = np.empty(shape, dtype=np.float32)
+        if buffer.shape != shape:  # another tile size: a buffer of its own
+            buffer = np.empty(shape, dtype=np.float32)
+        return buffer
+
+    def batches() -> Iterator[tuple[torch.Tensor, npt.NDArray[np.float32] | None]]:
         # A three-stage pipeline: one thread decodes the next blocks, a second turns them into model
         # input (on CUDA: pinned, copied non_blocking, converted on the device), the caller runs the model.
         for block in prefetch(blocks):
             for a in range(0, block.shape[0], batch_size):
-                yield tiles_to_tensor(
-                    block[a : a + batch_size], device, out_size,
-                    interpolation=interpolation, crop=crop, crop_fraction=crop_fraction,
+                tiles = block[a : a + batch_size]
+                buffer = host_buffer(tiles)
+                x = tiles_to_tensor(
+                    tiles, device, out_size, interpolation=interpolation, crop=crop, crop_fraction=crop_fraction,
+                    host_buffer=None if buffer is None else buffer[: tiles.shape[0]],
                 )  # fmt: skip
+                yield x, buffer
 
     pos = 0
     with torch.inference_mode():
-        for x in prefetch(batches()):
+        for x, buffer in prefetch(batches()):
             feats = model(x)
             if feats.ndim != 2 or feats.shape[1] != embedding_dim:
                 raise StoreError(f"encoder returned shape {tuple(feats.shape)}, expected (batch, {embedding_dim})")
@@ -399,9 +425,12 @@ def encode_tiles(
             if b > n_tiles:
                 raise StoreError(f"more tiles than the {n_tiles} expected")
             out[pos:b] = feats.float().cpu().numpy()
-            pos = b
+            del x, feats  # nothing of this batch is referenced now: its buffer may take the next one
+            if buffer is not None:
+                free.put(buffer)
             if progress is not None:
-                progress(x.shape[0])
+                progress(b - pos)
+            pos = b
     if pos != n_tiles:
         raise StoreError(f"read {pos} tiles, expected {n_tiles}")
     return out
