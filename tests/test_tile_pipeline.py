@@ -172,8 +172,10 @@ def test_a_locked_store_is_refused(synthetic_slide: Path, tmp_path: Path) -> Non
 def test_leftover_temporaries_of_a_killed_run_are_cleaned_before_resuming(synthetic_slide: Path, tmp_path: Path) -> None:
     out = tmp_path / "z.zarr"
     tile_cohort([synthetic_slide], out, TileSpec(0.5, 224), codec="zstd", workers=1)
-    chunk_dir = out / "synthetic" / "tiles" / "c"
-    leftovers = [chunk_dir / ".0.0123456789ab.tmp", chunk_dir / "0.partial"]  # atomic_path's and zarr's
+    chunk_dir = out / "synthetic" / "tiles"  # chunk files side by side (c.<i>.0.0.0)
+    nested = out / "synthetic" / "chunks_done" / "c"  # and a nested key folder
+    leftovers = [chunk_dir / ".c.0.0.0.0.0123456789ab.tmp", chunk_dir / "c.0.0.0.0.partial",  # atomic_path's, zarr's
+                 nested / ".0.0123456789ab.tmp"]  # fmt: skip
     for path in leftovers:
         path.write_bytes(b"half")
     clean_slide_leftovers(out, "synthetic")
