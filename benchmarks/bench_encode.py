@@ -122,7 +122,7 @@ def bench_one(name: str, args: argparse.Namespace, work: Path) -> float:
     folder = work / name
     folder.mkdir()
     store = make_store(folder, tiles, tile, args.codec)
-    pixels = np.asarray(zarr.open_group(str(store / "bench"), mode="r")["tiles"][:])
+    pixels = np.asarray(zarr.open_array(str(store / "bench" / "tiles"), mode="r")[:])
     batches = [
         torch.from_numpy(pixels[i : i + args.batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
         for i in range(0, tiles, args.batch_size)
@@ -191,7 +191,7 @@ def _decode_bound(store: Path, threads: int) -> float:
 
     from wsi_encoder.io.jpeg_codec import _index_size, _parse_index
 
-    tiles = zarr.open_group(str(store / "bench"), mode="r")["tiles"]
+    tiles = zarr.open_array(str(store / "bench" / "tiles"), mode="r")
     rows = int(tiles.chunks[0])
     jpegs: list[bytes] = []
     for index in range(-(-tiles.shape[0] // rows)):
