@@ -13,6 +13,7 @@ per-process cache dask workers use).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -554,6 +555,12 @@ class TiffSlideReader(SlideReader):
 
     def close(self) -> None:
         self._slide.close()
+
+    def __del__(self) -> None:
+        # A reader dropped from get_reader's cache is not closed there (another thread may still read it):
+        # its file closes when the last reference goes, not at interpreter exit with a ResourceWarning.
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def check_pixel_format(path: Path | str, tif: Any = None) -> None:
