@@ -553,7 +553,8 @@ def test_resnet_entry_equals_torchvision(name: str, real_tiles: np.ndarray, tmp_
 #
 # The official construction (github.com/Xiyue-Wang/TransPath ctran.py, get_features_CTransPath.py):
 #     model = timm.create_model('swin_tiny_patch4_window7_224', embed_layer=ConvStem, pretrained=False)
-#     model.head = nn.Identity(); model.load_state_dict(torch.load('ctranspath.pth')['model'], strict=True)
+#     model.head = nn.Identity(); model.load_state_dict(<ctranspath.pth>['model'], strict=True)
+#     (their script calls torch.load on the file; the test writes and reads it with weights_only=True)
 # on TransPath's timm 0.5.4 fork (a tarball in the repository; 0.5.4's SwinTransformer with an `embed_layer`
 # argument), which is neither on PyPI nor installable beside timm 1.x. Below: ConvStem as TransPath wrote it and
 # timm 0.5.4's WindowAttention / SwinTransformerBlock / PatchMerging / BasicLayer / SwinTransformer as 0.5.4 wrote
