@@ -133,3 +133,39 @@ def test_a_field_of_tissue_without_glass_is_not_split_in_two(breakhis_dirs: list
             fractions[path.name] = detect_tissue(image).fraction
     assert len(fractions) == 58
     assert min(fractions.values()) > 0.3, sorted(fractions.items(), key=lambda kv: kv[1])[:3]
+
+
+def test_ink_hue_is_tested_wherever_it_could_make_ink() -> None:
+    # ink_mask computes the hue only where it can matter; a colour cube (every channel in steps of 5,
+    # ties between channels included) must give exactly what the hue of every pixel gives.
+    from skimage.color import rgb2hsv
+
+    levels = np.arange(0, 256, 5, dtype=np.float32) / 255
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(1, -1, 3)
+    hsv = rgb2hsv(cube)[0]
+    hue, sat, value = hsv[:, 0] * 360, hsv[:, 1], hsv[:, 2]
+    blue = (hue >= 165) & (hue < 235) & (sat > 0.55)
+    green = (hue >= 75) & (hue < 165)
+    expected = ((value < 0.25) & (sat < 0.4)) | ((sat > 0.2) & (blue | green))
+    got = ink_mask(cube)[0]
+    assert expected.sum() > 1000
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_ink_is_grown_around_every_stroke_as_over_the_whole_picture() -> None:
+    # The ink dilation runs on the box around the ink only; it must equal dilating the whole picture,
+    # strokes at the edges and corners included.
+    from skimage.morphology import dilation, disk
+
+    from wsi_encoder.tissue import _dilate_where_set
+
+    rng = np.random.default_rng(3)
+    for case in range(30):
+        mask = np.zeros((40, 60), dtype=bool)
+        for _ in range(case % 4):
+            y, x = rng.integers(0, 40), rng.integers(0, 60)
+            mask[y : y + rng.integers(1, 4), x : x + rng.integers(1, 9)] = True
+        if case % 5 == 0:
+            mask[0, 0] = mask[-1, -1] = True
+        for radius in (1, 2, 3):
+            np.testing.assert_array_equal(_dilate_where_set(mask, radius), dilation(mask, disk(radius)))
