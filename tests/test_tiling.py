@@ -190,3 +190,53 @@ def test_tiles_decoded_into_the_chunk_equal_the_region_path(
         reader.read_level_into(0, width - 20, height - 10, out, fill=fill)
         np.testing.assert_array_equal(out, reader.read_level(0, width - 20, height - 10, 50, 30, fill=fill))
     reader.close()
+
+
+@pytest.mark.parametrize("name", ["synthetic", "cmu"])
+def test_grid_tiles_on_the_files_tiles_are_decoded_straight_into_the_output(
+    name: str, synthetic_slide: Path, cmu_svs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid whose tiles are the file's JPEG tiles is decoded into the output tiles (no second copy), with
+    tiffslide's and OpenSlide's pixels; a decode whose colours differed from tifffile's is not used."""
+    import imagecodecs
+
+    path = {"synthetic": synthetic_slide, "cmu": cmu_svs}[name]
+    reader = open_slide(path)
+    decoder = reader.fast_decoder()
+    assert isinstance(decoder, TiffTileDecoder)
+    size = decoder._levels[0].chunk_w
+    grid = plan_grid(reader, TileSpec(reader.require_mpp(), size))
+    rowcol = np.array([[r, c] for r in range(grid.rows) for c in range(grid.cols)])
+    calls: list[bool] = []
+    original = imagecodecs.jpeg_decode
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("out") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(imagecodecs, "jpeg_decode", spy)
+    tiles = read_tiles(reader, grid, rowcol)
+    inside = grid.inside_fractions(rowcol) == 1.0
+    assert sum(calls) >= inside.sum() > 0  # every whole tile went straight into its output tile
+    with open_slide(path, "openslide") as reference:
+        for tile, (x, y), whole in zip(tiles, grid.coords_l0(rowcol), inside, strict=True):
+            if whole:
+                np.testing.assert_array_equal(tile, reader.read_region((int(x), int(y)), 0, (size, size)))
+                np.testing.assert_array_equal(tile, reference.read_region((int(x), int(y)), 0, (size, size)))
+    # A level whose direct decode differs from tifffile's (here: one pixel off) is copied instead.
+    reader.close()
+
+    def off_by_one(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        if kwargs.get("out") is not None:
+            kwargs["out"][0, 0, 0] ^= 1  # type: ignore[index]
+        return result
+
+    monkeypatch.setattr(imagecodecs, "jpeg_decode", off_by_one)
+    fresh = TiffTileDecoder(path, 0, reader.level_dimensions)
+    assert fresh._levels[0].jpeg is not None
+    out = np.zeros((size, size, 3), np.uint8)
+    fresh.read(0, size, 0, size, size, out=out)
+    np.testing.assert_array_equal(out, tiles[1])
+    assert fresh._levels[0].jpeg is None
+    fresh.close()

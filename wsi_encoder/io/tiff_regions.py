@@ -6,6 +6,8 @@ so several worker threads of one process queue behind each other. :class:`TiffTi
 reads the TIFF tiles (or strips) a region touches with ``os.pread`` and decodes each with tifffile's
 own decoder for the page (imagecodecs; the GIL is released while decoding), which gives exactly the
 pixels tiffslide returns -- and, for the Aperio and generic TIFF files we test, exactly OpenSlide's.
+A region that is exactly one JPEG tile of the file, asked for into a contiguous buffer (a grid tile
+on a grid that lines up with the file's tiles), is decoded straight into that buffer: no second copy.
 
 Only :class:`wsi_encoder.io.slides.TiffSlideReader` uses it (through :func:`cached_decoder`), inside
 :meth:`~wsi_encoder.io.slides.SlideReader.read_level`; nothing else reads tiles this way.
@@ -49,6 +51,25 @@ class _Level:
             self.decodeargs["jpegtables"] = page.jpegtables
         if getattr(keyframe, "jpegheader", None) is not None:
             self.decodeargs["jpegheader"] = keyframe.jpegheader
+        #: imagecodecs.jpeg_decode's arguments for one whole tile, as tifffile's own JPEG decoder passes
+        #: them (its colour spaces for the page), or None when the level is not 8-bit RGB JPEG.
+        self.jpeg: dict[str, Any] | None = None
+        #: Whether decoding into a buffer gave tifffile's pixels (checked on the level's first such tile).
+        self.jpeg_checked = False
+        if page.compression == 7 and self.samples == 3 and page.bitspersample == 8:
+            from tifffile.tifffile import jpeg_decode_colorspace
+
+            colorspace, outcolorspace = jpeg_decode_colorspace(
+                page.photometric, page.planarconfig, page.extrasamples, page.is_jfif
+            )
+            self.jpeg = {
+                "tables": page.jpegtables,
+                "header": getattr(keyframe, "jpegheader", None),
+                "colorspace": colorspace,
+                "outcolorspace": outcolorspace,
+                "shape": (self.chunk_h, self.chunk_w),
+                "bitspersample": 8,
+            }
 
 
 class TiffTileDecoder:
@@ -133,6 +154,16 @@ class TiffTileDecoder:
         inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
         if out is None:
             out = np.empty((height, width, 3), dtype=np.uint8)
+        elif (
+            inside
+            and lv.jpeg is not None
+            and (width, height) == (lv.chunk_w, lv.chunk_h)
+            and x % lv.chunk_w == 0
+            and y % lv.chunk_h == 0
+            and out.flags.c_contiguous
+            and self._decode_jpeg_into(lv, (y // lv.chunk_h) * lv.cols + x // lv.chunk_w, out)
+        ):
+            return out
         if not inside:
             out[...] = 255
         if x1 <= x0 or y1 <= y0:
@@ -162,6 +193,29 @@ class TiffTileDecoder:
                 while self._cache_bytes > self._cache_limit and self._cache:
                     self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
+
+    def _decode_jpeg_into(self, lv: _Level, index: int, out: RGBArray) -> bool:
+        """Decode JPEG tile ``index`` of ``lv`` straight into ``out``; False when it cannot be (a sparse tile,
+        a JPEG that is not the tile's size, a decode that fails) or the level's first such decode differed
+        from tifffile's: the caller then takes the copying path, which reports a corrupt tile."""
+        assert lv.jpeg is not None
+        count = int(lv.counts[index])
+        if count == 0:
+            return False
+        data = os.pread(self._fd, count, int(lv.offsets[index]))
+        import imagecodecs
+
+        try:
+            imagecodecs.jpeg_decode(data, out=out, **lv.jpeg)
+        except Exception:
+            return False
+        if not lv.jpeg_checked:
+            if not np.array_equal(out, self._decode(lv, index)):
+                logger.debug("%s: decoding JPEG tiles into the output differs from tifffile's; copying instead", self.path)
+                lv.jpeg = None
+                return False
+            lv.jpeg_checked = True
+        return True
 
     def _decode(self, lv: _Level, index: int) -> RGBArray:
         count = int(lv.counts[index])
