@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsi_encoder.cli import hoist_verbosity_flags, main
-from wsi_encoder.errors import InvalidParameterError
+from wsi_encoder.errors import InvalidParameterError, StoreError
 from wsi_encoder.io.patch_store import open_patch_store
 from wsi_encoder.io.slides import open_slide
 from wsi_encoder.pipelines.encode_store import _SlideTiles, encode_store
@@ -351,3 +351,37 @@ def test_real_fluorescence_ndpi_is_dark_field(ndpi_slide: Path, tmp_path: Path) 
     slide = open_patch_store(tmp_path / "f.zarr")[ndpi_slide.stem]
     assert slide.attrs["tissue_method"] == TISSUE_METHOD_DARKFIELD and slide.attrs["fill"] == 0
     assert slide.attrs["mpp_source"] == "metadata" and slide.attrs["slide_mpp"] == pytest.approx(0.228, abs=1e-3)
+
+
+@pytest.mark.parametrize("flat_keys", [True, False])
+def test_jpeg_rows_read_directly_are_what_zarr_reads(tmp_path: Path, flat_keys: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_tile_rows gives zarr's pixels for any row range (across chunks, the partial last chunk, a chunk
+    never written) on both chunk-key layouts, without zarr's codec; other stores go through zarr."""
+    from wsi_encoder.io.jpeg_codec import JpegTileCodec
+    from wsi_encoder.io.patch_store import _FLAT_KEYS, read_tile_rows
+
+    rng = np.random.default_rng(2)
+    data = np.clip(rng.normal(120, 40, (11, 24, 20, 3)), 0, 255).astype(np.uint8)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    tiles = group.create_array(
+        "tiles", shape=data.shape, dtype=np.uint8, chunks=(4, 24, 20, 3), serializer=JpegTileCodec(quality=90),
+        compressors=None, fill_value=0, **({"chunk_key_encoding": _FLAT_KEYS} if flat_keys else {}),
+    )  # fmt: skip
+    tiles[:8] = data[:8]
+    tiles[8:] = data[8:]
+    (tmp_path / "s.zarr" / "tiles" / tiles.metadata.encode_chunk_key((1, 0, 0, 0))).unlink()  # never written
+    expected = tiles[:]
+    assert not expected[4:8].any()
+    monkeypatch.setattr(JpegTileCodec, "_decode_sync", lambda *a: pytest.fail("decoded through zarr"))
+    for start, stop in ((0, 11), (0, 4), (3, 9), (5, 6), (9, 11), (10, 11), (7, 7)):
+        np.testing.assert_array_equal(read_tile_rows(tiles, start, stop), expected[start:stop])
+    with pytest.raises(StoreError, match=r"rows 5\.\.12"):
+        read_tile_rows(tiles, 5, 12)
+    last = tmp_path / "s.zarr" / "tiles" / tiles.metadata.encode_chunk_key((2, 0, 0, 0))
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])  # a truncated file is named
+    with pytest.raises(StoreError, match="cut short"):
+        read_tile_rows(tiles, 9, 11)
+    monkeypatch.undo()
+    memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    other = memory.create_array("tiles", data=data, chunks=(4, 24, 20, 3), serializer=JpegTileCodec(quality=90), compressors=None)
+    np.testing.assert_array_equal(read_tile_rows(other, 2, 9), other[2:9])

@@ -287,3 +287,33 @@ def test_jpeg_codec_metadata_and_refusals(tmp_path: Path) -> None:
         JpegTileCodec(quality=0)
     with pytest.raises(InvalidParameterError, match="uint8"):
         group.create_array("f", shape=(2, 8, 8, 3), dtype="float32", chunks=(1, 8, 8, 3), serializer=JpegTileCodec(), compressors=None)
+
+
+def test_jpeg_chunks_decode_to_each_tiles_own_jpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole and partial chunk reads give, tile by tile, what decoding that tile's JPEG on its own gives
+    (RGB tiles are decoded straight into the chunk; greyscale ones through a copy)."""
+    import imagecodecs
+
+    from wsi_encoder.io.jpeg_codec import _index_size, _parse_index
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:48, 0:40]
+    data = np.stack([(np.stack([yy * 5, xx * 6, (yy + xx) * 2], -1) + rng.integers(0, 40, (48, 40, 3))) % 256 for _ in range(7)])
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    tiles = group.create_array(
+        "tiles", shape=data.shape, dtype="uint8", chunks=(4, 48, 40, 3), serializer=JpegTileCodec(quality=80), compressors=None
+    )
+    tiles[:] = data.astype(np.uint8)
+    reference = []
+    for index in range(2):
+        chunk = (tmp_path / "c.zarr" / "tiles" / "c" / str(index) / "0" / "0" / "0").read_bytes()
+        offsets = _parse_index(chunk, 4, "test")
+        body = chunk[_index_size(4) :]
+        reference += [imagecodecs.jpeg8_decode(body[int(offsets[k]) : int(offsets[k + 1])]) for k in range(4)]
+    into: list[bool] = []
+    original = imagecodecs.jpeg8_decode
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda *a, **k: into.append("out" in k) or original(*a, **k))
+    np.testing.assert_array_equal(tiles[:], np.stack(reference[:7]))
+    np.testing.assert_array_equal(tiles[5:6], reference[5][None])
+    np.testing.assert_array_equal(tiles[1:3, 10:20], np.stack(reference[1:3])[:, 10:20])
+    assert into and all(into)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -134,11 +135,8 @@ class JpegTileCodec(ArrayBytesCodecPartialDecodeMixin, ArrayBytesCodec):
         data = chunk_bytes.as_numpy_array().tobytes()
         lead, _ = split_tile_shape(chunk_spec.shape)
         n_tiles = int(np.prod(lead, dtype=np.int64))
-        offsets = _parse_index(data, n_tiles, "chunk")
         out = np.empty(chunk_spec.shape, dtype=np.uint8)
-        flat = out.reshape((n_tiles, *out.shape[len(lead) :]))
-        body = memoryview(data)[_index_size(n_tiles) :]
-        _decode_into(flat, range(n_tiles), body, offsets, 0)
+        decode_jpeg_chunk_into(data, n_tiles, 0, out.reshape((n_tiles, *out.shape[len(lead) :])), "chunk")
         return chunk_spec.prototype.nd_buffer.from_numpy_array(out)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
@@ -208,15 +206,67 @@ def encode_jpeg_chunk(array: npt.NDArray[np.uint8], quality: int, n_tiles: int |
     return b"".join([_MAGIC, offsets.tobytes(), *encoded])
 
 
-def _decode_into(
-    flat: npt.NDArray[np.uint8], wanted: Iterable[int], body: memoryview, offsets: npt.NDArray[np.uint64], base: int
+def decode_jpeg_chunk_into(
+    data: bytes | memoryview, n_tiles: int, first: int, out: npt.NDArray[np.uint8], where: str
 ) -> None:
+    """Decode tiles ``first, first + 1, ...`` of a chunk's bytes (the layout in the module docstring, ``n_tiles``
+    JPEGs) into ``out``, one tile per row of ``out``.
+
+    Raises
+    ------
+    StoreError
+        ``data`` is not such a chunk, or holds fewer tiles.
+    """
+    offsets = _parse_index(data, n_tiles, where)
+    _check_rows(first, len(out), n_tiles, where)
+    body = memoryview(data)[_index_size(n_tiles) :]
+    _decode_into(out, range(first, first + len(out)), body, offsets, 0, first)
+
+
+def read_jpeg_chunk_file_into(path: str | Path, n_tiles: int, first: int, out: npt.NDArray[np.uint8]) -> None:
+    """:func:`decode_jpeg_chunk_into` for a chunk stored as a file: only its index and the wanted tiles' bytes are read."""
+    size = _index_size(n_tiles)
+    with open(path, "rb") as f:
+        offsets = _parse_index(f.read(size), n_tiles, str(path))
+        _check_rows(first, len(out), n_tiles, str(path))
+        if not len(out):
+            return
+        begin, end = int(offsets[first]), int(offsets[first + len(out)])
+        f.seek(size + begin)
+        body = f.read(end - begin)
+    if len(body) != end - begin:
+        raise StoreError(f"{path}: the JPEG tile chunk is cut short; re-run the tiling")
+    _decode_into(out, range(first, first + len(out)), memoryview(body), offsets, begin, first)
+
+
+def _check_rows(first: int, count: int, n_tiles: int, where: str) -> None:
+    if first < 0 or first + count > n_tiles:
+        raise StoreError(f"{where}: tiles {first}..{first + count - 1} asked of a chunk of {n_tiles}")
+
+
+def _decode_into(
+    flat: npt.NDArray[np.uint8],
+    wanted: Iterable[int],
+    body: memoryview,
+    offsets: npt.NDArray[np.uint64],
+    base: int,
+    first: int = 0,
+) -> None:
+    """Decode the ``wanted`` tiles of a chunk into ``flat[i - first]``: RGB tiles straight into their place (a
+    fresh array per tile would be mapped and zero-filled by the kernel: larger than glibc's mmap threshold)."""
     import imagecodecs
 
+    rgb = flat.ndim == 4 and flat.shape[-1] == 3 and flat.flags.c_contiguous
     for i in wanted:
         start, stop = int(offsets[i]) - base, int(offsets[i + 1]) - base
         tile = body[start:stop]  # a view, not a copy: imagecodecs takes any buffer (its stub says bytes)
-        flat[i] = np.asarray(imagecodecs.jpeg8_decode(tile)).reshape(flat.shape[1:])  # type: ignore[arg-type]
+        if rgb:
+            try:
+                imagecodecs.jpeg8_decode(tile, out=flat[i - first])  # type: ignore[arg-type]
+                continue
+            except Exception:  # not this tile's shape or colours: decode it on its own, as below
+                pass
+        flat[i - first] = np.asarray(imagecodecs.jpeg8_decode(tile)).reshape(flat.shape[1:])  # type: ignore[arg-type]
 
 
 def _selected_tiles(lead: tuple[int, ...], image_ndim: int, selection: SelectorTuple) -> npt.NDArray[np.intp]:

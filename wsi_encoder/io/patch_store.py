@@ -45,7 +45,7 @@ from zarr.storage import LocalStore
 
 from wsi_encoder.errors import StoreError
 from wsi_encoder.io.files import atomic_write_bytes
-from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk
+from wsi_encoder.io.jpeg_codec import JpegTileCodec, encode_jpeg_chunk, read_jpeg_chunk_file_into
 from wsi_encoder.io.urls import (
     check_bucket,
     describe_error,
@@ -321,6 +321,33 @@ def write_tile_chunk(tiles: zarr.Array, index: int, data: npt.NDArray[np.uint8])
     _write_chunk_bytes(tiles, index, b"".join([*frames, index_bytes, crc]))
 
 
+def read_tile_rows(tiles: zarr.Array, start: int, stop: int) -> npt.NDArray[np.uint8]:
+    """``tiles[start:stop]`` of a slide's ``tiles`` array as ``(stop - start, T, T, 3)`` uint8.
+
+    For the JPEG layout :func:`create_slide_group` makes on a local store, the chunk files are read (their
+    index and the wanted tiles' bytes) and decoded here, each tile straight into the result: the pixels
+    zarr gives, without its event-loop hop per read (which waits for the GIL behind busy decoding
+    threads) or its copy of each chunk. A chunk never written reads as zarr's fill value. Any other
+    layout or store is read through zarr.
+    """
+    n = int(tiles.shape[0])
+    if not 0 <= start <= stop <= n:
+        raise StoreError(f"{tiles.path}: rows {start}..{stop} asked of {n} tiles")
+    if _direct_jpeg_quality(tiles) is None or tiles.shards is not None:
+        return np.asarray(tiles[start:stop])
+    rows = int(tiles.chunks[0])
+    out = np.empty((stop - start, *tiles.shape[1:]), dtype=np.uint8)
+    folder = Path(tiles.store.root) / tiles.path  # type: ignore[attr-defined]
+    for index in range(start // rows, -(-stop // rows)):
+        a, b = max(start, index * rows), min(stop, (index + 1) * rows)
+        path = folder / tiles.metadata.encode_chunk_key((index,) + (0,) * (tiles.ndim - 1))
+        try:
+            read_jpeg_chunk_file_into(path, rows, a - index * rows, out[a - start : b - start])
+        except FileNotFoundError:
+            out[a - start : b - start] = tiles.fill_value
+    return out
+
+
 def mark_chunk_done(done: zarr.Array, index: int) -> None:
     """Set ``chunks_done[index]``: written directly (its chunk is the single byte ``0x01``) for the
     layout :func:`create_slide_group` makes on a local store, else through zarr.
@@ -469,7 +496,7 @@ class PatchSlide:
             step = int(batch_size or tiles.shards[0])
         for start in range(0, self.n_tiles, step):
             stop = min(start + step, self.n_tiles)
-            yield start, stop, np.asarray(tiles[start:stop])
+            yield start, stop, read_tile_rows(tiles, start, stop)
 
 
 class PatchStore:

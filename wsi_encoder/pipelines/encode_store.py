@@ -52,7 +52,7 @@ from wsi_encoder.io.embedding_store import (
     SlideLayout,
 )
 from wsi_encoder.io.h5_export import coords_attrs, write_h5_features
-from wsi_encoder.io.patch_store import open_patch_store
+from wsi_encoder.io.patch_store import open_patch_store, read_tile_rows
 from wsi_encoder.io.slides import get_reader
 from wsi_encoder.io.urls import is_url, normalize, zarr_store
 from wsi_encoder.models.dihedral import DihedralEncoder
@@ -162,7 +162,7 @@ class _StoreTiles:
         self.block = rows * max(1, -(-batch_size // rows))
 
     def read(self, a: int, b: int) -> npt.NDArray[np.uint8]:
-        return np.asarray(self._tiles[a:b])
+        return read_tile_rows(self._tiles, a, b)
 
 
 class _SlideTiles:

@@ -189,7 +189,7 @@ def _pixels(slide: PatchSlide) -> zarr.Array:
 
 
 class PatchStoreTiles(ImageSource):
-    """Tiles of a ``wsienc tile`` patch store: ``<store>/<slide_id>/tiles[row]``, read lazily with zarr."""
+    """Tiles of a ``wsienc tile`` patch store: ``<store>/<slide_id>/tiles[row]``, read lazily (:func:`~wsi_encoder.io.patch_store.read_tile_rows`)."""
 
     def __init__(self, store: str | Path, slide_ids: Sequence[str], rows: npt.NDArray[np.int64]) -> None:
         self.store = str(store)
@@ -206,8 +206,10 @@ class PatchStoreTiles(ImageSource):
         return len(self.rows)
 
     def read(self, i: int) -> npt.NDArray[np.uint8]:
-        sid = str(self.slide_ids[i])
-        return _to_rgb_uint8(np.asarray(self._tiles(sid)[int(self.rows[i])]), self.describe(i))
+        from wsi_encoder.io.patch_store import read_tile_rows
+
+        row = int(self.rows[i])
+        return _to_rgb_uint8(read_tile_rows(self._tiles(str(self.slide_ids[i])), row, row + 1)[0], self.describe(i))
 
     def describe(self, i: int) -> str:
         return f"{self.store}/{self.slide_ids[i]}/tiles[{int(self.rows[i])}]"
