@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _tile_helpers import small_slide
+from PIL import Image
 
 from wsi_encoder.errors import InvalidParameterError, MissingMppError
 from wsi_encoder.io.slides import open_slide
@@ -240,3 +241,20 @@ def test_grid_tiles_on_the_files_tiles_are_decoded_straight_into_the_output(
     np.testing.assert_array_equal(out, tiles[1])
     assert fresh._levels[0].jpeg is None
     fresh.close()
+
+
+def test_thumbnails_read_in_bands_equal_one_read(synthetic_slide: Path, cmu_svs: Path) -> None:
+    """The thumbnail's level, read in row bands on several threads, is the one-read Lanczos thumbnail exactly."""
+    from wsi_encoder.tiling import read_thumbnail
+
+    for path in (synthetic_slide, cmu_svs):
+        with open_slide(path) as reader:
+            for side in (300, 777, 1024):
+                w0, h0 = reader.dimensions
+                factor = max(w0, h0) / side
+                size = (max(1, round(w0 / factor)), max(1, round(h0 / factor)))
+                level = max(k for k in range(reader.level_count) if min(np.subtract(reader.level_dimensions[k], size)) >= 0)
+                lw, lh = reader.level_dimensions[level]
+                one_read = Image.fromarray(reader.read_level(level, 0, 0, lw, lh))
+                expected = np.asarray(one_read.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+                np.testing.assert_array_equal(read_thumbnail(reader, side), expected)

@@ -27,8 +27,11 @@ slide and the grid, never on which other tiles are read with it.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -536,7 +539,9 @@ def read_thumbnail(reader: SlideReader, max_side: int) -> npt.NDArray[np.uint8]:
 
     Reads the coarsest level that is at least as large in one go (fast path) when it is small
     enough, and resamples it with an antialiased Lanczos filter; otherwise falls back to the reader's
-    strip-wise :meth:`~wsi_encoder.io.slides.SlideReader.get_thumbnail` (bounded memory).
+    strip-wise :meth:`~wsi_encoder.io.slides.SlideReader.get_thumbnail` (bounded memory). The level
+    is read in horizontal bands on up to :data:`_THUMBNAIL_THREADS` threads (decoders release the GIL).
+    (Resizing in bands is not exact: Pillow orders its two passes by the image's shape.)
     """
     w0, h0 = reader.dimensions
     factor = max(w0, h0) / max_side
@@ -549,10 +554,30 @@ def read_thumbnail(reader: SlideReader, max_side: int) -> npt.NDArray[np.uint8]:
     lw, lh = reader.level_dimensions[level]
     if lw * lh > _THUMBNAIL_DIRECT_PIXELS:
         return reader.get_thumbnail(max_side)
-    image = reader.read_level(level, 0, 0, lw, lh)
+    image = np.empty((lh, lw, 3), dtype=np.uint8)
+    bands = _bands(lh, min(_THUMBNAIL_THREADS, max(1, lh // 256)))
+    _in_threads(lambda band: reader.read_level_into(level, 0, band[0], image[band[0] : band[1]]), bands)
     if (lw, lh) == size:
         return image
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+
+#: Threads reading a thumbnail's level (its slide's planning runs alone on one core otherwise).
+_THUMBNAIL_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _bands(length: int, n: int) -> list[tuple[int, int]]:
+    """``n`` consecutive ``[start, stop)`` ranges covering ``range(length)``."""
+    cuts = [length * k // n for k in range(n + 1)]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def _in_threads(work: Callable[[tuple[int, int]], object], bands: list[tuple[int, int]]) -> list[Any]:
+    """``work(band)`` for every band, on up to one thread each (in this thread when there is one band)."""
+    if len(bands) == 1:
+        return [work(bands[0])]
+    with ThreadPoolExecutor(max_workers=len(bands), thread_name_prefix="wsienc-thumbnail") as pool:
+        return list(pool.map(work, bands))
 
 
 @dataclass(frozen=True)
