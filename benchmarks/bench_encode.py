@@ -16,11 +16,18 @@ compression factor is the bytes of the stored pixels over the bytes of the embed
 Pretrained entries need weights: ``--weights FILE`` (one encoder), or by default random weights of
 the architecture are written to a temporary file (speed does not depend on the values).
 
-``--null`` measures the feed instead: ``encode_store`` runs with a model that does no work (the mean
-of each tile, on the device) on a JPEG patch store of 224 px tiles, with 1, 2 and 4 workers, and its
-tiles/s are printed against the JPEG-decode bound of the same tiles (every stored JPEG decoded once on
-as many threads, bytes already in memory). That is the rate at which ``wsienc encode`` can feed a GPU:
-decoding, conversion to the model's input, the host-to-device copy, writing the features.
+``--null`` measures the feed instead: ``encode_store`` runs with a model that does no work on a JPEG
+patch store of 224 px tiles, with 1, 2 and 4 workers, and its tiles/s are printed against the JPEG-decode
+bound of the same tiles (every stored JPEG decoded once on as many threads into a buffer each reuses,
+bytes already in memory; best of three). Two figures per worker count:
+
+* **CPU device**: ``--device cpu`` as a user runs it, the model the mean of each tile. The CPU then
+  also does what a GPU does on the device: converting uint8 tiles to float (``tiles_to_tensor``), and
+  the mean itself;
+* **host side of a GPU run**: the same run with ``tiles_to_tensor`` replaced by what it does on the
+  host for CUDA (the batch copied into a reused staging buffer, as into pinned memory; the conversion
+  and any resize run on the GPU), and a model that reads one pixel. That is the rate at which
+  ``wsienc encode`` can feed a GPU from these cores: decoding, batching, writing the features.
 
 ``--gpu-suite`` is the one GPU command of issue 21: the model forward's tiles/s of ``resnet50-trunc``, ``uni``
 (ViT-L/16), ``virchow2`` (ViT-H/14) and ``h-optimus-0`` (ViT-g/14) at fp32 and bf16, eager and with
@@ -40,6 +47,7 @@ or ``.venv/bin/python benchmarks/bench_encode.py --gpu-suite [--budget-s 270] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -215,10 +223,40 @@ def _decode_bound(store: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
+class _OnePixel:
+    """A model that does no work at all: the first pixel of each uint8 ``(B, T, T, 3)`` tile, ``(B, 3)``."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0, :].float()
+
+
+def _host_stage() -> object:
+    """``tiles_to_tensor`` as it runs on the host for CUDA: the uint8 batch copied into a staging buffer
+    (pinned memory there; a ring of reused buffers per thread here), nothing converted."""
+    import threading
+
+    local = threading.local()
+
+    def stage(tiles: np.ndarray, device: torch.device, out_size: int, **_: object) -> torch.Tensor:
+        ring = getattr(local, "ring", None)
+        if ring is None or ring[0].shape[1:] != tiles.shape[1:]:
+            ring = local.ring = [np.empty((64, *tiles.shape[1:]), dtype=np.uint8) for _ in range(6)]
+            local.next = 0
+        buffer = ring[local.next % len(ring)]
+        local.next += 1
+        if len(buffer) < len(tiles):
+            buffer = np.empty(tiles.shape, dtype=np.uint8)
+        np.copyto(buffer[: len(tiles)], tiles)
+        return torch.from_numpy(buffer[: len(tiles)])
+
+    return stage
+
+
 def bench_null(args: argparse.Namespace, work: Path) -> None:
     """The feed rate of ``wsienc encode`` with a do-nothing model, against the JPEG-decode bound."""
     from unittest import mock
 
+    import wsi_encoder.compression as compression_module
     import wsi_encoder.pipelines.encode_store as encode_module
     from wsi_encoder.compression import EncoderIdentity
 
@@ -227,29 +265,38 @@ def bench_null(args: argparse.Namespace, work: Path) -> None:
     weights = _weights_for("resnet50-trunc", None, work)  # its identity: 224 px at 0.5 µm/px
     _, identity = load_encoder_cached("resnet50-trunc", weights, args.device)
     null = EncoderIdentity(**{**identity.__dict__, "embedding_dim": 3})
-
-    def loader(*_: object, **__: object) -> tuple[_NullModel, EncoderIdentity]:
-        return _NullModel(), null
-
     store = make_store(work, tiles, identity.input_size, "jpeg")
     workers = [int(w) for w in args.workers.split(",")]
     print(f"null feed: {tiles} JPEG tiles of {identity.input_size} px (quality 90), batch {args.batch_size}, "
           f"device {device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"  {'workers':>7s} {'encode tiles/s':>15s} {'decode bound tiles/s':>21s} {'ratio':>6s}")
-    with mock.patch.object(encode_module, "load_encoder_cached", loader):
-        for n in workers:
-            enc, bound = [], []
-            for k in range(args.repeats):
-                bound.append(_decode_bound(store, n))
-                out = work / f"null{n}_{k}.zarr"
-                t0 = time.perf_counter()
-                result = encode_store(store, "resnet50-trunc", out, weights=weights, batch_size=args.batch_size,
-                                      device=args.device, workers=n)  # fmt: skip
-                enc.append(time.perf_counter() - t0)
-                if result.failed:
-                    raise SystemExit(f"encode failed: {result.failed}")
-                shutil.rmtree(out, ignore_errors=True)
-            print(f"  {n:7d} {tiles / min(enc):15.0f} {tiles / min(bound):21.0f} {min(bound) / min(enc):6.2f}")
+    print(f"  {'workers':>7s} {'decode bound':>13s} {'CPU device':>11s} {'ratio':>6s} {'host of a GPU run':>18s} {'ratio':>6s}  (tiles/s)")
+
+    def run(n: int, k: int, model: object, host: bool) -> float:
+        patches = [mock.patch.object(encode_module, "load_encoder_cached", return_value=(model, null))]
+        if host:
+            patches.append(mock.patch.object(compression_module, "tiles_to_tensor", _host_stage()))
+        out = work / f"null{n}_{k}.zarr"
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            t0 = time.perf_counter()
+            result = encode_store(store, "resnet50-trunc", out, weights=weights, batch_size=args.batch_size,
+                                  device=args.device, workers=n)  # fmt: skip
+            seconds = time.perf_counter() - t0
+        if result.failed:
+            raise SystemExit(f"encode failed: {result.failed}")
+        shutil.rmtree(out, ignore_errors=True)
+        return seconds
+
+    for n in workers:
+        bound, cpu_device, host = [], [], []
+        for k in range(args.repeats):  # interleaved: load changes hit all three alike
+            bound.append(min(_decode_bound(store, n) for _ in range(3)))
+            cpu_device.append(run(n, k, _NullModel(), host=False))
+            host.append(run(n, k, _OnePixel(), host=True))
+        rate = {name: tiles / min(times) for name, times in (("bound", bound), ("cpu", cpu_device), ("host", host))}
+        print(f"  {n:7d} {rate['bound']:13.0f} {rate['cpu']:11.0f} {rate['cpu'] / rate['bound']:6.2f} "
+              f"{rate['host']:18.0f} {rate['host'] / rate['bound']:6.2f}")
     print("  (target: ratio >= 0.8 on 2 cores; a ViT-L/16 at bf16 on one H100 consumes ~2,000-3,000 tiles/s of 224 px)")
 
 

@@ -156,7 +156,7 @@ class EmbeddingStore:
             raise StoreError(f"{where}: not a readable zarr v3 group ({describe_error(where, exc)})") from None
         kind = root.attrs.get("kind")
         if kind is None and mode == "a" and not builtins.list(root.keys()):
-            root.attrs.update({"kind": KIND, "slides": {}})
+            root.update_attributes({"kind": KIND, "slides": {}})
         elif kind is None:
             raise StoreError(
                 f"{where}: has no root attribute kind, so it is not an embedding store written by `wsienc encode`; "
@@ -507,7 +507,7 @@ class EmbeddingStore:
         if isinstance(old, zarr.Group) and _matches(old, layout, attrs.get("encoder", {})):
             pending = self.pending_chunks(slide_id)
             logger.info("%s: resuming, %d of %d chunks left", slide_id, len(pending), layout.n_chunks)
-            old.attrs.update({**attrs, "complete": False})
+            old.update_attributes({**attrs, "complete": False})  # one metadata write (attrs.update writes per key)
             return pending
         if old is not None:
             logger.info("%s: replacing an incompatible partial encoding", slide_id)
@@ -540,7 +540,7 @@ class EmbeddingStore:
         if thumbnail is not None:
             group.create_array("thumbnail", data=np.asarray(thumbnail, dtype=np.uint8))
         group.create_array("encoded_chunks", shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
-        group.attrs.update({**attrs, "complete": False})
+        group.update_attributes({**attrs, "complete": False})  # one metadata write (attrs.update writes per key)
         return builtins.list(range(layout.n_chunks))
 
     def delete_slide(self, slide_id: str) -> None:

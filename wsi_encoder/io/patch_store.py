@@ -108,7 +108,7 @@ def create_patch_store(path: str | Path) -> zarr.Group:
 def _claim_root(root: zarr.Group, path: str | Path) -> zarr.Group:
     kind = root.attrs.get("kind")
     if kind is None:
-        root.attrs.update({"kind": PATCH_STORE_KIND, "format": STORE_FORMAT, "slides": {}})
+        root.update_attributes({"kind": PATCH_STORE_KIND, "format": STORE_FORMAT, "slides": {}})
     elif kind != PATCH_STORE_KIND:
         raise StoreError(f"{path}: is a {kind!r} store, not a patch store; choose another --out")
     return root

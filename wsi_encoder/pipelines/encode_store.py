@@ -22,6 +22,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +105,8 @@ class EncodeOptions:
     compile: bool = False
     #: Also encode every tile in its 8 dihedral views (``features_dihedral``).
     dihedral: bool = False
+    #: This run's id: what a process opens for a slide's first chunk is reused for its others in the run.
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,44 @@ def _tile_mpp(attrs: Mapping[str, Any]) -> float | None:
 # ---- tasks (run locally or on dask workers) ------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SlideContext:
+    """What every chunk of one slide needs: opened by a process for the slide's first chunk it runs."""
+
+    store: EmbeddingStore
+    layout: SlideLayout
+    reader: _StoreTiles | _SlideTiles
+    plan: ResamplePlan
+
+
+_CONTEXTS: OrderedDict[tuple[str, str, str, str], _SlideContext] = OrderedDict()
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _slide_context(opts: EncodeOptions, slide_id: str, identity: EncoderIdentity) -> _SlideContext:
+    """The slide's stores, layout, tile reader and resize plan, opened once per process and run: each open
+    waits for zarr's event-loop thread, which queues behind the busy decoding threads for the GIL."""
+    key = (opts.run_id, opts.patch_store, opts.out, slide_id)
+    with _CONTEXTS_LOCK:
+        if opts.run_id and key in _CONTEXTS:
+            _CONTEXTS.move_to_end(key)
+            return _CONTEXTS[key]
+    patch_group = zarr.open_group(zarr_store(opts.patch_store, read_only=True), path=slide_id, mode="r")
+    store = EmbeddingStore.open(opts.out, mode="r+")  # under the lock the driving process holds
+    context = _SlideContext(
+        store=store,
+        layout=store.layout(slide_id),
+        reader=_tile_reader(patch_group, opts.batch_size),
+        plan=_plan(patch_group.attrs, identity),
+    )
+    if opts.run_id:
+        with _CONTEXTS_LOCK:
+            _CONTEXTS[key] = context
+            while len(_CONTEXTS) > 8:
+                _CONTEXTS.popitem(last=False)
+    return context
+
+
 def encode_chunk(
     opts: EncodeOptions, slide_id: str, chunk: int, progress: Callable[[int], None] | None = None
 ) -> _ChunkOutcome:
@@ -226,12 +269,9 @@ def encode_chunk(
         model, identity = load_encoder_cached(
             opts.encoder, opts.weights, opts.device, precision=opts.precision, compile=opts.compile
         )
-        patch_group = zarr.open_group(zarr_store(opts.patch_store, read_only=True), path=slide_id, mode="r")
-        store = EmbeddingStore.open(opts.out, mode="r+")  # under the lock the driving process holds
-        layout = store.layout(slide_id)
-        start, stop = layout.chunk_range(chunk)
-        reader = _tile_reader(patch_group, opts.batch_size)
-        plan = _plan(patch_group.attrs, identity)
+        context = _slide_context(opts, slide_id, identity)
+        start, stop = context.layout.chunk_range(chunk)
+        reader = context.reader
         views = DIHEDRAL_VIEWS if opts.dihedral else 1
         features = encode_tiles(
             DihedralEncoder(model) if opts.dihedral else model,
@@ -239,7 +279,7 @@ def encode_chunk(
             n_tiles=stop - start,
             embedding_dim=identity.embedding_dim * views,
             batch_size=opts.batch_size,
-            out_size=plan.out_size,
+            out_size=context.plan.out_size,
             device=resolve_device(opts.device),
             progress=progress,
             **resize_options(identity.name),
@@ -248,7 +288,7 @@ def encode_chunk(
         if opts.dihedral:  # (n, 8 * C) view-major per tile -> (8, n, C); view 0 is the plain embedding
             dihedral = features.reshape(stop - start, views, identity.embedding_dim).transpose(1, 0, 2)
             features = np.ascontiguousarray(dihedral[0])
-        store.write_features_chunk(slide_id, layout, chunk, features, dihedral)
+        context.store.write_features_chunk(slide_id, context.layout, chunk, features, dihedral)
         return _ChunkOutcome(slide_id, chunk, stop - start, None)
     except Exception as exc:  # a task boundary: the slide is reported failed, the run goes on
         logger.debug("chunk %d of %s failed", chunk, slide_id, exc_info=True)
@@ -605,6 +645,7 @@ def encode_store(
             precision=precision,
             compile=compile,
             dihedral=dihedral,
+            run_id=uuid.uuid4().hex,
         )
         listed = patch_root.attrs.get("slides")
         listed_ids = set(listed) if isinstance(listed, Mapping) else set()
