@@ -124,7 +124,10 @@ def test_progress_total_grows(work_group: click.Group) -> None:
     assert "5/5" in result.stderr and result.stdout == "total 5\n"
 
 
-def test_progress_is_silent_under_quiet(work_group: click.Group) -> None:
+def test_progress_is_silent_under_quiet(work_group: click.Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: pytest.fail("a bar was made under -q"))  # nor imported: start-up
     result = CliRunner().invoke(work_group, ["-q", "work", "--items", "4"])
     assert result.exit_code == 0
     assert result.stderr == "" and result.stdout == "total 4\n"

@@ -80,6 +80,9 @@ class Progress:
 
     def add_total(self, count: int) -> None:
         """Grow the total by ``count`` units (work discovered while running)."""
+        if self.quiet:  # no bar under -q (nor tqdm's import)
+            self.total = (self.total or 0) + count
+            return
         bar = self._get()
         bar.total = (bar.total or 0) + count
         self.total = bar.total
@@ -88,11 +91,13 @@ class Progress:
     def update(self, count: int = 1) -> None:
         """``count`` more units are done."""
         self.done += count
-        self._get().update(count)
+        if not self.quiet:
+            self._get().update(count)
 
     def postfix(self, text: str) -> None:
         """Show ``text`` after the bar (running losses, slide counts ...)."""
-        self._get().set_postfix_str(text, refresh=False)
+        if not self.quiet:
+            self._get().set_postfix_str(text, refresh=False)
 
     def write(self, message: str) -> None:
         """Print ``message`` on stderr above the bar (nothing under ``-q``)."""
