@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU check, under 5 minutes on one GPU: the encode feed with a do-nothing model, the encoders users
-# run most (fp32 / bf16, with and without --compile), and predict on a generated slide; each with the
+# One GPU check, under 5 minutes on one GPU: the encode feed with a do-nothing model, `wsienc encode` of a
+# generated store with resnet50-trunc and a ViT-L (uni, random weights) at bf16 against their bare forward, the
+# encoders users run most (fp32 / bf16, with and without --compile), and predict on a generated slide; each with the
 # device, the library versions and the GPU utilisation sampled by nvidia-smi while it runs.
 # Without CUDA it says so in one line and exits 0.
 #
@@ -32,6 +33,9 @@ sample() {  # GPU utilisation every 0.5 s while "$@" runs; prints mean / max
 }
 echo "== null feed (encode with a do-nothing model; JPEG-decode bound of the same tiles)"
 sample "$PY" benchmarks/bench_encode.py --null --device cuda --tiles 16384 --batch-size 256 --repeats 1 --workers 1,2,4
+echo "== wsienc encode of a generated store at bf16 (pipeline vs the bare forward on device-resident batches)"
+STEP_TIMEOUT=100 sample "$PY" benchmarks/bench_encode.py --encoder resnet50-trunc,uni --precision bf16 --device cuda \
+  --tiles 4096 --batch-size 256 --repeats 1
 # resnet50-trunc, uni (ViT-L/16), virchow2 (ViT-H/14) and h-optimus-0 (ViT-g/14) at fp32/bf16, eager and compiled:
 # one process (bench_encode --gpu-suite: random values built on the GPU, no weight files), eager configurations
 # first; those that would start after the budget are listed as skipped.
