@@ -34,7 +34,7 @@ class FaultyProxy:
     upstream
         ``http://127.0.0.1:PORT`` of the server behind it.
     fault_rate
-        Share of requests that fail (split evenly over 500, 503, reset and cut-mid-body).
+        Share of requests that fail (500, 503, reset and cut-mid-body in turn).
     delay_rate, max_delay_s
         Share of the other requests delayed, by up to ``max_delay_s`` seconds.
     seed
@@ -86,8 +86,8 @@ class FaultyProxy:
             u, v, w = self._rng.random(), self._rng.random(), self._rng.random()
             if not self.enabled:
                 return None, 0.0, False
-            if u < self.fault_rate:
-                kind = self.KINDS[min(int(u / self.fault_rate * len(self.KINDS)), len(self.KINDS) - 1)]
+            if u < self.fault_rate:  # the kinds take turns: every kind comes up, however few the faults
+                kind = self.KINDS[sum(self.counts[k] for k in self.KINDS) % len(self.KINDS)]
                 self.counts[kind] += 1
                 return kind, 0.0, w < 0.5
             delay = v * self.max_delay_s if w < self.delay_rate else 0.0

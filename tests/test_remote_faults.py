@@ -89,6 +89,7 @@ def test_tile_and_encode_through_faults_equal_a_clean_run(
     encode_store(f"{bucket}/clean.zarr", "nic", f"{bucket}/clean-e.zarr", chunk_tiles=8, dtype="float32")
     before = proxy.counts["requests"]
     proxy.enabled = True
+    proxy.fault_rate = 0.04  # about 700 requests: every kind of fault several times
     report = tile_cohort([f"{bucket}/cohort"], f"{bucket}/faulty.zarr", SPEC, chunk_tiles=8, workers=2)
     assert not report.failed, [o.reason for o in report.failed]
     encoded = encode_store(
