@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -556,7 +556,8 @@ def read_thumbnail(reader: SlideReader, max_side: int) -> npt.NDArray[np.uint8]:
         return reader.get_thumbnail(max_side)
     image = np.empty((lh, lw, 3), dtype=np.uint8)
     bands = _bands(lh, min(_THUMBNAIL_THREADS, max(1, lh // 256)))
-    _in_threads(lambda band: reader.read_level_into(level, 0, band[0], image[band[0] : band[1]]), bands)
+    with ThreadPoolExecutor(max_workers=len(bands), thread_name_prefix="wsienc-thumbnail") as pool:
+        list(pool.map(lambda band: reader.read_level_into(level, 0, band[0], image[band[0] : band[1]]), bands))
     if (lw, lh) == size:
         return image
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
@@ -570,14 +571,6 @@ def _bands(length: int, n: int) -> list[tuple[int, int]]:
     """``n`` consecutive ``[start, stop)`` ranges covering ``range(length)``."""
     cuts = [length * k // n for k in range(n + 1)]
     return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-
-
-def _in_threads(work: Callable[[tuple[int, int]], object], bands: list[tuple[int, int]]) -> list[Any]:
-    """``work(band)`` for every band, on up to one thread each (in this thread when there is one band)."""
-    if len(bands) == 1:
-        return [work(bands[0])]
-    with ThreadPoolExecutor(max_workers=len(bands), thread_name_prefix="wsienc-thumbnail") as pool:
-        return list(pool.map(work, bands))
 
 
 @dataclass(frozen=True)
