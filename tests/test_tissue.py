@@ -152,6 +152,41 @@ def test_ink_hue_is_tested_wherever_it_could_make_ink() -> None:
     np.testing.assert_array_equal(got, expected)
 
 
+def test_mask_cleaning_equals_scikit_image_morphology() -> None:
+    # The cleaning calls SciPy as scikit-image does (to spare start-up skimage.morphology's imports);
+    # it must give scikit-image's opening, closing, small-object removal and hole filling, borders
+    # (reflect mode) and 4-connectivity included.
+    import inspect
+
+    from scipy import ndimage
+    from skimage import morphology
+
+    from wsi_encoder.tissue import _clean, _disk, _remove_small
+
+    new_api = "max_size" in inspect.signature(morphology.remove_small_objects).parameters
+
+    def objects(m: np.ndarray, n: int) -> np.ndarray:
+        return morphology.remove_small_objects(m, **({"max_size": n} if new_api else {"min_size": n + 1}))
+
+    def holes(m: np.ndarray, n: int) -> np.ndarray:
+        return morphology.remove_small_holes(m, **({"max_size": n} if new_api else {"area_threshold": n + 1}))
+
+    for radius in range(5):
+        np.testing.assert_array_equal(_disk(radius), morphology.disk(radius).astype(bool))
+    rng = np.random.default_rng(11)
+    for case in range(40):
+        shape = (int(rng.integers(5, 70)), int(rng.integers(5, 70)))
+        smooth = ndimage.gaussian_filter(rng.random(shape), sigma=float(rng.uniform(0.5, 3)))
+        mask = smooth > np.quantile(smooth, rng.uniform(0.2, 0.8))
+        if case % 3 == 0:  # single pixels, diagonal neighbours and edge pixels
+            mask |= rng.random(shape) > 0.97
+        min_obj, max_hole = int(rng.integers(0, 30)), int(rng.integers(0, 30))
+        expected = morphology.closing(morphology.opening(mask, morphology.disk(1)), morphology.disk(2))
+        expected = holes(objects(expected, min_obj), max_hole)
+        np.testing.assert_array_equal(_clean(mask, min_obj, max_hole), expected)
+        np.testing.assert_array_equal(_remove_small(mask, min_obj), objects(mask, min_obj))
+
+
 def test_ink_is_grown_around_every_stroke_as_over_the_whole_picture() -> None:
     # The ink dilation runs on the box around the ink only; it must equal dilating the whole picture,
     # strokes at the edges and corners included.

@@ -12,8 +12,9 @@ grey but which absorbs light), after removing what is not tissue even though it 
   below 25 %, low saturation; dense nuclei are dark but saturated purple and stay). The ink mask
   is dilated a little so antialiased stroke and border fringes go too.
 
-The mask is cleaned with scikit-image morphology (opening, closing, small-object removal, filling of
-small holes). Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are
+The mask is cleaned with scikit-image's morphology (opening, closing, small-object removal, filling of
+small holes), called the way scikit-image calls SciPy: ``skimage.morphology``'s package imports
+``scipy.spatial`` and the rest of its functions, a tenth of a second of every command's start-up. Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are
 detected and segmented on brightness instead. TMA cores are tissue pieces like any other (pieces
 below ``min_tissue_um2`` are dropped as debris).
 
@@ -28,13 +29,13 @@ RGB thumbnail, :func:`tile_tissue_fractions` takes the mask and tile rectangles 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from skimage import color, filters, morphology
+from scipy import ndimage
+from skimage import color, filters
 
 from wsi_encoder.errors import InvalidParameterError
 
@@ -60,7 +61,8 @@ _SATURATION_RANGE = (0.04, 0.08)
 _GLASS_MIN_V = 0.85
 _GLASS_MAX_SAT = 0.1
 _MIN_GLASS_FRACTION = 0.01
-_SIZE_KEYWORD = "max_size" if "max_size" in inspect.signature(morphology.remove_small_objects).parameters else "min_size"
+#: 4-connectivity, scikit-image's default for small objects and holes.
+_CONNECTIVITY_1 = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def _darkfield(rgb: npt.NDArray[np.float32], min_obj: int, max_hole: int) -> Tis
 
 
 def _dilate_where_set(mask: BoolArray, radius: int) -> BoolArray:
-    """``morphology.dilation(mask, disk(radius))``, computed on the box around the set pixels only.
+    """``skimage.morphology.dilation(mask, disk(radius))``, computed on the box around the set pixels only.
 
     Ink covers a small part of most thumbnails (none of many): dilating the whole picture cost a
     fifth of the detection. Within ``radius`` of the box's edge nothing is set beyond it, so the
@@ -255,24 +257,32 @@ def _dilate_where_set(mask: BoolArray, radius: int) -> BoolArray:
     y0, y1 = max(int(rows[0]) - 2 * radius, 0), min(int(rows[-1]) + 2 * radius + 1, mask.shape[0])
     x0, x1 = max(int(cols[0]) - 2 * radius, 0), min(int(cols[-1]) + 2 * radius + 1, mask.shape[1])
     out = np.zeros_like(mask)
-    out[y0:y1, x0:x1] = morphology.dilation(mask[y0:y1, x0:x1], morphology.disk(radius))
+    out[y0:y1, x0:x1] = ndimage.grey_dilation(mask[y0:y1, x0:x1], footprint=_disk(radius), mode="reflect")
     return out
 
 
+def _disk(radius: int) -> BoolArray:
+    """``skimage.morphology.disk(radius)``: the pixels within ``radius`` of the centre."""
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+
+
 def _clean(mask: BoolArray, min_obj: int, max_hole: int) -> BoolArray:
-    mask = morphology.opening(mask, morphology.disk(1))
-    mask = morphology.closing(mask, morphology.disk(2))
+    """Opening with ``disk(1)``, closing with ``disk(2)``, then components and holes of at most
+    ``min_obj`` / ``max_hole`` px removed: ``skimage.morphology``'s opening, closing,
+    ``remove_small_objects`` and ``remove_small_holes`` (border mode ``reflect``, 4-connectivity)."""
+    small, large = _disk(1), _disk(2)
+    mask = ndimage.grey_dilation(ndimage.grey_erosion(mask, footprint=small, mode="reflect"), footprint=small, mode="reflect")
+    mask = ndimage.grey_erosion(ndimage.grey_dilation(mask, footprint=large, mode="reflect"), footprint=large, mode="reflect")
     mask = _remove_small(mask, min_obj)
-    if _SIZE_KEYWORD == "max_size":  # scikit-image >= 0.26 fills holes of <= max_size px
-        return morphology.remove_small_holes(mask, max_size=max_hole)
-    return morphology.remove_small_holes(mask, area_threshold=max_hole + 1)
+    return ~_remove_small(~mask, max_hole)
 
 
 def _remove_small(mask: BoolArray, max_px: int) -> BoolArray:
-    """Drop connected components of at most ``max_px`` pixels."""
-    if _SIZE_KEYWORD == "max_size":
-        return morphology.remove_small_objects(mask, max_size=max_px)
-    return morphology.remove_small_objects(mask, min_size=max_px + 1)
+    """Drop 4-connected components of at most ``max_px`` pixels."""
+    labels, _ = ndimage.label(mask, _CONNECTIVITY_1)
+    too_small = np.bincount(labels.ravel()) <= max_px  # label 0 (background) stays False under the &
+    return mask & ~too_small[labels]
 
 
 def tile_tissue_fractions(mask: BoolArray, boxes: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
