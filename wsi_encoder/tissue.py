@@ -257,23 +257,45 @@ def _dilate_where_set(mask: BoolArray, radius: int) -> BoolArray:
     y0, y1 = max(int(rows[0]) - 2 * radius, 0), min(int(rows[-1]) + 2 * radius + 1, mask.shape[0])
     x0, x1 = max(int(cols[0]) - 2 * radius, 0), min(int(cols[-1]) + 2 * radius + 1, mask.shape[1])
     out = np.zeros_like(mask)
-    out[y0:y1, x0:x1] = ndimage.grey_dilation(mask[y0:y1, x0:x1], footprint=_disk(radius), mode="reflect")
+    out[y0:y1, x0:x1] = _dilate(mask[y0:y1, x0:x1], radius)
     return out
 
 
-def _disk(radius: int) -> BoolArray:
-    """``skimage.morphology.disk(radius)``: the pixels within ``radius`` of the centre."""
-    offsets = np.arange(-radius, radius + 1)
-    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+def _disk_offsets(radius: int) -> npt.NDArray[np.intp]:
+    """``(k, 2)`` row and column offsets, from 0 to ``2 * radius``, of ``skimage.morphology.disk(radius)``'s pixels."""
+    d = np.arange(-radius, radius + 1)
+    return np.argwhere(d[:, None] ** 2 + d[None, :] ** 2 <= radius * radius)
+
+
+def _erode(mask: BoolArray, radius: int) -> BoolArray:
+    """``skimage.morphology.erosion(mask, disk(radius))``, border mode ``reflect``.
+
+    The AND of the mask shifted by each of the disk's offsets, on a copy padded by reflection
+    (NumPy's ``symmetric`` is SciPy's ``reflect``): on a bool mask a tenth of the time of SciPy's
+    minimum filter with the disk's footprint."""
+    return _combine_shifted(mask, radius, np.logical_and, True)
+
+
+def _dilate(mask: BoolArray, radius: int) -> BoolArray:
+    """``skimage.morphology.dilation(mask, disk(radius))``, border mode ``reflect``: the OR of the
+    shifted masks (the disk is symmetric, so scikit-image's mirroring of it changes nothing)."""
+    return _combine_shifted(mask, radius, np.logical_or, False)
+
+
+def _combine_shifted(mask: BoolArray, radius: int, op: np.ufunc, start: bool) -> BoolArray:
+    h, w = mask.shape
+    padded = np.pad(mask, radius, mode="symmetric")
+    out = np.full_like(mask, start)
+    for dy, dx in _disk_offsets(radius):
+        op(out, padded[dy : dy + h, dx : dx + w], out=out)
+    return out
 
 
 def _clean(mask: BoolArray, min_obj: int, max_hole: int) -> BoolArray:
     """Opening with ``disk(1)``, closing with ``disk(2)``, then components and holes of at most
     ``min_obj`` / ``max_hole`` px removed: ``skimage.morphology``'s opening, closing,
     ``remove_small_objects`` and ``remove_small_holes`` (border mode ``reflect``, 4-connectivity)."""
-    small, large = _disk(1), _disk(2)
-    mask = ndimage.grey_dilation(ndimage.grey_erosion(mask, footprint=small, mode="reflect"), footprint=small, mode="reflect")
-    mask = ndimage.grey_erosion(ndimage.grey_dilation(mask, footprint=large, mode="reflect"), footprint=large, mode="reflect")
+    mask = _erode(_dilate(_dilate(_erode(mask, 1), 1), 2), 2)
     mask = _remove_small(mask, min_obj)
     return ~_remove_small(~mask, max_hole)
 
