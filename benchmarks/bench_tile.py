@@ -19,7 +19,9 @@ Every measurement is reported in wall and CPU seconds (user + sys of all threads
 and against the bounds (target >= 0.8x the decode + encode bound, start-up included), and zstd
 against JPEG; on a loaded machine, an idle-machine estimate from CPU time
 (start-up and planning on one core, tiles on ``--workers``); then where the command's time goes
-(start-up imports, planning, tiles), the store sizes, and the command's peak RSS (``/proc`` VmHWM). With ``--big 60000`` it also tiles a 60000 x 60000
+(start-up imports, planning, tiles), the store sizes, and the command's peak RSS (``/proc`` VmHWM).
+First it times a coordinates-only run of a small slide (target <= 0.35 s) beside a fresh interpreter
+importing what any such run needs (numpy, zarr, scipy.ndimage). With ``--big 60000`` it also tiles a 60000 x 60000
 slide and reports its peak RSS (target < 1.5 GiB); generating that slide takes a few minutes.
 
 Usage::
@@ -125,16 +127,48 @@ def run_in_process(slide: Path, store: Path, workers: int, codec: str) -> tuple[
 def startup_seconds() -> tuple[float, float]:
     """Wall and CPU seconds for a fresh interpreter to import what ``wsienc tile`` imports before it
     starts working (tissue detection's SciPy / scikit-image included: every default run needs them)."""
-    code = (
+    return fresh_interpreter_seconds(
         "import wsi_encoder.cli.tile, wsi_encoder.pipelines.tile_cohort, dask.threaded, openslide, tiffslide;"
         "from wsi_encoder.tissue import detect_tissue; import numpy; detect_tissue(numpy.full((64, 64, 3), 240, 'u1'))"
     )
+
+
+def fresh_interpreter_seconds(code: str) -> tuple[float, float]:
+    """Wall and CPU seconds of ``python -c code`` in a fresh interpreter."""
+    return timed_process([sys.executable, "-c", code])
+
+
+def timed_process(args: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + sys) of a subprocess, its output discarded."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", code])
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError("importing wsi_encoder failed")
+        raise RuntimeError(f"{' '.join(args)} failed")
     return time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+
+
+def report_coords_only(work: Path, repeat: int) -> None:
+    """The whole ``wsienc tile --coords-only`` command on a small (4096²) slide against what any such run
+    must pay: an interpreter, and one importing numpy, zarr (the store) and scipy.ndimage (tissue detection)."""
+    slide = generated_slide(work, 4096)
+    store = work / "coords.zarr"
+    wsienc = str(Path(sys.executable).with_name("wsienc"))
+    runs: dict[str, list[tuple[float, float]]] = {"command": [], "floor": [], "python": []}
+    for _ in range(repeat + 2):  # interleaved, so load changes hit each alike
+        shutil.rmtree(store, ignore_errors=True)
+        runs["command"].append(timed_process([wsienc, "-q", "tile", str(slide), "--out", str(store), "--coords-only",
+                                              "--workers", "2"]))  # fmt: skip
+        runs["floor"].append(fresh_interpreter_seconds("import numpy, zarr, scipy.ndimage"))
+        runs["python"].append(fresh_interpreter_seconds("pass"))
+    shutil.rmtree(store, ignore_errors=True)
+    best = {name: min(times) for name, times in runs.items()}
+    print(f"coordinates-only run of a 4096^2 slide (best of {repeat + 2}; wall / CPU):")
+    print(f"  wsienc -q tile --coords-only --workers 2        {best['command'][0]:5.2f} s / {best['command'][1]:5.2f} s "
+          "(target <= 0.35)")
+    print(f"  python -c 'import numpy, zarr, scipy.ndimage'   {best['floor'][0]:5.2f} s / {best['floor'][1]:5.2f} s "
+          "(what any such run imports)")
+    print(f"  python -c pass                                  {best['python'][0]:5.2f} s / {best['python'][1]:5.2f} s")
 
 
 def run_per_tile_loop(slide: Path, coords: np.ndarray, target: Path) -> tuple[float, float]:
@@ -213,6 +247,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench_tile_"))
     work.mkdir(parents=True, exist_ok=True)
+    report_coords_only(work, args.repeat)
     for size in (int(s) for s in str(args.size).split(",")):
         run_size(size, args, work)
     if args.big:
