@@ -62,6 +62,8 @@ def test_grid_holds_every_feature_row_and_the_mask_is_the_tiles(encoded: tuple[P
         assert 0 < expected.sum() < expected.size  # the fixture has tissue and glass
         assert not emb.grid[:, ~emb.mask].any()
         np.testing.assert_array_equal(emb.thumbnail, patch["thumbnail"][:])
+        copied = zarr.open_group(str(store / slide_id), mode="r")["thumbnail"]
+        assert copied.chunks == copied.shape  # read whole: one chunk
 
 
 def test_features_equal_a_direct_forward_pass_on_the_stored_tiles(encoded: tuple[Path, Path, Path], patch_store: Path) -> None:

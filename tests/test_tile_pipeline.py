@@ -63,6 +63,9 @@ def test_tiles_equal_openslide_pixels_at_the_slides_own_mpp(cmu_svs: Path, tmp_p
     np.testing.assert_array_equal(slide.coords, slide.grid[:, ::-1].astype(np.int64) * 224)
     assert (slide.tissue >= 0.1).all()
     assert slide.thumbnail.ndim == 3 and slide.tissue_mask.shape == slide.thumbnail.shape[:2]
+    group = zarr.open_group(out / "CMU-1-Small-Region", mode="r")
+    for name in ("thumbnail", "tissue_mask"):  # read whole, so one chunk (zarr's automatic chunks made 16)
+        assert group[name].chunks == group[name].shape
 
 
 def test_coarser_mpp_matches_a_reference_resampling(cmu_svs: Path, tmp_path: Path) -> None:

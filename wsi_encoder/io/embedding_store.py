@@ -538,7 +538,8 @@ class EmbeddingStore:
         group.create_array("grid", shape=(c, rows, cols), chunks=(max(1, c), gr, gc), dtype=layout.dtype, fill_value=0)
         group.create_array("mask", shape=(rows, cols), chunks=(gr, gc), dtype=bool, fill_value=False)
         if thumbnail is not None:
-            group.create_array("thumbnail", data=np.asarray(thumbnail, dtype=np.uint8))
+            thumbnail = np.asarray(thumbnail, dtype=np.uint8)  # one chunk: it is read whole
+            group.create_array("thumbnail", data=thumbnail, chunks=thumbnail.shape)
         group.create_array("encoded_chunks", shape=(layout.n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
         group.update_attributes({**attrs, "complete": False})  # one metadata write (attrs.update writes per key)
         return builtins.list(range(layout.n_chunks))

@@ -194,34 +194,38 @@ def create_slide_group(
     n = len(coords)
     extra = {"zstd_level": _ZSTD_LEVEL} if codec == "zstd" else {}
     group = root.create_group(slide_id, attributes={**attrs, **extra, "complete": False, "planned": False})
-    group.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(n, 1), 2))
-    group.create_array("grid", data=np.asarray(grid, dtype=np.int32).reshape(n, 2), chunks=(max(n, 1), 2))
-    group.create_array("tissue", data=np.asarray(tissue, dtype=np.float32).reshape(n), chunks=(max(n, 1),))
+    arrays: dict[str, dict[str, Any]] = {
+        "coords": {"data": np.asarray(coords, dtype=np.int64).reshape(n, 2), "chunks": (max(n, 1), 2)},
+        "grid": {"data": np.asarray(grid, dtype=np.int32).reshape(n, 2), "chunks": (max(n, 1), 2)},
+        "tissue": {"data": np.asarray(tissue, dtype=np.float32).reshape(n), "chunks": (max(n, 1),)},
+        # one chunk each (both are read whole): zarr's automatic chunks cut a 1280² thumbnail into 16
+        "thumbnail": {"data": np.ascontiguousarray(thumbnail, dtype=np.uint8), "chunks": np.shape(thumbnail)},
+        "tissue_mask": {"data": np.ascontiguousarray(tissue_mask, dtype=bool), "chunks": np.shape(tissue_mask)},
+    }
     if inside is not None:
-        group.create_array("inside", data=np.asarray(inside, dtype=np.float32).reshape(n), chunks=(max(n, 1),))
-    group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8))
-    group.create_array("tissue_mask", data=np.ascontiguousarray(tissue_mask, dtype=bool))
+        arrays["inside"] = {"data": np.asarray(inside, dtype=np.float32).reshape(n), "chunks": (max(n, 1),)}
     if codec is not None:
-        n_chunks = -(-n // chunk_tiles)
-        shape = (n, tile_size, tile_size, 3)
-        chunk = (chunk_tiles, tile_size, tile_size, 3)
-        names = ("tile", "y", "x", "channel")
-        if codec == "jpeg":
-            group.create_array(
-                "tiles", shape=shape, dtype=np.uint8, chunks=chunk, serializer=JpegTileCodec(quality=jpeg_quality),
-                compressors=None, fill_value=0, dimension_names=names, chunk_key_encoding=_FLAT_KEYS,
-            )
-        elif codec == "zstd":
-            group.create_array(
-                "tiles", shape=shape, dtype=np.uint8, shards=chunk, chunks=(1, tile_size, tile_size, 3),
-                compressors=ZstdCodec(level=_ZSTD_LEVEL), fill_value=0, dimension_names=names,
-                chunk_key_encoding=_FLAT_KEYS,
-            )
-        else:
-            raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
-        group.create_array("chunks_done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False, compressors=None)
+        arrays.update(_tile_arrays(n, tile_size, chunk_tiles, codec, jpeg_quality))
+    for name, kwargs in arrays.items():
+        group.create_array(name, **kwargs)
     group.attrs.update({"planned": True})
     return group
+
+
+def _tile_arrays(n: int, tile_size: int, chunk_tiles: int, codec: str, jpeg_quality: int) -> dict[str, dict[str, Any]]:
+    """The empty ``tiles`` array of ``codec``'s layout and its ``chunks_done`` flags, as ``create_array`` arguments."""
+    shape = (n, tile_size, tile_size, 3)
+    chunk = (chunk_tiles, tile_size, tile_size, 3)
+    common = {"shape": shape, "dtype": np.uint8, "fill_value": 0, "dimension_names": ("tile", "y", "x", "channel"),
+              "chunk_key_encoding": _FLAT_KEYS}  # fmt: skip
+    if codec == "jpeg":
+        tiles = {**common, "chunks": chunk, "serializer": JpegTileCodec(quality=jpeg_quality), "compressors": None}
+    elif codec == "zstd":
+        tiles = {**common, "shards": chunk, "chunks": (1, tile_size, tile_size, 3), "compressors": ZstdCodec(level=_ZSTD_LEVEL)}
+    else:
+        raise StoreError(f"unknown tile codec {codec!r}; choose one of {', '.join(CODECS)}")
+    done = {"shape": (-(-n // chunk_tiles),), "dtype": bool, "chunks": (1,), "fill_value": False, "compressors": None}
+    return {"tiles": tiles, "chunks_done": done}
 
 
 def open_slide_arrays_for_writing(store_path: str | Path, slide_id: str) -> tuple[zarr.Array, zarr.Array]:
