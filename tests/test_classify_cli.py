@@ -15,7 +15,7 @@ from PIL import Image
 
 from wsi_encoder.cli import main
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBags
-from wsi_encoder.pipelines.classify import load_model
+from wsi_encoder.models.classifier_files import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

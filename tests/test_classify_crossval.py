@@ -16,7 +16,8 @@ from sklearn.metrics import balanced_accuracy_score, brier_score_loss, f1_score,
 from wsi_encoder.evaluation.crossval import cross_validate, inner_split, patient_folds
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBags
 from wsi_encoder.io.labels import read_labels
-from wsi_encoder.pipelines.classify import predict, train_classifier
+from wsi_encoder.pipelines.classify import train_classifier
+from wsi_encoder.pipelines.classify_predict import predict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from wsi_encoder.errors import CheckpointError, InvalidParameterError
 from wsi_encoder.io.embedding_store import EmbeddingStore, SlideBag, SlideBags
 from wsi_encoder.io.labels import read_labels
+from wsi_encoder.models.classifier_files import load_model, save_model
 from wsi_encoder.models.slide_classifiers import (
     GridCNNConfig,
     create_slide_classifier,
@@ -20,7 +21,6 @@ from wsi_encoder.models.slide_classifiers import (
     make_config,
     torch_threads,
 )
-from wsi_encoder.pipelines.classify import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODELS = ("linear", "abmil", "gridcnn")

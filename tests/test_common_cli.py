@@ -255,7 +255,7 @@ def _library_defaults(target: object) -> dict[str, object]:
         ("encode", ["wsi_encoder.pipelines.encode_store:encode_store"], {"compile_model": "compile"}),
         ("predict", ["wsi_encoder.pipelines.predict:predict_slides"], {}),
         ("classify train", ["wsi_encoder.pipelines.classify:train_classifier"], {}),
-        ("classify predict", ["wsi_encoder.pipelines.classify:predict"], {}),
+        ("classify predict", ["wsi_encoder.pipelines.classify_predict:predict"], {}),
         ("signatures", ["wsi_encoder.evaluation.signatures:SignatureSpec",
                         "wsi_encoder.pipelines.signatures:run_signatures"], {}),
     ],

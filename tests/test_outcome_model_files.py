@@ -17,7 +17,8 @@ from wsi_encoder.io.embedding_store import EmbeddingStore
 from wsi_encoder.models.outcome_files import load_outcome_model
 from wsi_encoder.models.slide_classifiers.regressors import create_regressor
 from wsi_encoder.models.slide_classifiers.survival import create_cox_model
-from wsi_encoder.pipelines.classify import predict, train_regressor, train_survival
+from wsi_encoder.pipelines.classify import train_regressor, train_survival
+from wsi_encoder.pipelines.classify_predict import predict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -298,7 +298,7 @@ def predict(
     threads: int | None,
 ) -> None:
     """Predict every slide of EMBEDDINGS with a trained model; optionally draw per-slide heatmaps."""
-    from wsi_encoder.pipelines.classify import predict as run_predict
+    from wsi_encoder.pipelines.classify_predict import predict as run_predict
 
     with ExitStack() as stack:
         bar = stack.enter_context(Progress("predicting", unit="slide", leave=False))
