@@ -12,10 +12,10 @@ grey but which absorbs light), after removing what is not tissue even though it 
   below 25 %, low saturation; dense nuclei are dark but saturated purple and stay). The ink mask
   is dilated a little so antialiased stroke and border fringes go too.
 
-The mask is cleaned with scikit-image's morphology (opening, closing, small-object removal, filling of
-small holes), called the way scikit-image calls SciPy: ``skimage.morphology``'s package imports
-``scipy.spatial`` and the rest of its functions, a tenth of a second of every command's start-up. Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are
-detected and segmented on brightness instead. TMA cores are tissue pieces like any other (pieces
+The mask is cleaned as scikit-image's morphology cleans it (opening, closing, small-object removal,
+filling of small holes; tests compare the two), with NumPy and SciPy's labelling: importing
+``skimage.morphology`` pulls in ``scipy.spatial``, a tenth of a second of every command's start-up.
+Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are detected and segmented on brightness instead. TMA cores are tissue pieces like any other (pieces
 below ``min_tissue_um2`` are dropped as debris).
 
 What cannot be told apart by colour, and is documented rather than guessed: red ink from eosin (red

@@ -45,9 +45,7 @@ from wsi_encoder.io.files import atomic_write_csv, atomic_write_json
 from wsi_encoder.io.labels import LabelTable, TargetTable, read_labels, read_targets
 from wsi_encoder.io.urls import normalize
 from wsi_encoder.models.classifier_files import save_model
-from wsi_encoder.models.outcome_files import (
-    save_outcome_model,
-)
+from wsi_encoder.models.outcome_files import save_outcome_model
 from wsi_encoder.models.slide_classifiers import (
     config_fields,
     model_preset,
@@ -335,7 +333,6 @@ def train_classifier(
     return ClassifyResult(out, metrics, cv, table, files)
 
 
-# ---------------------------------------------------------------------------------------------- predict
 # ---------------------------------------------------------------------------------------------- regression
 def _outcome_meta(
     reader: EmbeddingStore, embedding_store: str | Path, labels_csv: str | Path, slide_ids: list[str], n_training: int,
