@@ -79,7 +79,7 @@ def _create(tmp: Path) -> int:
         return os.open(tmp, flags, 0o666)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *, fsync: bool = True) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see the module docstring).
 
     ``fsync=False`` skips flushing the file to the disk before it is put in place (zarr's own chunk
@@ -133,10 +133,20 @@ def atomic_write_figure(path: str | os.PathLike[str], fig: Figure, **savefig: An
         fig.savefig(tmp, **savefig)
 
 
-def atomic_write_image(path: str | os.PathLike[str], image: Image.Image, *, compress_level: int = 1) -> None:
-    """Save a Pillow image atomically as PNG (``compress_level`` 1: fast, a few percent larger than 6)."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", compress_level=compress_level)
+def atomic_write_image(path: str | os.PathLike[str], image: Image.Image) -> None:
+    """Save a Pillow image atomically as PNG.
+
+    Encoded by imagecodecs (libpng) at zlib level 1 with no row filter: on a QC picture, a third of the time
+    Pillow takes at its fastest level (Pillow tries every row filter) and a smaller file, as the pictures
+    are mostly flat colour. Modes other than L, RGB and RGBA are converted to RGB(A) first.
+    """
+    import imagecodecs
+    import numpy as np
+
+    if image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+    data = imagecodecs.png_encode(np.asarray(image), level=1, filter=imagecodecs.PNG.FILTER.NONE)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 @contextmanager
