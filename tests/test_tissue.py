@@ -152,6 +152,19 @@ def test_ink_hue_is_tested_wherever_it_could_make_ink() -> None:
     np.testing.assert_array_equal(got, expected)
 
 
+def test_hue_equals_scikit_image_rgb2hsv() -> None:
+    # The ink test computes the hue itself (skimage.color's import loads scipy.linalg): it must be
+    # rgb2hsv's hue bit for bit, ties between channels and greys included.
+    from skimage.color import rgb2hsv
+
+    from wsi_encoder.tissue import _hue
+
+    levels = np.arange(0, 256, 5, dtype=np.float32) / 255
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    pixels = np.concatenate([cube, np.random.default_rng(0).random((20000, 3), dtype=np.float32)])
+    np.testing.assert_array_equal(_hue(pixels), rgb2hsv(pixels[None])[0][:, 0])
+
+
 def test_mask_cleaning_equals_scikit_image_morphology() -> None:
     # The cleaning calls SciPy as scikit-image does (to spare start-up skimage.morphology's imports);
     # it must give scikit-image's opening, closing, small-object removal and hole filling, borders

@@ -15,6 +15,9 @@ grey but which absorbs light), after removing what is not tissue even though it 
 The mask is cleaned as scikit-image's morphology cleans it (opening, closing, small-object removal,
 filling of small holes; tests compare the two), with NumPy and SciPy's labelling: importing
 ``skimage.morphology`` pulls in ``scipy.spatial``, a tenth of a second of every command's start-up.
+For the same reason the ink test computes the hue as ``skimage.color.rgb2hsv`` does (tested bit for bit)
+instead of importing ``skimage.color``, which loads ``scipy.linalg``; brightness and saturation are taken
+on the thumbnail's bytes before scaling them to [0, 1] (the same values, a third of the memory traffic).
 Dark-field slides (fluorescence: a dark background, see :func:`is_darkfield`) are detected and segmented on brightness instead. TMA cores are tissue pieces like any other (pieces
 below ``min_tissue_um2`` are dropped as debris).
 
@@ -31,17 +34,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from skimage import color, filters
+from skimage import filters
 
 from wsi_encoder.errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
 BoolArray = npt.NDArray[np.bool_]
+ScalarT = TypeVar("ScalarT", np.uint8, np.float32)
 
 #: Name recorded in stores for this detector (bump when results change).
 TISSUE_METHOD = "skimage-otsu-saturation-darkness-v3"
@@ -89,37 +94,59 @@ def ink_mask(rgb: npt.NDArray[np.floating]) -> BoolArray:
     """Blue, green and black marker ink, black borders and slide edges in an RGB image in [0, 1]."""
     rgb = np.asarray(rgb, dtype=np.float32)
     value = _channel_max(rgb)
-    return _ink(rgb, value, _saturation(rgb, value))
+    return _ink(rgb, value, _saturation(value, _channel_min(rgb)))
 
 
-def _channel_max(rgb: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _channel_max(rgb: npt.NDArray[ScalarT]) -> npt.NDArray[ScalarT]:
     # Elementwise over the three planes: much faster than a reduction along a length-3 axis.
     return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
 
 
-def _saturation(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _channel_min(rgb: npt.NDArray[ScalarT]) -> npt.NDArray[ScalarT]:
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
+def _value_and_low(thumbnail: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The largest and smallest channel of each pixel of a uint8 RGB image, in [0, 1]: taken on the bytes,
+    then scaled (the values of :func:`_channel_max` / :func:`_channel_min` of :func:`_unit_float`, as
+    scaling keeps the order, at a fraction of the memory traffic)."""
+    return _unit_float(_channel_max(thumbnail)), _unit_float(_channel_min(thumbnail))
+
+
+def _saturation(value: npt.NDArray[np.float32], low: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """HSV saturation ``(max - min) / max`` (what ``skimage.color.rgb2hsv`` gives, without the hue)."""
-    spread = value - np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    return np.divide(spread, value, out=np.zeros_like(value), where=value > 0)
+    return np.divide(value - low, value, out=np.zeros_like(value), where=value > 0)
 
 
 def _ink(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32], sat: npt.NDArray[np.float32]) -> BoolArray:
     # Black ink, scanner borders and slide edges are dark and neutral; dense nuclei are dark but purple.
     ink = (value < _DARK_V) & (sat < 0.4)
     # H&E never reaches the blue/green hues: haematoxylin has red above green (hue >= 240), eosin is
-    # red. Hue is computed (with scikit-image) only where it could make a pixel ink: saturated, red not
+    # red. Hue is computed (as scikit-image does) only where it could make a pixel ink: saturated, red not
     # the brightest channel (else the hue lies in [300, 360) or [0, 60], outside both ranges), and green
     # the brightest or blue-ink saturated (blue brightest puts the hue in [180, 300): only blue ink can be there).
     r, g = rgb[..., 0], rgb[..., 1]
     coloured = np.flatnonzero((sat > 0.2) & (r < value) & ((g == value) | (sat > _BLUE_INK_MIN_SAT)))
     if coloured.size:
-        pixels = rgb.reshape(-1, 3)[coloured]
-        hsv = color.rgb2hsv(pixels[None, :, :])[0]
-        hue, s = hsv[:, 0] * 360.0, hsv[:, 1]
+        hue, s = _hue(rgb.reshape(-1, 3)[coloured]) * 360.0, sat.reshape(-1)[coloured]
         blue = (hue >= _BLUE_HUE[0]) & (hue < _BLUE_HUE[1]) & (s > _BLUE_INK_MIN_SAT)
         green = (hue >= _GREEN_HUE[0]) & (hue < _GREEN_HUE[1])
         ink.reshape(-1)[coloured[blue | green]] = True
     return ink
+
+
+def _hue(pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The HSV hue in [0, 1) of ``(n, 3)`` float32 RGB pixels, as ``skimage.color.rgb2hsv`` computes it
+    (the same float32 steps; where channels tie for the maximum, blue's formula over green's over red's;
+    0 for grey). Spares its import (``skimage.color`` loads ``scipy.linalg``) and its other channels."""
+    r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    v = np.maximum(np.maximum(r, g), b)
+    delta = v - np.minimum(np.minimum(r, g), b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.where(b == v, 4.0 + (r - g) / delta, np.where(g == v, 2.0 + (b - r) / delta, (g - b) / delta))
+    h = (h / 6.0) % 1.0
+    h[delta == 0.0] = 0.0
+    return h
 
 
 def is_darkfield(thumbnail: npt.NDArray[np.uint8]) -> bool:
@@ -130,17 +157,15 @@ def is_darkfield(thumbnail: npt.NDArray[np.uint8]) -> bool:
     """
     if thumbnail.size == 0:
         return False
-    rgb = _unit_float(thumbnail)
-    value = _channel_max(rgb)
-    return _is_darkfield(rgb, value)
+    return _is_darkfield(*_value_and_low(thumbnail))
 
 
 def _unit_float(thumbnail: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """uint8 RGB -> float32 in [0, 1], in one pass (the values of ``astype(float32) / 255``)."""
+    """uint8 -> float32 in [0, 1], in one pass (the values of ``astype(float32) / 255``)."""
     return np.divide(thumbnail, np.float32(255.0), dtype=np.float32)
 
 
-def _is_darkfield(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32]) -> bool:
+def _is_darkfield(value: npt.NDArray[np.float32], low: npt.NDArray[np.float32]) -> bool:
     if float(np.median(value)) < _DARKFIELD_MEDIAN_V:
         return True
     h, w = value.shape
@@ -148,7 +173,7 @@ def _is_darkfield(rgb: npt.NDArray[np.float32], value: npt.NDArray[np.float32]) 
     frame = np.concatenate([value[:band].ravel(), value[-band:].ravel(), value[:, :band].ravel(), value[:, -band:].ravel()])
     if float(np.median(frame)) >= _DARKFIELD_MEDIAN_V:
         return False
-    bright_glass = float(np.mean((value > _GLASS_MIN_V) & (_saturation(rgb, value) < _GLASS_MAX_SAT)))
+    bright_glass = float(np.mean((value > _GLASS_MIN_V) & (_saturation(value, low) < _GLASS_MAX_SAT)))
     return bright_glass < _MIN_GLASS_FRACTION
 
 
@@ -194,14 +219,14 @@ def detect_tissue(
     if min(shape) < 4:
         empty = np.zeros(shape, dtype=bool)
         return TissueMask(mask=empty, ink=empty.copy(), method=TISSUE_METHOD, threshold=0.0)
-    rgb = _unit_float(thumbnail)
-    value = _channel_max(rgb)
+    value, low = _value_and_low(thumbnail)
     min_obj = _area_px(min_tissue_um2, thumbnail_mpp, 1e-4, shape)
     max_hole = _area_px(max_hole_um2, thumbnail_mpp, 1e-4, shape)
-    if _is_darkfield(rgb, value):
-        return _darkfield(rgb, min_obj, max_hole)
+    if _is_darkfield(value, low):
+        return _darkfield(value, min_obj, max_hole)
 
-    sat = _saturation(rgb, value)
+    rgb = _unit_float(thumbnail)
+    sat = _saturation(value, low)
     # Isolated specks of ink colour inside tissue (a dark nucleus, a bluish pixel) are not pen
     # strokes; drop them, then grow the rest a little: antialiased stroke and border fringes go too.
     ink = _dilate_where_set(_remove_small(_ink(rgb, value, sat), max(8, min_obj // 20)), 2)
@@ -229,8 +254,8 @@ def detect_tissue(
     return TissueMask(mask=mask, ink=ink, method=TISSUE_METHOD, threshold=threshold)
 
 
-def _darkfield(rgb: npt.NDArray[np.float32], min_obj: int, max_hole: int) -> TissueMask:
-    value = filters.gaussian(_channel_max(rgb), sigma=1.0, preserve_range=True)
+def _darkfield(value: npt.NDArray[np.float32], min_obj: int, max_hole: int) -> TissueMask:
+    value = filters.gaussian(value, sigma=1.0, preserve_range=True)
     if float(np.ptp(value)) < 1e-3:
         threshold = 1.0
     else:
