@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from wsi_encoder.qc import _tint_tiles, render_tile_qc, tile_map
 
@@ -47,6 +48,18 @@ def test_tile_map_equals_painting_the_boxes_one_by_one() -> None:
             tiles = tile_map(shape, boxes, values)
             np.testing.assert_array_equal(tiles.expand(tiles.box), ids)
             np.testing.assert_array_equal(tiles.expand(tiles.edge), edge)
+
+
+def test_tile_map_in_small_batches_of_cells_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    # densely overlapping tiles are taken a bounded number of (box, cell) pairs at a time
+    import wsi_encoder.qc as qc
+
+    boxes, values = _grid(9, 8.0, 2.0, 0.5), np.random.default_rng(2).random(81)
+    monkeypatch.setattr(qc, "_CELL_BATCH", 7)
+    tiles = tile_map((30, 30), boxes, values)
+    ids, edge = _painted((30, 30), boxes, values)
+    np.testing.assert_array_equal(tiles.expand(tiles.box), ids)
+    np.testing.assert_array_equal(tiles.expand(tiles.edge), edge)
 
 
 def test_overlapping_boxes_keep_the_larger_value_in_any_order() -> None:
