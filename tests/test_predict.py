@@ -180,7 +180,8 @@ def test_multi_class_predictions_have_one_column_per_class(slide_dir: Path, tmp_
 
 
 def test_the_prediction_path_does_not_import_scikit_learn() -> None:
-    """Start-up is most of a one-slide prediction: what predict imports must stay lean (no scikit-learn, no SciPy stats)."""
+    """Start-up is most of a one-slide prediction: what predict imports must stay lean (no scikit-learn, no SciPy
+    stats, no SciPy spatial or scikit-image's morphology, which regionprops and label load)."""
     import subprocess
     import sys
 
@@ -191,7 +192,7 @@ def test_the_prediction_path_does_not_import_scikit_learn() -> None:
         "from wsi_encoder.overlays import tissue_polygons\n"
         "import numpy as np\n"
         "m = np.zeros((20, 20), bool); m[5:15, 5:15] = True; tissue_polygons(m, (200.0, 200.0))\n"
-        "print(','.join(m for m in ('sklearn', 'scipy.stats', 'dask', 'distributed') if m in sys.modules))\n"
+        "print(','.join(m for m in ('sklearn', 'scipy.stats', 'scipy.spatial', 'skimage.morphology', 'dask', 'distributed') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"the prediction path imports {out}"
