@@ -135,6 +135,30 @@ def test_tissue_polygons_trace_pieces_and_holes_in_level0_pixels() -> None:
     assert tissue_polygons(np.zeros((8, 8), dtype=bool), (80.0, 80.0)) == []
 
 
+def test_tissue_pieces_are_scikit_image_labels_and_regions() -> None:
+    """The outlines' pieces, holes and filled pieces equal scikit-image's ``label`` (connectivity 2 and 1) and
+    ``regionprops`` (``bbox``, ``image``, ``image_filled``), which overlays.py no longer imports."""
+    from scipy import ndimage
+    from skimage import measure
+
+    from wsi_encoder.overlays import _EIGHT, _pieces
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        mask = rng.random(tuple(rng.integers(2, 50, 2))) < rng.uniform(0.2, 0.8)
+        if trial % 2:
+            mask = ndimage.median_filter(mask, 3)
+        for structure, connectivity in ((_EIGHT, 2), (None, 1)):
+            labels = ndimage.label(mask, structure)[0]
+            assert np.array_equal(labels, measure.label(mask, connectivity=connectivity))
+            regions = measure.regionprops(labels)
+            pieces = _pieces(labels)
+            assert len(pieces) == len(regions)
+            for (corner, piece), region in zip(pieces, regions, strict=True):
+                assert corner == region.bbox[:2] and np.array_equal(piece, region.image)
+                assert np.array_equal(ndimage.binary_fill_holes(piece, _EIGHT), region.image_filled)
+
+
 def test_saved_models_load_back_with_their_provenance(tmp_path: Path) -> None:
     model, meta = load_model(_model(tmp_path / "clf"), device="cpu")
     assert meta["provenance"]["tiling"] == TILING and meta["provenance"]["encoder"]["name"] == "nic"
