@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import fields
@@ -285,3 +286,89 @@ def test_cli_defaults_equal_the_library_defaults(command: str, targets: list[str
             assert default == library[name], f"{command} --{name}: {default!r} != {library[name]!r}"
             compared.append(name)
     assert compared, f"no default of {command} compared"
+
+
+_GC_WATCH = """
+import gc, json, sys
+HEAVY = {heavy!r}
+during = set()
+
+def watch(phase, info):  # a collection while a heavy module is being imported
+    if phase == "start":
+        during.update(m for m in HEAVY if getattr(getattr(sys.modules.get(m), "__spec__", None), "_initializing", False))
+
+gc.callbacks.append(watch)
+from wsi_encoder.cli import main
+try:
+    main({args!r})
+except SystemExit:
+    pass
+print(json.dumps([sorted(during), [m for m in HEAVY if m in sys.modules], gc.isenabled(), gc.get_freeze_count()]))
+"""
+
+
+def _start_up(args: list[str], heavy: list[str]) -> tuple[list[str], list[str], bool, int]:
+    """Run ``wsienc ARGS`` in a fresh interpreter: the heavy modules whose import the collector interrupted,
+    those imported, whether the collector runs at the end, how many objects are frozen."""
+    code = _GC_WATCH.format(heavy=heavy, args=args)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    during, imported, enabled, frozen = json.loads(out.strip().splitlines()[-1])
+    return during, imported, enabled, frozen
+
+
+@pytest.mark.parametrize(
+    "command", ["tile", "train-encoder", "encode", "predict", "classify train", "classify predict", "lomo", "demo"]
+)
+def test_commands_import_their_libraries_with_the_collector_paused_then_frozen(command: str, tmp_path: Path) -> None:
+    # Without the pause, CPython's collector runs ~400 times inside `import torch` alone and then traverses its
+    # million objects in every full collection and at exit (0.5-0.7 s of a short command).
+    if command == "tile":
+        args, heavy = ["tile", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "out")], ["numpy", "zarr", "scipy"]
+    else:
+        args = [a if a != "bogus" else "cpu" for a in _commands_with_device(tmp_path)[command]]
+        args += ["--slides", "1"] if command == "demo" else []
+        heavy = ["torch", "numpy"]
+    during, imported, enabled, frozen = _start_up(args, heavy)
+    assert imported == heavy
+    assert during == [], f"{command}: the collector ran while importing {during}"
+    assert enabled
+    assert frozen > 100_000
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_frozen_collects_old_garbage_pauses_the_collector_and_restores_it(tmp_path: Path) -> None:
+    (tmp_path / "heavy_module.py").write_text(
+        "import gc\nPAUSED = not gc.isenabled()\nTABLES = [[i] for i in range(50_000)]\n"
+    )
+    code = f"""
+import gc, json, sys, weakref
+sys.path.insert(0, {str(tmp_path)!r})
+from wsi_encoder.cli.common import import_frozen
+
+class Node:
+    pass
+
+def cycle():
+    node = Node()
+    node.me = node  # garbage only a collection frees
+    return weakref.ref(node)
+
+old = cycle()
+import_frozen("heavy_module")
+import heavy_module
+first = [heavy_module.PAUSED, gc.isenabled(), old() is None, gc.get_freeze_count()]
+young = cycle()
+import_frozen("heavy_module", "json")  # both imported already: nothing collected, nothing frozen
+second = [young() is None, gc.get_freeze_count() == first[3]]
+gc.disable()
+open(sys.path[0] + "/other_module.py", "w").write("X = 1")
+import_frozen("other_module")
+print(json.dumps([first, second, gc.isenabled()]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first, second, enabled_after_disabled = json.loads(out.strip().splitlines()[-1])
+    paused, enabled, old_collected, frozen = first
+    assert paused and enabled and old_collected
+    assert frozen >= 50_000
+    assert second == [False, True]
+    assert enabled_after_disabled is False

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    Progress,
+    device_option,
+    echo_err,
+    imports_first,
+    storage_options_option,
+)
 from wsi_encoder.io.urls import is_url, join, local_copy, local_output
 
 if TYPE_CHECKING:
@@ -108,6 +115,7 @@ def classify() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
 @storage_options_option
+@imports_first("torch", "wsi_encoder.pipelines.classify")
 def train(
     embeddings: Path | str,
     labels_csv: Path | str,
@@ -286,6 +294,7 @@ def _train_survival(
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads (default: torch's choice; 1-2 is plenty for these small models).")
 @storage_options_option
+@imports_first("torch", "wsi_encoder.pipelines.classify_predict")
 def predict(
     embeddings: Path | str,
     model_dir: Path | str,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from wsi_encoder.cli.classify import FoldProgress
-from wsi_encoder.cli.common import Progress, device_option
+from wsi_encoder.cli.common import Progress, device_option, imports_first
 from wsi_encoder.cli.encode import EncodeProgress
 from wsi_encoder.cli.tile import TileProgress
 from wsi_encoder.cli.train import TrainProgress
@@ -34,6 +34,7 @@ D = DemoConfig()
 @click.option("--workers", type=click.IntRange(min=1), default=D.workers, show_default=True, help="Local dask workers for tiling.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the generated cohort and of training.")
 @device_option
+@imports_first("torch", "wsi_encoder.pipelines.demo")
 def demo(out: Path, n_slides: int, classifier: str, target: str, encoder_steps: int, workers: int, seed: int,
          device: str) -> None:
     """Generate a demo cohort (label: a lesion texture) and run tile -> train-encoder -> encode -> classify."""

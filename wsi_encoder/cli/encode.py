@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from wsi_encoder.cli.common import PATH_OR_URL, Progress, device_option, echo_err, storage_options_option
+from wsi_encoder.cli.common import (
+    PATH_OR_URL,
+    Progress,
+    device_option,
+    echo_err,
+    imports_first,
+    storage_options_option,
+)
 from wsi_encoder.io.urls import is_url, local_output
 
 
@@ -43,6 +50,7 @@ class EncodeProgress(Progress):
 @click.option("--slide", "slide_ids", multiple=True, help="Only this slide id (repeatable).")
 @click.option("--dihedral", is_flag=True, help="Also encode every tile in its 8 rotations/flips (features_dihedral, rotation-true NIC augmentation; 8x the time). gridcnn then trains and predicts on true views.")
 @storage_options_option
+@imports_first("torch", "wsi_encoder.pipelines.encode_store")
 def encode(
     patch_store: Path | str,
     encoder: str,

@@ -7,9 +7,12 @@ import os
 
 import click
 
+from wsi_encoder.cli.common import imports_first
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as a JSON list.")
+@imports_first("wsi_encoder.models.encoders")
 def encoders(as_json: bool) -> None:
     """List every registered encoder: embedding size, input size, µm/px, resize, output, weights format, source, licence.
 

@@ -11,6 +11,7 @@ import click
 from wsi_encoder.cli.common import (
     PATH_OR_URL,
     echo_err,
+    imports_first,
     slide_backend_option,
     slide_mpp_option,
     storage_options_option,
@@ -32,6 +33,7 @@ def _fmt(value: object) -> str:
 @slide_backend_option
 @slide_mpp_option
 @storage_options_option
+@imports_first("wsi_encoder.io.slides")
 def info(slides: tuple[Path | str, ...], as_json: bool, backend: str, slide_mpp: float | None) -> None:
     """Print the properties of each SLIDE (a file, or an s3:// / https:// URL): size, levels, downsamples, µm/px,
     objective, vendor, and the levels another installed backend lists where they differ."""

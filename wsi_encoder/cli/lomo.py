@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from wsi_encoder.cli.common import Progress, device_option
+from wsi_encoder.cli.common import Progress, device_option, imports_first
 from wsi_encoder.pipelines.lomo_config import ARMS, LomoConfig
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ def _arms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     "only the second seeds.",
 )
 @device_option
+@imports_first("torch", "wsi_encoder.pipelines.lomo")
 def lomo(
     data: tuple[Path, ...],
     out_dir: Path,

@@ -13,6 +13,7 @@ from wsi_encoder.cli.common import (
     Progress,
     device_option,
     echo_err,
+    imports_first,
     is_quiet,
     slide_backend_option,
     slide_mpp_option,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
               help="Threads decoding tiles ahead of the encoder [default: the CPU count, at most 4].")
 @click.option("--overwrite", is_flag=True, help="Predict every slide again, ignoring earlier results in OUT.")
 @storage_options_option
+@imports_first("torch", "wsi_encoder.pipelines.predict")
 def predict(
     slides: tuple[Path | str, ...],
     model_dir: Path | str,

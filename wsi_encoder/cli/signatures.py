@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_encoder.cli.common import Progress, echo_err
+from wsi_encoder.cli.common import Progress, echo_err, imports_first
 
 
 @click.command()
@@ -44,6 +44,7 @@ from wsi_encoder.cli.common import Progress, echo_err
               "the validation-role patients of splits.csv, whose labels the encoder never fitted) or `train` (every "
               "training-side image; a sensitivity analysis). Embedding stores always use their training folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of folds, inner CV, subsamples and solvers.")
+@imports_first("wsi_encoder.pipelines.signatures")
 def signatures(
     src: Path,
     out_dir: Path,

@@ -14,6 +14,7 @@ from wsi_encoder.cli.common import (
     PATH_OR_URL,
     Progress,
     echo_err,
+    imports_first,
     slide_backend_option,
     slide_mpp_option,
     storage_options_option,
@@ -76,6 +77,7 @@ class TileProgress(Progress):
 @click.option("--qc-dir", type=PATH_OR_URL, default=None, help="Write one QC PNG per slide here (thumbnail, tissue outline, kept tiles); a URL is staged locally and uploaded at the end.")
 @slide_backend_option
 @storage_options_option
+@imports_first("wsi_encoder.pipelines.tile_cohort", "dask")
 def tile(
     slides: tuple[Path | str, ...],
     out: Path | str,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from wsi_encoder.cli.common import Progress, device_option
+from wsi_encoder.cli.common import Progress, device_option, import_frozen, imports_first
 from wsi_encoder.errors import InvalidParameterError
 from wsi_encoder.training.train_config import TrainConfig
 
@@ -52,7 +52,11 @@ def tasks(as_json: bool) -> None:
     click.echo("Use: wsienc train-encoder --task NAME=PATH[,weight=W][,name=ALIAS][,mpp=UM][,option=VALUE] ...")
 
 
+_TRAINING_MODULES = ("torch", "wsi_encoder.pipelines.train_encoder")
+
+
 def _parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[TaskRequest]:
+    import_frozen(*_TRAINING_MODULES)  # parsing --task needs the task library: the command's start-up is here
     from wsi_encoder.pipelines.train_encoder import parse_task_argument
 
     if not values:
@@ -111,6 +115,7 @@ def _fmt(value: float | int | None) -> str:
               help="Also checkpoint every N steps (0: epoch ends only).")
 @click.option("--augment/--no-augment", default=True, help="Flips/rotations/colour/scale augmentation (default: on).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds a checkpoint (default: resume).")
+@imports_first(*_TRAINING_MODULES)
 def train_encoder(task_args: list[TaskRequest], out_dir: Path, overwrite: bool, **settings: Any) -> None:
     """Train a multitask supervised patch encoder on several labelled datasets.
 
