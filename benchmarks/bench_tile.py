@@ -154,12 +154,14 @@ def report_coords_only(work: Path, repeat: int) -> None:
     slide = generated_slide(work, 4096)
     store = work / "coords.zarr"
     wsienc = str(Path(sys.executable).with_name("wsienc"))
-    runs: dict[str, list[tuple[float, float]]] = {"command": [], "floor": [], "python": []}
+    runs: dict[str, list[tuple[float, float]]] = {"command": [], "floor": [], "paused": [], "python": []}
     for _ in range(repeat + 2):  # interleaved, so load changes hit each alike
         shutil.rmtree(store, ignore_errors=True)
         runs["command"].append(timed_process([wsienc, "-q", "tile", str(slide), "--out", str(store), "--coords-only",
                                               "--workers", "2"]))  # fmt: skip
         runs["floor"].append(fresh_interpreter_seconds("import numpy, zarr, scipy.ndimage"))
+        runs["paused"].append(fresh_interpreter_seconds(  # as wsienc imports (cli/common.import_frozen)
+            "import gc; gc.disable(); import numpy, zarr, scipy.ndimage; gc.freeze()"))
         runs["python"].append(fresh_interpreter_seconds("pass"))
     shutil.rmtree(store, ignore_errors=True)
     best = {name: min(times) for name, times in runs.items()}
@@ -168,6 +170,7 @@ def report_coords_only(work: Path, repeat: int) -> None:
           "(target <= 0.35)")
     print(f"  python -c 'import numpy, zarr, scipy.ndimage'   {best['floor'][0]:5.2f} s / {best['floor'][1]:5.2f} s "
           "(what any such run imports)")
+    print(f"  the same, garbage collector paused as wsienc does {best['paused'][0]:5.2f} s / {best['paused'][1]:5.2f} s")
     print(f"  python -c pass                                  {best['python'][0]:5.2f} s / {best['python'][1]:5.2f} s")
 
 

@@ -38,8 +38,9 @@ def import_frozen(*modules: str) -> None:
     exit. With the collector running, CPython traverses them again and again while they are created, then in
     every later full collection, and once more at shutdown: 0.5-0.7 s of a short command on the development
     machine (see docs/predict.md). Frozen, they sit in a generation that no collection visits; reference
-    counting still frees them. Garbage from before is collected first, so none of it is frozen. Modules
-    already imported are left alone (nothing is frozen then).
+    counting still frees them. Garbage from before is collected first, so none of it is frozen; the imports'
+    own cyclic garbage is (for torch and the predict pipeline: 7,655 objects, about 1 MiB, kept until exit).
+    Modules already imported are left alone (nothing is frozen then).
     """
     missing = [name for name in modules if name not in sys.modules]
     if not missing:
