@@ -50,6 +50,13 @@ def _wsienc(args: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def _python(code: str) -> float:
+    """Wall time of ``python -c CODE`` in a fresh interpreter."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t
+
+
 def _model(store: Path, out: Path) -> Path:
     """An abmil model (seeded weights, the store's feature statistics) saved with the store's provenance."""
     import torch
@@ -95,11 +102,12 @@ def bench_slide(name: str, slide: Path, work: Path, repeat: int, threads: list[s
         if not best or wall < best["wall"]:
             best = {"wall": wall}
             run = json.loads((work / "pred" / "run.json").read_text())
+    torch_alone = min(_python("import gc; gc.disable(); import torch; gc.freeze()") for _ in range(repeat))
     slide_run = run["slides"][0]
     t = slide_run["timings"]
     breakdown = {
         "start-up": best["wall"] - slide_run["seconds"],
-        "  of which imports": run["startup_seconds"]["imports"],
+        "  of which predict_slides' imports": run["startup_seconds"]["imports"],
         "  of which model loads": run["startup_seconds"]["classifier"] + run["startup_seconds"]["encoder"],
         "open": t.get("open", 0.0),
         "tissue": t.get("tissue", 0.0),
@@ -120,6 +128,7 @@ def bench_slide(name: str, slide: Path, work: Path, repeat: int, threads: list[s
     print(f"  wsienc predict: {'total':<18} {best['wall']:7.2f} s   ratio {best['wall'] / total3:.2f}x the three commands")
     for step, sec in breakdown.items():
         print(f"    {step:<34} {sec:7.2f} s")
+    print(f"    (for scale: a fresh interpreter importing torch as wsienc does, before predict_slides: {torch_alone:.2f} s)")
     print(f"  P(tumour): three commands {float(p3['prob']):.6f} (JPEG store), predict {float(p1['prob']):.6f}")
     return {"three": total3, "predict": best["wall"]}
 
