@@ -377,3 +377,14 @@ print(json.dumps([first, second, gc.isenabled()]))
     assert frozen >= 50_000
     assert second == [False, True]
     assert enabled_after_disabled is False
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    # `wsienc encoders | head -1`: the pipe closes before wsienc writes; no traceback or "Error:" line follows
+    process = subprocess.Popen([sys.executable, "-c", "from wsi_encoder.cli import main; main()", "encoders"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert err == ""
+    assert process.returncode == 1

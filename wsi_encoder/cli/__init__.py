@@ -86,6 +86,9 @@ class LazyGroup(click.Group):
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:  # the reader of our output left (`wsienc encoders | head`): not an error to print
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice (signal docs)
+            raise click.exceptions.Exit(1) from None
         except Exception as exc:
             if logger.isEnabledFor(logging.DEBUG):
                 raise
